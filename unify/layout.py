@@ -58,15 +58,17 @@ class Layout:
         return out
 
     def to_native(self, canon: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        gu = self._join(canon["gate"], canon["up"], dim=1)
-        down = canon["down"]
-        if self.is_transposed:
-            gu, down = gu.transpose(1, 2), down.transpose(1, 2)
-        out = {"gate_up_proj": gu.contiguous(), "down_proj": down.contiguous()}
+        down = canon["down"].transpose(1, 2) if self.is_transposed else canon["down"]
+        out = {"gate_up_proj": self.fuse_gate_up(canon["gate"], canon["up"]).contiguous(), "down_proj": down.contiguous()}
         if self.has_bias:
             out["gate_up_proj_bias"] = self._join(canon["gate_bias"], canon["up_bias"], dim=1).contiguous()
             out["down_proj_bias"] = canon["down_bias"].contiguous()
         return out
+
+    def fuse_gate_up(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """Per-expert gate and up [E, I, H] -> the native fused gate_up_proj."""
+        gu = self._join(gate, up, dim=1)
+        return gu.transpose(1, 2) if self.is_transposed else gu
 
     def _split(self, t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.is_concatenated:

@@ -1,0 +1,152 @@
+"""The `unify` command: build, inspect and evaluate united-expert checkpoints."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import BrownoutError
+
+EXAMPLES_BUILD = """examples:
+  unify build --model mixtral --groups 4 --out out/mixtral-g4          # recipe name (needs the hub or its cache)
+  unify build --model ./Mixtral-8x7B-v0.1 --way 2 --out out/mx-w2      # a local directory
+  unify build --model reference --way 4 --grouping similarity --merge activation --out out/ref-w4
+  unify build --model ./m --way 2 --merge distill --steps 300 --device cuda --calib my.txt --out out/m-distill
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import grouping, merge
+
+    p = argparse.ArgumentParser(prog="unify", description="Brownout's offline tool: combine the experts of each MoE "
+                                "layer into fewer united experts, and evaluate the result.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("build", help="build a united-expert checkpoint", epilog=EXAMPLES_BUILD,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Calibrate, group and merge the experts of every MoE layer, layer by layer from "
+                       "the safetensors shards, and write united.safetensors + united.json to --out.")
+    b.add_argument("--model", required=True, help="recipe name (see `unify inspect --recipes`), local model directory or hub id")
+    size = b.add_argument_group("group size (give exactly one)")
+    size.add_argument("--way", type=int, help="K experts per group (the paper's K-way)")
+    size.add_argument("--groups", type=int, help="N groups per layer")
+    b.add_argument("--grouping", default=None, choices=grouping.names(),
+                   help="which experts share a united expert (default: the recipe's, else consecutive)")
+    b.add_argument("--merge", default=None, choices=merge.names(),
+                   help="how a group becomes one expert (default: the recipe's, else average)")
+    b.add_argument("--out", required=True, help="output directory (written atomically)")
+    b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    c = b.add_argument_group("calibration")
+    c.add_argument("--calib", help="text file, local dataset directory/file, or dataset name (default: bundled sample)")
+    c.add_argument("--calib-split", default="train")
+    c.add_argument("--calib-column", default="text")
+    c.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
+    c.add_argument("--seq-len", type=int, default=512)
+    c.add_argument("--samples-per-layer", type=int, default=4096, help="tokens kept per layer for activation methods")
+    t = b.add_argument_group("training-based merges (distill, distill-routed)")
+    t.add_argument("--steps", type=int, default=200)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--device", default="cpu", help="device for calibration and merging, e.g. cuda")
+    b.add_argument("--skip-layers", type=lambda s: [int(x) for x in s.split(",") if x.strip()], default=None,
+                   help="comma-separated decoder layers to leave alone (negative = from the end; default: the recipe's)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    i = sub.add_parser("inspect", help="describe a united checkpoint (or list recipes)",
+                       description="Print base model, method, groups per layer and sizes of a united checkpoint.")
+    i.add_argument("path", nargs="?", help="united checkpoint directory")
+    i.add_argument("--recipes", action="store_true", help="list the bundled recipes")
+    i.add_argument("--json", action="store_true", help="print united.json as it is")
+
+    e = sub.add_parser("eval", help="lm-eval accuracy of a model with a united tier over brownout ratios",
+                       description="Runs lm-eval for each brownout ratio and writes results.json, results.md and results.png.")
+    e.add_argument("--model", required=True, help="recipe name or local model directory")
+    e.add_argument("--united", nargs="+", default=[], help="one or more united checkpoint directories")
+    e.add_argument("--ratios", default="0,0.25,0.5,0.75,1", help="comma-separated brownout ratios")
+    e.add_argument("--policies", default="hot-cold", help="comma-separated runtime policies (hot-cold, mass, drop)")
+    e.add_argument("--tasks", default="brownout_ppl,brownout_cont,brownout_cloze", help="comma-separated lm-eval tasks")
+    e.add_argument("--include-path", default=None, help="extra lm-eval task folder (default: the bundled eval/tasks)")
+    e.add_argument("--limit", type=int, default=None, help="examples per task (quick runs)")
+    e.add_argument("--num-fewshot", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--dtype", default="float32")
+    e.add_argument("--out", required=True, help="report directory")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        if args.cmd == "build":
+            return _build(args)
+        if args.cmd == "inspect":
+            return _inspect(args)
+        if args.cmd == "eval":
+            from .evaluate import run_eval_cli
+
+            return run_eval_cli(args)
+    except BrownoutError as e:
+        print(f"unify: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("unify: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _build(args) -> int:
+    from .build import BuildOptions, build
+    from .loading import resolve
+
+    defaults = {}
+    try:
+        defaults = (resolve(args.model).recipe or {}).get("defaults", {}) if "/" not in args.model else {}
+    except BrownoutError:
+        defaults = {}
+    opts = BuildOptions(
+        out=args.out, way=args.way, groups=args.groups,
+        grouping=args.grouping or defaults.get("grouping", "consecutive"),
+        merge=args.merge or defaults.get("merge", "average"),
+        calib=args.calib, calib_split=args.calib_split, calib_column=args.calib_column, calib_tokens=args.calib_tokens,
+        seq_len=args.seq_len, samples_per_layer=args.samples_per_layer, steps=args.steps, lr=args.lr,
+        device=args.device, seed=args.seed, overwrite=args.overwrite, skip_layers=args.skip_layers,
+        progress=not args.quiet,
+    )
+    out = build(args.model, opts)
+    print(f"wrote {out}")
+    return 0
+
+
+def _inspect(args) -> int:
+    import recipes
+
+    if args.recipes or not args.path:
+        for n in recipes.names():
+            r = recipes.load(n)
+            print(f"{n:12s} {r.get('hub_id') or r.get('path')}  (model_type {r['model_type']}, skip_layers {r['skip_layers']})")
+        return 0
+    from .checkpoint import UnitedCheckpoint
+
+    ck = UnitedCheckpoint(args.path)
+    m = ck.meta
+    if args.json:
+        print(json.dumps(m, indent=1))
+        return 0
+    bm = m["base_model"]
+    total = 0
+    for layer in ck.layers:
+        total += sum(t.numel() * t.element_size() for k, t in ck.tensors(layer).items() if k != "expert_to_group")
+    print(f"base model : {bm['name']} ({bm['model_type']}, config {bm['config_hash']}, weights {bm['weight_checksum']})")
+    print(f"method     : grouping={m['grouping']} merge={m['merge']} way={m['way']} ({m['num_groups']} groups of {bm['num_experts']} experts)")
+    print(f"layers     : {len(ck.layers)} united, left alone: {m['skip_layers'] or 'none'}")
+    print(f"size       : {total / 2**20:.2f} MiB of united experts")
+    print(f"built by   : brownout {m['tool_version']} in {m['build_seconds']} s: {m['command']}")
+    for layer in ck.layers:
+        lm = ck.layer_meta(layer)
+        print(f"  layer {layer:3d}: " + " ".join("[" + ",".join(map(str, g)) + "]" for g in lm["groups"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Where a model comes from (recipe name, local directory or hub id), and how its weights reach memory.
+
+`ShardSource` streams one module at a time from the safetensors shards: the model skeleton lives on the meta device
+(`accelerate.init_empty_weights`), a decoder layer is materialised from disk when it is needed and sent back to meta
+afterwards, so peak memory is about one layer plus the calibration activations, whatever the model's size.
+On-disk names differ from transformers 5's in-memory names (per-expert tensors, family renames); the mapping here is
+generic (per-expert stacking) plus the recipe's `disk_renames` data; anything left unmapped is a clear error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import recipes
+
+from .errors import BrownoutError
+from .layout import Layout
+
+_EXPERT_KEY = re.compile(r"^(?P<prefix>.*)\.experts\.(?P<j>\d+)\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_PROJ = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+
+
+@dataclass
+class ModelRef:
+    path: Path  # local directory holding config.json and safetensors
+    recipe: dict | None
+    name: str  # what the user passed
+
+
+def resolve(model: str) -> ModelRef:
+    """Recipe name, local directory or hub id -> local directory (no downloads without a network)."""
+    p = Path(model)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise BrownoutError(f"{p} has no config.json: not a transformers model directory")
+        return ModelRef(p, _recipe_for_dir(p), model)
+    recipe = None
+    if "/" not in model:
+        recipe = recipes.load(model)  # raises, listing the recipes, when unknown
+        if recipe.get("path"):
+            local = Path(recipes.HERE.parent / recipe["path"])
+            return ModelRef(local, recipe, model)
+        hub_id = recipe["hub_id"]
+    else:
+        hub_id = model
+    return ModelRef(_from_hub(hub_id), recipe, model)
+
+
+def _from_hub(hub_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+        os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+        return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:
+        reason = type(e).__name__
+        raise BrownoutError(
+            f"cannot fetch {hub_id} from the Hugging Face hub ({reason}: no network or no access); "
+            f"download it elsewhere and pass the local directory: --model /path/to/{hub_id.split('/')[-1]}"
+        ) from None
+
+
+def _recipe_for_dir(p: Path) -> dict | None:
+    try:
+        model_type = json.loads((p / "config.json").read_text()).get("model_type")
+    except (json.JSONDecodeError, OSError) as e:
+        raise BrownoutError(f"{p / 'config.json'} is corrupt: {e}") from None
+    for n in recipes.names():
+        r = recipes.load(n)
+        if r.get("model_type") == model_type and not r.get("path"):
+            return r
+    return None
+
+
+def load_config(ref: ModelRef):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(ref.path)
+    except Exception as e:
+        raise BrownoutError(f"cannot read the config of {ref.path}: {str(e).splitlines()[0][:200]}") from None
+
+
+class InMemorySource:
+    """A model that is already loaded: materialise/release are no-ops."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def materialize(self, prefix: str) -> None:
+        pass
+
+    def release(self, prefix: str) -> None:
+        pass
+
+
+class ShardSource:
+    """Streams modules of a model skeleton (on meta) from the safetensors files of `ref.path`."""
+
+    def __init__(self, ref: ModelRef, config, dtype: torch.dtype = torch.float32):
+        # Calibration and merging compute in float32; the united tier is written in the checkpoint's dtype.
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        self.ref, self.dtype = ref, dtype
+        self.renames = [tuple(r) for r in (ref.recipe or {}).get("disk_renames", [])]
+        self.key_file = self._index(ref.path)
+        with init_empty_weights():
+            self.model = AutoModelForCausalLM.from_config(config)
+        self.model.eval()
+        self._mem_of_disk = self._map_names()
+
+    @staticmethod
+    def _index(path: Path) -> dict[str, Path]:
+        from safetensors import safe_open
+
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise BrownoutError(f"{path} has no .safetensors files (only safetensors checkpoints are supported)")
+        keys: dict[str, Path] = {}
+        for f in files:
+            try:
+                with safe_open(str(f), "pt") as s:
+                    keys.update({k: f for k in s.keys()})
+            except Exception as e:
+                raise BrownoutError(f"{f} is truncated or corrupt: {str(e).splitlines()[0][:160]}") from None
+        return keys
+
+    def _rename(self, key: str) -> str:
+        k = "." + key
+        for a, b in self.renames:
+            k = k.replace(a, b)
+        return k[1:]
+
+    def _map_names(self) -> dict[str, list[tuple[str, str, int]]]:
+        """memory param name -> [(disk key, role, expert j)]; role is 'copy' or 'gate'/'up'/'down' for stacking."""
+        out: dict[str, list] = defaultdict(list)
+        for key in self.key_file:
+            k = self._rename(key)
+            m = _EXPERT_KEY.match(k)
+            if m:
+                proj = _PROJ[m["proj"]]
+                target = f"{m['prefix']}.experts.{'down_proj' if proj == 'down' else 'gate_up_proj'}"
+                out[target].append((key, proj, int(m["j"])))
+            else:
+                out[k].append((key, "copy", -1))
+        return out
+
+    def _read(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.key_file[key]), "pt") as s:
+                return s.get_tensor(key)
+        except Exception as e:
+            raise BrownoutError(f"{self.key_file[key]}: cannot read {key}: {str(e).splitlines()[0][:160]}") from None
+
+    def _tensor_for(self, name: str, like: torch.Tensor, owner: torch.nn.Module) -> torch.Tensor:
+        entries = self._mem_of_disk.get(name)
+        if not entries:
+            raise BrownoutError(
+                f"{self.ref.path}: no on-disk tensor maps to {name}; add a rename to the recipe's disk_renames"
+            )
+        if entries[0][1] == "copy":
+            t = self._read(entries[0][0])
+        else:  # per-expert tensors on disk -> one fused tensor in the module's native layout
+            by_role: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+            for key, role, j in entries:
+                by_role[role][j] = self._read(key)
+            n = like.shape[0]
+            stack = {r: torch.stack([v[j] for j in range(n)]) for r, v in by_role.items() if len(v) == n}
+            layout = Layout.of(owner)
+            if name.endswith("down_proj"):
+                t = stack["down"].transpose(1, 2) if layout.is_transposed else stack["down"]
+            else:
+                t = layout.fuse_gate_up(stack["gate"], stack["up"])
+        if tuple(t.shape) != tuple(like.shape):
+            raise BrownoutError(f"{name}: on-disk shape {tuple(t.shape)} does not match the config's {tuple(like.shape)}")
+        if t.is_floating_point():
+            self._disk_dtype = t.dtype
+        return t
+
+    def materialize(self, prefix: str) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        module = self.model.get_submodule(prefix) if prefix else self.model
+        owners = dict(module.named_modules())
+        for name, p in list(module.named_parameters(recurse=True)):
+            if p.device.type != "meta":
+                continue
+            full = f"{prefix}.{name}" if prefix else name
+            owner = owners[name.rsplit(".", 1)[0]] if "." in name else module
+            if full not in self._mem_of_disk and self._tied(full):
+                continue
+            value = self._tensor_for(full, p, owner)
+            if name.endswith("gate_up_proj"):  # united experts are written in the checkpoint's own dtype
+                owner._disk_dtype = self._disk_dtype
+            set_module_tensor_to_device(self.model, full, "cpu", value=value.to(self.dtype) if value.is_floating_point() else value)
+        if not prefix or prefix.endswith("embed_tokens"):
+            self.model.tie_weights()
+
+    def _tied(self, full: str) -> bool:
+        return full == "lm_head.weight" and getattr(self.model.config, "tie_word_embeddings", False)
+
+    def release(self, prefix: str) -> None:
+        module = self.model.get_submodule(prefix)
+        module.to("meta")
