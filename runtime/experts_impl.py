@@ -1,0 +1,87 @@
+"""The `brownout` experts implementation, registered in transformers' ExpertsInterface.
+
+Every family decorated with `use_experts_implementation` dispatches its experts forward through the config's
+`_experts_implementation`; setting it to "brownout" routes all of them here with no per-model patch. Layers without
+brownout state (left alone by the checkpoint) and layers at ratio 0 call the implementation the model had before, so
+ratio 0 is the unmodified model bit for bit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
+
+from .policy import remap
+from .reference import slab_forward
+
+NAME = "brownout"
+
+
+@dataclass
+class LayerState:
+    """Brownout state of one MoE layer, kept on its experts module as `_brownout`."""
+
+    layer: int
+    num_experts: int
+    num_groups: int
+    expert_to_group: torch.Tensor  # [E] on the layer's device
+    slabs: dict[str, torch.Tensor]  # native tensors over [originals; united], leading dim E + G
+    prev_impl: str | None  # the implementation the model used before attach
+    ratio: float = 0.0
+    policy: str = "hot-cold"
+    path: str = "auto"  # auto | reference | grouped | kernel
+
+
+def previous_forward(module: torch.nn.Module, prev_impl: str | None):
+    eager = type(module).forward.__wrapped__  # functools.wraps in use_experts_implementation keeps the original
+    if prev_impl in (None, "eager", NAME):
+        return eager
+    return ALL_EXPERTS_FUNCTIONS.get_interface(prev_impl, eager)
+
+
+class _SlabView:
+    """The experts module seen through the concatenated slabs: what transformers' grouped_mm path reads."""
+
+    def __init__(self, experts: torch.nn.Module, slabs: dict[str, torch.Tensor]):
+        self._experts = experts
+        self.__dict__.update(slabs)
+        self.num_experts = slabs["gate_up_proj"].shape[0]
+        self._is_expert_parallel = False
+
+    def __getattr__(self, name):
+        return getattr(self._experts, name)
+
+
+def _kernel():
+    try:
+        from .kernels import fused_moe as k
+    except Exception:  # triton missing or the kernel module not importable: fall back
+        return None
+    return k
+
+
+def brownout_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    st: LayerState | None = getattr(self, "_brownout", None)
+    if st is None or st.ratio == 0.0:
+        prev = st.prev_impl if st is not None else getattr(self, "_brownout_prev_impl", None)
+        return previous_forward(self, prev)(self, hidden_states, top_k_index, top_k_weights)
+    a = remap(top_k_index, top_k_weights, st.expert_to_group, st.num_groups, st.ratio, st.policy)
+    path = st.path
+    if path == "auto":
+        path = "reference" if hidden_states.device.type != "cuda" else "kernel"
+    if path == "kernel":
+        k = _kernel()
+        if k is not None and k.supported(self, hidden_states.dtype, hidden_states.device):
+            return k.fused_moe(hidden_states, st.slabs["gate_up_proj"], st.slabs["down_proj"], a.ids, a.weights)
+        path = "grouped"
+    if path == "grouped":
+        skip = a.ids == st.num_experts + st.num_groups
+        # transformers' grouped path has no skip slot in every version: point skipped slots at slab 0 with weight 0
+        ids = torch.where(skip, torch.zeros_like(a.ids), a.ids)
+        impl = ALL_EXPERTS_FUNCTIONS.get_interface("grouped_mm", None)
+        return impl(_SlabView(self, st.slabs), hidden_states, ids, a.weights)
+    return slab_forward(self, st.slabs, hidden_states, a.ids, a.weights)
+
+
+ExpertsInterface.register(NAME, brownout_experts_forward)
