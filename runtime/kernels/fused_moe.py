@@ -1,0 +1,391 @@
+"""Fused two-tier MoE experts forward in Triton (DESIGN.md section 6, issue 6).
+
+One call computes out[t] = sum_j weights[t, j] * Slab_{ids[t, j]}(x[t]) over S weight slabs (the layer's E original
+experts followed by its G united experts, concatenated), slab id S meaning "skip this slot". Layout: non-transposed,
+concatenated gate/up, SiLU gate, no bias:
+
+    gate_up [S, 2I, H] (rows 0..I-1 gate, I..2I-1 up)      down [S, H, I]
+
+Slab(x) = down @ (silu(gate @ x) * (up @ x)).
+
+Two paths, both free of host synchronisation and with shapes fixed by (T, k, S) alone, so a whole call can be
+captured in a CUDA graph:
+
+* decode (few slots, T*k <= a threshold): no alignment at all. A program per (slot, N tile); the program of the first
+  slot that uses a slab (the "leader") gathers every slot on that slab as its rows (M = T*k padded to >= 16) and
+  streams the slab's weight tile once; the other slots' programs exit at once. 2 GEMM launches + the top-k sum.
+* prefill: vLLM-style alignment by slab on the GPU in two small kernels (a counts memset, rank-by-atomic + sentinel
+  fill, scan-and-scatter), then grouped GEMMs over BLOCK_M-row blocks of one slab each.
+
+Stages: gate/up GEMM with silu(g)*u in the epilogue -> [T*k, I] intermediate; down GEMM with the routing weight
+multiplied in -> either [T*k, H] per-slot rows then a sum over k (deterministic, "store"), or fp32 atomics into a
+[T, H] buffer then a cast ("atomic"). Tile configs per (H, I, k) and T bucket live in tile_configs.json.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - the CPU path does not need triton
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+CONFIG_PATH = Path(__file__).with_name("tile_configs.json")
+T_BUCKETS = (1, 8, 32, 128, 512, 4096)
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _align_rank_kernel(ids_ptr, counts_ptr, rank_ptr, sorted_ptr, num_slots, max_padded, S,
+                           BLOCK: tl.constexpr):
+        """Fill the padded sorted list with the sentinel (num_slots) and give every live slot its rank in its slab."""
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        tl.store(sorted_ptr + offs, tl.zeros([BLOCK], dtype=tl.int32) + num_slots, mask=offs < max_padded)
+        m = offs < num_slots
+        s = tl.load(ids_ptr + offs, mask=m, other=S).to(tl.int32)
+        live = m & (s < S)
+        r = tl.atomic_add(counts_ptr + s, tl.full([BLOCK], 1, tl.int32), mask=live)
+        tl.store(rank_ptr + offs, r, mask=live)
+
+    @triton.jit
+    def _align_scatter_kernel(ids_ptr, counts_ptr, rank_ptr, sorted_ptr, block_slab_ptr, total_ptr, num_slots, S,
+                              BLOCK_M: tl.constexpr, S_PAD: tl.constexpr, BLOCK: tl.constexpr):
+        """Exclusive scan of the BLOCK_M-padded counts (every program redoes it: S is small), then scatter."""
+        pid = tl.program_id(0)
+        sl = tl.arange(0, S_PAD)
+        c = tl.load(counts_ptr + sl, mask=sl < S, other=0)
+        padded = (c + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        excl = tl.cumsum(padded, 0) - padded
+        if pid == 0:
+            tl.store(total_ptr, tl.sum(padded, 0))
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        m = offs < num_slots
+        s = tl.load(ids_ptr + offs, mask=m, other=S).to(tl.int32)
+        live = m & (s < S)
+        r = tl.load(rank_ptr + offs, mask=live, other=0)
+        pos = tl.gather(excl, tl.where(live, s, 0), 0) + r
+        tl.store(sorted_ptr + pos, offs.to(tl.int32), mask=live)
+        # the slot of rank 0 mod BLOCK_M opens a block: it names the block's slab
+        tl.store(block_slab_ptr + pos // BLOCK_M, s, mask=live & (r % BLOCK_M == 0))
+
+    @triton.jit
+    def _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr, num_slots, S, num_n,
+              DECODE: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr, NUM_M):
+        """-> (slab, slot rows [BLOCK_M], row mask, pid_n, active)."""
+        rows = tl.arange(0, BLOCK_M)
+        if DECODE:
+            pid_m = pid // num_n
+            pid_n = pid % num_n
+            all_ids = tl.load(ids_ptr + rows, mask=rows < num_slots, other=S).to(tl.int32)
+            s = tl.load(ids_ptr + pid_m).to(tl.int32)
+            dup = tl.sum(((all_ids == s) & (rows < pid_m)).to(tl.int32), 0)
+            active = (s < S) & (dup == 0)
+            slot = rows
+            row_mask = all_ids == s
+        else:
+            # grouped ordering: GROUP_M row blocks share the N sweep (weights of a slab stay in L2)
+            num_in_group = GROUP_M * num_n
+            group = pid // num_in_group
+            first_m = group * GROUP_M
+            size_m = tl.minimum(NUM_M - first_m, GROUP_M)
+            pid_m = first_m + ((pid % num_in_group) % size_m)
+            pid_n = (pid % num_in_group) // size_m
+            total = tl.load(total_ptr)
+            active = pid_m * BLOCK_M < total
+            s = tl.load(block_slab_ptr + pid_m)  # pid_m < NUM_M: in bounds; garbage past `total`, unused
+            slot = tl.load(sorted_ptr + pid_m * BLOCK_M + rows)
+            row_mask = slot < num_slots
+        return s, slot, row_mask, pid_n, active
+
+    @triton.jit
+    def _gate_up_kernel(x_ptr, w_ptr, inter_ptr, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
+                        num_slots, S, N, K, NUM_M,
+                        stride_xm, stride_ws, stride_wn, stride_im,
+                        TOP_K: tl.constexpr, DECODE: tl.constexpr, EVEN_K: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        """inter[slot, n] = silu(gate_s[n] . x[tok]) * (up_s[n] . x[tok]); N = I, K = H."""
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(N, BLOCK_N)
+        s, slot, row_mask, pid_n, active = _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr, num_slots, S,
+                                                  num_n, DECODE, BLOCK_M, GROUP_M, NUM_M)
+        if active:
+            token = slot // TOP_K
+            offs_k = tl.arange(0, BLOCK_K)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < N
+            offs_nc = tl.where(n_mask, offs_n, 0)
+            x_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+            wg_ptrs = w_ptr + s.to(tl.int64) * stride_ws + offs_nc[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+            wu_ptrs = wg_ptrs + N * stride_wn
+            acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
+                    bg = tl.load(wg_ptrs)
+                    bu = tl.load(wu_ptrs)
+                else:
+                    k_mask = offs_k < K - k0
+                    a = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                    bg = tl.load(wg_ptrs, mask=k_mask[:, None], other=0.0)
+                    bu = tl.load(wu_ptrs, mask=k_mask[:, None], other=0.0)
+                acc_g = tl.dot(a, bg, acc_g)
+                acc_u = tl.dot(a, bu, acc_u)
+                x_ptrs += BLOCK_K
+                wg_ptrs += BLOCK_K
+                wu_ptrs += BLOCK_K
+            h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+            i_ptrs = inter_ptr + slot[:, None].to(tl.int64) * stride_im + offs_n[None, :]
+            tl.store(i_ptrs, h.to(inter_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _down_kernel(inter_ptr, w_ptr, out_ptr, weights_ptr, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
+                     num_slots, S, N, K, NUM_M,
+                     stride_im, stride_ws, stride_wn, stride_om,
+                     TOP_K: tl.constexpr, DECODE: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        """y[slot, n] = weights[slot] * (down_s[n] . inter[slot]); N = H, K = I. Store per slot, or atomically per token."""
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(N, BLOCK_N)
+        s, slot, row_mask, pid_n, active = _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr, num_slots, S,
+                                                  num_n, DECODE, BLOCK_M, GROUP_M, NUM_M)
+        if active:
+            offs_k = tl.arange(0, BLOCK_K)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < N
+            offs_nc = tl.where(n_mask, offs_n, 0)
+            a_ptrs = inter_ptr + slot[:, None].to(tl.int64) * stride_im + offs_k[None, :]
+            b_ptrs = w_ptr + s.to(tl.int64) * stride_ws + offs_nc[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+                    b = tl.load(b_ptrs)
+                else:
+                    k_mask = offs_k < K - k0
+                    a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                    b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+                acc = tl.dot(a, b, acc)
+                a_ptrs += BLOCK_K
+                b_ptrs += BLOCK_K
+            rw = tl.load(weights_ptr + slot, mask=row_mask, other=0.0).to(tl.float32)
+            acc = acc * rw[:, None]
+            mask = row_mask[:, None] & n_mask[None, :]
+            if ATOMIC:
+                token = slot // TOP_K
+                o_ptrs = out_ptr + token[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+                tl.atomic_add(o_ptrs, acc, mask=mask, sem="relaxed")
+            else:
+                o_ptrs = out_ptr + slot[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+                tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, N, S, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """out[t, n] = sum over the token's live slots j of y[t*k + j, n] (skipped slots were never written)."""
+        t = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = offs < N
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for j in tl.static_range(TOP_K):
+            s = tl.load(ids_ptr + t * TOP_K + j)
+            acc += tl.load(y_ptr + (t * TOP_K + j).to(tl.int64) * N + offs, mask=m & ((offs * 0 + s) < S), other=0.0).to(tl.float32)
+        tl.store(out_ptr + t.to(tl.int64) * N + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# configs
+
+_DEFAULTS = {
+    # mode decode: no alignment, rows = all slots (M = T*k padded); prefill: aligned BLOCK_M blocks.
+    # gu / dn: [BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages] (BLOCK_M ignored in decode mode)
+    "decode": {"mode": "decode", "gu": [16, 32, 128, 1, 4, 4], "dn": [16, 32, 128, 1, 4, 4], "sum": "store"},
+    "small": {"mode": "prefill", "gu": [16, 64, 128, 1, 4, 4], "dn": [16, 64, 128, 1, 4, 4], "sum": "store"},
+    "mid": {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4], "sum": "store"},
+    "large": {"mode": "prefill", "gu": [128, 64, 64, 8, 8, 3], "dn": [128, 128, 64, 8, 8, 3], "sum": "store"},
+}
+DECODE_MAX_SLOTS = 64
+
+
+@functools.lru_cache(maxsize=1)
+def _table() -> dict:
+    try:
+        return json.loads(CONFIG_PATH.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def reload_configs() -> None:
+    _table.cache_clear()
+
+
+def shape_key(H: int, I: int, k: int) -> str:
+    return f"{H},{I},{k}"
+
+
+def t_bucket(T: int) -> int:
+    """The smallest tuned bucket >= T (the largest for T beyond them)."""
+    for b in T_BUCKETS:
+        if T <= b:
+            return b
+    return T_BUCKETS[-1]
+
+
+def default_config(T: int, k: int) -> dict:
+    slots = T * k
+    if slots <= DECODE_MAX_SLOTS:
+        return _DEFAULTS["decode"]
+    if slots <= 512:
+        return _DEFAULTS["small"]
+    if slots <= 8192:
+        return _DEFAULTS["mid"]
+    return _DEFAULTS["large"]
+
+
+def get_config(T: int, H: int, I: int, k: int) -> dict:
+    """The tuned config of (H, I, k) at T's bucket, else a default. Decode mode only while T*k <= 256."""
+    entry = _table().get("shapes", {}).get(shape_key(H, I, k), {}).get(str(t_bucket(T)))
+    cfg = entry if entry is not None else default_config(T, k)
+    if cfg["mode"] == "decode" and T * k > 256:  # decode rows are all the slots: keep M bounded
+        cfg = _DEFAULTS["mid"] if T * k > 512 else _DEFAULTS["small"]
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# launch
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def moe_align(ids_flat: torch.Tensor, num_slabs: int, block_m: int):
+    """GPU alignment by slab, no host sync: -> (sorted slot ids [max_padded] int32 (sentinel = T*k),
+    block slab [max_blocks] int32, total padded length [1] int32). Static sizes from (T*k, S, BLOCK_M)."""
+    num_slots = ids_flat.numel()
+    dev = ids_flat.device
+    max_blocks = triton.cdiv(num_slots + min(num_slabs, num_slots) * (block_m - 1), block_m)
+    max_padded = max_blocks * block_m
+    counts = torch.zeros(num_slabs, dtype=torch.int32, device=dev)
+    rank = torch.empty(num_slots, dtype=torch.int32, device=dev)
+    sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=dev)
+    block_slab = torch.empty(max_blocks, dtype=torch.int32, device=dev)
+    total = torch.empty(1, dtype=torch.int32, device=dev)
+    blk = 1024
+    _align_rank_kernel[(triton.cdiv(max_padded, blk),)](ids_flat, counts, rank, sorted_ids, num_slots, max_padded,
+                                                         num_slabs, BLOCK=blk)
+    _align_scatter_kernel[(triton.cdiv(num_slots, blk),)](ids_flat, counts, rank, sorted_ids, block_slab, total,
+                                                           num_slots, num_slabs, BLOCK_M=block_m,
+                                                           S_PAD=_pow2(max(num_slabs, 2)), BLOCK=blk)
+    return sorted_ids, block_slab, total, max_blocks
+
+
+def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+              num_slabs: int | None = None, config: dict | None = None) -> torch.Tensor:
+    """out [T, H] = sum_j weights[t, j] * Slab_{ids[t, j]}(x[t]); ids == num_slabs skips the slot.
+
+    x [T, H]; gate_up [S, 2I, H]; down [S, H, I]; ids [T, k] integer; weights [T, k]. No host synchronisation.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed")
+    T, H = x.shape
+    k = ids.shape[1]
+    S = gate_up.shape[0] if num_slabs is None else int(num_slabs)
+    I = down.shape[2]
+    assert gate_up.shape[1] == 2 * I and gate_up.shape[2] == H and down.shape[1] == H, "layout mismatch"
+    assert gate_up.stride(2) == 1 and down.stride(2) == 1, "weights must be contiguous along the reduction dim"
+    x = x.contiguous()
+    ids = ids.contiguous()
+    weights = weights.contiguous()
+    num_slots = T * k
+    out_dtype = x.dtype
+    if T == 0:
+        return torch.zeros(0, H, dtype=out_dtype, device=x.device)
+    cfg = config or get_config(T, H, I, k)
+    decode = cfg["mode"] == "decode"
+    gm, gn, gk, ggm, gw, gs = cfg["gu"]
+    dm, dn_, dk, dgm, dw, ds = cfg["dn"]
+    atomic = cfg.get("sum", "store") == "atomic"
+    ids_flat = ids.view(-1)
+    dev = x.device
+    if decode:
+        bm = _pow2(max(16, num_slots))
+        gm = dm = bm
+        sorted_ids = block_slab = total = ids_flat  # unused
+        num_m_g = num_m_d = num_slots
+    else:
+        if gm != dm:  # both GEMMs walk the same alignment
+            dm = gm
+        sorted_ids, block_slab, total, num_m_g = moe_align(ids_flat, S, gm)
+        num_m_d = num_m_g
+    inter = torch.empty(num_slots, I, dtype=x.dtype, device=dev)
+    grid_g = (num_m_g * triton.cdiv(I, gn),)
+    _gate_up_kernel[grid_g](x, gate_up, inter, ids_flat, sorted_ids, block_slab, total,
+                            num_slots, S, I, H, num_m_g,
+                            x.stride(0), gate_up.stride(0), gate_up.stride(1), inter.stride(0),
+                            TOP_K=k, DECODE=decode, EVEN_K=(H % gk == 0),
+                            BLOCK_M=gm, BLOCK_N=gn, BLOCK_K=gk, GROUP_M=ggm, num_warps=gw, num_stages=gs)
+    if atomic:
+        y = torch.zeros(T, H, dtype=torch.float32, device=dev)
+    else:
+        y = torch.empty(num_slots, H, dtype=x.dtype, device=dev)
+    grid_d = (num_m_d * triton.cdiv(H, dn_),)
+    _down_kernel[grid_d](inter, down, y, weights.view(-1), ids_flat, sorted_ids, block_slab, total,
+                         num_slots, S, H, I, num_m_d,
+                         inter.stride(0), down.stride(0), down.stride(1), y.stride(0),
+                         TOP_K=k, DECODE=decode, EVEN_K=(I % dk == 0), ATOMIC=atomic,
+                         BLOCK_M=dm, BLOCK_N=dn_, BLOCK_K=dk, GROUP_M=dgm, num_warps=dw, num_stages=ds)
+    if atomic:
+        return y.to(out_dtype)
+    out = torch.empty(T, H, dtype=out_dtype, device=dev)
+    bn = min(1024, _pow2(H))
+    _topk_sum_kernel[(T, triton.cdiv(H, bn))](y, ids_flat, out, H, S, TOP_K=k, BLOCK_N=bn, num_warps=4)
+    return out
+
+
+def slab_forward(experts: torch.nn.Module, slabs: dict, hidden_states: torch.Tensor, ids: torch.Tensor,
+                 weights: torch.Tensor) -> torch.Tensor:
+    """Drop-in for runtime.reference.slab_forward on supported modules (see `supported`)."""
+    return fused_moe(hidden_states, slabs["gate_up_proj"], slabs["down_proj"], ids, weights)
+
+
+def _is_default_silu(experts: torch.nn.Module) -> bool:
+    gate_fn = getattr(type(experts), "_apply_gate", None)
+    if gate_fn is None or getattr(gate_fn, "__name__", "") != "_default_apply_gate":
+        return False
+    act = getattr(experts, "act_fn", None)
+    if act is None:
+        return False
+    if act is torch.nn.functional.silu or isinstance(act, torch.nn.SiLU):
+        return True
+    return type(act).__name__ == "SiLUActivation"
+
+
+def supported(experts: torch.nn.Module, dtype: torch.dtype, device) -> bool:
+    """True when fused_moe computes exactly what the module's experts do: CUDA, bf16/fp16, non-transposed,
+    concatenated gate/up, no bias, no post-expert norm, the default gate with SiLU. Else use the PyTorch path."""
+    if not HAS_TRITON:
+        return False
+    device = torch.device(device)
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not interp:
+        return False
+    if dtype not in (torch.bfloat16, torch.float16) and not (interp and dtype == torch.float32):
+        return False
+    if getattr(experts, "is_transposed", False) or not getattr(experts, "is_concatenated", True):
+        return False
+    if getattr(experts, "has_bias", False) or not getattr(experts, "has_gate", True):
+        return False
+    if getattr(experts, "has_post_expert_norm", False):
+        return False
+    return _is_default_silu(experts)

@@ -1,0 +1,168 @@
+"""The Triton fused MoE kernels against the PyTorch slab reference, under the Triton interpreter on the CPU.
+
+Tiny shapes, fp32 and fp16 (bf16 gives garbage under the interpreter; it is checked on the GPU by
+eval/bench_kernel.py). The interpreter needs numpy < 2.4.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from runtime import policy  # noqa: E402
+from runtime.kernels import fused_moe as fm  # noqa: E402
+from runtime.reference import slab_forward  # noqa: E402
+
+
+class StandIn(torch.nn.Module):
+    """What slab_forward needs of an experts module: the layout flag and the default SiLU gate."""
+
+    is_transposed = False
+
+    def _apply_gate(self, h):
+        g, u = h.chunk(2, dim=-1)
+        return torch.nn.functional.silu(g) * u
+
+
+# prefill path with small tiles: N = I = 40 not a multiple of BLOCK_N, K = H = 48 not a multiple of BLOCK_K
+PREFILL = {"mode": "prefill", "gu": [16, 16, 32, 2, 4, 2], "dn": [16, 32, 32, 2, 4, 2], "sum": "store"}
+PREFILL_ATOMIC = dict(PREFILL, sum="atomic")
+DECODE = {"mode": "decode", "gu": [16, 16, 32, 1, 4, 2], "dn": [16, 32, 32, 1, 4, 2], "sum": "store"}
+H, I = 48, 40
+
+
+def _case(E, G, k, T, ratio, dtype, seed, pol="hot-cold", routing=None):
+    g = torch.Generator().manual_seed(seed)
+    S = E + G
+    gu = (torch.randn(S, 2 * I, H, generator=g) * 0.15).to(dtype)
+    dn = (torch.randn(S, H, I, generator=g) * 0.15).to(dtype)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    if routing is None:
+        bias = -torch.log(torch.arange(1, E + 1, dtype=torch.float32))[torch.randperm(E, generator=g)]
+        p = (torch.randn(T, E, generator=g) + bias).softmax(-1)
+        w, idx = p.topk(k, -1)
+        w = w / w.sum(-1, keepdim=True)
+    else:
+        idx, w = routing
+    a = policy.remap(idx, w.to(dtype), torch.arange(E) % G, G, ratio, policy=pol)
+    return x, gu, dn, a
+
+
+def _check(x, gu, dn, a, config):
+    S = gu.shape[0]
+    out = fm.fused_moe(x, gu, dn, a.ids, a.weights, num_slabs=S, config=config)
+    ref = slab_forward(StandIn(), {"gate_up_proj": gu.double(), "down_proj": dn.double()}, x.double(), a.ids,
+                       a.weights.double())
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    assert torch.isfinite(out).all()
+    err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    tol = 1e-5 if x.dtype == torch.float32 else 3e-3
+    assert err < tol, f"relative error {err:.3g}"
+    return a
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
+def test_prefill_fp32(k, ratio):
+    # E = 11 experts + 4 groups = 15 slabs: not a multiple of BLOCK_M; T = 7 (odd)
+    _check(*_case(11, 4, k, 7, ratio, torch.float32, seed=10 * k + int(4 * ratio)), PREFILL)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+@pytest.mark.parametrize("ratio", [0.0, 1.0])
+def test_decode_fp32(k, ratio):
+    _check(*_case(11, 4, k, 3, ratio, torch.float32, seed=100 + k), DECODE)
+
+
+@pytest.mark.parametrize("k", [2, 8])
+def test_t1_default_config(k):
+    # T = 1 through the config lookup (decode path by default), ratio 1 with dedup skips
+    _check(*_case(13, 3, k, 1, 1.0, torch.float32, seed=7 + k), None)
+
+
+def test_prefill_atomic_sum_fp32():
+    _check(*_case(11, 4, 4, 9, 0.5, torch.float32, seed=3), PREFILL_ATOMIC)
+
+
+@pytest.mark.parametrize("config", [PREFILL, DECODE])
+def test_fp16(config):
+    _check(*_case(11, 4, 4, 5, 0.5, torch.float16, seed=5), config)
+
+
+@pytest.mark.parametrize("config", [PREFILL, DECODE])
+def test_shared_group_dedup(config):
+    # every token picks experts 0 and 2 (one group when G = 2, way 2 interleaved) and 1 (group 1):
+    # at ratio 1 both 0 and 2 go to united slab E + 0 and are merged; the second slot is skipped
+    E, G, T = 6, 2, 5
+    idx = torch.tensor([[0, 2, 1, 3]] * T)
+    w = torch.tensor([[0.4, 0.3, 0.2, 0.1]] * T)
+    x, gu, dn, a = _case(E, G, 4, T, 1.0, torch.float32, seed=11, routing=(idx, w))
+    assert (a.ids == E + G).any(), "expected dedup'd (skipped) slots"
+    assert torch.allclose(a.weights.sum(-1), w.sum(-1))
+    _check(x, gu, dn, a, config)
+
+
+def test_drop_policy_skips():
+    a = _check(*_case(11, 4, 4, 7, 0.5, torch.float32, seed=21, pol="drop"), PREFILL)
+    assert (a.ids == 15).any()
+
+
+def test_all_skipped():
+    E, G, T, k = 5, 2, 3, 2
+    x, gu, dn, a = _case(E, G, k, T, 0.0, torch.float32, seed=1)
+    ids = torch.full((T, k), E + G)
+    out = fm.fused_moe(x, gu, dn, ids, torch.zeros(T, k), num_slabs=E + G, config=PREFILL)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_align_invariants():
+    S, T, k, bm = 7, 9, 4, 16
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, S + 1, (T * k,), generator=g)  # S = skip
+    sorted_ids, block_slab, total, nblocks = fm.moe_align(ids, S, bm)
+    total = int(total)
+    counts = torch.bincount(ids, minlength=S + 1)[:S]
+    assert total == int(((counts + bm - 1) // bm * bm).sum())
+    live = sorted_ids[:total]
+    real = live[live < T * k].long()
+    assert sorted(real.tolist()) == sorted((ids < S).nonzero().flatten().tolist())  # each live slot exactly once
+    for b in range(total // bm):
+        rows = sorted_ids[b * bm:(b + 1) * bm].long()
+        rows = rows[rows < T * k]
+        assert len(rows) > 0 and (ids[rows] == block_slab[b]).all()
+
+
+def test_supported():
+    class Silu(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act_fn = torch.nn.SiLU()
+
+    def _default_apply_gate(self, h):
+        g, u = h.chunk(2, -1)
+        return self.act_fn(g) * u
+
+    Silu._apply_gate = _default_apply_gate
+    ex = Silu()
+    ex.is_transposed, ex.is_concatenated, ex.has_bias, ex.has_gate = False, True, False, True
+    cuda = torch.device("cuda")
+    assert fm.supported(ex, torch.bfloat16, cuda)
+    assert not fm.supported(ex, torch.float64, cuda)
+    ex.is_transposed = True
+    assert not fm.supported(ex, torch.bfloat16, cuda)
+    ex.is_transposed, ex.has_bias = False, True
+    assert not fm.supported(ex, torch.bfloat16, cuda)
+    ex.has_bias = False
+    ex.act_fn = torch.nn.GELU()
+    assert not fm.supported(ex, torch.bfloat16, cuda)
+    assert not fm.supported(StandIn(), torch.bfloat16, cuda)  # custom _apply_gate
+
+
+def test_config_lookup():
+    assert fm.get_config(1, 2048, 768, 8)["mode"] == "decode"
+    assert fm.get_config(4096, 2048, 768, 8)["mode"] == "prefill"
+    assert fm.get_config(4096, 123, 45, 3)["mode"] == "prefill"  # unknown shape: default
+    assert fm.t_bucket(3) == 8 and fm.t_bucket(10**6) == 4096
