@@ -1,0 +1,464 @@
+"""SLO-aware brownout controllers (DESIGN.md section 7).
+
+A controller reads per-step latencies from the serving loop and says which brownout ratio the next step should run
+at. The model has one ratio knob per forward; like the paper we keep separate state for prefill (judged against the
+time-to-first-token SLO) and decode (judged against the time-per-output-token SLO) and the serving hook applies the
+prefill ratio on steps that carry prompt tokens and the decode ratio on pure decode steps (a mixed step, which
+transformers' continuous batching does produce, runs at the larger of the two, since both kinds of token wait on it).
+
+Common interface (all controllers):
+
+    c.observe(kind, latency_s, now, batch_tokens=0, ratio=None, step_s=None)
+        kind        "prefill" | "decode"
+        latency_s   the SLO-relevant latency the step's tokens saw: for prefill the (worst) time since arrival of the
+                    requests whose prompt ran in this step, for decode the (worst) inter-token gap; what the SLO
+                    is judged on. Non-finite or negative values are ignored (NaN-safe).
+        now         a monotonic clock in seconds (the serving loop's perf_counter, or a simulated clock in tests)
+        batch_tokens query tokens the step ran; ratio: the ratio it ran at; step_s: the forward's own time, if known
+    c.ratio(kind, now=None, batch_tokens=None) -> float in [0, 1]
+        the ratio to run the next step of this kind at (batch_tokens: the tokens it will run, if known)
+    c.reset(); c.snapshot() -> dict (for logs)
+
+Every controller keeps bounded deques, does O(window) work at most once per check period and O(1) otherwise, and
+clamps its output to [0, 1].
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+KINDS = ("prefill", "decode")
+
+__all__ = ["KINDS", "Controller", "FixedRatio", "SALC", "PIController", "ModelPredictive", "LatencyProfile",
+           "make_controller"]
+
+
+def _clamp01(x: float) -> float:
+    if not isinstance(x, (int, float)) or math.isnan(x):
+        return 0.0
+    return 0.0 if x < 0.0 else 1.0 if x > 1.0 else float(x)
+
+
+def _ok(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x >= 0.0
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return kind
+
+
+def quantile(values, q: float) -> float:
+    """Linear-interpolated quantile of a non-empty sequence (numpy's default method), NaN for an empty one."""
+    v = sorted(values)
+    if not v:
+        return float("nan")
+    pos = q * (len(v) - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+class Window:
+    """Latency samples of the last `window_s` seconds, at most `maxlen` of them (oldest dropped first)."""
+
+    def __init__(self, window_s: float, maxlen: int = 1024):
+        self.window_s = float(window_s)
+        self.buf: deque[tuple[float, float]] = deque(maxlen=maxlen)
+
+    def add(self, now: float, value: float) -> None:
+        self.buf.append((now, value))
+
+    def prune(self, now: float) -> None:
+        lim = now - self.window_s
+        while self.buf and self.buf[0][0] < lim:
+            self.buf.popleft()
+
+    def quantile(self, now: float, q: float = 0.9) -> float:
+        self.prune(now)
+        return quantile([v for _, v in self.buf], q)
+
+    def __len__(self) -> int:
+        return len(self.buf)
+
+    def clear(self) -> None:
+        self.buf.clear()
+
+
+class Controller:
+    """Base class. Subclasses set `name` and implement `_observe` / `_ratio`."""
+
+    name = "base"
+
+    def __init__(self, slo_prefill: float = 0.25, slo_decode: float = 0.15):
+        if not (slo_prefill > 0 and slo_decode > 0):
+            raise ValueError("SLOs must be positive")
+        self.slo = {"prefill": float(slo_prefill), "decode": float(slo_decode)}
+
+    def observe(self, kind: str, latency_s: float, now: float, batch_tokens: int = 0, ratio: float | None = None,
+                step_s: float | None = None) -> None:
+        _check_kind(kind)
+        if not _ok(latency_s) or not (isinstance(now, (int, float)) and math.isfinite(now)):
+            return
+        self._observe(kind, float(latency_s), float(now), int(batch_tokens or 0),
+                      None if ratio is None or not _ok(ratio) else _clamp01(ratio),
+                      float(step_s) if _ok(step_s) else None)
+
+    def ratio(self, kind: str, now: float | None = None, batch_tokens: int | None = None) -> float:
+        _check_kind(kind)
+        return _clamp01(self._ratio(kind, now, batch_tokens))
+
+    def step_ratio(self, has_prefill: bool, has_decode: bool, now: float | None = None,
+                   batch_tokens: int | None = None) -> float:
+        """The ratio for a step carrying prompt tokens and/or decode tokens: the larger of the kinds it carries."""
+        kinds = [k for k, on in (("prefill", has_prefill), ("decode", has_decode)) if on] or ["decode"]
+        return max(self.ratio(k, now, batch_tokens) for k in kinds)
+
+    def _observe(self, kind, latency, now, tokens, ratio, step_s) -> None:
+        pass
+
+    def _ratio(self, kind, now, tokens) -> float:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        pass
+
+    def snapshot(self) -> dict:
+        return {"name": self.name, "ratio": {k: self.ratio(k) for k in KINDS}}
+
+
+class FixedRatio(Controller):
+    """A constant ratio (r = 0 is plain serving, no brownout)."""
+
+    def __init__(self, r: float = 0.0, **kw):
+        super().__init__(**kw)
+        self.r = _clamp01(r)
+        self.name = f"fixed-{self.r:g}"
+
+    def _ratio(self, kind, now, tokens) -> float:
+        return self.r
+
+
+class SALC(Controller):
+    """The paper's SLO-aware latency controller (Algorithm 2), the baseline.
+
+    Keeps a threshold t per kind (the share of assignments kept on original experts; our ratio is r = 1 - t). Every
+    `interval` seconds (5 s in the paper's code) it takes the p90 of the latencies observed over the last `window`
+    seconds (2 s): p90 > SLO -> t *= 0.8 (ratio rises); p90 < warn * SLO (warning line 0.8 SLO) -> t = min(1, t + 0.1)
+    (ratio falls); otherwise hold. A kind with no sample in the window holds. Checks run inside `observe`, so the
+    reaction time to a burst is between one interval and interval + window.
+    """
+
+    name = "salc"
+
+    def __init__(self, slo_prefill: float = 0.25, slo_decode: float = 0.15, interval: float = 5.0,
+                 window: float = 2.0, warn: float = 0.8, decrease: float = 0.8, increase: float = 0.1,
+                 t0: float = 1.0, maxlen: int = 4096):
+        super().__init__(slo_prefill, slo_decode)
+        self.interval, self.warn, self.decrease, self.increase, self.t0 = interval, warn, decrease, increase, t0
+        self.win = {k: Window(window, maxlen) for k in KINDS}
+        self.t = {k: _clamp01(t0) for k in KINDS}
+        self.last_check: dict[str, float | None] = {k: None for k in KINDS}
+        self.last_p90 = {k: float("nan") for k in KINDS}
+
+    def reset(self) -> None:
+        for k in KINDS:
+            self.win[k].clear()
+            self.t[k] = _clamp01(self.t0)
+            self.last_check[k] = None
+            self.last_p90[k] = float("nan")
+
+    def _observe(self, kind, latency, now, tokens, ratio, step_s) -> None:
+        self.win[kind].add(now, latency)
+        for k in KINDS:
+            if self.last_check[k] is None:
+                self.last_check[k] = now
+            elif now - self.last_check[k] >= self.interval:
+                self.last_check[k] = now
+                self._check(k, now)
+
+    def _check(self, k: str, now: float) -> None:
+        p90 = self.win[k].quantile(now, 0.9)
+        self.last_p90[k] = p90
+        if math.isnan(p90):
+            return
+        if p90 > self.slo[k]:
+            self.t[k] = _clamp01(self.t[k] * self.decrease)
+        elif p90 < self.warn * self.slo[k]:
+            self.t[k] = min(1.0, self.t[k] + self.increase)
+
+    def _ratio(self, kind, now, tokens) -> float:
+        return 1.0 - self.t[kind]
+
+    def snapshot(self) -> dict:
+        return {"name": self.name, "ratio": {k: 1.0 - self.t[k] for k in KINDS}, "p90": dict(self.last_p90)}
+
+
+class PIController(Controller):
+    """A PI controller on the windowed p90, per kind (velocity form, so clamping cannot wind up).
+
+    Every `period` seconds: e = (p90 - target) / SLO with target = SLO * (1 - margin);
+    r += kp * (e - e_prev) + ki * e * dt, clamped to [0, 1]. A dead band of +-`deadband` (relative) around the target
+    holds the ratio still, which keeps it from dithering on a steady load. With period 0.25 s and window 1 s it
+    reacts to a burst within one window.
+    """
+
+    name = "pi"
+
+    def __init__(self, slo_prefill: float = 0.25, slo_decode: float = 0.15, window: float = 1.0,
+                 period: float = 0.25, margin: float = 0.15, kp: float = 0.6, ki: float = 1.5,
+                 deadband: float = 0.08, maxlen: int = 1024):
+        super().__init__(slo_prefill, slo_decode)
+        self.period, self.margin, self.kp, self.ki, self.deadband = period, margin, kp, ki, deadband
+        self.win = {k: Window(window, maxlen) for k in KINDS}
+        self.r = {k: 0.0 for k in KINDS}
+        self.e_prev = {k: 0.0 for k in KINDS}
+        self.last: dict[str, float | None] = {k: None for k in KINDS}
+
+    def reset(self) -> None:
+        for k in KINDS:
+            self.win[k].clear()
+            self.r[k], self.e_prev[k], self.last[k] = 0.0, 0.0, None
+
+    def _observe(self, kind, latency, now, tokens, ratio, step_s) -> None:
+        self.win[kind].add(now, latency)
+        last = self.last[kind]
+        if last is None:
+            self.last[kind] = now
+            return
+        dt = now - last
+        if dt < self.period:
+            return
+        self.last[kind] = now
+        dt = min(dt, 4 * self.period)  # a long idle gap must not give one huge integral step
+        slo = self.slo[kind]
+        p90 = self.win[kind].quantile(now, 0.9)
+        if math.isnan(p90):
+            return
+        e = (p90 - slo * (1 - self.margin)) / slo
+        if abs(e) < self.deadband:
+            e = 0.0
+        self.r[kind] = _clamp01(self.r[kind] + self.kp * (e - self.e_prev[kind]) + self.ki * e * dt)
+        self.e_prev[kind] = e
+
+    def _ratio(self, kind, now, tokens) -> float:
+        return self.r[kind]
+
+
+@dataclass
+class LatencyProfile:
+    """Step latency (seconds) on a grid of batch tokens x ratios, for one step kind.
+
+    `lat[i][j]` is the latency of a step of `tokens[i]` query tokens at ratio `ratios[j]`. Prediction interpolates
+    linearly in tokens and in ratio, and extrapolates linearly in tokens beyond the last grid point. Cells can be
+    refreshed online (`update`) with an exponential moving average, so the profile follows the machine.
+    """
+
+    tokens: list[int]
+    ratios: list[float]
+    lat: list[list[float]]
+    alpha: float = 0.1
+    _tg: list[float] = field(default_factory=list, repr=False)
+
+    def __post_init__(self):
+        if len(self.tokens) < 1 or len(self.ratios) < 1:
+            raise ValueError("profile needs at least one token count and one ratio")
+        if sorted(self.tokens) != list(self.tokens) or sorted(self.ratios) != list(self.ratios):
+            raise ValueError("profile grids must be ascending")
+        if len(self.lat) != len(self.tokens) or any(len(row) != len(self.ratios) for row in self.lat):
+            raise ValueError("profile table shape must be [len(tokens)][len(ratios)]")
+        self.lat = [[float(x) for x in row] for row in self.lat]
+        self._tg = [float(t) for t in self.tokens]
+
+    @classmethod
+    def from_points(cls, points, tokens=None, ratios=None, alpha: float = 0.1) -> "LatencyProfile":
+        """Build from measured (tokens, ratio, latency) triples: the median per (tokens, ratio) cell of a full grid."""
+        cells: dict[tuple[int, float], list[float]] = {}
+        for t, r, lat in points:
+            if _ok(lat):
+                cells.setdefault((int(t), round(float(r), 6)), []).append(float(lat))
+        tokens = sorted({t for t, _ in cells}) if tokens is None else list(tokens)
+        ratios = sorted({r for _, r in cells}) if ratios is None else [round(float(r), 6) for r in ratios]
+        lat = []
+        for t in tokens:
+            row = []
+            for r in ratios:
+                v = cells.get((t, r))
+                if not v:
+                    raise ValueError(f"profile point (tokens={t}, ratio={r}) is missing")
+                row.append(quantile(v, 0.5))
+            lat.append(row)
+        return cls(tokens, ratios, lat, alpha)
+
+    def _tpos(self, tokens: int) -> tuple[int, int, float]:
+        lt = float(tokens)
+        if len(self.tokens) == 1 or lt <= self._tg[0]:
+            return 0, 0, 0.0
+        if lt >= self._tg[-1]:
+            return len(self.tokens) - 1, len(self.tokens) - 1, 0.0
+        i = bisect.bisect_right(self._tg, lt) - 1
+        return i, i + 1, (lt - self._tg[i]) / (self._tg[i + 1] - self._tg[i])
+
+    def _rpos(self, r: float) -> tuple[int, int, float]:
+        r = _clamp01(r)
+        if len(self.ratios) == 1 or r <= self.ratios[0]:
+            return 0, 0, 0.0
+        if r >= self.ratios[-1]:
+            return len(self.ratios) - 1, len(self.ratios) - 1, 0.0
+        j = bisect.bisect_right(self.ratios, r) - 1
+        return j, j + 1, (r - self.ratios[j]) / (self.ratios[j + 1] - self.ratios[j])
+
+    def predict(self, tokens: int, r: float) -> float:
+        i0, i1, a = self._tpos(tokens)
+        j0, j1, b = self._rpos(r)
+        L = self.lat
+        v = ((1 - a) * ((1 - b) * L[i0][j0] + b * L[i0][j1]) + a * ((1 - b) * L[i1][j0] + b * L[i1][j1]))
+        if tokens > self.tokens[-1] and self.tokens[-1] > 0:  # beyond the grid: linear in tokens
+            v *= tokens / self.tokens[-1]
+        return v
+
+    def update(self, tokens: int, r: float, latency: float) -> None:
+        """Nudge the nearest cell towards an observation (only inside the grid, where the cell stands for it)."""
+        if not _ok(latency) or tokens > self.tokens[-1] * 1.5 or tokens < self.tokens[0] / 1.5:
+            return
+        lt = math.log(max(1, tokens))  # nearest cell on a log scale
+        i = min(range(len(self.tokens)), key=lambda q: abs(math.log(max(1, self.tokens[q])) - lt))
+        j = min(range(len(self.ratios)), key=lambda q: abs(self.ratios[q] - r))
+        if abs(self.ratios[j] - r) > 0.05:
+            return
+        pred = self.predict(tokens, r)
+        if pred <= 0:
+            return
+        # scale the cell by the observed/predicted ratio, so observations between grid points still teach the cell
+        self.lat[i][j] *= (1 - self.alpha) + self.alpha * min(4.0, max(0.25, latency / pred))
+
+
+class ModelPredictive(Controller):
+    """Ours: pick, per step, the smallest ratio whose predicted latency fits the SLO, with a slow feedback trim.
+
+    Inner loop (each step, O(len(grid))): with a latency profile P_kind(tokens, ratio) (measured at start-up by timing
+    forwards on a grid, then refreshed online from the steps' own forward times), the predicted SLO latency of the
+    next step is kappa_kind * P_kind(tokens, r), where kappa is a moving average of observed latency / profiled
+    forward time (loop overhead, attention on long contexts, ...), set by the first observation and then averaged,
+    fast upwards (kappa_up) and slowly downwards (kappa_alpha). The controller takes the smallest r on `grid`
+    with kappa * P(tokens, r) <= beta_kind * SLO * (1 - margin); none -> 1. So small batches run at r = 0 and the
+    accuracy price is paid only on the steps that need it.
+
+    Outer loop (every `period` s): beta_kind in [beta_min, 1] is trimmed by the p90 of the SLO latency over the last
+    `window` s: above (1 - margin/2) SLO -> beta *= 0.85 (more brownout); below (1 - 2 margin) SLO -> beta += 0.05.
+    This is what sees what no step model can: queueing delay in the time to first token.
+
+    Hysteresis: the ratio rises at once; it falls only when the lower ratio's prediction is under the budget by a
+    further `hysteresis` fraction, and by at most `max_fall` per step.
+
+    Without a profile (None) there is no step model: the ratio follows the outer loop alone,
+    r = (1 - beta) / (1 - beta_min), i.e. a multiplicative-decrease / additive-increase feedback controller with a
+    short (0.25 s) period and a 1 s window.
+    """
+
+    name = "mpc"
+
+    def __init__(self, slo_prefill: float = 0.25, slo_decode: float = 0.15,
+                 profile: dict[str, LatencyProfile] | LatencyProfile | None = None, margin: float = 0.15,
+                 hysteresis: float = 0.08, max_fall: float = 0.1, window: float = 1.0, period: float = 0.25,
+                 beta_min: float = 0.2, grid_steps: int = 20, kappa_alpha: float = 0.05, kappa_up: float = 0.3,
+                 learn: bool = True, maxlen: int = 1024):
+        super().__init__(slo_prefill, slo_decode)
+        if isinstance(profile, LatencyProfile):
+            profile = {k: profile for k in KINDS}
+        self.profile = dict(profile) if profile else {}
+        self.margin, self.hyst, self.max_fall, self.period = margin, hysteresis, max_fall, period
+        self.beta_min, self.kappa_alpha, self.kappa_up, self.learn = beta_min, kappa_alpha, kappa_up, learn
+        self.grid = [i / grid_steps for i in range(grid_steps + 1)]
+        self.win = {k: Window(window, maxlen) for k in KINDS}
+        self.reset()
+
+    def reset(self) -> None:
+        self.beta = {k: 1.0 for k in KINDS}
+        self.kappa = {k: 1.0 for k in KINDS}
+        self.n_obs = {k: 0 for k in KINDS}
+        self.r = {k: 0.0 for k in KINDS}
+        self.last: dict[str, float | None] = {k: None for k in KINDS}
+        self.last_tokens = {k: 1 for k in KINDS}
+        for w in self.win.values():
+            w.clear()
+
+    def _observe(self, kind, latency, now, tokens, ratio, step_s) -> None:
+        self.win[kind].add(now, latency)
+        prof = self.profile.get(kind)
+        r_used = self.r[kind] if ratio is None else ratio
+        if prof is not None and tokens > 0:
+            if step_s is not None and self.learn:
+                prof.update(tokens, r_used, step_s)
+            pred = prof.predict(tokens, r_used)
+            # kappa: SLO latency per profiled forward time. For prefill the SLO latency includes queueing, which is
+            # the outer loop's business: only decode learns kappa from latency; prefill learns it from step time.
+            obs = latency if kind == "decode" else step_s
+            if pred > 0 and obs is not None:
+                k_obs = min(8.0, max(0.5, obs / pred))
+                if self.n_obs[kind] == 0:  # the first observation sets kappa; later ones average in
+                    self.kappa[kind] = k_obs
+                else:  # rise fast (a slow step is a miss in the making), fall slowly
+                    a = self.kappa_up if k_obs > self.kappa[kind] else self.kappa_alpha
+                    self.kappa[kind] += a * (k_obs - self.kappa[kind])
+                self.n_obs[kind] += 1
+        if tokens > 0:
+            self.last_tokens[kind] = tokens
+        last = self.last[kind]
+        if last is None:
+            self.last[kind] = now
+        elif now - last >= self.period:
+            self.last[kind] = now
+            p90 = self.win[kind].quantile(now, 0.9)
+            slo = self.slo[kind]
+            if not math.isnan(p90):
+                if p90 > slo * (1 - self.margin / 2):
+                    self.beta[kind] = max(self.beta_min, self.beta[kind] * 0.85)
+                elif p90 < slo * (1 - 2 * self.margin):
+                    self.beta[kind] = min(1.0, self.beta[kind] + 0.05)
+
+    def _ratio(self, kind, now, tokens) -> float:
+        tokens = self.last_tokens[kind] if tokens is None or tokens <= 0 else int(tokens)
+        prof = self.profile.get(kind)
+        budget = self.beta[kind] * self.slo[kind] * (1 - self.margin)
+        cur = self.r[kind]
+        if prof is None:  # no model: the outer loop alone drives the ratio
+            want = _clamp01((1.0 - self.beta[kind]) / max(1e-9, 1.0 - self.beta_min))
+        else:
+            k = self.kappa[kind]
+            want = 1.0
+            for r in self.grid:
+                if k * prof.predict(tokens, r) <= budget:
+                    want = r
+                    break
+            if want < cur:  # falling: demand the extra hysteresis margin, and fall gradually
+                lower = cur
+                for r in self.grid:
+                    if r >= cur:
+                        break
+                    if k * prof.predict(tokens, r) <= budget * (1 - self.hyst):
+                        lower = r
+                        break
+                want = max(lower, cur - self.max_fall)
+        self.r[kind] = _clamp01(want)
+        return self.r[kind]
+
+    def snapshot(self) -> dict:
+        return {"name": self.name, "ratio": dict(self.r), "beta": dict(self.beta), "kappa": dict(self.kappa)}
+
+
+def make_controller(spec: str, slo_prefill: float, slo_decode: float, profile=None, **kw) -> Controller:
+    """'fixed:0.5' | 'salc' | 'pi' | 'mpc' -> a controller (profile only used by mpc)."""
+    if spec.startswith("fixed"):
+        _, _, v = spec.partition(":")
+        return FixedRatio(float(v or 0), slo_prefill=slo_prefill, slo_decode=slo_decode)
+    if spec == "salc":
+        return SALC(slo_prefill, slo_decode, **kw)
+    if spec == "pi":
+        return PIController(slo_prefill, slo_decode, **kw)
+    if spec == "mpc":
+        return ModelPredictive(slo_prefill, slo_decode, profile=profile, **kw)
+    raise ValueError(f"unknown controller {spec!r}: fixed:<r> | salc | pi | mpc")

@@ -1,0 +1,417 @@
+"""Serve a request trace on transformers' continuous batching, with a per-step brownout hook (DESIGN.md section 7).
+
+How it hooks transformers 5 (generation/continuous_batching): `model.init_continuous_batching(...)` returns a
+`ContinuousBatchingManager` whose background thread loops `prepare_next_batch()` -> `self._generation_step()` ->
+`update_batch()`. `_generation_step` is looked up on the manager instance each iteration, so we replace it on the
+instance with a wrapper. When the wrapper runs, the batch is already scheduled: `batch_processor.inputs_and_outputs
+.requests_in_batch` lists the requests with their query lengths, and a request with no generated token yet is
+prefilling. The wrapper (1) classifies the step (prefill tokens, decode tokens; transformers mixes both in one step),
+(2) asks the controller for the ratio and calls `set_ratio(r)` before the forward, (3) runs the original step, which
+in synchronous mode (we force `use_async_batching=False`) ends with the device-to-host copy of the sampled tokens,
+so the wall time around it is the step's latency, and (4) feeds the controller. Nothing in transformers is copied or
+forked; requests go in through the public `add_request` and come back through `get_result`.
+
+Limits of the hook: with CUDA graphs on, a ratio that lives in a Python float is baked into the captured graph, so
+graphs stay off (`use_cuda_graph=False`) unless the runtime keeps its ratio in a device tensor; with async batching
+on, the step's forward overlaps the next step's preparation and per-step timing is meaningless, so it stays off.
+
+Clock: real time. Requests are submitted by a driver (the caller's thread) when the trace's arrival time comes, on
+`time.perf_counter`; latencies are measured from the arrival time in the trace, so the driver's own lateness counts
+against the server, never for it.
+
+Admission: at most `max_queue` requests wait (admitted, not yet scheduled); an arrival beyond that is rejected at
+once with status "rejected". A request that has not been scheduled `queue_timeout_s` after arriving, or is not
+finished `request_timeout_s` after arriving, is cancelled with status "timeout"; after the last arrival the driver
+waits at most `drain_timeout_s`, then cancels what is left and stops the engine (hard stop if it does not exit),
+so a run always ends.
+
+Per-token records: every generated token's time; its latency is TTFT (first token: time since arrival) or the
+inter-token gap. Tokens of a rejected / timed-out / failed request that were never produced count as SLO misses
+(otherwise rejecting would improve the violation rate).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .controller import Controller, FixedRatio, quantile
+
+log = logging.getLogger(__name__)
+
+OK, REJECTED, TIMEOUT, FAILED = "ok", "rejected", "timeout", "failed"
+
+
+@dataclass
+class ServeConfig:
+    max_batch: int = 64  # requests per step (transformers' max_requests_per_batch)
+    max_batch_tokens: int = 1024  # query tokens per step (prompt chunks + decode tokens)
+    max_queue: int = 256  # admitted requests waiting to be scheduled; more are rejected
+    queue_timeout_s: float = 30.0
+    request_timeout_s: float = 120.0
+    drain_timeout_s: float = 60.0
+    num_blocks: int | None = None  # KV cache blocks (None: transformers sizes it from free memory)
+    page_size: int = 256
+    max_memory_percent: float | None = 0.5
+    use_cuda_graph: bool = False
+    seed: int = 0
+    record_steps: bool = True
+
+
+@dataclass
+class RequestRecord:
+    rid: int
+    arrival: float  # s from the run's start (the trace's time)
+    prompt_len: int
+    output_len: int  # tokens asked for
+    status: str = "pending"
+    submit: float = math.nan  # when the driver submitted it (s from start)
+    token_times: list[float] = field(default_factory=list)  # s from start
+    error: str | None = None
+
+
+@dataclass
+class StepRecord:
+    t0: float  # s from start
+    t1: float
+    step_s: float  # forward + sampling + copy-out
+    prefill_tokens: int
+    decode_tokens: int
+    requests: int
+    ratio: float
+
+
+@dataclass
+class ServeResult:
+    requests: list[RequestRecord]
+    steps: list[StepRecord]
+    wall_s: float
+    config: dict
+    controller: str
+    errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"requests": [asdict(r) for r in self.requests], "steps": [asdict(s) for s in self.steps],
+                "wall_s": self.wall_s, "config": self.config, "controller": self.controller, "errors": self.errors}
+
+
+class BrownoutServer:
+    """Serve traces on one model with transformers' continuous batching and a brownout controller.
+
+    `set_ratio` is any callable taking a float (the real one: `BrownoutMoE.attach(model, dir).set_ratio`).
+    """
+
+    def __init__(self, model, set_ratio: Callable[[float], None] | None = None, controller: Controller | None = None,
+                 config: ServeConfig | None = None, vocab_size: int | None = None):
+        self.model = model
+        self.set_ratio = set_ratio or (lambda r: None)
+        self.controller = controller or FixedRatio(0.0)
+        self.cfg = config or ServeConfig()
+        self.vocab_size = vocab_size or model.config.get_text_config().vocab_size
+        self._last_ratio: float | None = None
+
+    # ------------------------------------------------------------------ engine set-up
+    def _manager(self):
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        gc = GenerationConfig(max_new_tokens=16, do_sample=False, eos_token_id=-1, pad_token_id=0)
+        kw = dict(max_requests_per_batch=self.cfg.max_batch, max_batch_tokens=self.cfg.max_batch_tokens,
+                  use_async_batching=False, use_cuda_graph=self.cfg.use_cuda_graph, allow_block_sharing=False,
+                  page_size=self.cfg.page_size, num_blocks=self.cfg.num_blocks, seed=self.cfg.seed,
+                  max_memory_percent=self.cfg.max_memory_percent)
+        cbc = ContinuousBatchingConfig(**kw)
+        return self.model.init_continuous_batching(generation_config=gc, continuous_batching_config=cbc)
+
+    def _apply_ratio(self, r: float) -> None:
+        if r != self._last_ratio:
+            self.set_ratio(r)
+            self._last_ratio = r
+
+    # ------------------------------------------------------------------ serving
+    def run(self, trace, prompts: list[list[int]] | None = None, on_progress: Callable[[float], None] | None = None
+            ) -> ServeResult:
+        """Serve `trace` (eval.trace.Trace) in real time and return the records. Prompts are random token ids
+        (seeded) unless given."""
+        cfg, ctl = self.cfg, self.controller
+        rng = np.random.default_rng(cfg.seed)
+        reqs = trace.requests
+        if prompts is None:
+            prompts = [rng.integers(1, self.vocab_size, r.prompt_len).tolist() for r in reqs]
+        recs = {f"r{r.rid}": RequestRecord(r.rid, r.t, r.prompt_len, r.output_len) for r in reqs}
+        steps: list[StepRecord] = []
+        errors: list[str] = []
+        started: set[str] = set()  # written by the engine thread only
+        last_tok: dict[str, float] = {}  # engine thread: time of each request's last token (perf_counter)
+        hook_times: dict[str, list[float]] = {}  # engine thread: per-request token times (s from start)
+        self._last_ratio = None
+        self._apply_ratio(0.0)
+        mgr = self._manager()
+        orig_step = mgr._generation_step
+        t_start = [0.0]
+
+        def hook():
+            bp = mgr.batch_processor
+            batch = list(bp.inputs_and_outputs.requests_in_batch)
+            n_pre = n_dec = 0
+            pre, dec, emit = [], [], []
+            for fs in batch:
+                st = fs.state
+                rid = st.request_id
+                if st.generated_len() == 0:
+                    n_pre += fs.query_length
+                    pre.append(rid)
+                else:
+                    n_dec += fs.query_length
+                    dec.append(rid)
+                if fs.has_new_token:
+                    emit.append(rid)
+                started.add(rid)
+            t0 = time.perf_counter()
+            r = ctl.step_ratio(bool(pre), bool(dec), t0 - t_start[0], n_pre + n_dec)
+            self._apply_ratio(r)
+            t1 = time.perf_counter()
+            orig_step()
+            t2 = time.perf_counter()
+            now = t2 - t_start[0]
+            step_s = t2 - t1
+            for rid in emit:
+                hook_times.setdefault(rid, []).append(now)
+            if pre:
+                arr = [recs[x].arrival for x in pre if x in recs]
+                if arr:
+                    ctl.observe("prefill", now - min(arr), now, n_pre + n_dec, r, step_s)
+            if dec:
+                gaps = [t2 - last_tok[x] for x in dec if x in last_tok]
+                if gaps:
+                    ctl.observe("decode", max(gaps), now, n_pre + n_dec, r, step_s)
+            for rid in emit:
+                last_tok[rid] = t2
+            if cfg.record_steps:
+                steps.append(StepRecord(t1 - t_start[0], now, step_s, n_pre, n_dec, len(batch), r))
+
+        mgr._generation_step = hook
+        outstanding: dict[str, float] = {}  # rid -> arrival, admitted and not yet resolved
+        waiting: set[str] = set()  # admitted, not yet seen in a step (driver's view)
+        try:
+            mgr.start()
+            t_start[0] = time.perf_counter()
+            i, n = 0, len(reqs)
+            last_arrival = reqs[-1].t if reqs else 0.0
+            deadline = None
+            while True:
+                now = time.perf_counter() - t_start[0]
+                # 1. submit due arrivals
+                while i < n and reqs[i].t <= now:
+                    q = reqs[i]
+                    rid = f"r{q.rid}"
+                    rec = recs[rid]
+                    i += 1
+                    waiting.difference_update([w for w in waiting if w in started])
+                    if len(waiting) >= cfg.max_queue or not mgr.is_running():
+                        rec.status = REJECTED
+                        continue
+                    rec.submit = now
+                    got = mgr.add_request(prompts[q.rid], request_id=rid, max_new_tokens=q.output_len,
+                                          record_timestamps=True)
+                    if got is None:
+                        rec.status = REJECTED
+                        continue
+                    outstanding[rid] = q.t
+                    waiting.add(rid)
+                # 2. collect results
+                wait = 0.002 if i >= n else max(0.0, min(0.02, reqs[i].t - (time.perf_counter() - t_start[0])))
+                res = mgr.get_result(timeout=wait) if outstanding else None
+                while res is not None:
+                    self._finish(res, recs, outstanding, t_start[0])
+                    res = mgr.get_result(timeout=0) if outstanding else None
+                if not outstanding and not mgr.is_running() and i < n:
+                    # the engine died: everything still to come is rejected
+                    for q in reqs[i:]:
+                        recs[f"r{q.rid}"].status = REJECTED
+                    i = n
+                # 3. timeouts
+                now = time.perf_counter() - t_start[0]
+                for rid, arr in list(outstanding.items()):
+                    not_started = rid not in started
+                    if (not_started and now - arr > cfg.queue_timeout_s) or now - arr > cfg.request_timeout_s:
+                        mgr.cancel_request(rid)
+                        recs[rid].status = TIMEOUT
+                        outstanding.pop(rid)
+                        waiting.discard(rid)
+                if not mgr.is_running() and outstanding:
+                    err = getattr(mgr.background_thread_status, "fatal_error", None)
+                    errors.append(f"engine stopped: {err!r}")
+                    for rid in list(outstanding):
+                        recs[rid].status, recs[rid].error = FAILED, repr(err)
+                        outstanding.pop(rid)
+                if on_progress is not None:
+                    on_progress(now)
+                # 4. end of run
+                if i >= n:
+                    if deadline is None:
+                        deadline = max(now, last_arrival) + cfg.drain_timeout_s
+                    if not outstanding:
+                        break
+                    if now > deadline:
+                        for rid in list(outstanding):
+                            mgr.cancel_request(rid)
+                            recs[rid].status = TIMEOUT
+                            outstanding.pop(rid)
+                        break
+        finally:
+            wall = time.perf_counter() - t_start[0]
+            try:
+                mgr.stop(block=True, timeout=10)
+                if mgr.is_running():
+                    errors.append("engine did not stop in 10 s: hard stop")
+                    mgr.stop(block=True, timeout=10, hard_stop=True)
+            finally:
+                mgr._generation_step = orig_step
+                try:
+                    mgr.destroy()
+                except Exception as e:  # pragma: no cover - best effort clean-up
+                    errors.append(f"destroy: {e!r}")
+                self._apply_ratio(0.0)
+        # token times of cancelled requests come from the hook (the engine delivers nothing for them)
+        for rid, rec in recs.items():
+            if rec.status == TIMEOUT and not rec.token_times:
+                rec.token_times = list(hook_times.get(rid, []))[: rec.output_len]
+            if rec.status == "pending":
+                rec.status = REJECTED
+        return ServeResult(list(recs.values()), steps, wall, asdict(cfg), getattr(ctl, "name", str(ctl)), errors)
+
+    @staticmethod
+    def _finish(res, recs, outstanding, t_start: float) -> None:
+        rid = res.request_id
+        rec = recs.get(rid)
+        if rec is None or not res.is_finished():
+            return
+        outstanding.pop(rid, None)
+        ts = [t - t_start for t in (res.timestamps or [])]
+        rec.token_times = ts[: len(res.generated_tokens)] if res.generated_tokens else ts
+        if res.error is not None:
+            rec.status, rec.error = FAILED, res.error
+        elif rec.status != TIMEOUT:
+            rec.status = OK
+
+
+# ---------------------------------------------------------------------- metrics
+def token_latencies(rec: RequestRecord) -> tuple[float | None, list[float]]:
+    """(TTFT or None, inter-token gaps) of one request."""
+    t = rec.token_times
+    if not t:
+        return None, []
+    return t[0] - rec.arrival, [b - a for a, b in zip(t, t[1:])]
+
+
+def _pcts(v: list[float]) -> dict:
+    if not v:
+        return {"p50": None, "p90": None, "p99": None, "mean": None, "std": None}
+    a = np.asarray(v)
+    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99)), "mean": float(a.mean()), "std": float(a.std())}
+
+
+def summarize(res: ServeResult, slo_prefill: float, slo_decode: float, t0: float = 0.0,
+              t1: float = math.inf) -> dict:
+    """Token-level SLO metrics over requests arriving in [t0, t1).
+
+    violation rates: share of tokens missing their SLO (first tokens vs `slo_prefill`, later tokens vs `slo_decode`;
+    tokens never produced count as misses); goodput: SLO-meeting tokens per second of the arrival span, and requests
+    per second whose TTFT and mean TPOT both meet their SLOs; spread: p99 - p50 and the standard deviation.
+    """
+    rs = [r for r in res.requests if t0 <= r.arrival < t1]
+    ttft, tpot = [], []
+    pre_total = pre_miss = dec_total = dec_miss = 0
+    good_req = 0
+    by_status: dict[str, int] = {}
+    for r in rs:
+        by_status[r.status] = by_status.get(r.status, 0) + 1
+        first, gaps = token_latencies(r)
+        pre_total += 1
+        dec_total += max(0, r.output_len - 1)
+        if first is None:
+            pre_miss += 1
+            dec_miss += max(0, r.output_len - 1)
+            continue
+        ttft.append(first)
+        tpot.extend(gaps)
+        pre_miss += first > slo_prefill
+        dec_miss += sum(g > slo_decode for g in gaps) + max(0, r.output_len - 1 - len(gaps))
+        if r.status == OK and first <= slo_prefill and (not gaps or sum(gaps) / len(gaps) <= slo_decode):
+            good_req += 1
+    if rs:
+        span = max(1e-9, (min(t1, max(r.arrival for r in rs)) if math.isinf(t1) else t1) - max(t0, 0.0))
+    else:
+        span = max(1e-9, t1 - t0) if math.isfinite(t1) else 1.0
+    steps = [s for s in res.steps if t0 <= s.t1 and (math.isinf(t1) or s.t0 < t1)]
+    dur = sum(s.step_s for s in steps)
+    toks = sum(s.prefill_tokens + s.decode_tokens for s in steps)
+    tot = pre_total + dec_total
+    miss = pre_miss + dec_miss
+    out = {
+        "requests": len(rs), "status": by_status,
+        "offered_rate": len(rs) / span,
+        "violation_prefill": pre_miss / pre_total if pre_total else None,
+        "violation_decode": dec_miss / dec_total if dec_total else None,
+        "violation_all": miss / tot if tot else None,
+        "attainment": 1 - miss / tot if tot else None,
+        "goodput_tok_s": (tot - miss) / span,
+        "goodput_req_s": good_req / span,
+        "ttft": _pcts(ttft), "tpot": _pcts(tpot),
+        "ttft_spread": (_pcts(ttft)["p99"] - _pcts(ttft)["p50"]) if ttft else None,
+        "tpot_spread": (_pcts(tpot)["p99"] - _pcts(tpot)["p50"]) if tpot else None,
+        "mean_ratio_time": (sum(s.ratio * s.step_s for s in steps) / dur) if dur > 0 else None,
+        "mean_ratio_tokens": (sum(s.ratio * (s.prefill_tokens + s.decode_tokens) for s in steps) / toks)
+        if toks else None,
+        "steps": len(steps),
+    }
+    return out
+
+
+def capacity(points: list[tuple[float, float]], target: float = 0.9) -> float | None:
+    """Highest offered rate with attainment >= target, from (rate, attainment) points, interpolated linearly between
+    the last passing and the first failing rate (None if even the lowest rate fails)."""
+    pts = sorted((r, a) for r, a in points if a is not None)
+    best = None
+    for (r0, a0), (r1, a1) in zip(pts, pts[1:] + [(None, None)]):
+        if a0 < target:
+            break
+        best = r0
+        if r1 is not None and a1 < target:
+            best = r0 + (r1 - r0) * (a0 - target) / max(1e-12, a0 - a1)
+            break
+    return best
+
+
+def timeline(res: ServeResult, bin_s: float = 1.0) -> dict:
+    """Per-bin series for plots: arrivals/s, p90 TTFT and TPOT of tokens produced in the bin, mean step ratio."""
+    end = max([res.wall_s] + [r.arrival for r in res.requests])
+    nb = max(1, int(math.ceil(end / bin_s)))
+    arr = [0] * nb
+    ttft = [[] for _ in range(nb)]
+    tpot = [[] for _ in range(nb)]
+    rsum = [0.0] * nb
+    rdur = [0.0] * nb
+    for r in res.requests:
+        b = min(nb - 1, int(r.arrival / bin_s))
+        arr[b] += 1
+        if r.token_times:
+            ttft[min(nb - 1, int(r.token_times[0] / bin_s))].append(r.token_times[0] - r.arrival)
+            for a, c in zip(r.token_times, r.token_times[1:]):
+                tpot[min(nb - 1, int(c / bin_s))].append(c - a)
+    for s in res.steps:
+        b = min(nb - 1, int(s.t1 / bin_s))
+        rsum[b] += s.ratio * s.step_s
+        rdur[b] += s.step_s
+    q = lambda v: quantile(v, 0.9) if v else None  # noqa: E731
+    return {"t": [(i + 0.5) * bin_s for i in range(nb)], "arrivals_per_s": [a / bin_s for a in arr],
+            "ttft_p90": [q(v) for v in ttft], "tpot_p90": [q(v) for v in tpot],
+            "ratio": [rsum[i] / rdur[i] if rdur[i] > 0 else None for i in range(nb)]}

@@ -1,0 +1,183 @@
+"""SLO controllers on synthetic latency sequences (steady, step, burst, noisy) against a simulated plant.
+
+The plant: a step of n tokens at ratio r takes load(t) * (0.02 + 0.004 n) * (1 - 0.5 r) seconds (times noise); the
+clock advances by each step's latency, so no test sleeps.
+"""
+import math
+import random
+
+import pytest
+
+from runtime.controller import (KINDS, SALC, FixedRatio, LatencyProfile, ModelPredictive, PIController,
+                                make_controller, quantile)
+
+SLO_P, SLO_D = 0.25, 0.15
+SPEEDUP = 0.5
+
+
+def plant(n, r, load=1.0):
+    return load * (0.02 + 0.004 * n) * (1 - SPEEDUP * r)
+
+
+def profile():
+    toks, rats = [1, 8, 32, 64, 256], [0.0, 0.25, 0.5, 0.75, 1.0]
+    return LatencyProfile(toks, rats, [[plant(n, r) for r in rats] for n in toks])
+
+
+def controllers():
+    return {
+        "salc": SALC(SLO_P, SLO_D),
+        "pi": PIController(SLO_P, SLO_D),
+        "mpc": ModelPredictive(SLO_P, SLO_D, profile=profile()),
+        "mpc-noprofile": ModelPredictive(SLO_P, SLO_D, profile=None),
+    }
+
+
+def simulate(ctl, load_fn, T=40.0, tokens_fn=lambda t: 32, noise=0.0, kind="decode", seed=0):
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    while t < T:
+        n = tokens_fn(t)
+        r = ctl.ratio(kind, t, n)
+        assert 0.0 <= r <= 1.0
+        lat = plant(n, r, load_fn(t)) * (math.exp(rng.gauss(0, noise)) if noise else 1.0)
+        t += lat
+        ctl.observe(kind, lat, t, n, r, lat)
+        out.append((t, r, lat))
+    return out
+
+
+def changes(trace, t0):
+    rs = [r for t, r, _ in trace if t >= t0]
+    return sum(abs(a - b) > 1e-9 for a, b in zip(rs, rs[1:])), (max(rs) - min(rs)) if rs else 0.0
+
+
+@pytest.mark.parametrize("name", list(controllers()))
+def test_bounds_and_nan_safety(name):
+    ctl = controllers()[name]
+    rng = random.Random(1)
+    t = 0.0
+    bad = [float("nan"), float("inf"), -1.0, 1e9, 0.0, None]
+    for i in range(3000):
+        t += rng.random() * 0.05
+        kind = KINDS[i % 2]
+        lat = bad[i % len(bad)] if i % 7 == 0 else rng.expovariate(1 / 0.3)
+        if lat is None:
+            lat = float("nan")
+        ctl.observe(kind, lat, t, rng.randrange(0, 4096), rng.random(), float("nan") if i % 5 == 0 else lat)
+        r = ctl.ratio(kind, t, rng.randrange(0, 4096))
+        assert 0.0 <= r <= 1.0 and not math.isnan(r)
+    ctl.observe("decode", 0.1, float("nan"), 4)  # non-finite clock: ignored
+    with pytest.raises(ValueError):
+        ctl.ratio("bogus")
+    ctl.reset()
+    assert ctl.ratio("decode") == 0.0
+
+
+@pytest.mark.parametrize("name", list(controllers()))
+def test_light_steady_load_stays_off(name):
+    """Latency well under the SLO (and the warning line) at r = 0: no brownout."""
+    ctl = controllers()[name]
+    tr = simulate(ctl, lambda t: 1.0, tokens_fn=lambda t: 16)
+    assert max(r for _, r, _ in tr) == 0.0
+
+
+@pytest.mark.parametrize("name", list(controllers()))
+def test_heavy_steady_load_settles(name):
+    """At 1.3x the SLO at r = 0 the controllers find a ratio that meets the SLO and stop moving."""
+    ctl = controllers()[name]
+    tr = simulate(ctl, lambda t: 1.3, T=60.0)
+    n_changes, spread = changes(tr, 40.0)
+    assert n_changes <= 2 and spread <= 0.11, (n_changes, spread)
+    tail = [lat for t, _, lat in tr if t >= 40.0]
+    assert quantile(tail, 0.9) <= SLO_D * 1.001
+    assert tr[-1][1] > 0.0
+
+
+@pytest.mark.parametrize("name", list(controllers()))
+def test_noisy_steady_load_bounded_dither(name):
+    ctl = controllers()[name]
+    tr = simulate(ctl, lambda t: 1.3, T=60.0, noise=0.15, seed=3)
+    rs = [r for t, r, _ in tr if t >= 30.0]
+    mean = sum(rs) / len(rs)
+    sd = math.sqrt(sum((r - mean) ** 2 for r in rs) / len(rs))
+    assert sd < 0.15, sd
+    viol = sum(lat > SLO_D for t, _, lat in tr if t >= 30.0) / len(rs)
+    assert viol < 0.2, viol
+
+
+@pytest.mark.parametrize("name,reaction", [("salc", 5.0 + 2.0), ("pi", 1.0), ("mpc", 1.0), ("mpc-noprofile", 1.0)])
+def test_burst_reaction(name, reaction):
+    """Load jumps at t = 20 s: the ratio rises within one window (SALC: one check interval + its window)."""
+    ctl = controllers()[name]
+    tr = simulate(ctl, lambda t: 1.0 if t < 20.0 else 2.5, T=40.0, tokens_fn=lambda t: 16)
+    before = [r for t, r, _ in tr if t < 20.0]
+    assert max(before) == 0.0
+    first = next(t for t, r, _ in tr if t >= 20.0 and r > 0.0)
+    assert first - 20.0 <= reaction, first - 20.0
+
+
+def test_step_in_batch_tokens_mpc_reacts_next_step():
+    """The model-predictive controller sees a bigger batch coming and raises the ratio on that very step."""
+    ctl = ModelPredictive(SLO_P, SLO_D, profile=profile())
+    tr = simulate(ctl, lambda t: 1.0, T=20.0, tokens_fn=lambda t: 16 if t < 10.0 else 40)
+    first_big = next(i for i, (t, _, _) in enumerate(tr) if t >= 10.0)
+    assert tr[first_big + 1][1] > 0.0 or tr[first_big][1] > 0.0
+    after = [lat for t, _, lat in tr if t >= 10.0]
+    assert max(after) <= SLO_D  # no step misses: it predicted instead of reacting
+
+
+def test_salc_rule_exact():
+    """The paper's rule: t *= 0.8 above the SLO, t += 0.1 under the warning line, hold between; checks every 5 s."""
+    c = SALC(SLO_P, SLO_D, interval=5.0, window=2.0)
+    c.observe("decode", 0.2, 0.0)  # starts the clock
+    for i in range(1, 50):
+        c.observe("decode", 0.2, i * 0.1)  # 4.9 s: no check yet
+    assert c.ratio("decode") == 0.0
+    c.observe("decode", 0.2, 5.0)
+    assert c.ratio("decode") == pytest.approx(0.2)
+    assert c.ratio("prefill") == 0.0  # prefill window empty -> hold
+    for i in range(51, 100):
+        c.observe("decode", 0.13, i * 0.1)  # in the band [0.12, 0.15]
+    c.observe("decode", 0.13, 10.0)
+    assert c.ratio("decode") == pytest.approx(0.2)
+    for i in range(101, 150):
+        c.observe("decode", 0.05, i * 0.1)
+    c.observe("decode", 0.05, 15.0)
+    assert c.ratio("decode") == pytest.approx(0.1)
+
+
+def test_separate_kinds_and_step_ratio():
+    c = ModelPredictive(SLO_P, SLO_D, profile=profile())
+    assert c.step_ratio(True, False, 0.0, 8) == c.ratio("prefill", 0.0, 8)
+    # a huge step: decode budget (0.15) is tighter than prefill's (0.25)
+    assert c.ratio("decode", 0.0, 40) > c.ratio("prefill", 0.0, 40)
+    assert c.step_ratio(True, True, 0.0, 40) == max(c.ratio("prefill", 0.0, 40), c.ratio("decode", 0.0, 40))
+
+
+def test_profile_interpolation_and_from_points():
+    p = profile()
+    assert p.predict(32, 0.5) == pytest.approx(plant(32, 0.5))
+    assert plant(16, 0.0) * 0.9 < p.predict(16, 0.0) < plant(16, 0.0) * 1.1
+    assert p.predict(512, 0.0) == pytest.approx(plant(256, 0.0) * 2)
+    pts = [(n, r, plant(n, r)) for n in (1, 64) for r in (0.0, 1.0) for _ in range(3)]
+    q = LatencyProfile.from_points(pts)
+    assert q.tokens == [1, 64] and q.predict(64, 1.0) == pytest.approx(plant(64, 1.0))
+    with pytest.raises(ValueError):
+        LatencyProfile.from_points(pts, tokens=[1, 8, 64])
+
+
+def test_make_controller():
+    assert isinstance(make_controller("fixed:0.5", SLO_P, SLO_D), FixedRatio)
+    assert make_controller("fixed:0.5", SLO_P, SLO_D).ratio("decode") == 0.5
+    assert isinstance(make_controller("salc", SLO_P, SLO_D), SALC)
+    assert isinstance(make_controller("mpc", SLO_P, SLO_D, profile=profile()), ModelPredictive)
+    with pytest.raises(ValueError):
+        make_controller("nope", SLO_P, SLO_D)
+
+
+def test_bounded_memory():
+    c = SALC(SLO_P, SLO_D, maxlen=128, window=1e9)
+    for i in range(10_000):
+        c.observe("decode", 0.1, i * 1e-4)
+    assert len(c.win["decode"]) == 128

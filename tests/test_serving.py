@@ -1,0 +1,171 @@
+"""Trace generator statistics: burstiness, the burst test's doubling, length presets, determinism, JSON round trip."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `eval` is a plain folder, not an installed package
+
+from eval.trace import Trace, burst_test, bursty, poisson, sample_lengths  # noqa: E402
+
+
+def test_poisson_rate_and_cv():
+    tr = poisson(20.0, 200.0, seed=1)
+    assert tr.rate(0, 200) == pytest.approx(20.0, rel=0.05)
+    assert tr.interarrival_cv() == pytest.approx(1.0, abs=0.07)
+    assert all(0 <= r.t < 200 for r in tr.requests)
+    assert np.all(np.diff(tr.arrivals()) > 0)
+
+
+def test_bursty_is_burstier_than_poisson():
+    tr = bursty(10.0, 300.0, cv=2.0, burst_factor=4.0, burst_every=30.0, burst_len=5.0, seed=2)
+    assert tr.interarrival_cv() > 1.5
+    # burst phases run at several times the mean rate
+    a = tr.arrivals()
+    in_burst = (a >= 30) & ((a % 30) < 5)
+    burst_rate = in_burst.sum() / (9 * 5)
+    calm_rate = (~in_burst).sum() / (300 - 9 * 5)
+    assert burst_rate > 2.5 * calm_rate
+
+
+def test_burst_test_doubles_and_scales():
+    tr = burst_test(8.0, duration_scale=1.0, seed=3)
+    assert tr.meta["burst_at"] == 75.0 and tr.duration == 250.0
+    before, after = tr.rate(0, 75), tr.rate(75, 250)
+    assert after / before == pytest.approx(2.0, rel=0.12)
+    small = burst_test(8.0, duration_scale=0.24, seed=3)
+    assert small.duration == pytest.approx(60.0) and small.meta["burst_at"] == pytest.approx(18.0)
+    assert max(small.arrivals()) < 60.0
+    g = burst_test(8.0, duration_scale=1.0, cv=2.0, seed=3)
+    assert g.interarrival_cv(0, 75) > 1.5
+
+
+def test_determinism_and_roundtrip(tmp_path):
+    a = burst_test(5.0, 0.24, lengths="mix", seed=7)
+    b = burst_test(5.0, 0.24, lengths="mix", seed=7)
+    c = burst_test(5.0, 0.24, lengths="mix", seed=8)
+    key = lambda t: [(round(r.t, 6), r.prompt_len, r.output_len) for r in t.requests]  # noqa: E731
+    assert key(a) == key(b) and key(a) != key(c)
+    p = a.save(tmp_path / "t.json")
+    d = Trace.load(p)
+    assert key(d) == key(a) and d.meta == a.meta
+    (tmp_path / "bad.json").write_text('{"format": "x"}')
+    with pytest.raises(ValueError):
+        Trace.load(tmp_path / "bad.json")
+
+
+def test_bounded():
+    tr = poisson(1000.0, 100.0, max_requests=500)
+    assert len(tr) == 500
+    with pytest.raises(ValueError):
+        poisson(1.0, -1.0)
+    with pytest.raises(ValueError):
+        poisson(1.0, 10.0, max_requests=10**9)
+
+
+def test_length_presets():
+    rng = np.random.default_rng(0)
+    ap, ao = sample_lengths(rng, 40000, "alpaca", 10**6, 10**6)
+    sp, so = sample_lengths(rng, 40000, "sharegpt", 10**6, 10**6)
+    assert sp.mean() / ap.mean() == pytest.approx(4.3, rel=0.1)
+    assert so.mean() / ao.mean() == pytest.approx(13.7, rel=0.1)
+    cp, co = sample_lengths(rng, 1000, "sharegpt", 256, 512)
+    assert cp.max() <= 256 and co.max() <= 512 and cp.min() >= 2 and co.min() >= 1
+    with pytest.raises(ValueError):
+        sample_lengths(rng, 10, "nope")
+
+
+# ----------------------------------------------------------------------------- end to end, tiny model on CPU
+import math  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from eval.trace import Request  # noqa: E402
+from runtime.controller import SALC, FixedRatio  # noqa: E402
+from runtime.serving import BrownoutServer, ServeConfig, capacity, summarize, timeline  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = Qwen2MoeConfig(vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                         shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, num_experts=8, num_experts_per_tok=2, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    return Qwen2MoeForCausalLM(cfg).eval()
+
+
+def _trace(spec):
+    return Trace([Request(i, t, p, o) for i, (t, p, o) in enumerate(spec)], {"kind": "test"})
+
+
+def _cfg(**kw):
+    base = dict(num_blocks=64, page_size=32, max_batch_tokens=128, max_memory_percent=None, drain_timeout_s=60.0)
+    base.update(kw)
+    return ServeConfig(**base)
+
+
+def test_serve_records_complete(tiny_model):
+    calls = []
+    ctl = SALC(0.25, 0.15, interval=0.05, window=0.05)
+    tr = _trace([(0.0, 5, 4), (0.01, 12, 6), (0.02, 3, 1), (0.05, 20, 5), (0.1, 7, 3)])
+    res = BrownoutServer(tiny_model, calls.append, ctl, _cfg()).run(tr)
+    assert res.errors == []
+    for r in res.requests:
+        assert r.status == "ok", r
+        assert len(r.token_times) == r.output_len
+        assert r.token_times[0] >= r.arrival and all(b >= a for a, b in zip(r.token_times, r.token_times[1:]))
+    assert sum(s.prefill_tokens for s in res.steps) == sum(r.prompt_len for r in tr.requests)
+    assert any(s.decode_tokens > 0 and s.prefill_tokens == 0 for s in res.steps)
+    assert all(0.0 <= s.ratio <= 1.0 and s.step_s > 0 for s in res.steps)
+    assert calls and calls[0] == 0.0 and calls[-1] == 0.0  # reset to 0 before and after the run
+    m = summarize(res, 1e6, 1e6)
+    assert m["violation_all"] == 0.0 and m["status"] == {"ok": 5}
+    assert m["ttft"]["p50"] > 0 and m["tpot"]["p99"] >= m["tpot"]["p50"]
+    m0 = summarize(res, 0.0, 0.0)  # impossible SLOs: every token misses
+    assert m0["violation_prefill"] == 1.0 and m0["violation_decode"] == 1.0
+    tl = timeline(res, 0.5)
+    assert len(tl["t"]) == len(tl["ratio"]) and sum(tl["arrivals_per_s"]) * 0.5 == pytest.approx(5)
+
+
+def test_overload_rejects_cleanly(tiny_model):
+    """40 requests at once, a queue of 4 and a batch of 2: the excess is rejected at once, the rest is served."""
+    tr = _trace([(0.001 * i, 8, 3) for i in range(40)])
+    t = time.time()
+    res = BrownoutServer(tiny_model, None, FixedRatio(0.5), _cfg(max_batch=2, max_queue=4)).run(tr)
+    assert time.time() - t < 90
+    st = [r.status for r in res.requests]
+    assert set(st) <= {"ok", "rejected"} and st.count("rejected") >= 30 and st.count("ok") >= 4
+    for r in res.requests:
+        assert len(r.token_times) == (r.output_len if r.status == "ok" else 0)
+    m = summarize(res, 1e6, 1e6)  # rejected requests' tokens count as misses even with infinite SLOs
+    assert m["violation_all"] == pytest.approx(st.count("rejected") / 40)
+    assert m["mean_ratio_time"] == pytest.approx(0.5)
+
+
+def test_timeouts_and_engine_failure_do_not_hang(tiny_model):
+    tr = _trace([(0.0, 4, 900), (0.0, 4, 900), (0.3, 4, 2)])
+    res = BrownoutServer(tiny_model, None, None, _cfg(request_timeout_s=0.5, queue_timeout_s=0.5)).run(tr)
+    st = [r.status for r in res.requests]
+    assert st[:2] == ["timeout", "timeout"] and st[2] in ("ok", "timeout")
+    assert 0 < len(res.requests[0].token_times) < 900
+
+    def broken(r):
+        if r > 0:
+            raise RuntimeError("runtime exploded")
+
+    tr = _trace([(0.0, 4, 5), (0.0, 4, 5), (0.5, 4, 5)])
+    t = time.time()
+    res = BrownoutServer(tiny_model, broken, FixedRatio(1.0), _cfg()).run(tr)
+    assert time.time() - t < 60
+    assert all(r.status in ("failed", "rejected") for r in res.requests), [r.status for r in res.requests]
+
+
+def test_capacity_interpolation():
+    assert capacity([(1, 0.99), (2, 0.95), (4, 0.8)]) == pytest.approx(2 + 2 * (0.05 / 0.15))
+    assert capacity([(1, 0.5), (2, 0.4)]) is None
+    assert capacity([(1, 0.99), (2, 0.95)]) == 2
+    assert math.isclose(capacity([(2, 0.95), (1, 0.99), (3, 0.85)]), 2.5)
