@@ -166,3 +166,22 @@ def test_config_lookup():
     assert fm.get_config(4096, 2048, 768, 8)["mode"] == "prefill"
     assert fm.get_config(4096, 123, 45, 3)["mode"] == "prefill"  # unknown shape: default
     assert fm.t_bucket(3) == 8 and fm.t_bucket(10**6) == 4096
+
+
+@pytest.mark.parametrize("E,G,k,T,ratio,pol", [
+    (11, 4, 2, 7, 0.5, "hot-cold"), (11, 4, 4, 33, 1.0, "hot-cold"), (8, 2, 2, 5, 0.5, "hot-cold"),
+    (64, 16, 8, 9, 0.5, "hot-cold"), (60, 15, 4, 300, 0.7, "hot-cold"), (11, 4, 4, 33, 0.5, "drop"),
+    (128, 32, 8, 1, 1.0, "hot-cold"), (9, 3, 1, 4, 1.0, "hot-cold"), (13, 4, 8, 1100, 0.3, "hot-cold"),
+])
+def test_fused_remap_matches_policy(E, G, k, T, ratio, pol):
+    from runtime.kernels.remap import remap
+
+    g = torch.Generator().manual_seed(E * 1000 + T)
+    bias = -torch.log(torch.arange(1, E + 1, dtype=torch.float32))[torch.randperm(E, generator=g)]
+    w, idx = (torch.randn(T, E, generator=g) + bias).softmax(-1).topk(k, -1)
+    w = w / w.sum(-1, keepdim=True)
+    e2g = torch.arange(E) % G
+    ids, wo = remap(idx, w, e2g, G, ratio, pol)
+    a = policy.remap(idx, w, e2g, G, ratio, pol)
+    assert torch.equal(ids, a.ids)
+    assert torch.allclose(wo, a.weights, atol=1e-6)

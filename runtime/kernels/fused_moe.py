@@ -112,7 +112,7 @@ if HAS_TRITON:
     def _gate_up_kernel(x_ptr, w_ptr, inter_ptr, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
                         num_slots, S, N, K, NUM_M,
                         stride_xm, stride_ws, stride_wn, stride_im,
-                        TOP_K: tl.constexpr, DECODE: tl.constexpr, EVEN_K: tl.constexpr,
+                        top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         """inter[slot, n] = silu(gate_s[n] . x[tok]) * (up_s[n] . x[tok]); N = I, K = H."""
         pid = tl.program_id(0)
@@ -120,7 +120,7 @@ if HAS_TRITON:
         s, slot, row_mask, pid_n, active = _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr, num_slots, S,
                                                   num_n, DECODE, BLOCK_M, GROUP_M, NUM_M)
         if active:
-            token = slot // TOP_K
+            token = slot // top_k
             offs_k = tl.arange(0, BLOCK_K)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             n_mask = offs_n < N
@@ -153,7 +153,7 @@ if HAS_TRITON:
     def _down_kernel(inter_ptr, w_ptr, out_ptr, weights_ptr, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
                      num_slots, S, N, K, NUM_M,
                      stride_im, stride_ws, stride_wn, stride_om,
-                     TOP_K: tl.constexpr, DECODE: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
+                     top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         """y[slot, n] = weights[slot] * (down_s[n] . inter[slot]); N = H, K = I. Store per slot, or atomically per token."""
         pid = tl.program_id(0)
@@ -183,7 +183,7 @@ if HAS_TRITON:
             acc = acc * rw[:, None]
             mask = row_mask[:, None] & n_mask[None, :]
             if ATOMIC:
-                token = slot // TOP_K
+                token = slot // top_k
                 o_ptrs = out_ptr + token[:, None].to(tl.int64) * stride_om + offs_n[None, :]
                 tl.atomic_add(o_ptrs, acc, mask=mask, sem="relaxed")
             else:
@@ -333,7 +333,7 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
     _gate_up_kernel[grid_g](x, gate_up, inter, ids_flat, sorted_ids, block_slab, total,
                             num_slots, S, I, H, num_m_g,
                             x.stride(0), gate_up.stride(0), gate_up.stride(1), inter.stride(0),
-                            TOP_K=k, DECODE=decode, EVEN_K=(H % gk == 0),
+                            k, DECODE=decode, EVEN_K=(H % gk == 0),
                             BLOCK_M=gm, BLOCK_N=gn, BLOCK_K=gk, GROUP_M=ggm, num_warps=gw, num_stages=gs)
     if atomic:
         y = torch.zeros(T, H, dtype=torch.float32, device=dev)
@@ -343,7 +343,7 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
     _down_kernel[grid_d](inter, down, y, weights.view(-1), ids_flat, sorted_ids, block_slab, total,
                          num_slots, S, H, I, num_m_d,
                          inter.stride(0), down.stride(0), down.stride(1), y.stride(0),
-                         TOP_K=k, DECODE=decode, EVEN_K=(I % dk == 0), ATOMIC=atomic,
+                         k, DECODE=decode, EVEN_K=(I % dk == 0), ATOMIC=atomic,
                          BLOCK_M=dm, BLOCK_N=dn_, BLOCK_K=dk, GROUP_M=dgm, num_warps=dw, num_stages=ds)
     if atomic:
         return y.to(out_dtype)

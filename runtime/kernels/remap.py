@@ -1,0 +1,118 @@
+"""The brownout remap (runtime.policy.remap, policies hot-cold and drop) as ONE single-program Triton kernel.
+
+runtime.policy.remap is ~35 small PyTorch launches: 50-80 us even replayed from a CUDA graph, more than the whole
+experts layer at decode (Qwen3-30B-A3B, T = 1: ~25 us of weight reads). This kernel computes the same remapped
+routing (same ids, same weights up to the rounding of the dedup sums) in one launch, with no host sync:
+
+  counts per expert (histogram) -> hot set (an expert is hot iff the count of the experts ranked before it, by count
+  desc then id asc, is below (1 - r) of the total, and it is active) -> cold experts of groups with >= 2 active cold
+  members go to E + group -> table[top_k_index] -> per-token dedup (equal slabs: weights summed into the first slot,
+  the rest skipped with id E + G). Policy `mass` falls back to runtime.policy.remap.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import policy as _policy
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    HAS_TRITON = False
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _remap_kernel(idx_ptr, w_ptr, e2g_ptr, ids_ptr, wout_ptr, T, E, G, one_minus_ratio,
+                      K: tl.constexpr, KP: tl.constexpr, E_PAD: tl.constexpr, BT: tl.constexpr, DROP: tl.constexpr):
+        skip = E + G
+        n = T * K
+        er = tl.arange(0, E_PAD)
+        # 1. assignments per expert. Masked lanes land in bin 0 and are taken off again.
+        CH: tl.constexpr = BT * KP
+        offs = tl.arange(0, CH)
+        counts = tl.zeros([E_PAD], dtype=tl.int32)
+        n_masked = 0
+        for c0 in range(0, n, CH):
+            o = c0 + offs
+            e = tl.load(idx_ptr + o, mask=o < n, other=0).to(tl.int32)
+            counts += tl.histogram(e, E_PAD)
+            n_masked += tl.sum((o >= n).to(tl.int32), 0)
+        counts = tl.where(er == 0, counts - n_masked, counts)
+        counts = tl.where(er < E, counts, 0)
+        # 2. hot set: before[e] = assignments of the experts ranked ahead of e (count desc, id asc)
+        cf = counts[:, None]
+        ce = counts[None, :]
+        ahead = (cf > ce) | ((cf == ce) & (er[:, None] < er[None, :]))
+        before = tl.sum(tl.where(ahead, cf, 0), axis=0)
+        need = one_minus_ratio * tl.sum(counts, 0).to(tl.float32)
+        hot = (before.to(tl.float32) < need) & (counts > 0)
+        if DROP:
+            table = tl.where(hot, er, skip)
+        else:
+            cold = (counts > 0) & (hot == 0)
+            grp = tl.load(e2g_ptr + er, mask=er < E, other=-1).to(tl.int32)
+            same_g = grp[:, None] == grp[None, :]
+            cold_in_g = tl.sum((same_g & cold[:, None]).to(tl.int32), axis=0)
+            united = cold & (cold_in_g >= 2)
+            table = tl.where(united, E + grp, er)
+        # 3. map each slot through the table, dedup within the token
+        tt = tl.arange(0, BT)
+        kk = tl.arange(0, KP)
+        for t0 in range(0, T, BT):
+            tok = t0 + tt
+            m2 = (tok[:, None] < T) & (kk[None, :] < K)
+            o2 = tok[:, None] * K + kk[None, :]
+            e2 = tl.load(idx_ptr + o2, mask=m2, other=0).to(tl.int32)
+            w2 = tl.load(w_ptr + o2, mask=m2, other=0.0)
+            s2 = tl.reshape(tl.gather(table, tl.reshape(e2, [BT * KP]), 0), [BT, KP])
+            if DROP:
+                wo = tl.where(s2 == skip, tl.zeros_like(w2), w2)
+                so = s2
+            else:
+                w2f = w2.to(tl.float32)
+                dup = tl.zeros([BT, KP], dtype=tl.int32)
+                summed = tl.zeros([BT, KP], dtype=tl.float32)
+                for j in tl.static_range(K):
+                    sel = kk[None, :] == j
+                    sj = tl.sum(tl.where(sel, s2, 0), axis=1)
+                    wj = tl.sum(tl.where(sel, w2f, 0.0), axis=1)
+                    same = s2 == sj[:, None]
+                    dup = dup | (same & (kk[None, :] > j)).to(tl.int32)
+                    summed += tl.where(same, wj[:, None], 0.0)
+                wo = tl.where(dup != 0, 0.0, summed)
+                so = tl.where(dup != 0, skip, s2)
+            tl.store(ids_ptr + o2, so.to(tl.int64), mask=m2)
+            tl.store(wout_ptr + o2, wo.to(wout_ptr.dtype.element_ty), mask=m2)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def remap(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, expert_to_group: torch.Tensor, num_groups: int,
+          ratio: float, policy: str = "hot-cold") -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (ids [T, k] int64 over E + G slabs, E + G = skip; weights [T, k]) as runtime.policy.remap gives them."""
+    if policy not in _policy.POLICIES:
+        raise ValueError(f"unknown brownout policy {policy!r}")
+    if float(ratio) == 0.0:  # every active expert is hot: the identity (top-k ids are distinct per token)
+        return top_k_index.long(), top_k_weights
+    if policy == "mass" or not HAS_TRITON or top_k_index.numel() == 0:
+        a = _policy.remap(top_k_index, top_k_weights, expert_to_group, num_groups, ratio, policy)
+        return a.ids, a.weights
+    T, k = top_k_index.shape
+    E = expert_to_group.numel()
+    idx = top_k_index.contiguous()
+    w = top_k_weights.contiguous()
+    e2g = expert_to_group.to(device=idx.device).contiguous()
+    ids = torch.empty(T, k, dtype=torch.int64, device=idx.device)
+    wout = torch.empty_like(w)
+    kp = _pow2(k)
+    bt = max(1, min(_pow2(T), 1024 // kp))
+    e_pad = max(2, _pow2(E))
+    _remap_kernel[(1,)](idx, w, e2g, ids, wout, T, E, num_groups, float(1.0 - float(ratio)),
+                        K=k, KP=kp, E_PAD=e_pad, BT=bt, DROP=(policy == "drop"), num_warps=8 if e_pad >= 128 else 4)
+    return ids, wout
