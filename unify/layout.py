@@ -77,6 +77,7 @@ class Layout:
         return t.index_select(dim, idx[0::2]), t.index_select(dim, idx[1::2])
 
     def _join(self, a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+        dim = dim % a.dim()
         if self.is_concatenated:
             return torch.cat([a, b], dim=dim)
         return torch.stack([a, b], dim=dim + 1).flatten(dim, dim + 1)  # interleave g0, u0, g1, u1, ...

@@ -42,10 +42,12 @@ def _distill(w: dict[str, torch.Tensor], ctx: MergeContext, name: str, routed: b
     target, row_w = target.float(), row_w.float()
     norm = float(row_w.sum()) * target.shape[1]
 
+    def batch_loss(p, idx) -> torch.Tensor:  # sum over rows of c_n ||U(x_n) - T_n||^2
+        return (row_w[idx] * (output(p, x[idx], ctx.glu) - target[idx]).square().sum(1)).sum()
+
     @torch.no_grad()
     def full_loss(p) -> float:  # the whole objective, constant included, in chunks
-        err = sum(float((row_w[s:s + BATCH] * (output(p, x[s:s + BATCH], ctx.glu) - target[s:s + BATCH]).square().sum(1)).sum())
-                  for s in range(0, x.shape[0], BATCH))
+        err = sum(float(batch_loss(p, slice(s, s + BATCH))) for s in range(0, x.shape[0], BATCH))
         return (err + float(spread.sum())) / norm
 
     student = {k: v.detach().to(dev, torch.float32).clone().requires_grad_() for k, v in start.items()}
@@ -54,8 +56,7 @@ def _distill(w: dict[str, torch.Tensor], ctx: MergeContext, name: str, routed: b
     gen = torch.Generator().manual_seed(ctx.seed)
     for _ in range(ctx.steps):
         idx = torch.randperm(x.shape[0], generator=gen)[:BATCH].to(dev) if x.shape[0] > BATCH else slice(None)
-        rw = row_w[idx]
-        loss = (rw * (output(student, x[idx], ctx.glu) - target[idx]).square().sum(1)).sum() / rw.sum().clamp(min=1e-30)
+        loss = batch_loss(student, idx) / row_w[idx].sum().clamp(min=1e-30)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
