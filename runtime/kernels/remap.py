@@ -35,7 +35,7 @@ if HAS_TRITON:
         CH: tl.constexpr = BT * KP
         offs = tl.arange(0, CH)
         counts = tl.zeros([E_PAD], dtype=tl.int32)
-        n_masked = 0
+        n_masked = tl.sum(tl.zeros([CH], dtype=tl.int32), 0)
         for c0 in range(0, n, CH):
             o = c0 + offs
             e = tl.load(idx_ptr + o, mask=o < n, other=0).to(tl.int32)
