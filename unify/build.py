@@ -133,7 +133,7 @@ def _walk(net, source, model_path, config, moe, todo, layers_name, layer_list, n
         calib = probe.result() if probe is not None else None
         if i in todo:
             bar.set_postfix_str(f"merging layer {i}")
-            meta_layers[str(i)] = _merge_layer(moe[i], calib, num_groups, group_fn, merge_fn, writer, i, opts)
+            meta_layers[str(i)] = _merge_layer(moe[i], calib, num_groups, group_fn, opts.grouping, merge_fn, writer, i, opts)
         source.release(prefix)
         if need_data and i + 1 < len(layer_list) and not all(torch.isfinite(h).all() for h in hidden):
             raise BrownoutError(f"NaN or inf in the activations after layer {i}")
@@ -163,24 +163,30 @@ def _check_finite(layer, i: int) -> None:
             raise BrownoutError(f"layer {i}: NaN or inf in the expert weights ({k})")
 
 
-def _merge_layer(layer, calib, num_groups, group_fn, merge_fn, writer, i, opts) -> dict:
-    native = {k: v.float() for k, v in native_of(layer.experts, layer.layout).items()}
-    canon = layer.layout.to_canonical(native)
-    glu = glu_of(layer.experts, layer.layout)
-    groups = group_fn(canon, calib, glu, num_groups, opts.seed)
+def _merge_layer(layer, calib, num_groups, group_fn, grouping, merge_fn, writer, i, opts) -> dict:
+    """Group and merge one layer. Weights stay in the model's dtype; only what a step needs is upcast to float32
+    (the whole layer for data-driven grouping, one group at a time for merging), to keep peak memory near a layer."""
+    layout, E = layer.layout, layer.num_experts
+    native = native_of(layer.experts, layout)
+    glu = glu_of(layer.experts, layout)
+    if grouping in grouping_mod.NEEDS_DATA:
+        canon_all = layout.to_canonical({k: v.float() for k, v in native.items()})
+    else:  # data-free groupings only need the expert count
+        canon_all = {"gate": torch.empty(E, 0, 0)}
+    groups = group_fn(canon_all, calib, glu, num_groups, opts.seed)
+    del canon_all
     united, params = [], []
     for g, members in enumerate(tqdm(groups, desc=f"layer {i} groups", leave=False, disable=not opts.progress)):
-        w = {k: v[members] for k, v in canon.items()}
+        w = layout.to_canonical({k: v[members].float() for k, v in native.items()})
         ctx = merge_mod.MergeContext(members=list(members), glu=glu, calib=calib, steps=opts.steps, lr=opts.lr,
                                      device=opts.device, seed=opts.seed + 1000 * i + g)
-        u = merge_fn(w, ctx)
-        united.append(u)
+        with torch.enable_grad():  # training-based merges need autograd; the rest of the build runs without it
+            united.append(merge_fn(w, ctx))
         params.append(ctx.params)
-    stacked = {k: torch.stack([u[k] for u in united]) for k in canon}
-    out = layer.layout.to_native(stacked)
     dtype = getattr(layer.experts, "_disk_dtype", layer.experts.gate_up_proj.dtype)  # the checkpoint's own dtype
+    out = layout.to_native({k: torch.stack([u[k] for u in united]) for k in united[0]})
     out = {k: v.to(dtype) for k, v in out.items()}
-    e2g = torch.empty(layer.num_experts, dtype=torch.int64)
+    e2g = torch.empty(E, dtype=torch.int64)
     for g, members in enumerate(groups):
         e2g[list(members)] = g
     out["expert_to_group"] = e2g

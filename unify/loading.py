@@ -104,8 +104,9 @@ class InMemorySource:
 class ShardSource:
     """Streams modules of a model skeleton (on meta) from the safetensors files of `ref.path`."""
 
-    def __init__(self, ref: ModelRef, config, dtype: torch.dtype = torch.float32):
-        # Calibration and merging compute in float32; the united tier is written in the checkpoint's dtype.
+    def __init__(self, ref: ModelRef, config, dtype: torch.dtype | None = None):
+        # dtype None keeps each tensor's on-disk dtype (memory stays at the checkpoint's size); merging upcasts
+        # what it works on, and the united tier is written in the checkpoint's dtype.
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
 
@@ -202,7 +203,9 @@ class ShardSource:
             value = self._tensor_for(full, p, owner)
             if name.endswith("gate_up_proj"):  # united experts are written in the checkpoint's own dtype
                 owner._disk_dtype = self._disk_dtype
-            set_module_tensor_to_device(self.model, full, "cpu", value=value.to(self.dtype) if value.is_floating_point() else value)
+            if self.dtype is not None and value.is_floating_point():
+                value = value.to(self.dtype)
+            set_module_tensor_to_device(self.model, full, "cpu", value=value)
         if not prefix or prefix.endswith("embed_tokens"):
             self.model.tie_weights()
 
