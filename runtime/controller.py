@@ -398,7 +398,7 @@ class ModelPredictive(Controller):
             # the outer loop's business: only decode learns kappa from latency; prefill learns it from step time.
             obs = latency if kind == "decode" else step_s
             if pred > 0 and obs is not None:
-                k_obs = min(8.0, max(0.5, obs / pred))
+                k_obs = min(10.0, max(0.1, obs / pred))
                 if self.n_obs[kind] == 0:  # the first observation sets kappa; later ones average in
                     self.kappa[kind] = k_obs
                 else:  # rise fast (a slow step is a miss in the making), fall slowly

@@ -1,0 +1,463 @@
+"""GPU serving benchmark: SLO-aware brownout on a Qwen1.5-MoE-A2.7B-shaped model (random weights), DESIGN.md section 7.
+
+One process: build the model on the GPU (bf16, transformers' grouped_mm experts), build or reuse its united
+checkpoint (way 4, consecutive grouping, weight averaging; the recipe's skip layers), attach `BrownoutMoE`, then
+
+  profile      time single forwards on a (tokens x ratio) grid: the start-up table of the model-predictive
+               controller, and which ratio-0 path is faster (the model's own grouped_mm, or the brownout kernel at
+               r = 1e-6, which keeps every expert hot); the faster one is the "ratio 0" baseline (--zero-path auto)
+  calibrate    (1) saturation runs at r = 0 and r = 1 (everything queued at t = 0, `--sat-seconds` each): service
+               rates mu0, mu1 in req/s; (2) the burst rates: after-burst rate = clamp((1 + mu1/mu0)/2, 1.15, 1.6) x
+               mu0 (over ratio 0's capacity, under ratio 1's where it can be), before-burst rate = half that;
+               (3) a ratio-0 run at the before-burst rate; the SLOs are `--slo-factor` x its p90 TTFT and p90
+               inter-token time (so ratio 0 meets them before the burst, by construction)
+  burst        the paper's burst test (250 s, the rate doubles at 75 s) compressed by --duration-scale
+               (0.24 -> 60 s, burst at 18 s) for each config
+  poisson      Poisson load at multiples of mu0 (--rates) for capacity (highest rate with >= 90% of tokens in SLO)
+
+Configs: fixed:0 (no brownout), fixed:0.5, fixed:1, salc (the paper's rule, its constants: 5 s interval, 2 s window,
+unscaled), mpc (ours). Writes eval/results/serving_bench.json, serving_bench.md, serving_bench.png (or under --out).
+
+The device budget is small: `--duration-scale` compresses the trace, `--phase` splits the work over two calls (the
+checkpoint and calibration are cached under --cache and reused by the second call on a warm machine).
+`--tiny` runs the whole thing on CPU with a tiny model in a minute (a smoke test, numbers meaningless).
+
+    python -m eval.bench_serving --phase burst --duration-scale 0.24
+    python -m eval.bench_serving --phase poisson
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from eval.trace import Request, Trace, burst_test, poisson  # noqa: E402
+from runtime.controller import LatencyProfile, make_controller  # noqa: E402
+from runtime.serving import BrownoutServer, ServeConfig, capacity, summarize, timeline  # noqa: E402
+
+RESULTS = ROOT / "eval" / "results"
+QWEN15_MOE = dict(vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                  num_attention_heads=16, num_key_value_heads=16, num_experts=60, num_experts_per_tok=4,
+                  moe_intermediate_size=1408, shared_expert_intermediate_size=5632, max_position_embeddings=8192,
+                  norm_topk_prob=False, decoder_sparse_step=1, tie_word_embeddings=False)
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+            shared_expert_intermediate_size=64, max_position_embeddings=2048, tie_word_embeddings=False)
+CONFIGS = ["fixed:0", "fixed:0.5", "fixed:1", "salc", "mpc"]
+EPS = 1e-6
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------- model + tier
+def build_model(tiny: bool, seed: int):
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = Qwen2MoeConfig(**(TINY if tiny else QWEN15_MOE))
+    dev = "cpu" if tiny else "cuda"
+    dtype = torch.float32 if tiny else torch.bfloat16
+    torch.manual_seed(seed)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(dev):
+            model = Qwen2MoeForCausalLM._from_config(cfg, experts_implementation="grouped_mm", dtype=dtype)
+    finally:
+        torch.set_default_dtype(prev)
+    return model.eval()
+
+
+def united_tier(model, cache: Path, tiny: bool, skip_layers):
+    from unify.build import BuildOptions, build
+    from unify.checkpoint import UnitedCheckpoint, fingerprint_tensors, weight_checksum
+    from unify.discover import find_moe_layers
+
+    out = cache / ("united-tiny-w4" if tiny else "united-qwen15moe-w4")
+    if (out / "united.json").is_file():
+        moe = {l.index: l for l in find_moe_layers(model)}
+        ck = UnitedCheckpoint(out)
+        first, last = moe[ck.layers[0]].experts.gate_up_proj, moe[ck.layers[-1]].experts.gate_up_proj
+        if ck.meta["base_model"].get("weight_checksum") == weight_checksum(fingerprint_tensors(first, last)):
+            log(f"reusing united checkpoint {out}")
+            return out
+    t = time.time()
+    dev = "cpu" if tiny else "cuda"
+    build(model, BuildOptions(out=str(out), way=4, grouping="consecutive", merge="average", device=dev,
+                              overwrite=True, progress=False, skip_layers=skip_layers))
+    log(f"built united checkpoint {out} in {time.time() - t:.1f} s")
+    return out
+
+
+def sync(dev):
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------------------------------- profile
+@torch.no_grad()
+def profile(model, bm, tokens, ratios, reps: int, dev: str, vocab: int) -> tuple[list, dict]:
+    """(tokens, ratio, seconds) points of single forwards, plus the ratio-0 path comparison."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    pts = []
+    zero = {}
+
+    def once(n, r_set):
+        x = torch.randint(1, vocab, (1, n), generator=g).to(dev)
+        bm.set_ratio(r_set)
+        sync(dev)
+        t = time.perf_counter()
+        model(input_ids=x, use_cache=False, logits_to_keep=1)
+        sync(dev)
+        return time.perf_counter() - t
+
+    for n in tokens:  # warm-up (kernel compilation, autotuning) for every size and path
+        for r in ratios + [EPS]:
+            once(n, r)
+    for n in tokens:
+        for r in ratios:
+            for _ in range(reps):
+                pts.append((n, r, once(n, r)))
+        for path, r in (("prev_impl", 0.0), ("kernel_eps", EPS)):
+            zero.setdefault(path, {})[n] = float(np.median([once(n, r) for _ in range(reps)]))
+    bm.set_ratio(0.0)
+    return pts, zero
+
+
+# --------------------------------------------------------------------------------------------------- runs
+def serve(model, setter, trace, ctl, scfg) -> dict:
+    res = BrownoutServer(model, setter, ctl, scfg).run(trace)
+    return res
+
+
+def sat_trace(n: int, lengths: str, seed: int, max_prompt: int, max_output: int) -> Trace:
+    tr = poisson(1e4, 1.0, lengths=lengths, seed=seed, max_requests=n, max_prompt=max_prompt, max_output=max_output)
+    return Trace([Request(i, 0.0005 * i, r.prompt_len, r.output_len) for i, r in enumerate(tr.requests)], tr.meta)
+
+
+def service_rate(res, t_from: float, mean_out: float) -> dict:
+    steps = [s for s in res.steps if s.t0 >= t_from]
+    if not steps:
+        return {"tok_s": float("nan"), "req_s": float("nan")}
+    span = steps[-1].t1 - steps[0].t0
+    toks = sum(s.decode_tokens for s in steps)
+    return {"tok_s": toks / span, "req_s": toks / span / mean_out,
+            "step_p50": float(np.median([s.step_s for s in steps])), "batch_mean": float(np.mean([s.requests for s in steps]))}
+
+
+def calibrate(model, setter, args, scfg, mean_out: float) -> dict:
+    from runtime.controller import FixedRatio
+
+    cal = {}
+    n_sat = 4 * scfg.max_batch
+    for r in (0.0, 1.0):
+        tr = sat_trace(n_sat, args.lengths, 11, args.max_prompt, args.max_output)
+        c = ServeConfig(**{**scfg.__dict__, "max_queue": n_sat, "drain_timeout_s": args.sat_seconds,
+                           "record_steps": True})
+        res = serve(model, setter, tr, FixedRatio(r), c)
+        cal[f"sat_r{r:g}"] = service_rate(res, min(1.0, args.sat_seconds / 4), mean_out)
+        log(f"saturation r={r:g}: {cal[f'sat_r{r:g}']}")
+    mu0, mu1 = cal["sat_r0"]["req_s"], cal["sat_r1"]["req_s"]
+    f = min(1.6, max(1.15, (1 + mu1 / mu0) / 2)) if mu0 > 0 and math.isfinite(mu1) else 1.3
+    cal.update(mu0=mu0, mu1=mu1, burst_rate=f * mu0, base_rate=f * mu0 / 2, burst_factor_over_mu0=f)
+    tr = poisson(cal["base_rate"], args.base_seconds, lengths=args.lengths, seed=12, max_prompt=args.max_prompt,
+                 max_output=args.max_output)
+    res = serve(model, setter, tr, FixedRatio(0.0), scfg)
+    m = summarize(res, 1e9, 1e9, t0=min(2.0, args.base_seconds / 4))
+    cal["base_run"] = {"ttft": m["ttft"], "tpot": m["tpot"], "status": m["status"]}
+    cal["slo_prefill"] = args.slo_prefill or args.slo_factor * m["ttft"]["p90"]
+    cal["slo_decode"] = args.slo_decode or args.slo_factor * m["tpot"]["p90"]
+    cal["slo_prefill"] = max(cal["slo_prefill"], cal["slo_decode"])
+    log(f"calibration: mu0 {mu0:.2f} req/s, mu1 {mu1:.2f} req/s, base rate {cal['base_rate']:.2f} -> "
+        f"{cal['burst_rate']:.2f} req/s; SLO TTFT {cal['slo_prefill'] * 1e3:.0f} ms, TPOT {cal['slo_decode'] * 1e3:.0f} ms")
+    return cal
+
+
+def one_config(model, setter, spec, trace, cal, prof, scfg, windows: dict) -> dict:
+    sp, sd = cal["slo_prefill"], cal["slo_decode"]
+    p = LatencyProfile(prof.tokens, prof.ratios, [row[:] for row in prof.lat]) if prof is not None else None
+    ctl = make_controller(spec, sp, sd, profile=p)
+    t = time.time()
+    res = serve(model, setter, trace, ctl, scfg)
+    out = {"config": spec, "wall_s": time.time() - t, "errors": res.errors,
+           "all": summarize(res, sp, sd)}
+    for name, (a, b) in windows.items():
+        out[name] = summarize(res, sp, sd, a, b)
+    out["timeline"] = timeline(res, max(0.5, trace.duration / 60))
+    log(f"  {spec:10s} viol pre/dec {out['all']['violation_prefill']:.3f}/{out['all']['violation_decode']:.3f} "
+        f"mean r {out['all']['mean_ratio_time'] or 0:.2f} ttft p90 {out['all']['ttft']['p90'] or float('nan'):.3f} "
+        f"tpot p90 {out['all']['tpot']['p90'] or float('nan'):.3f} status {out['all']['status']}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- report
+def fmt(v, pct=False, ms=False):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if pct:
+        return f"{100 * v:.1f}%"
+    if ms:
+        return f"{1e3 * v:.0f}"
+    return f"{v:.2f}"
+
+
+def markdown(doc: dict) -> str:
+    cal = doc.get("calibration", {})
+    lines = [f"# Serving benchmark: SLO-aware brownout ({doc['device']})", "",
+             f"Model: {doc['model']}. United tier: {doc['united']}. Ratio-0 path: {doc.get('zero_path')}. "
+             f"CUDA graphs off (the runtime's ratio is a Python float), synchronous batching, batch <= "
+             f"{doc['serve']['max_batch']}, queue <= {doc['serve']['max_queue']}.", ""]
+    if cal:
+        lines += [f"Calibration: ratio-0 service rate mu0 = {cal['mu0']:.2f} req/s, ratio-1 mu1 = {cal['mu1']:.2f} "
+                  f"req/s; SLOs (x{doc['args']['slo_factor']} the ratio-0 p90 at the before-burst rate): TTFT "
+                  f"{cal['slo_prefill'] * 1e3:.0f} ms, TPOT {cal['slo_decode'] * 1e3:.0f} ms.", ""]
+    if "burst" in doc:
+        b = doc["burst"]
+        tm = b["trace"]
+        lines += [f"## Burst test ({tm['duration']:.0f} s, rate {tm['base_rate']:.2f} -> {2 * tm['base_rate']:.2f} "
+                  f"req/s at {tm['burst_at']:.0f} s; duration scale {tm['duration_scale']}; {tm['n']} requests, "
+                  f"{tm['lengths']} lengths)", "",
+                  "| config | viol. TTFT before | viol. TTFT after | viol. TPOT before | viol. TPOT after | viol. all | "
+                  "goodput tok/s | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms | TPOT spread p99-p50 ms | "
+                  "TPOT std ms | mean ratio | rejected/timeout |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in b["runs"]:
+            a, pre, post = r["all"], r["before"], r["after"]
+            st = a["status"]
+            lines.append(
+                f"| {r['config']} | {fmt(pre['violation_prefill'], True)} | {fmt(post['violation_prefill'], True)} | "
+                f"{fmt(pre['violation_decode'], True)} | {fmt(post['violation_decode'], True)} | "
+                f"{fmt(a['violation_all'], True)} | {fmt(a['goodput_tok_s'])} | "
+                f"{fmt(a['ttft']['p50'], ms=True)}/{fmt(a['ttft']['p90'], ms=True)}/{fmt(a['ttft']['p99'], ms=True)} | "
+                f"{fmt(a['tpot']['p50'], ms=True)}/{fmt(a['tpot']['p90'], ms=True)}/{fmt(a['tpot']['p99'], ms=True)} | "
+                f"{fmt(a['tpot_spread'], ms=True)} | {fmt(a['tpot']['std'], ms=True)} | {fmt(a['mean_ratio_time'])} | "
+                f"{st.get('rejected', 0)}/{st.get('timeout', 0)} |")
+        lines.append("")
+    if "poisson" in doc:
+        p = doc["poisson"]
+        rates = p["rates"]
+        lines += [f"## Poisson load ({p['seconds']:.0f} s per point): token SLO attainment by rate (req/s)", "",
+                  "| config | " + " | ".join(f"{x:.2f}" for x in rates) + " | capacity @90% | vs ratio 0 | "
+                  "mean ratio per rate |", "|---|" + "---|" * (len(rates) + 3)]
+        base = p["capacity"].get("fixed:0")
+        for spec, runs in p["runs"].items():
+            by_rate = {round(r["rate"], 9): r for r in runs}
+            att = [by_rate[round(x, 9)]["all"]["attainment"] if round(x, 9) in by_rate else None for x in rates]
+            cap = p["capacity"].get(spec)
+            lb = p.get("capacity_is_lower_bound", {})
+            ge = lambda s: ">= " if lb.get(s) else ""  # noqa: E731
+            rel = f"{ge(spec)}{cap / base:.2f}x" if cap and base and not lb.get("fixed:0") else "-"
+            mr = [by_rate[round(x, 9)]["all"]["mean_ratio_time"] if round(x, 9) in by_rate else None for x in rates]
+            lines.append(f"| {spec} | " + " | ".join(fmt(a, True) for a in att) +
+                         f" | {ge(spec)}{fmt(cap)} | {rel} | {', '.join(fmt(x) for x in mr)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b = doc["burst"]
+    fig, ax = plt.subplots(4, 1, figsize=(10, 11), sharex=True)
+    first = b["runs"][0]["timeline"]
+    ax[0].step(first["t"], first["arrivals_per_s"], where="mid", color="k")
+    ax[0].set_ylabel("arrivals / s")
+    ax[0].axvline(b["trace"]["burst_at"], color="grey", ls=":")
+    for r in b["runs"]:
+        tl = r["timeline"]
+        nan = lambda v: [x if x is not None else np.nan for x in v]  # noqa: E731
+        ax[1].plot(tl["t"], nan(tl["ttft_p90"]), label=r["config"])
+        ax[2].plot(tl["t"], nan(tl["tpot_p90"]), label=r["config"])
+        ax[3].plot(tl["t"], nan(tl["ratio"]), label=r["config"])
+    cal = doc["calibration"]
+    ax[1].axhline(cal["slo_prefill"], color="r", ls="--", lw=0.8)
+    ax[2].axhline(cal["slo_decode"], color="r", ls="--", lw=0.8)
+    ax[1].set_ylabel("p90 TTFT (s)")
+    ax[1].set_yscale("log")
+    ax[2].set_ylabel("p90 TPOT (s)")
+    ax[3].set_ylabel("mean ratio")
+    ax[3].set_xlabel("time (s)")
+    ax[3].legend(ncol=5, fontsize=8)
+    fig.suptitle(f"Burst test on {doc['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------- main
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--phase", choices=["burst", "poisson", "all"], default="all")
+    ap.add_argument("--duration-scale", type=float, default=0.24, help="compress the 250 s burst trace (0.24: 60 s)")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--poisson-configs", default="fixed:0,fixed:1,salc,mpc")
+    ap.add_argument("--rates", default="0.7,1.0,1.3,1.6", help="Poisson rates as multiples of mu0")
+    ap.add_argument("--poisson-seconds", type=float, default=15.0)
+    ap.add_argument("--lengths", default="alpaca")
+    ap.add_argument("--max-prompt", type=int, default=512)
+    ap.add_argument("--max-output", type=int, default=256)
+    ap.add_argument("--slo-factor", type=float, default=1.25)
+    ap.add_argument("--slo-prefill", type=float, default=None, help="fix the TTFT SLO (s) instead of calibrating")
+    ap.add_argument("--slo-decode", type=float, default=None, help="fix the TPOT SLO (s) instead of calibrating")
+    ap.add_argument("--sat-seconds", type=float, default=6.0)
+    ap.add_argument("--base-seconds", type=float, default=10.0)
+    ap.add_argument("--zero-path", choices=["auto", "prev_impl", "kernel_eps"], default="auto")
+    ap.add_argument("--profile-reps", type=int, default=3)
+    ap.add_argument("--max-queue", type=int, default=128)
+    ap.add_argument("--max-batch-tokens", type=int, default=1024)
+    ap.add_argument("--drain-seconds", type=float, default=10.0)
+    ap.add_argument("--cache", default=str(ROOT / ".bench_cache"))
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--tag", default="serving_bench")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test with a tiny model")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prev", default=None, help="a previous results JSON: reuse its calibration, profile, zero path "
+                    "and merge into it (the second call of a split run)")
+    ap.add_argument("--time-budget", type=float, default=560.0, help="s: skip runs that would end past this")
+    args = ap.parse_args(argv)
+
+    from runtime import BrownoutMoE
+
+    t_all = time.time()
+    cache, out = Path(args.cache), Path(args.out)
+    cache.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = "cpu" if args.tiny else "cuda"
+    device_name = "CPU (tiny smoke test)" if args.tiny else torch.cuda.get_device_name(0)
+    log(f"device {device_name}; building model")
+    model = build_model(args.tiny, args.seed)
+    log(f"model built ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params)")
+    skip = [0, -1] if args.tiny else [0, 1, -2, -1]  # the recipe's (the paper leaves the first and last two alone)
+    udir = united_tier(model, cache, args.tiny, skip)
+    bm = BrownoutMoE.attach(model, udir)
+    log(bm.summary().splitlines()[2])
+    vocab = model.config.vocab_size
+
+    tokens = [1, 8, 16, 32, 64, 128, 256, 512, 1024] if not args.tiny else [1, 8, 32, 64]
+    ratios = [0.0, 0.25, 0.5, 0.75, 1.0]
+    prev = json.loads(Path(args.prev).read_text()) if args.prev else None
+    prof_file = cache / f"{args.tag}_profile.json"
+    if prev is not None:
+        pdoc = {"points": prev["profile_points"], "zero": prev["zero_paths_s"]}
+        log("reusing the profile of --prev")
+    elif prof_file.is_file() and not args.tiny:
+        pdoc = json.loads(prof_file.read_text())
+        log("reusing profile")
+    else:
+        t = time.time()
+        pts, zero = profile(model, bm, tokens, ratios, args.profile_reps, dev, vocab)
+        pdoc = {"points": pts, "zero": {k: {str(n): v for n, v in d.items()} for k, d in zero.items()}}
+        prof_file.write_text(json.dumps(pdoc))
+        log(f"profiled {len(pts)} forwards in {time.time() - t:.1f} s; ratio-0 paths {zero}")
+    prof = LatencyProfile.from_points(pdoc["points"], tokens=tokens, ratios=ratios)
+    zero = pdoc["zero"]
+    zero_path = args.zero_path
+    if zero_path == "auto":
+        ks = [n for n in zero["prev_impl"] if int(n) >= 16]
+        faster = sum(zero["kernel_eps"][n] < zero["prev_impl"][n] for n in ks)
+        zero_path = "kernel_eps" if faster > len(ks) / 2 else "prev_impl"
+    log(f"ratio-0 baseline path: {zero_path}")
+    if zero_path == "kernel_eps":  # the same fused kernel at every ratio: r = 0 -> 1e-6 (every expert stays hot)
+        for i, n in enumerate(prof.tokens):  # the profile's r = 0 column is then the kernel's
+            prof.lat[i][0] = float(zero["kernel_eps"][str(n)])
+
+        def setter(r):
+            bm.set_ratio(EPS if r == 0.0 else r)
+    else:
+        setter = bm.set_ratio
+
+    scfg = ServeConfig(max_batch=64, max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue,
+                       queue_timeout_s=30.0, request_timeout_s=60.0, drain_timeout_s=args.drain_seconds,
+                       num_blocks=64 if args.tiny else None, page_size=32 if args.tiny else 256,
+                       max_memory_percent=None if args.tiny else 0.4, seed=args.seed)
+    sample = poisson(1e4, 1.0, lengths=args.lengths, seed=99, max_requests=5000, max_prompt=args.max_prompt,
+                     max_output=args.max_output)
+    mean_out = float(np.mean([r.output_len for r in sample.requests]))
+    cal_file = cache / f"{args.tag}_calibration.json"
+    if prev is not None:
+        cal = prev["calibration"]
+        log(f"reusing the calibration of --prev: {cal['mu0']:.2f} req/s, SLOs {cal['slo_prefill']:.3f}/{cal['slo_decode']:.3f}")
+    elif cal_file.is_file() and not args.tiny:
+        cal = json.loads(cal_file.read_text())
+        log(f"reusing calibration: {cal['mu0']:.2f} req/s, SLOs {cal['slo_prefill']:.3f}/{cal['slo_decode']:.3f}")
+    else:
+        cal = calibrate(model, setter, args, scfg, mean_out)
+        cal_file.write_text(json.dumps(cal))
+
+    res_file = out / f"{args.tag}.json"
+    doc = prev if prev is not None else (json.loads(res_file.read_text()) if res_file.is_file() else {})
+    doc.update({"device": device_name, "torch": torch.__version__,
+                "model": "Qwen1.5-MoE-A2.7B shape, random weights, bf16" if not args.tiny else "tiny Qwen2-MoE (CPU)",
+                "united": f"way 4, consecutive groups, weight average, skip layers {skip}",
+                "zero_path": zero_path, "zero_paths_s": zero, "args": vars(args), "calibration": cal,
+                "serve": scfg.__dict__, "profile_points": pdoc["points"], "profile": {"tokens": prof.tokens, "ratios": prof.ratios, "lat": prof.lat}})
+
+    if args.phase in ("burst", "all"):
+        tr = burst_test(cal["base_rate"], args.duration_scale, lengths=args.lengths, seed=args.seed + 1,
+                        max_prompt=args.max_prompt, max_output=args.max_output)
+        tr.save(out.parent / "traces" / f"{args.tag}_burst.json" if not args.tiny else cache / "burst.json")
+        b_at = tr.meta["burst_at"]
+        windows = {"before": (0.0, b_at), "after": (b_at, tr.duration)}
+        log(f"burst trace: {len(tr)} requests, {tr.duration:.0f} s, burst at {b_at:.1f} s")
+        doc["burst"] = {"trace": tr.meta, "runs": [], "skipped": []}
+        for spec in args.configs.split(","):
+            if time.time() - t_all + tr.duration + args.drain_seconds > args.time_budget:
+                doc["burst"]["skipped"].append(spec)
+                log(f"  {spec}: skipped (time budget)")
+                continue
+            doc["burst"]["runs"].append(one_config(model, setter, spec, tr, cal, prof, scfg, windows))
+            save(doc, out, args.tag)
+    if args.phase in ("poisson", "all"):
+        rates = [float(x) * cal["mu0"] for x in args.rates.split(",")]
+        pr = {}
+        for spec in args.poisson_configs.split(","):
+            pr[spec] = []
+            for i, lam in enumerate(rates):
+                if time.time() - t_all + args.poisson_seconds + args.drain_seconds > args.time_budget:
+                    log(f"  {spec} @ {lam:.2f}: skipped (time budget)")
+                    continue
+                tr = poisson(lam, args.poisson_seconds, lengths=args.lengths, seed=100 + i,
+                             max_prompt=args.max_prompt, max_output=args.max_output)
+                r = one_config(model, setter, spec, tr, cal, prof, scfg, {})
+                r.pop("timeline")
+                r["rate"] = lam
+                pr[spec].append(r)
+                caps = {s: capacity([(r["rate"], r["all"]["attainment"]) for r in rr]) for s, rr in pr.items()}
+                top = {s: bool(rr) and len(rr) == len(rates) and (rr[-1]["all"]["attainment"] or 0) >= 0.9
+                       for s, rr in pr.items()}  # capacity is then only a lower bound
+                doc["poisson"] = {"rates": rates, "seconds": args.poisson_seconds, "runs": pr, "capacity": caps,
+                                  "capacity_is_lower_bound": top}
+                save(doc, out, args.tag)
+        log(f"capacity @90%: {doc.get('poisson', {}).get('capacity')}")
+    doc["wall_s_last_call"] = time.time() - t_all
+    save(doc, out, args.tag)
+    log(f"wrote {out / args.tag}.json/.md/.png ({time.time() - t_all:.0f} s)")
+
+
+def save(doc: dict, out: Path, tag: str) -> None:
+    (out / f"{tag}.json").write_text(json.dumps(doc, indent=1))
+    (out / f"{tag}.md").write_text(markdown(doc))
+    if doc.get("burst", {}).get("runs"):
+        try:
+            plot(doc, out / f"{tag}.png")
+        except Exception as e:  # a plot must never lose the numbers
+            log(f"plot failed: {e!r}")
+
+
+if __name__ == "__main__":
+    main()
