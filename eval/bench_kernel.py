@@ -130,7 +130,7 @@ def routing(T, E, k, gen):  # as anchor_moe_layer.py
 
 
 def make_slabs(E, H, I, way, orig_gu, orig_dn, dtype=torch.bfloat16):
-    G = E // way
+    G = -(-E // way)
     ugu = torch.randn(G, 2 * I, H, device=dev, dtype=dtype) * 0.02
     udn = torch.randn(G, H, I, device=dev, dtype=dtype) * 0.02
     gu = torch.cat([orig_gu, ugu])
@@ -176,7 +176,7 @@ def check():
                     ref = slab_forward(_Gate(), {"gate_up_proj": gu.float(), "down_proj": dn.float()}, x.float(),
                                        a.ids, a.weights.float())
                     for name, cfg in cfgs.items():
-                        if name == "decode" and T * k > 256:
+                        if name == "decode" and T * k > fm.DECODE_MAX_SLOTS:
                             continue
                         out = fm.fused_moe(x, gu, dn, ids, ww, config=cfg)
                         err = relerr(out, ref)
@@ -194,12 +194,14 @@ def check():
 # ------------------------------------------------------------------------------------------------------------------
 # tune
 
-DECODE_T = [(32, 128, 4, 4), (64, 128, 4, 4), (16, 256, 4, 4), (32, 256, 4, 3), (64, 64, 4, 5)]
+DECODE_T = [(32, 128, 4, 4), (64, 128, 4, 4), (16, 256, 4, 4), (32, 256, 4, 3), (64, 64, 4, 5), (16, 128, 4, 6),
+            (32, 64, 4, 6), (64, 128, 8, 4)]
 MID_GU = [(16, 64, 128, 1, 4, 4), (32, 64, 128, 4, 4, 4), (64, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 3),
-          (32, 128, 64, 4, 4, 4)]
-MID_DN = [(64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3)]
-LARGE_GU = [(64, 64, 64, 8, 4, 4), (64, 128, 64, 8, 8, 3), (128, 64, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3)]
-LARGE_DN = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (256, 64, 8, 3)]
+          (32, 128, 64, 4, 4, 4), (64, 128, 64, 8, 8, 4), (128, 64, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3)]
+MID_DN = [(64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3), (256, 64, 8, 3)]
+LARGE_GU = [(64, 64, 64, 8, 4, 4), (64, 128, 64, 8, 8, 3), (128, 64, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3),
+            (128, 128, 64, 8, 8, 4), (128, 64, 64, 8, 8, 4), (64, 128, 64, 8, 4, 4), (128, 128, 32, 8, 8, 5)]
+LARGE_DN = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (256, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 4)]
 
 
 def _cfg(mode, gu, dn, sm="store"):
@@ -207,6 +209,8 @@ def _cfg(mode, gu, dn, sm="store"):
 
 
 def tune(out_path, budget_s=270.0):
+    """Per shape and T bucket: gate/up tiles (with a default down), then down tiles, then the top-k sum mode; for
+    T >= 32 also a "hi" band tuned on the way-4 ratio-1 remap (few slabs, many rows each)."""
     t_start = time.time()
     gen = torch.Generator(device=dev)
     gen.manual_seed(0)
@@ -215,7 +219,7 @@ def tune(out_path, budget_s=270.0):
     for name, (E, k, H, I) in SHAPES.items():
         gu0 = torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16) * 0.02
         dn0 = torch.randn(E, H, I, device=dev, dtype=torch.bfloat16) * 0.02
-        gu, dn, G, e2g = make_slabs(E, H, I, 2, gu0, dn0)
+        sl = {way: make_slabs(E, H, I, way, gu0, dn0) for way in (2, 4)}
         del gu0, dn0
         entry = table["shapes"].setdefault(fm.shape_key(H, I, k), {})
         for T in TOKENS:
@@ -224,57 +228,63 @@ def tune(out_path, budget_s=270.0):
                 break
             x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
             idx, w = routing(T, E, k, gen)
-            ids = idx.long()
-
-            def run(cfg):
-                try:
-                    g, _ = capture(lambda: fm.fused_moe(x, gu, dn, ids, w, config=cfg))
-                    ms = time_graph(g, reps=12)
-                    del g
-                    return ms
-                except Exception as exc:  # a config that does not compile / fit: skip it
-                    print(f"  skip {cfg}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
-                    return float("inf")
-
-            slots = T * k
-            cands = []
-            if slots <= 64:
-                base_dn = DECODE_T[0]
-                cands = [_cfg("decode", (16,) + c[:2] + (1,) + c[2:], (16,) + base_dn[:2] + (1,) + base_dn[2:])
-                         for c in DECODE_T]
-            if 16 < slots <= 4096:
-                cands += [_cfg("prefill", c, (c[0],) + MID_DN[0][:2] + (c[3],) + MID_DN[0][2:]) for c in MID_GU]
-            if slots > 4096:
-                cands += [_cfg("prefill", c, (c[0],) + LARGE_DN[0][:2] + (c[3],) + LARGE_DN[0][2:]) for c in LARGE_GU]
-            res = [(run(c), c) for c in cands]
-            best_ms, best = min(res, key=lambda r: r[0])
-            # down tiles with the chosen gate/up tiles
-            if best["mode"] == "decode":
-                dns = [(16,) + c[:2] + (1,) + c[2:] for c in DECODE_T]
-            else:
-                bm, gm = best["gu"][0], best["gu"][3]
-                dns = [(bm,) + c[:2] + (gm,) + c[2:] for c in (LARGE_DN if slots > 4096 else MID_DN)]
-            for d in dns:
-                c = _cfg(best["mode"], best["gu"], d)
-                ms = run(c)
-                res.append((ms, c))
-                if ms < best_ms:
-                    best_ms, best = ms, c
-            if best["mode"] == "prefill" and slots >= 512:
-                c = dict(best, sum="atomic")
-                ms = run(c)
-                res.append((ms, c))
-                if ms < best_ms:
-                    best_ms, best = ms, c
-            entry[str(T)] = best
-            log.append({"shape": name, "T": T, "best_ms": best_ms, "best": best,
-                        "tried": [{"ms": m, "cfg": c} for m, c in res]})
-            print(f"TUNE {name} T={T}: {best_ms:.4f} ms {best} ({len(res)} tried, {time.time() - t_start:.0f}s)",
-                  flush=True)
-        del gu, dn
+            bands = [("lo", 2, 0.0)] + ([("hi", 4, 1.0)] if T >= 32 else [])
+            for band, way, ratio in bands:
+                gu, dn, G, e2g = sl[way]
+                ids, ww = fused_remap(idx, w, e2g, G, ratio)
+                best_ms, best, res = _tune_point(x, gu, dn, ids, ww, T * k)
+                entry[str(T) if band == "lo" else f"{T}@hi"] = best
+                log.append({"shape": name, "T": T, "band": band, "best_ms": best_ms, "best": best,
+                            "tried": [{"ms": m, "cfg": c} for m, c in res]})
+                print(f"TUNE {name} T={T} {band}: {best_ms:.4f} ms {best} ({len(res)} tried, "
+                      f"{time.time() - t_start:.0f}s)", flush=True)
+        del sl
         torch.cuda.empty_cache()
     Path(out_path).write_text(json.dumps(table, indent=1))
     return log
+
+
+def _tune_point(x, gu, dn, ids, w, slots):
+    def run(cfg):
+        try:
+            g, _ = capture(lambda: fm.fused_moe(x, gu, dn, ids, w, config=cfg))
+            ms = time_graph(g, reps=12)
+            del g
+            return ms
+        except Exception as exc:  # a config that does not compile / fit: skip it
+            print(f"  skip {cfg}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+            return float("inf")
+
+    cands = []
+    if slots <= fm.DECODE_MAX_SLOTS:
+        base_dn = DECODE_T[0]
+        cands = [_cfg("decode", (16,) + c[:2] + (1,) + c[2:], (16,) + base_dn[:2] + (1,) + base_dn[2:])
+                 for c in DECODE_T]
+    if 16 < slots <= 4096:
+        cands += [_cfg("prefill", c, (c[0],) + MID_DN[0][:2] + (c[3],) + MID_DN[0][2:]) for c in MID_GU]
+    if slots > 4096:
+        cands += [_cfg("prefill", c, (c[0],) + LARGE_DN[0][:2] + (c[3],) + LARGE_DN[0][2:]) for c in LARGE_GU]
+    res = [(run(c), c) for c in cands]
+    best_ms, best = min(res, key=lambda r: r[0])
+    # down tiles with the chosen gate/up tiles
+    if best["mode"] == "decode":
+        dns = [(16,) + c[:2] + (1,) + c[2:] for c in DECODE_T]
+    else:
+        bm, gm = best["gu"][0], best["gu"][3]
+        dns = [(bm,) + c[:2] + (gm,) + c[2:] for c in (LARGE_DN if slots > 4096 else MID_DN)]
+    for d in dns:
+        c = _cfg(best["mode"], best["gu"], d)
+        ms = run(c)
+        res.append((ms, c))
+        if ms < best_ms:
+            best_ms, best = ms, c
+    if best["mode"] == "prefill" and slots >= 512:
+        c = dict(best, sum="atomic")
+        ms = run(c)
+        res.append((ms, c))
+        if ms < best_ms:
+            best_ms, best = ms, c
+    return best_ms, best, res
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -320,11 +330,11 @@ def bench(outdir, budget_s=420.0):
                     limit_ms = max(nslabs * 3 * H * I * 2 / bw, 2 * 3 * H * I * live / flops) * 1e3
                     row = {"shape": name, "E": E, "k": k, "H": H, "I": I, "tokens": T, "way": way, "ratio": ratio,
                            "slabs_read": nslabs, "live_slots": live, "limit_ms": limit_ms,
-                           "config": fm.get_config(T, H, I, k), "remap_ids_match": bool(torch.equal(ids, a.ids))}
+                           "config": fm.get_config(T, H, I, k, ratio), "remap_ids_match": bool(torch.equal(ids, a.ids))}
 
                     def call(ratio=ratio, gu=gu, dn=dn, G=G, e2g=e2g, x=x):
                         i2, w2 = fused_remap(idx, w, e2g, G, ratio)
-                        return fm.fused_moe(x, gu, dn, i2, w2, num_slabs=gu.shape[0])
+                        return fm.fused_moe(x, gu, dn, i2, w2, num_slabs=gu.shape[0], ratio=ratio)
 
                     try:
                         out = call()
@@ -341,7 +351,7 @@ def bench(outdir, budget_s=420.0):
                         if way == 2 and ratio == 1.0:  # the runtime's PyTorch remap + our kernel, for comparison
                             def call_t(G=G, e2g=e2g, gu=gu, dn=dn):
                                 aa = policy.remap(idx, w, e2g, G, 1.0)
-                                return fm.fused_moe(x, gu, dn, aa.ids, aa.weights, num_slabs=gu.shape[0])
+                                return fm.fused_moe(x, gu, dn, aa.ids, aa.weights, num_slabs=gu.shape[0], ratio=1.0)
                             g, _ = capture(call_t)
                             row["ours_torchremap_graph_ms"] = time_graph(g)
                             del g

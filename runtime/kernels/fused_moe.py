@@ -252,11 +252,21 @@ def default_config(T: int, k: int) -> dict:
     return _DEFAULTS["large"]
 
 
-def get_config(T: int, H: int, I: int, k: int) -> dict:
-    """The tuned config of (H, I, k) at T's bucket, else a default. Decode mode only while T*k <= 256."""
-    entry = _table().get("shapes", {}).get(shape_key(H, I, k), {}).get(str(t_bucket(T)))
+def ratio_band(ratio: float | None) -> str:
+    """Brownout concentrates the slots on fewer slabs (more rows per slab): configs may differ by band."""
+    return "hi" if ratio is not None and float(ratio) >= 0.3 else "lo"
+
+
+def get_config(T: int, H: int, I: int, k: int, ratio: float | None = None) -> dict:
+    """The tuned config of (H, I, k) at T's bucket (and ratio band, where tuned), else a default.
+    Decode mode only while T*k <= DECODE_MAX_SLOTS."""
+    shape = _table().get("shapes", {}).get(shape_key(H, I, k), {})
+    b = str(t_bucket(T))
+    entry = shape.get(f"{b}@hi") if ratio_band(ratio) == "hi" else None
+    if entry is None:
+        entry = shape.get(b)
     cfg = entry if entry is not None else default_config(T, k)
-    if cfg["mode"] == "decode" and T * k > 256:  # decode rows are all the slots: keep M bounded
+    if cfg["mode"] == "decode" and T * k > DECODE_MAX_SLOTS:  # decode rows are all the slots: keep M bounded
         cfg = _DEFAULTS["mid"] if T * k > 512 else _DEFAULTS["small"]
     return cfg
 
@@ -291,10 +301,11 @@ def moe_align(ids_flat: torch.Tensor, num_slabs: int, block_m: int):
 
 
 def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-              num_slabs: int | None = None, config: dict | None = None) -> torch.Tensor:
+              num_slabs: int | None = None, config: dict | None = None, ratio: float | None = None) -> torch.Tensor:
     """out [T, H] = sum_j weights[t, j] * Slab_{ids[t, j]}(x[t]); ids == num_slabs skips the slot.
 
     x [T, H]; gate_up [S, 2I, H]; down [S, H, I]; ids [T, k] integer; weights [T, k]. No host synchronisation.
+    `ratio` (optional): the brownout ratio the ids came from, a hint for the tile config only.
     """
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed")
@@ -311,7 +322,7 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
     out_dtype = x.dtype
     if T == 0:
         return torch.zeros(0, H, dtype=out_dtype, device=x.device)
-    cfg = config or get_config(T, H, I, k)
+    cfg = config or get_config(T, H, I, k, ratio)
     decode = cfg["mode"] == "decode"
     gm, gn, gk, ggm, gw, gs = cfg["gu"]
     dm, dn_, dk, dgm, dw, ds = cfg["dn"]
