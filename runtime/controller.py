@@ -344,8 +344,10 @@ class ModelPredictive(Controller):
     next step is kappa_kind * P_kind(tokens, r), where kappa is a moving average of observed latency / profiled
     forward time (loop overhead, attention on long contexts, ...), set by the first observation and then averaged,
     fast upwards (kappa_up) and slowly downwards (kappa_alpha). The controller takes the smallest r on `grid`
-    with kappa * P(tokens, r) <= beta_kind * SLO * (1 - margin); none -> 1. So small batches run at r = 0 and the
-    accuracy price is paid only on the steps that need it.
+    with kappa * P(tokens, r) <= beta_kind * SLO * (1 - margin); if none fits, the smallest ratio within 2% of the
+    fastest prediction (never r = 1 blindly: where the brownout path is slower than the original one, as it was on
+    our first GPU run, it stays at 0). So small batches run at r = 0 and the accuracy price is paid only on the
+    steps where it buys time.
 
     Outer loop (every `period` s): beta_kind in [beta_min, 1] is trimmed by the p90 of the SLO latency over the last
     `window` s: above (1 - margin/2) SLO -> beta *= 0.85 (more brownout); below (1 - 2 margin) SLO -> beta += 0.05.
@@ -429,11 +431,13 @@ class ModelPredictive(Controller):
             want = _clamp01((1.0 - self.beta[kind]) / max(1e-9, 1.0 - self.beta_min))
         else:
             k = self.kappa[kind]
-            want = 1.0
-            for r in self.grid:
-                if k * prof.predict(tokens, r) <= budget:
-                    want = r
-                    break
+            preds = [k * prof.predict(tokens, r) for r in self.grid]
+            fits = [r for r, p in zip(self.grid, preds) if p <= budget]
+            if fits:
+                want = fits[0]
+            else:  # nothing fits: the fastest ratio, never one that is predicted slower than a smaller one
+                best = min(preds)
+                want = next(r for r, p in zip(self.grid, preds) if p <= best * 1.02)
             if want < cur:  # falling: demand the extra hysteresis margin, and fall gradually
                 lower = cur
                 for r in self.grid:

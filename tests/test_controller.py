@@ -181,3 +181,21 @@ def test_bounded_memory():
     for i in range(10_000):
         c.observe("decode", 0.1, i * 1e-4)
     assert len(c.win["decode"]) == 128
+
+
+def test_mpc_does_not_pay_for_nothing():
+    """Where the profile says brownout is slower (launch-bound engine), overload must not push the ratio up."""
+    toks, rats = [1, 64, 1024], [0.0, 0.5, 1.0]
+    slower = LatencyProfile(toks, rats, [[0.05, 0.065, 0.06] for _ in toks])
+    c = ModelPredictive(SLO_P, SLO_D, profile=slower)
+    t = 0.0
+    for _ in range(400):  # 0.2 s steps against a 0.15 s SLO: hopeless at any ratio
+        r = c.ratio("decode", t, 64)
+        assert r == 0.0
+        t += 0.2
+        c.observe("decode", 0.2, t, 64, r, 0.05)
+    # and where r = 1 is the fastest but still misses, it takes r = 1
+    faster = LatencyProfile(toks, rats, [[0.05, 0.045, 0.04] for _ in toks])
+    c = ModelPredictive(SLO_P, SLO_D, profile=faster)
+    c.observe("decode", 0.3, 0.1, 64, 0.0, 0.05)
+    assert c.ratio("decode", 0.2, 64) >= 0.9  # the smallest ratio within 2% of the fastest
