@@ -4,8 +4,8 @@ Two experts can compute the same function with their intermediate neurons in ano
 unaligned neurons blurs both. The most used member is the centre; every other member's neurons are matched one to
 one to the centre's by the correlation of their activations on calibration tokens (Hungarian matching), permuted
 (gate/up rows, down columns, biases), and the aligned weights are averaged with frequency weights. Last, the united
-down projection (and its bias) is refit by ridge regression, shrunk toward the averaged one, so that the united
-expert reproduces the group's outputs on those tokens. A group of neuron-permuted copies merges back exactly.
+down projection (and its bias) is refit by ridge regression, shrunk toward the averaged one with lambda chosen by
+generalised cross-validation, so that the united expert reproduces the group's outputs on those tokens. A group of neuron-permuted copies merges back exactly.
 
 Tokens and targets: every calibration token routed to a member m contributes the pair (x, E_m(x)), without its
 routing weight (the united expert must stand in for m whatever the weight). With fewer than MIN_ROWS such tokens,
@@ -13,7 +13,7 @@ all calibration tokens are used and the target is the mean of all members' outpu
 objective, which needs no routing).
 
 Cost: one forward of each member on the group's calibration tokens, one I x I assignment per member (O(I^3), well
-under a second at I = 4096), and one (I+1) x (I+1) solve in float64. No training.
+under a second at I = 4096), and one (I+1) x (I+1) eigendecomposition in float64. No training.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from . import MergeContext, register
 from .average import member_weights, weighted_mean
 
 MIN_ROWS = 32  # fewer routed tokens than this say too little about a group: use every calibration token
-RIDGE = 1e-4  # times the mean diagonal of the normal equations; the pull toward the averaged down projection
+RIDGE_GRID = [10.0 ** (e / 2) for e in range(-16, 5)]  # ridge lambdas tried, times the mean eigenvalue (1e-8..1e2)
 NEURON_KEYS = ("gate", "up", "gate_bias", "up_bias")  # tensors whose dim 0 (per member) indexes hidden neurons
 
 
@@ -85,24 +85,37 @@ def align(w: dict[str, torch.Tensor], centre: int, x: torch.Tensor, glu: Glu) ->
 
 
 @torch.no_grad()
-def refit_down(united: dict[str, torch.Tensor], x, target, row_w, glu: Glu) -> dict[str, torch.Tensor]:
-    """Least-squares down projection (+ bias) of `united` on rows x toward target [N, H] with row weights [N];
-    ridge toward the current down projection, so directions the tokens do not exercise keep the averaged weights."""
-    h = hidden(united, x, glu).double()
-    has_bias = "down_bias" in united
+def refit_down(united: dict[str, torch.Tensor], x, target, row_w, glu: Glu) -> tuple[dict[str, torch.Tensor], float]:
+    """Ridge regression of the down projection (+ bias) of `united` on rows x toward target [N, H], row weights [N],
+    shrunk toward the current (averaged) down projection; returns it and the chosen lambda (relative to the mean
+    eigenvalue). A group often has fewer routed tokens than I + 1 unknowns per output, where a tiny lambda would
+    interpolate the calibration tokens and generalise badly; lambda is chosen by generalised cross-validation on a
+    log grid instead, all from one eigendecomposition of the normal equations (cheap, float64)."""
+    a = hidden(united, x, glu).double()
     prior = united["down"].double().T  # [I, H]
-    if has_bias:
-        h = torch.cat([h, torch.ones_like(h[:, :1])], 1)
+    if "down_bias" in united:
+        a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
         prior = torch.cat([prior, united["down_bias"].double()[None]], 0)
-    hw = h * row_w.to(h)[:, None]
-    ata, atb = hw.T @ h, hw.T @ target.to(h)
-    lam = RIDGE * ata.diagonal().mean().clamp(min=1e-12)
-    sol = torch.linalg.solve(ata + lam * torch.eye(ata.shape[0], dtype=h.dtype, device=h.device), atb + lam * prior)
+    rw = row_w.to(a)[:, None]
+    resid = target.to(a) - a @ prior  # what the refit may add to the averaged projection
+    s, v = torch.linalg.eigh((a * rw).T @ a)
+    s = s.clamp(min=0)
+    b = v.T @ ((a * rw).T @ resid)  # [d, H] in the eigenbasis
+    tss, bn, n = float((rw * resid.square()).sum()), b.square().sum(1), a.shape[0]
+    best = (float("inf"), 0.0)
+    for rel in RIDGE_GRID:
+        f = 1 / (s + rel * s.mean().clamp(min=1e-30))
+        df = float((s * f).sum())  # effective number of parameters
+        rss = max(tss - float((bn * (2 * f - s * f * f)).sum()), 0.0)
+        gcv = rss / (1 - df / n) ** 2 if df < n - 1e-6 else float("inf")
+        best = min(best, (gcv, rel))
+    rel = best[1] if best[0] < float("inf") else RIDGE_GRID[-1]
+    sol = prior + v @ (b / (s + rel * s.mean().clamp(min=1e-30))[:, None])
     out = dict(united)
     out["down"] = sol[:united["down"].shape[1]].T.to(united["down"]).contiguous()
-    if has_bias:
+    if "down_bias" in united:
         out["down_bias"] = sol[-1].to(united["down_bias"])
-    return out
+    return out, rel
 
 
 @register("activation", needs_data=True)
@@ -113,4 +126,5 @@ def activation(w: dict[str, torch.Tensor], ctx: MergeContext) -> dict[str, torch
     united = weighted_mean(align(w, int(weights.argmax()), x, ctx.glu), weights)  # argmax: first of equals
     coef = torch.ones(hit.shape) if fallback else hit.float()
     target, row_w, _ = mixture_targets(w, x, coef, ctx.glu)
-    return refit_down(united, x, target, row_w, ctx.glu)
+    united, ctx.params["ridge"] = refit_down(united, x, target, row_w, ctx.glu)
+    return united
