@@ -82,7 +82,7 @@ def build_model(tiny: bool, seed: int):
 
 def united_tier(model, cache: Path, tiny: bool, skip_layers):
     from unify.build import BuildOptions, build
-    from unify.checkpoint import UnitedCheckpoint, fingerprint_tensors, weight_checksum
+    from unify.checkpoint import UnitedCheckpoint, fingerprint_tensors, probe_matches, weight_probe
     from unify.discover import find_moe_layers
 
     out = cache / ("united-tiny-w4" if tiny else "united-qwen15moe-w4")
@@ -90,7 +90,7 @@ def united_tier(model, cache: Path, tiny: bool, skip_layers):
         moe = {l.index: l for l in find_moe_layers(model)}
         ck = UnitedCheckpoint(out)
         first, last = moe[ck.layers[0]].experts.gate_up_proj, moe[ck.layers[-1]].experts.gate_up_proj
-        if ck.meta["base_model"].get("weight_checksum") == weight_checksum(fingerprint_tensors(first, last)):
+        if probe_matches(ck.meta["base_model"].get("weight_probe", []), weight_probe(fingerprint_tensors(first, last))):
             log(f"reusing united checkpoint {out}")
             return out
     t = time.time()

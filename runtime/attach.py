@@ -6,7 +6,7 @@ from numbers import Real
 
 import torch
 
-from unify.checkpoint import UnitedCheckpoint, config_hash, fingerprint_tensors, weight_checksum
+from unify.checkpoint import UnitedCheckpoint, config_hash, fingerprint_tensors, probe_matches, weight_probe
 from unify.discover import MoELayer, find_moe_layers
 from unify.errors import BrownoutError
 
@@ -25,7 +25,7 @@ class BrownoutMoE:
     """Handle on a model with a united tier attached. Create with `BrownoutMoE.attach(model, united_dir)`."""
 
     def __init__(self, model, checkpoint: UnitedCheckpoint, layers: dict[int, MoELayer], states: dict[int, LayerState],
-                 configs: list, prev_impl: dict[int, str | None]):
+                 configs: list[tuple], prev_impl: dict[int, str | None]):
         self.model, self.checkpoint = model, checkpoint
         self._moe, self.layers, self._configs, self._prev_impl = layers, states, configs, prev_impl
         self._attached = True
@@ -52,7 +52,7 @@ class BrownoutMoE:
         states, configs, prev = {}, {}, {}
         for i, t in loaded.items():
             ex = moe[i].experts
-            configs[id(ex.config)] = ex.config
+            configs.setdefault(id(ex.config), (ex.config, ex.config._experts_implementation))
             prev[i] = ex.config._experts_implementation
             e2g = t.pop("expert_to_group")
             slabs = {}
@@ -68,7 +68,7 @@ class BrownoutMoE:
         for l in moe.values():  # left-alone layers keep their own implementation under the shared config
             if l.index not in states:
                 l.experts._brownout_prev_impl = l.experts.config._experts_implementation
-        for c in configs.values():
+        for c, _ in configs.values():
             c._experts_implementation = experts_impl.NAME
         model._brownout_attached = True
         return cls(model, ck, moe, states, list(configs.values()), prev)
@@ -82,7 +82,7 @@ class BrownoutMoE:
         if missing:
             raise BrownoutError(f"{ck.path} has united experts for layers {missing}, which are not MoE layers of this model")
         first, last = moe[ck.layers[0]].experts.gate_up_proj, moe[ck.layers[-1]].experts.gate_up_proj
-        if weight_checksum(fingerprint_tensors(first, last)) != bm.get("weight_checksum"):
+        if not probe_matches(bm.get("weight_probe", []), weight_probe(fingerprint_tensors(first, last))):
             raise BrownoutError(f"{ck.path} was built from another model ({bm.get('name')}): expert weights differ")
 
     @staticmethod
@@ -114,8 +114,8 @@ class BrownoutMoE:
             del ex._brownout
         for l in self._moe.values():
             l.experts.__dict__.pop("_brownout_prev_impl", None)
-        for c in self._configs:
-            c._experts_implementation = next(iter(self._prev_impl.values()))
+        for c, prev in self._configs:
+            c._experts_implementation = prev
         self.model._brownout_attached = False
         self._attached = False
 

@@ -55,7 +55,7 @@ class _SlabView:
 
 def _kernel():
     try:
-        from .kernels import fused_moe as k
+        from . import kernels as k
     except Exception:  # triton missing or the kernel module not importable: fall back
         return None
     return k
@@ -66,15 +66,19 @@ def brownout_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     if st is None or st.ratio == 0.0:
         prev = st.prev_impl if st is not None else getattr(self, "_brownout_prev_impl", None)
         return previous_forward(self, prev)(self, hidden_states, top_k_index, top_k_weights)
-    a = remap(top_k_index, top_k_weights, st.expert_to_group, st.num_groups, st.ratio, st.policy)
     path = st.path
     if path == "auto":
         path = "reference" if hidden_states.device.type != "cuda" else "kernel"
     if path == "kernel":
         k = _kernel()
         if k is not None and k.supported(self, hidden_states.dtype, hidden_states.device):
-            return k.fused_moe(hidden_states, st.slabs["gate_up_proj"], st.slabs["down_proj"], a.ids, a.weights)
+            # one-launch remap + fused two-tier kernel; the ratio is a kernel argument, so a captured CUDA graph
+            # holds one ratio: capture one graph per ratio level you serve at
+            ids, w = k.remap(top_k_index, top_k_weights, st.expert_to_group, st.num_groups, st.ratio, st.policy)
+            return k.fused_moe.fused_moe(hidden_states, st.slabs["gate_up_proj"], st.slabs["down_proj"], ids, w,
+                                         num_slabs=st.num_experts + st.num_groups, ratio=st.ratio)
         path = "grouped"
+    a = remap(top_k_index, top_k_weights, st.expert_to_group, st.num_groups, st.ratio, st.policy)
     if path == "grouped":
         skip = a.ids == st.num_experts + st.num_groups
         # transformers' grouped path has no skip slot in every version: point skipped slots at slab 0 with weight 0

@@ -13,7 +13,7 @@ import recipes
 from . import grouping as grouping_mod
 from . import merge as merge_mod
 from .calibration import MoEProbe, capture_layer_inputs, decoder_layers, load_texts, tokenize
-from .checkpoint import CheckpointWriter, config_hash, fingerprint_tensors, weight_checksum
+from .checkpoint import CheckpointWriter, config_hash, fingerprint_tensors, weight_probe
 from .discover import find_moe_layers
 from .errors import BrownoutError
 from .layout import glu_of, native_of
@@ -85,7 +85,7 @@ def build(model: str | torch.nn.Module, opts: BuildOptions) -> Path:
                                             num_groups, group_fn, merge_fn, writer, opts)
         meta = {
             "base_model": {"name": base, "model_type": config.model_type, "config_hash": config_hash(config),
-                           "weight_checksum": weight_checksum(checksum_parts), "num_experts": E,
+                           "weight_probe": weight_probe(checksum_parts), "num_experts": E,
                            "moe_layers": sorted(moe)},
             "way": E // num_groups, "num_groups": num_groups, "grouping": opts.grouping, "merge": opts.merge,
             "skip_layers": sorted(skip), "options": {k: v for k, v in asdict(opts).items() if k not in ("progress",)},

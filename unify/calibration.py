@@ -61,7 +61,7 @@ def tokenize(texts: list[str], model_path: Path | None, vocab_size: int, num_tok
         ids.extend(tok(t)["input_ids"] if tok is not None else [b % vocab_size for b in t.encode()])
         if len(ids) >= num_tokens:
             break
-    seq_len = min(seq_len, max(1, len(ids)))
+    seq_len = min(seq_len, num_tokens, max(1, len(ids)))
     n = min(len(ids), num_tokens) // seq_len
     if n == 0:
         raise BrownoutError("the calibration set is empty after tokenisation")

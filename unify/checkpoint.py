@@ -34,13 +34,23 @@ def config_hash(config) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def weight_checksum(tensors: list[torch.Tensor]) -> str:
-    """A dtype-robust checksum of a few expert weights: values rounded to bf16 first, so a bf16 checkpoint loaded in
-    fp32 (or an fp32 one in bf16) gives the same answer."""
-    h = hashlib.sha256()
+def weight_probe(tensors: list[torch.Tensor], per_tensor: int = 16) -> list[float]:
+    """A few expert weight values at fixed positions: the model's fingerprint. Compared with a tolerance
+    (`probe_matches`), so the same model loaded in another dtype (bf16, fp16, fp32) still matches."""
+    out = []
     for t in tensors:
-        h.update(t.detach().reshape(-1)[:2048].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
-    return h.hexdigest()[:16]
+        flat = t.detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, per_tensor).long().to(flat.device)
+        out += [round(float(v), 7) for v in flat[idx].float().cpu()]
+    return out
+
+
+def probe_matches(a: list[float], b: list[float]) -> bool:
+    if len(a) != len(b):
+        return False
+    ta, tb = torch.tensor(a), torch.tensor(b)
+    scale = max(float(ta.abs().max()), 1e-12)
+    return bool(((ta - tb).abs() <= 1e-2 * ta.abs() + 1e-3 * scale).all())
 
 
 def fingerprint_tensors(first_layer_gate_up: torch.Tensor, last_layer_gate_up: torch.Tensor) -> list[torch.Tensor]:

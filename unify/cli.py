@@ -137,7 +137,7 @@ def _inspect(args) -> int:
     total = 0
     for layer in ck.layers:
         total += sum(t.numel() * t.element_size() for k, t in ck.tensors(layer).items() if k != "expert_to_group")
-    print(f"base model : {bm['name']} ({bm['model_type']}, config {bm['config_hash']}, weights {bm['weight_checksum']})")
+    print(f"base model : {bm['name']} ({bm['model_type']}, config {bm['config_hash']})")
     print(f"method     : grouping={m['grouping']} merge={m['merge']} way={m['way']} ({m['num_groups']} groups of {bm['num_experts']} experts)")
     print(f"layers     : {len(ck.layers)} united, left alone: {m['skip_layers'] or 'none'}")
     print(f"size       : {total / 2**20:.2f} MiB of united experts")

@@ -1,0 +1,290 @@
+"""BrownoutMoE: ratio 0 is the model bit for bit, ratio 1 is the united model, Algorithm 1 exactly, bad input."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import FAMILIES, FAST, load, make_tiny
+from runtime import BrownoutMoE
+from runtime.policy import remap
+from unify.build import BuildOptions, build
+from unify.checkpoint import UnitedCheckpoint
+from unify.discover import find_moe_layers
+from unify.errors import BrownoutError
+
+
+@pytest.fixture(scope="module")
+def united(tiny_dir, tmp_path_factory):
+    cache = {}
+
+    def get(family, **kw):
+        key = (family, repr(sorted(kw.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"u-{family}")
+            opts = {**FAST, "way": 2, "grouping": "similarity", "merge": "activation", **kw}
+            cache[key] = str(build(tiny_dir(family), BuildOptions(out=str(out / "u"), **opts)))
+        return cache[key]
+
+    return get
+
+
+def _inputs(model, b=4, s=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (b, s), generator=g)
+
+
+def _replaced_copy(model, ck: UnitedCheckpoint):
+    """The model with every expert of a united layer replaced by its group's united expert."""
+    twin = copy.deepcopy(model)
+    for layer in find_moe_layers(twin):
+        if layer.index not in ck.layers:
+            continue
+        t = ck.tensors(layer.index)
+        g = t["expert_to_group"]
+        with torch.no_grad():
+            for k in layer.layout.native_keys():
+                getattr(layer.experts, k).copy_(t[k][g])
+    return twin
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ratio0_identical_ratio1_united_detach_exact(tiny_dir, united, family):
+    model = load(tiny_dir(family))
+    x = _inputs(model)
+    with torch.no_grad():
+        ref = model(x).logits
+        ck = UnitedCheckpoint(united(family))
+        twin = _replaced_copy(model, ck)
+        want1 = twin(x).logits
+        bm = BrownoutMoE.attach(model, united(family))
+        assert torch.equal(model(x).logits, ref)
+        bm.set_ratio(1.0)
+        got1 = model(x).logits
+        assert not torch.equal(got1, ref)
+        torch.testing.assert_close(got1, want1, rtol=1e-4, atol=1e-4)
+        bm.set_ratio(0.0)
+        assert torch.equal(model(x).logits, ref)
+        bm.detach()
+        assert torch.equal(model(x).logits, ref)
+        assert all(not hasattr(l.experts, "_brownout") for l in find_moe_layers(model))
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "gpt_oss"])
+def test_generate_same_tokens_at_ratio0(tiny_dir, united, family):
+    model = load(tiny_dir(family))
+    x = _inputs(model, b=2, s=8)
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0  # left padding in a batch
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    ref = model.generate(x, **kw)
+    bm = BrownoutMoE.attach(model, united(family))
+    assert torch.equal(model.generate(x, **kw), ref)
+    bm.set_ratio(0.5)
+    torch.manual_seed(0)
+    out = model.generate(x, **{**kw, "do_sample": True, "top_k": 5})  # sampling with the KV cache at ratio 0.5
+    assert out.shape == ref.shape
+    bm.detach()
+    assert torch.equal(model.generate(x, **kw), ref)
+
+
+# -- Algorithm 1 on crafted routings -------------------------------------------------------------------------------
+def algorithm1(idx: list[list[int]], e2g: list[int], r: float, drop=False):
+    """A direct, loop-by-loop reading of DESIGN.md section 4, independent of runtime.policy."""
+    E = len(e2g)
+    count = [0] * E
+    for row in idx:
+        for e in row:
+            count[e] += 1
+    total = sum(count)
+    order = sorted(range(E), key=lambda e: (-count[e], e))
+    hot, acc = set(), 0
+    for e in order:
+        if acc >= (1 - r) * total or count[e] == 0:
+            break
+        hot.add(e)
+        acc += count[e]
+    cold = {e for e in range(E) if count[e] > 0 and e not in hot}
+    per_group = {}
+    for e in cold:
+        per_group.setdefault(e2g[e], set()).add(e)
+    united = set() if drop else {e for e in cold if len(per_group[e2g[e]]) >= 2}
+    return hot, united, cold
+
+
+CRAFTED = [[0, 1], [0, 2], [0, 3], [1, 2], [4, 5], [6, 7], [0, 4], [1, 6], [0, 5], [2, 3]]
+
+
+@pytest.mark.parametrize("r", [0.25, 0.5, 0.75])
+@pytest.mark.parametrize("case", ["crafted", "random"])
+def test_policy_matches_algorithm1(r, case):
+    E, G = 8, 4
+    e2g = [0, 0, 1, 1, 2, 2, 3, 3]
+    if case == "crafted":
+        idx = torch.tensor(CRAFTED)
+    else:
+        g = torch.Generator().manual_seed(int(r * 100))
+        idx = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(13)])
+    w = torch.rand(idx.shape, generator=torch.Generator().manual_seed(1))
+    hot, uni, cold = algorithm1(idx.tolist(), e2g, r)
+    a = remap(idx, w, torch.tensor(e2g), G, r, "hot-cold")
+    assert set(a.hot.nonzero().flatten().tolist()) == hot
+    assert set(a.united.nonzero().flatten().tolist()) == uni
+    skip = E + G
+    for t, row in enumerate(idx.tolist()):
+        seen = {}
+        for s, e in enumerate(row):
+            want = E + e2g[e] if e in uni else e
+            if want in seen:  # same-group slots of one token: computed once, weights added
+                assert a.ids[t, s] == skip and a.weights[t, s] == 0
+                assert torch.isclose(a.weights[t, seen[want]], w[t, seen[want]] + w[t, s])
+            else:
+                assert a.ids[t, s] == want
+                seen[want] = s
+    d = remap(idx, w, torch.tensor(e2g), G, r, "drop")
+    for t, row in enumerate(idx.tolist()):
+        for s, e in enumerate(row):
+            assert (d.ids[t, s] == skip) == (e in cold)
+            assert d.weights[t, s] == (0 if e in cold else w[t, s])
+
+
+def test_crafted_hot_set_values():
+    """The crafted case worked by hand: counts 0:5 1:3 2:3 3:2 4:2 5:2 6:2 7:1 (20 assignments)."""
+    e2g = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    idx, w = torch.tensor(CRAFTED), torch.ones(10, 2)
+    a = remap(idx, w, e2g, 4, 0.5)  # line at 10: 0 (5) + 1 (3) = 8 < 10, + 2 (3) = 11 crosses -> {0, 1, 2}
+    assert a.hot.nonzero().flatten().tolist() == [0, 1, 2]
+    assert a.united.nonzero().flatten().tolist() == [4, 5, 6, 7]  # 3 is its group's lone cold member
+    a = remap(idx, w, e2g, 4, 0.75)  # line at 5: expert 0 alone reaches it
+    assert a.hot.nonzero().flatten().tolist() == [0]
+    assert a.united.nonzero().flatten().tolist() == [2, 3, 4, 5, 6, 7]  # 1: lone cold member of group {0, 1}
+    a = remap(idx, w, e2g, 4, 1.0)
+    assert a.hot.sum() == 0 and a.united.all()
+
+
+def test_mass_policy_ranks_by_weight():
+    e2g = torch.tensor([0, 0, 1, 1])
+    idx = torch.tensor([[0], [0], [0], [1], [2], [3]])
+    w = torch.tensor([[0.01], [0.01], [0.01], [0.9], [0.9], [0.9]])
+    count = remap(idx, w, e2g, 2, 0.5, "hot-cold")
+    mass = remap(idx, w, e2g, 2, 0.5, "mass")
+    assert count.hot.nonzero().flatten().tolist() == [0]  # most assignments
+    assert 0 not in mass.hot.nonzero().flatten().tolist()  # least mass
+
+
+def test_reference_and_grouped_paths_agree(tiny_dir, united):
+    model = load(tiny_dir("qwen3_moe"))
+    x = _inputs(model)
+    bm = BrownoutMoE.attach(model, united("qwen3_moe"), ratio=0.5)
+    with torch.no_grad():
+        bm.set_path("reference")
+        a = model(x).logits
+        bm.set_path("grouped")
+        b = model(x).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    bm.detach()
+
+
+def test_per_layer_ratio_and_summary(tiny_dir, united):
+    model = load(tiny_dir("qwen2_moe"))
+    bm = BrownoutMoE.attach(model, united("qwen2_moe"))
+    bm.set_ratio({1: 0.5})
+    assert bm.ratio == {0: 0.0, 1: 0.5, 2: 0.0}
+    bm.set_ratio([0.1, 0.2, 0.3])
+    assert bm.ratio == {0: 0.1, 1: 0.2, 2: 0.3}
+    s = bm.summary()
+    assert "4 united" in s and "ratio 0.2" in s and "MiB extra" in s
+    assert bm.extra_bytes() == sum(t[8:].numel() * 4 for st in bm.layers.values() for t in st.slabs.values())
+    bm.detach()
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "0.5", None, True])
+def test_bad_ratio(tiny_dir, united, bad):
+    model = load(tiny_dir("qwen2_moe"))
+    bm = BrownoutMoE.attach(model, united("qwen2_moe"), ratio=0.25)
+    with pytest.raises(BrownoutError, match=r"\[0, 1\]"):
+        bm.set_ratio(bad)
+    with pytest.raises(BrownoutError, match=r"\[0, 1\]"):
+        bm.set_ratio({0: bad})
+    assert bm.ratio == {0: 0.25, 1: 0.25, 2: 0.25}
+    bm.detach()
+
+
+def test_bad_layer_map(tiny_dir, united):
+    model = load(tiny_dir("qwen2_moe"))
+    bm = BrownoutMoE.attach(model, united("qwen2_moe", skip_layers=[0]))
+    with pytest.raises(BrownoutError, match="no united experts"):
+        bm.set_ratio({0: 0.5})  # left alone by the checkpoint
+    with pytest.raises(BrownoutError, match="no united experts"):
+        bm.set_ratio({7: 0.5})  # no such layer
+    bm.detach()
+
+
+def _unchanged(model, x, ref):
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref)
+    assert all(not hasattr(l.experts, "_brownout") for l in find_moe_layers(model))
+    assert model.config._experts_implementation != "brownout"
+
+
+def test_checkpoint_of_another_model(tiny_dir, united, tmp_path):
+    x = torch.randint(0, 96, (2, 8))
+    other = make_tiny("qwen2_moe", seed=1)  # same config, other weights
+    with torch.no_grad():
+        ref = other(x).logits
+    with pytest.raises(BrownoutError, match="another model"):
+        BrownoutMoE.attach(other, united("qwen2_moe"))
+    _unchanged(other, x, ref)
+    bigger = make_tiny("qwen2_moe", hidden_size=48)  # other config
+    with pytest.raises(BrownoutError, match="another model"):
+        BrownoutMoE.attach(bigger, united("qwen2_moe"))
+    mixtral = load(tiny_dir("mixtral"))
+    with pytest.raises(BrownoutError, match="another model"):
+        BrownoutMoE.attach(mixtral, united("qwen2_moe"))
+
+
+def test_missing_and_corrupt_files(tiny_dir, united, tmp_path):
+    import shutil
+
+    model = load(tiny_dir("qwen2_moe"))
+    x = torch.randint(0, 96, (2, 8))
+    with torch.no_grad():
+        ref = model(x).logits
+    with pytest.raises(BrownoutError, match="does not exist"):
+        BrownoutMoE.attach(model, tmp_path / "nope")
+    d = tmp_path / "c"
+    shutil.copytree(united("qwen2_moe"), d)
+    f = d / "united.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 100])
+    with pytest.raises(BrownoutError, match="corrupt"):
+        BrownoutMoE.attach(model, d)
+    f.unlink()
+    with pytest.raises(BrownoutError, match="missing"):
+        BrownoutMoE.attach(model, d)
+    (d / "united.json").write_text("{not json")
+    with pytest.raises(BrownoutError, match="corrupt"):
+        BrownoutMoE.attach(model, d)
+    _unchanged(model, x, ref)
+    with pytest.raises(BrownoutError, match="policy"):
+        BrownoutMoE.attach(model, united("qwen2_moe"), policy="nope")
+    with pytest.raises(BrownoutError, match=r"\[0, 1\]"):
+        BrownoutMoE.attach(model, united("qwen2_moe"), ratio=2)
+    _unchanged(model, x, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(tiny_dir, united, dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("mixtral"), dtype=dtype).eval()
+    x = _inputs(model, b=2, s=16)
+    with torch.no_grad():
+        ref = model(x).logits
+        bm = BrownoutMoE.attach(model, united("mixtral"))
+        assert all(st.slabs["gate_up_proj"].dtype == dtype for st in bm.layers.values())
+        assert torch.equal(model(x).logits, ref)
+        bm.set_ratio(1.0)
+        assert torch.isfinite(model(x).logits).all()
+        bm.detach()
