@@ -72,7 +72,9 @@ def plot_csv(csv_path: Path, png: Path) -> None:
     except ImportError:
         print("matplotlib missing: no plot")
         return
-    rows = list(csv.DictReader(open(csv_path)))
+    allrows = list(csv.DictReader(open(csv_path)))
+    val = [(float(r["tokens"]) / 1e6, float(r["val_loss"])) for r in allrows if r["val_loss"]]
+    rows = [r for r in allrows if r["loss"]]
     if not rows:
         return
     tok = np.array([float(r["tokens"]) for r in rows]) / 1e6
@@ -82,7 +84,6 @@ def plot_csv(csv_path: Path, png: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(tok, loss, color="C0", alpha=0.25, lw=0.8)
     ax.plot(tok[k - 1:], sm, color="C0", label="train loss (LM)")
-    val = [(t, float(r["val_loss"])) for t, r in zip(tok, rows) if r["val_loss"]]
     if val:
         ax.plot(*zip(*val), "o-", color="C3", ms=3, label="held-out loss")
     ax.set_xlabel("tokens seen (M)")
