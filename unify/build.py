@@ -99,6 +99,9 @@ def build(model: str | torch.nn.Module, opts: BuildOptions) -> Path:
 
 def _walk(net, source, model_path, config, moe, todo, layers_name, layer_list, num_groups, group_fn, merge_fn, writer, opts):
     need_data = _needs_data(opts)
+    calib_src = opts.calib
+    if calib_src is None and (getattr(source, "ref", None) is not None) and (source.ref.recipe or {}).get("calib"):
+        calib_src = str(recipes.HERE.parent / source.ref.recipe["calib"])  # the recipe's own calibration sample
     first, last = todo[0], todo[-1]
     checksum_parts: dict[int, torch.Tensor] = {}
     meta_layers: dict[str, dict] = {}
@@ -107,7 +110,7 @@ def _walk(net, source, model_path, config, moe, todo, layers_name, layer_list, n
     _materialize_outside(source, net, layers_name)
 
     if need_data:
-        texts = load_texts(opts.calib, opts.calib_split, opts.calib_column)
+        texts = load_texts(calib_src, opts.calib_split, opts.calib_column)
         batches = tokenize(texts, model_path, config.vocab_size, opts.calib_tokens, opts.seq_len)
         hidden, layer_args = capture_layer_inputs(net, batches, opts.batch_size, "cpu")
         total_tokens = batches.numel()
