@@ -40,7 +40,7 @@ def weight_probe(tensors: list[torch.Tensor], per_tensor: int = 16) -> list[floa
     out = []
     for t in tensors:
         flat = t.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, per_tensor).long().to(flat.device)
+        idx = (torch.arange(per_tensor, dtype=torch.int64) * (flat.numel() - 1) // max(1, per_tensor - 1)).to(flat.device)
         out += [round(float(v), 7) for v in flat[idx].float().cpu()]
     return out
 
