@@ -1,0 +1,194 @@
+"""Brownout under transformers' tensor and expert parallelism: 2 gloo processes on CPU (issue 8).
+
+The sharded models are transformers' own: `from_pretrained(tp_plan="auto")` (experts sharded on I, moe_tp_experts
+all-reduce) and `DistributedConfig(tp_size=2, ep_size=2)` (experts sharded by expert; dispatch by AutoEP -> all-reduce,
+and by `ep_implementation="all_to_all"`, the token exchange). EP runs with owner placement and all-replicated. Each
+worker checks, against the single-process model and single-process BrownoutMoE computed here:
+  ratio 0  -> bit for bit the sharded model without brownout, and allclose to the single-process model (the sharded
+              model itself differs from one process by the order of its all-reduce sums, ~1e-7);
+  ratio 1, 0.5, drop -> allclose to the single-process brownout result at the same ratio/policy;
+  detach   -> bit for bit the sharded model again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+
+import pytest
+import torch
+
+from conftest import FAST, make_tiny
+from runtime.distributed import EPPlacement, ep_ids, place_united, token_ranks
+
+FAMILY = "qwen3_moe"
+CASES = [("ratio", 1.0), ("ratio", 0.5), ("drop", 0.5)]
+
+
+# -- placement logic (no processes) ------------------------------------------------------------------------------------
+def test_place_united_majority_owner_balance_and_replicas():
+    # 8 experts on 2 ranks (0-3 | 4-7); groups: {0,1} {2,5} {4,6} {3,7}
+    e2g = [0, 0, 1, 3, 2, 1, 2, 3]
+    pl = place_united(e2g, 2, replicate="none")
+    assert pl.owner[0] == 0 and pl.owner[2] == 1  # majority rank
+    assert sorted(pl.owner[g] for g in (1, 3)) == [0, 1]  # tied groups go to the least-loaded rank
+    assert [len(l) for l in pl.local] == [2, 2] and pl.local_slabs == 6
+    pl = place_united(e2g, 2, replicate=0.5)  # 0.5 * 4 local experts = 2 replica slots: both tied groups
+    assert pl.owner == [0, -1, 1, -1] and pl.local == [[0, 1, 3], [1, 2, 3]] and pl.members_on_owner() == 1.0
+    pl = place_united(e2g, 2, replicate="all")
+    assert pl.owner == [-1] * 4 and pl.local_slabs == 8
+    with pytest.raises(Exception):
+        place_united([0, 0, 1], 2)
+
+
+def test_ep_ids_translate_every_slab_to_its_rank():
+    e2g = [0, 0, 1, 3, 2, 1, 2, 3]
+    pl = place_united(e2g, 2, replicate=0.5)
+    rank_of, pos = pl.tables("cpu")
+    E, G, L = 8, 4, pl.local_slabs
+    ids = torch.tensor([[0, 5], [E + 0, E + 2], [E + 1, E + G], [7, E + 3]])
+    w = torch.ones(4, 2)
+    out, w2 = ep_ids(ids, w, rank_of, pos, L, E + G, token_ranks(4, 2, None, "cpu"))
+    # original 5 = rank 1 local 1; united 0 on rank 0 at local 4; united 2 on rank 1 at local 4 + index in [1, 2, 3]
+    assert out[0].tolist() == [0, L + 1]
+    assert out[1].tolist() == [4, L + 4 + 1]
+    # token 2 is in rank 1's row chunk: replicated united 1 and the skipped slot (weight 0) stay on rank 1
+    assert out[2].tolist() == [L + 4 + 0, L + 0] and w2[2].tolist() == [1.0, 0.0]
+    assert out[3].tolist() == [L + 3, L + 4 + 2]
+    assert isinstance(pl, EPPlacement)
+
+
+# -- 2 gloo processes --------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, work: str, paths: list[str]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    sys.path[:0] = paths
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    from runtime.distributed import attach
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    ref = torch.load(os.path.join(work, "ref.pt"))
+    x, udir = ref["x"], os.path.join(work, "united")
+    report = {}
+    try:
+        for mode in ("tp", "ep", "a2a"):
+            if mode == "tp":
+                model = AutoModelForCausalLM.from_pretrained(os.path.join(work, "model"), tp_plan="auto")
+            else:  # ep: AutoEP -> all-reduce dispatch at inference; a2a: the all-to-all token exchange
+                impl = "auto" if mode == "ep" else "all_to_all"
+                cfg = DistributedConfig(tp_size=2, ep_size=2, ep_implementation=impl)
+                model = AutoModelForCausalLM.from_pretrained(os.path.join(work, "model"), distributed_config=cfg)
+            model.eval()
+            with torch.no_grad():
+                base = model(x).logits
+                for replicate in {"tp": ("auto",), "ep": ("none", "all"), "a2a": ("none", "all")}[mode]:
+                    tag = f"{mode}/{replicate}"
+                    bm = attach(model, udir, replicate=replicate)
+                    r = {"kind": type(bm).__name__, "mode": sorted(set(getattr(bm, "mode", {}).values()))}
+                    out = model(x).logits
+                    r["ratio0_equal_sharded"] = bool(torch.equal(out, base))
+                    r["ratio0_err_single"] = float((out - ref["ref0"]).abs().max())
+                    for policy, ratio in CASES:
+                        bm.set_policy("drop" if policy == "drop" else "hot-cold")
+                        bm.set_ratio(ratio)
+                        out = model(x).logits
+                        want = ref[f"{policy}{ratio}"]
+                        r[f"{policy}{ratio}_err"] = float((out - want).abs().max())
+                        r[f"{policy}{ratio}_differs_from_base"] = not torch.equal(out, base)
+                    bm.set_policy("hot-cold")
+                    bm.set_ratio(1.0)
+                    bm.set_path("grouped")  # transformers' grouped_mm over the local slabs (the GPU path's fallback)
+                    r["grouped1.0_err"] = float((model(x).logits - ref["ratio1.0"]).abs().max())
+                    bm.set_path("auto")
+                    if mode != "tp":
+                        r["owner"] = {i: p.owner for i, p in bm.placement.items()}
+                    bm.set_policy("hot-cold")
+                    bm.set_ratio(0.0)
+                    bm.detach()
+                    r["detach_equal_sharded"] = bool(torch.equal(model(x).logits, base))
+                    report[tag] = r
+            del model
+    except Exception as e:  # report it to the parent instead of hanging the other rank
+        import traceback
+
+        report["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+    with open(os.path.join(work, f"report{rank}.json"), "w") as f:
+        json.dump(report, f)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def distributed_reports(tmp_path_factory):
+    from runtime import BrownoutMoE
+    from unify.build import BuildOptions, build
+
+    work = tmp_path_factory.mktemp("dist")
+    model = make_tiny(FAMILY)
+    model.save_pretrained(work / "model")
+    from conftest import load
+
+    model = load(str(work / "model"))
+    build(str(work / "model"), BuildOptions(out=str(work / "united"), **{**FAST, "way": 2, "grouping": "similarity",
+                                                                          "merge": "activation"}))
+    x = torch.randint(0, model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
+    ref = {"x": x}
+    with torch.no_grad():
+        ref["ref0"] = model(x).logits
+        bm = BrownoutMoE.attach(model, str(work / "united"))
+        for policy, ratio in CASES:
+            bm.set_policy("drop" if policy == "drop" else "hot-cold")
+            bm.set_ratio(ratio)
+            ref[f"{policy}{ratio}"] = model(x).logits
+    torch.save(ref, work / "ref.pt")
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [root, os.path.join(root, "tests")]
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(work), paths)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    reports = [json.loads((work / f"report{r}.json").read_text()) for r in range(2)]
+    for rep in reports:
+        assert "error" not in rep, rep.get("error")
+    return reports
+
+
+@pytest.mark.parametrize("tag", ["tp/auto", "ep/none", "ep/all", "a2a/none", "a2a/all"])
+def test_sharded_brownout_matches_single_process(distributed_reports, tag):
+    for rank, rep in enumerate(distributed_reports):
+        r = rep[tag]
+        assert r["kind"] == "DistributedBrownoutMoE" and r["mode"] == [tag.split("/")[0].replace("a2a", "ep")], r
+        assert r["ratio0_equal_sharded"], f"rank {rank}: ratio 0 is not the sharded model bit for bit"
+        assert r["ratio0_err_single"] < 1e-5, r
+        for policy, ratio in CASES:
+            assert r[f"{policy}{ratio}_err"] < 2e-5, (rank, tag, policy, ratio, r)
+        assert r["grouped1.0_err"] < 2e-5, r
+        assert r["ratio1.0_differs_from_base"], r
+        assert r["detach_equal_sharded"], r
+    if not tag.startswith("tp"):
+        assert distributed_reports[0][tag]["owner"] == distributed_reports[1][tag]["owner"]
