@@ -39,6 +39,12 @@ class BrownoutMoE:
         """
         if getattr(model, "_brownout_attached", False):
             raise BrownoutError("this model already has a united tier attached; detach it first")
+        from .distributed import sharding_mode  # lazy: distributed imports this module
+
+        if any(sharding_mode(l.experts) for l in find_moe_layers(model)):  # tensor / expert parallel (torchrun)
+            from .distributed import attach as attach_sharded
+
+            return attach_sharded(model, united_dir, ratio=ratio, policy=policy)
         ratio = _check_ratio(ratio)
         if policy not in POLICIES:
             raise BrownoutError(f"unknown brownout policy {policy!r}; policies: {', '.join(POLICIES)}")

@@ -1,0 +1,183 @@
+"""The accuracy study on the bundled reference model (issue 5): every way x grouping x merge, brownout ratio sweep
+with the paper's hot-cold policy, then the `mass` and `drop` policies for the paper's method and the best one.
+
+    python eval/study.py --out eval/results [--ways 2,4,8] [--limit 200] [--calib-tokens 8192] [--steps 100]
+
+Accuracy = lm-eval (HFLM around the loaded model, BrownoutMoE attached) on the local multiple-choice tasks;
+loss = mean relative accuracy loss over those tasks against the model without brownout (%). Resumable: finished
+runs are kept in study.json and skipped; checkpoints are cached under --cache.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PAPER = ("consecutive", "distill")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "eval" / "results"))
+    ap.add_argument("--cache", default="/tmp/brownout-study")
+    ap.add_argument("--ways", default="2,4,8")
+    ap.add_argument("--ratios", default="0.25,0.5,0.75,1")
+    ap.add_argument("--tasks", default="brownout_cont,brownout_cloze")
+    ap.add_argument("--limit", type=int, default=200)
+    ap.add_argument("--calib-tokens", type=int, default=8192)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--groupings", default=None)
+    ap.add_argument("--merges", default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from runtime import BrownoutMoE
+    from unify import grouping, merge
+    from unify.build import BuildOptions, build
+    from unify.evaluate import Evaluator, _loss_pct
+
+    out, cache = Path(a.out), Path(a.cache)
+    out.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    state_file = out / "study.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {"runs": []}
+    done = {(r["way"], r["grouping"], r["merge"], r["policy"], r["ratio"]) for r in state["runs"]}
+    tasks = a.tasks.split(",")
+    ev = Evaluator("reference", tasks, limit=a.limit, batch_size=32)
+    if "base" not in state:
+        state["base"] = ev.run()
+        state["settings"] = vars(a)
+    base = state["base"]
+    ratios = [float(r) for r in a.ratios.split(",")]
+    groupings = a.groupings.split(",") if a.groupings else grouping.names()
+    merges = a.merges.split(",") if a.merges else merge.names()
+
+    def save():
+        tmp = state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.rename(state_file)
+
+    def ckpt(way, g, m):
+        d = cache / f"w{way}-{g}-{m}"
+        if not (d / "united.json").exists():
+            t = time.time()
+            build("reference", BuildOptions(out=str(d), way=way, grouping=g, merge=m, calib_tokens=a.calib_tokens,
+                                            steps=a.steps, overwrite=True, progress=False))
+            print(f"built {d.name} in {time.time() - t:.0f}s", flush=True)
+        return d
+
+    def sweep(way, g, m, policy):
+        todo = [r for r in ratios if (way, g, m, policy, r) not in done]
+        if not todo:
+            return
+        bm = BrownoutMoE.attach(ev.model, ckpt(way, g, m), policy=policy)
+        try:
+            for r in todo:
+                bm.set_ratio(r)
+                t = time.time()
+                res = ev.run()
+                row = {"way": way, "grouping": g, "merge": m, "policy": policy, "ratio": r, "tasks": res,
+                       "loss_pct": _loss_pct(base, res), "seconds": round(time.time() - t, 1)}
+                state["runs"].append(row)
+                done.add((way, g, m, policy, r))
+                print(json.dumps({k: v for k, v in row.items() if k != "tasks"}), flush=True)
+                save()
+        finally:
+            bm.detach()
+
+    for way in [int(w) for w in a.ways.split(",")]:
+        for g in groupings:
+            for m in merges:
+                sweep(way, g, m, "hot-cold")
+        for g, m in {PAPER, best_method(state, way, ratios)}:
+            for policy in ("mass", "drop"):
+                sweep(way, g, m, policy)
+    save()
+    write_md(state, out / "study.md", ratios)
+    plot(state, out / "study.png", ratios)
+
+
+def _loss(state, way, g, m, policy, r):
+    for run in state["runs"]:
+        if (run["way"], run["grouping"], run["merge"], run["policy"], run["ratio"]) == (way, g, m, policy, r):
+            return run["loss_pct"]
+    return None
+
+
+def best_method(state, way, ratios):
+    """Lowest mean loss over ratios >= 0.5 with hot-cold."""
+    cands = {(r["grouping"], r["merge"]) for r in state["runs"] if r["way"] == way and r["policy"] == "hot-cold"}
+    def score(gm):
+        v = [_loss(state, way, *gm, "hot-cold", r) for r in ratios if r >= 0.5]
+        return sum(x for x in v if x is not None) / max(1, len(v))
+    return min(cands, key=score)
+
+
+def write_md(state, path, ratios):
+    base = state["base"]
+    ways = sorted({r["way"] for r in state["runs"]})
+    L = ["# Accuracy study on the reference model", "",
+         "Base model (no brownout): " + ", ".join(f"{t} {v['metric']} {v['value']:.4f}" for t, v in base.items()) +
+         f"; lm-eval limit {state['settings']['limit']} per task. Cells: mean relative accuracy loss (%) over the tasks "
+         "(negative = better than base); policy hot-cold unless named.", ""]
+    for way in ways:
+        L += [f"## {way}-way", "", "| grouping + merge | policy | " + " | ".join(f"r={r:g}" for r in ratios) + " | monotone |",
+              "|---|---|" + "---|" * len(ratios) + "---|"]
+        keys = sorted({(r["grouping"], r["merge"], r["policy"]) for r in state["runs"] if r["way"] == way},
+                      key=lambda k: (k[2] != "hot-cold", k))
+        for g, m, p in keys:
+            vals = [_loss(state, way, g, m, p, r) for r in ratios]
+            mono = all(b is not None and a is not None and b >= a - 1e-9 for a, b in zip(vals, vals[1:]))
+            tag = " (paper)" if (g, m) == PAPER else ""
+            L.append(f"| {g} + {m}{tag} | {p} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in vals) +
+                     f" | {'yes' if mono else 'no'} |")
+        best = best_method(state, way, ratios)
+        goal = []
+        for r in ratios:
+            if r < 0.5:
+                continue
+            pb, bb = _loss(state, way, *PAPER, "hot-cold", r), _loss(state, way, *best, "hot-cold", r)
+            if pb is not None and bb is not None:
+                ok = bb <= 0.4 * pb if pb > 0 else bb <= pb
+                goal.append(f"r={r:g}: best {bb:.2f} vs paper {pb:.2f} -> {'met' if ok else 'missed'}")
+        L += ["", f"Best method (lowest mean loss at r >= 0.5): **{best[0]} + {best[1]}**. Goal (best <= 0.4 x paper): " + "; ".join(goal), ""]
+    path.write_text("\n".join(L) + "\n")
+
+
+def plot(state, path, ratios):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ways = sorted({r["way"] for r in state["runs"]})
+    fig, axes = plt.subplots(1, len(ways), figsize=(6 * len(ways), 4.5), squeeze=False)
+    for ax, way in zip(axes[0], ways):
+        best = best_method(state, way, ratios)
+        keys = sorted({(r["grouping"], r["merge"], r["policy"]) for r in state["runs"] if r["way"] == way})
+        for g, m, p in keys:
+            vals = [(0.0, 0.0)] + [(r, _loss(state, way, g, m, p, r)) for r in ratios]
+            vals = [(x, y) for x, y in vals if y is not None]
+            hi = (g, m) in (PAPER, best)
+            ax.plot([x for x, _ in vals], [y for _, y in vals], marker="o" if hi else None, lw=2 if hi else 0.8,
+                    alpha=1 if hi else 0.35, ls="--" if p == "drop" else (":" if p == "mass" else "-"),
+                    label=f"{g}+{m} {p}" if hi else None)
+        ax.set_title(f"{way}-way")
+        ax.set_xlabel("brownout ratio")
+        ax.set_ylabel("accuracy loss vs base (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
