@@ -13,7 +13,7 @@ import recipes
 from . import grouping as grouping_mod
 from . import merge as merge_mod
 from .calibration import MoEProbe, capture_layer_inputs, decoder_layers, load_texts, tokenize
-from .checkpoint import CheckpointWriter, config_hash, fingerprint_tensors, weight_probe
+from .checkpoint import CheckpointWriter, config_hash, weight_probe
 from .discover import find_moe_layers
 from .errors import BrownoutError
 from .layout import glu_of, native_of
@@ -81,11 +81,11 @@ def build(model: str | torch.nn.Module, opts: BuildOptions) -> Path:
 
     writer = CheckpointWriter(opts.out, overwrite=opts.overwrite)
     try:
-        meta_layers, checksum_parts = _walk(net, source, model_path, config, moe, todo, layers_name, layer_list,
+        meta_layers, probe = _walk(net, source, model_path, config, moe, todo, layers_name, layer_list,
                                             num_groups, group_fn, merge_fn, writer, opts)
         meta = {
             "base_model": {"name": base, "model_type": config.model_type, "config_hash": config_hash(config),
-                           "weight_probe": weight_probe(checksum_parts), "num_experts": E,
+                           "weight_probe": probe, "num_experts": E,
                            "moe_layers": sorted(moe)},
             "way": E // num_groups, "num_groups": num_groups, "grouping": opts.grouping, "merge": opts.merge,
             "skip_layers": sorted(skip), "options": {k: v for k, v in asdict(opts).items() if k not in ("progress",)},
@@ -103,9 +103,8 @@ def _walk(net, source, model_path, config, moe, todo, layers_name, layer_list, n
     if calib_src is None and (getattr(source, "ref", None) is not None) and (source.ref.recipe or {}).get("calib"):
         calib_src = str(recipes.HERE.parent / source.ref.recipe["calib"])  # the recipe's own calibration sample
     first, last = todo[0], todo[-1]
-    checksum_parts: dict[int, torch.Tensor] = {}
+    probes: dict[int, list[float]] = {}  # fingerprint values, taken while the layer is in memory
     meta_layers: dict[str, dict] = {}
-    device = torch.device(opts.device)
     # Non-layer modules (embeddings, rotary, final norm) are small: materialise them for the whole build.
     _materialize_outside(source, net, layers_name)
 
@@ -125,7 +124,8 @@ def _walk(net, source, model_path, config, moe, todo, layers_name, layer_list, n
         if i in moe:
             _check_finite(moe[i], i)
             if i in (first, last):
-                checksum_parts[i] = moe[i].experts.gate_up_proj.detach()
+                gu = moe[i].experts.gate_up_proj
+                probes[i] = weight_probe([gu[0], gu[-1]])
             if i in todo and need_data:
                 probe = MoEProbe(moe[i].experts, moe[i].num_experts, opts.samples_per_layer, total_tokens, opts.seed + i)
         if need_data:
@@ -140,8 +140,7 @@ def _walk(net, source, model_path, config, moe, todo, layers_name, layer_list, n
         source.release(prefix)
         if need_data and i + 1 < len(layer_list) and not all(torch.isfinite(h).all() for h in hidden):
             raise BrownoutError(f"NaN or inf in the activations after layer {i}")
-    parts = fingerprint_tensors(checksum_parts[first], checksum_parts[last])
-    return meta_layers, parts
+    return meta_layers, probes[first] + probes[last]  # = weight_probe(fingerprint_tensors(first, last))
 
 
 def _materialize_outside(source, net, layers_name: str) -> None:
