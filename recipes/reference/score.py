@@ -3,7 +3,7 @@
 
     python recipes/reference/score.py --model recipes/reference/model --counts .corpus/train_counts.npy
 
-Mirrors lm-eval 0.4's HFLM: rolling perplexity over disjoint windows of the model's length with an
+Close to lm-eval 0.4 HFLM: rolling perplexity over disjoint windows (lm-eval overlaps later windows' context, so its perplexity is a bit lower) of the model's length with an
 <|endoftext|> prefix; multiple choice sums log p(choice | context) where the choice's tokens are
 those of tokenize(context + choice) past tokenize(context); acc_norm divides by the choice's length
 in characters. The unigram model is p(t) = (count_t + 1) / (N + V) from the train split's token
