@@ -60,7 +60,11 @@ class Evaluator:
         except Exception as e:
             raise BrownoutError(f"cannot load a tokenizer from {ref.path}: {str(e).splitlines()[0][:160]}") from None
         self.model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=getattr(torch, dtype)).to(device).eval()
-        self.lm = HFLM(pretrained=self.model, tokenizer=self.tokenizer, batch_size=batch_size, device=device)
+        if device == "cpu":  # transformers' grouped_mm has only a slow fallback loop on the CPU; eager is ~2.5x faster
+            self.model.config._experts_implementation = "eager"
+        max_length = getattr(self.model.config, "max_position_embeddings", None)
+        self.lm = HFLM(pretrained=self.model, tokenizer=self.tokenizer, batch_size=batch_size, device=device,
+                       max_length=max_length)
         self.task_manager = TaskManager(include_path=str(include_path or TASKS_DIR))
         unknown = [t for t in tasks if t not in self.task_manager.all_tasks]
         if unknown:

@@ -116,6 +116,8 @@ class ShardSource:
         with init_empty_weights():
             self.model = AutoModelForCausalLM.from_config(config)
         self.model.eval()
+        # calibration runs on the CPU, where transformers' grouped_mm falls back to a slow loop: use the eager experts
+        self.model.config._experts_implementation = "eager"
         self._mem_of_disk = self._map_names()
 
     @staticmethod
