@@ -69,7 +69,7 @@ def main():
     disk_gib = sum(f.stat().st_size for f in (work / "model").glob("*.safetensors")) / 2**30
     rows = [run_build(work / "model", work / "u-avg", ["--way", "2", "--grouping", "consecutive", "--merge", "average"]),
             run_build(work / "model", work / "u-act", ["--way", "2", "--grouping", "similarity", "--merge", "activation",
-                                                      "--calib-tokens", "1024", "--seq-len", "256", "--samples-per-layer", "512"])]
+                                                      "--calib-tokens", "512", "--seq-len", "256", "--samples-per-layer", "512"])]
     res = {"layers": a.layers, "experts_per_layer_gib": round(layer_gib, 2), "model_on_disk_gib": round(disk_gib, 2),
            "model_write_seconds": made, "machine": f"{__import__('os').cpu_count()} CPU cores", "builds": rows}
     out = Path(a.out)

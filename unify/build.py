@@ -172,14 +172,14 @@ def _merge_layer(layer, calib, num_groups, group_fn, grouping, merge_fn, writer,
     native = native_of(layer.experts, layout)
     glu = glu_of(layer.experts, layout)
     if grouping in grouping_mod.NEEDS_DATA:
-        canon_all = layout.to_canonical({k: v.float() for k, v in native.items()})
+        canon_all = layout.to_canonical(native)  # views in the layer's dtype; grouping upcasts one expert at a time
     else:  # data-free groupings only need the expert count
         canon_all = {"gate": torch.empty(E, 0, 0)}
     groups = group_fn(canon_all, calib, glu, num_groups, opts.seed)
     del canon_all
     united, params = [], []
     for g, members in enumerate(tqdm(groups, desc=f"layer {i} groups", leave=False, disable=not opts.progress)):
-        w = layout.to_canonical({k: v[members].float() for k, v in native.items()})
+        w = {k: v.contiguous() for k, v in layout.to_canonical({k: v[members].float() for k, v in native.items()}).items()}
         ctx = merge_mod.MergeContext(members=list(members), glu=glu, calib=calib, steps=opts.steps, lr=opts.lr,
                                      device=opts.device, seed=opts.seed + 1000 * i + g)
         with torch.enable_grad():  # training-based merges need autograd; the rest of the build runs without it

@@ -156,7 +156,7 @@ def _output_gram(canon, calib: LayerCalibration, glu: Glu, seed: int, chunk_elem
     n, x = _num_experts(canon), calib.x
     if x.shape[0] > SAMPLE_ROWS:
         x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:SAMPLE_ROWS].sort().values]
-    x = x.to(canon["gate"])
+    x = x.to(device=canon["gate"].device, dtype=torch.float32)
     step = max(1, chunk_elems // (n * x.shape[1]))
     gram = torch.zeros(n, n, dtype=torch.float64)
     for s in range(0, x.shape[0], step):

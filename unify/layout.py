@@ -51,10 +51,10 @@ class Layout:
         if self.is_transposed:  # [E, H, 2I] and [E, I, H]
             gu, down = gu.transpose(1, 2), down.transpose(1, 2)
         gate, up = self._split(gu, dim=1)
-        out = {"gate": gate.contiguous(), "up": up.contiguous(), "down": down.contiguous()}
+        out = {"gate": gate, "up": up, "down": down}  # views where the layout allows: no copy of a whole layer
         if self.has_bias:
             gb, ub = self._split(native["gate_up_proj_bias"], dim=1)
-            out.update(gate_bias=gb.contiguous(), up_bias=ub.contiguous(), down_bias=native["down_proj_bias"].contiguous())
+            out.update(gate_bias=gb, up_bias=ub, down_bias=native["down_proj_bias"])
         return out
 
     def to_native(self, canon: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -102,8 +102,9 @@ def glu_of(experts: torch.nn.Module, layout: Layout | None = None) -> Glu:
 
 
 def expert(canon: dict[str, torch.Tensor], j: int) -> dict[str, torch.Tensor]:
-    """Expert j of a canonical stack, as a canonical dict without the leading dimension."""
-    return {k: v[j] for k, v in canon.items()}
+    """Expert j of a canonical stack, as a float32 canonical dict without the leading dimension (upcast one expert
+    at a time, so a layer can stay in its own dtype)."""
+    return {k: v[j].float() for k, v in canon.items()}
 
 
 def hidden(w: dict[str, torch.Tensor], x: torch.Tensor, glu: Glu) -> torch.Tensor:
