@@ -65,6 +65,15 @@ class Layout:
             out["down_proj_bias"] = canon["down_bias"].contiguous()
         return out
 
+    def gate_up_views(self, gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writable canonical [E, I, H] views (gate, up) into a native fused gate_up_proj tensor."""
+        if self.is_transposed:
+            gu = gu.transpose(1, 2)
+        if self.is_concatenated:
+            half = gu.shape[1] // 2
+            return gu[:, :half], gu[:, half:]
+        return gu[:, 0::2], gu[:, 1::2]
+
     def fuse_gate_up(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """Per-expert gate and up [E, I, H] -> the native fused gate_up_proj."""
         gu = self._join(gate, up, dim=1)

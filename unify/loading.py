@@ -173,21 +173,30 @@ class ShardSource:
             )
         if entries[0][1] == "copy":
             t = self._read(entries[0][0])
-        else:  # per-expert tensors on disk -> one fused tensor in the module's native layout
-            by_role: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
-            for key, role, j in entries:
-                by_role[role][j] = self._read(key)
+            self._disk_dtype = t.dtype
+            if self.dtype is not None and t.is_floating_point():
+                t = t.to(self.dtype)
+        else:  # per-expert tensors on disk -> one fused tensor, filled one expert at a time (no extra layer copies)
             n = like.shape[0]
-            stack = {r: torch.stack([v[j] for j in range(n)]) for r, v in by_role.items() if len(v) == n}
+            if len({j for _, _, j in entries}) != n or max(j for _, _, j in entries) >= n:
+                raise BrownoutError(f"{name}: the checkpoint's experts do not match the config's {n}")
             layout = Layout.of(owner)
+            first = self._read(entries[0][0])
+            self._disk_dtype = first.dtype
+            t = torch.empty(like.shape, dtype=self.dtype or first.dtype)
             if name.endswith("down_proj"):
-                t = stack["down"].transpose(1, 2) if layout.is_transposed else stack["down"]
+                views = {"down": t.transpose(1, 2) if layout.is_transposed else t}
             else:
-                t = layout.fuse_gate_up(stack["gate"], stack["up"])
+                gate, up = layout.gate_up_views(t)
+                views = {"gate": gate, "up": up}
+            for key, role, j in entries:
+                src = self._read(key)
+                if tuple(src.shape) != tuple(views[role][j].shape):
+                    raise BrownoutError(f"{key}: on-disk shape {tuple(src.shape)} does not match the config's "
+                                        f"{tuple(views[role][j].shape)}")
+                views[role][j].copy_(src)
         if tuple(t.shape) != tuple(like.shape):
             raise BrownoutError(f"{name}: on-disk shape {tuple(t.shape)} does not match the config's {tuple(like.shape)}")
-        if t.is_floating_point():
-            self._disk_dtype = t.dtype
         return t
 
     def materialize(self, prefix: str) -> None:
@@ -205,8 +214,6 @@ class ShardSource:
             value = self._tensor_for(full, p, owner)
             if name.endswith("gate_up_proj"):  # united experts are written in the checkpoint's own dtype
                 owner._disk_dtype = self._disk_dtype
-            if self.dtype is not None and value.is_floating_point():
-                value = value.to(self.dtype)
             set_module_tensor_to_device(self.model, full, "cpu", value=value)
         if not prefix or prefix.endswith("embed_tokens"):
             self.model.tie_weights()
