@@ -64,7 +64,9 @@ def build(model: str | torch.nn.Module, opts: BuildOptions) -> Path:
     else:
         ref = resolve(model)
         config = load_config(ref)
-        source, model_path, recipe, base = ShardSource(ref, config), ref.path, ref.recipe, str(model)
+        # compute in float32 when layers run on calibration data; data-free builds keep the checkpoint's dtype
+        dtype = torch.float32 if _needs_data(opts) else None
+        source, model_path, recipe, base = ShardSource(ref, config, dtype), ref.path, ref.recipe, str(model)
     net = source.model
     moe = {l.index: l for l in find_moe_layers(net)}
     num_experts = {l.num_experts for l in moe.values()}
@@ -177,17 +179,20 @@ def _merge_layer(layer, calib, num_groups, group_fn, grouping, merge_fn, writer,
         canon_all = {"gate": torch.empty(E, 0, 0)}
     groups = group_fn(canon_all, calib, glu, num_groups, opts.seed)
     del canon_all
-    united, params = [], []
+    dtype = getattr(layer.experts, "_disk_dtype", layer.experts.gate_up_proj.dtype)  # the checkpoint's own dtype
+    # The united tier is filled group by group straight into its final dtype and layout: no float32 copy of it
+    out = {k: torch.empty((len(groups),) + tuple(v.shape[1:]), dtype=dtype) for k, v in native.items()}
+    canon_out = layout.to_canonical(out)  # writable views into `out`
+    params = []
     for g, members in enumerate(tqdm(groups, desc=f"layer {i} groups", leave=False, disable=not opts.progress)):
         w = {k: v.contiguous() for k, v in layout.to_canonical({k: v[members].float() for k, v in native.items()}).items()}
         ctx = merge_mod.MergeContext(members=list(members), glu=glu, calib=calib, steps=opts.steps, lr=opts.lr,
                                      device=opts.device, seed=opts.seed + 1000 * i + g)
         with torch.enable_grad():  # training-based merges need autograd; the rest of the build runs without it
-            united.append(merge_fn(w, ctx))
+            united = merge_fn(w, ctx)
+        for k, v in united.items():
+            canon_out[k][g].copy_(v)
         params.append(ctx.params)
-    dtype = getattr(layer.experts, "_disk_dtype", layer.experts.gate_up_proj.dtype)  # the checkpoint's own dtype
-    out = layout.to_native({k: torch.stack([u[k] for u in united]) for k in united[0]})
-    out = {k: v.to(dtype) for k, v in out.items()}
     e2g = torch.empty(E, dtype=torch.int64)
     for g, members in enumerate(groups):
         e2g[list(members)] = g

@@ -23,7 +23,7 @@ FORMAT_VERSION = 1
 SINGLE = "united.safetensors"
 INDEX = "united.safetensors.index.json"
 META = "united.json"
-MAX_SHARD_BYTES = 2 * 1024**3
+MAX_SHARD_BYTES = 1024**3  # a shard is flushed once this much is pending (also bounds build memory)
 # Config keys that do not change the weights' meaning (dtype, paths, runtime choices) stay out of the hash.
 _VOLATILE = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "_experts_implementation",
              "_attn_implementation", "architectures", "use_cache", "output_router_logits"}

@@ -65,15 +65,6 @@ class Layout:
             out["down_proj_bias"] = canon["down_bias"].contiguous()
         return out
 
-    def gate_up_views(self, gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writable canonical [E, I, H] views (gate, up) into a native fused gate_up_proj tensor."""
-        if self.is_transposed:
-            gu = gu.transpose(1, 2)
-        if self.is_concatenated:
-            half = gu.shape[1] // 2
-            return gu[:, :half], gu[:, half:]
-        return gu[:, 0::2], gu[:, 1::2]
-
     def fuse_gate_up(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """Per-expert gate and up [E, I, H] -> the native fused gate_up_proj."""
         gu = self._join(gate, up, dim=1)
@@ -82,8 +73,8 @@ class Layout:
     def _split(self, t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.is_concatenated:
             return t.chunk(2, dim=dim)
-        idx = torch.arange(t.shape[dim], device=t.device)
-        return t.index_select(dim, idx[0::2]), t.index_select(dim, idx[1::2])
+        lead = (slice(None),) * (dim % t.dim())
+        return t[lead + (slice(0, None, 2),)], t[lead + (slice(1, None, 2),)]  # strided views, no copies
 
     def _join(self, a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
         dim = dim % a.dim()

@@ -186,9 +186,8 @@ class ShardSource:
             t = torch.empty(like.shape, dtype=self.dtype or first.dtype)
             if name.endswith("down_proj"):
                 views = {"down": t.transpose(1, 2) if layout.is_transposed else t}
-            else:
-                gate, up = layout.gate_up_views(t)
-                views = {"gate": gate, "up": up}
+            else:  # writable canonical views into the fused tensor
+                views = layout.to_canonical({"gate_up_proj": t, "down_proj": t.new_empty(0, 0, 0)})
             for key, role, j in entries:
                 src = self._read(key)
                 if tuple(src.shape) != tuple(views[role][j].shape):
