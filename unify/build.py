@@ -13,7 +13,7 @@ import recipes
 from . import grouping as grouping_mod
 from . import merge as merge_mod
 from .calibration import MoEProbe, capture_layer_inputs, decoder_layers, load_texts, tokenize
-from .checkpoint import CheckpointWriter, config_hash, weight_probe
+from .checkpoint import CheckpointWriter, all_finite, config_hash, weight_probe
 from .discover import find_moe_layers
 from .errors import BrownoutError
 from .layout import glu_of, native_of
@@ -163,7 +163,7 @@ def _materialize_outside(source, net, layers_name: str) -> None:
 
 def _check_finite(layer, i: int) -> None:
     for k, t in native_of(layer.experts, layer.layout).items():
-        if not torch.isfinite(t).all():
+        if not all_finite(t):
             raise BrownoutError(f"layer {i}: NaN or inf in the expert weights ({k})")
 
 

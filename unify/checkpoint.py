@@ -58,6 +58,13 @@ def fingerprint_tensors(first_layer_gate_up: torch.Tensor, last_layer_gate_up: t
     return [first_layer_gate_up[0], first_layer_gate_up[-1], last_layer_gate_up[0], last_layer_gate_up[-1]]
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """NaN/inf check one leading slice at a time (a whole-tensor check allocates a layer-sized mask)."""
+    if not t.is_floating_point():
+        return True
+    return all(bool(torch.isfinite(s).all()) for s in (t if t.dim() > 1 else [t]))
+
+
 class CheckpointWriter:
     """Collects per-layer united tensors and writes them as shards into a temporary directory; `commit` renames it."""
 
@@ -78,7 +85,7 @@ class CheckpointWriter:
     def add_layer(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
         for k, v in tensors.items():
             t = v.detach().to("cpu").contiguous()
-            if t.is_floating_point() and not torch.isfinite(t).all():
+            if not all_finite(t):
                 raise BrownoutError(f"layer {layer}: united {k} has NaN or inf values")
             self._pending[f"layers.{layer}.{k}"] = t
             self._pending_bytes += t.numel() * t.element_size()
