@@ -98,3 +98,21 @@ def test_skip_layers_and_groups_flag(tiny_dir, tmp_path):
     ck = UnitedCheckpoint(_build(tiny_dir("qwen2_moe"), tmp_path / "u", **{**FAST, "groups": 2, "skip_layers": [0, -1]}))
     assert ck.layers == [1]
     assert ck.meta["way"] == 4 and ck.meta["skip_layers"] == [0, 2]
+
+
+def test_calibration_sources(tmp_path):
+    """Plain text, a `datasets` directory (save_to_disk) and a JSONL file with a named column."""
+    import datasets
+
+    from unify.calibration import load_texts
+    from unify.errors import BrownoutError
+
+    (tmp_path / "c.txt").write_text("first paragraph\n\nsecond paragraph\n")
+    assert load_texts(str(tmp_path / "c.txt")) == ["first paragraph", "second paragraph\n"]
+    datasets.Dataset.from_dict({"text": ["a " * 50, "b " * 50]}).save_to_disk(str(tmp_path / "ds"))
+    assert len(load_texts(str(tmp_path / "ds"))) == 2
+    (tmp_path / "c.jsonl").write_text(json.dumps({"content": "x y z"}) + "\n")
+    assert load_texts(str(tmp_path / "c.jsonl"), column="content") == ["x y z"]
+    with pytest.raises(BrownoutError, match="no column 'text'"):
+        load_texts(str(tmp_path / "c.jsonl"))
+    assert load_texts(None)  # the bundled default sample

@@ -31,7 +31,7 @@ def load_texts(source: str | None, split: str = "train", column: str = "text") -
         try:
             import datasets
 
-            if p.is_dir() and (p / "dataset_info.json").exists() or (p / "state.json").exists():
+            if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists()):  # save_to_disk
                 ds = datasets.load_from_disk(str(p))
                 ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
             elif p.is_file():
