@@ -128,6 +128,7 @@ def _walk(net, source, model_path, config, moe, todo, layers_name, layer_list, n
             if i in (first, last):
                 gu = moe[i].experts.gate_up_proj
                 probes[i] = weight_probe([gu[0], gu[-1]])
+                del gu  # a name left bound here would keep this layer's experts alive through the next layers
             if i in todo and need_data:
                 probe = MoEProbe(moe[i].experts, moe[i].num_experts, opts.samples_per_layer, total_tokens, opts.seed + i)
         if need_data:
