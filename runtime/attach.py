@@ -80,14 +80,18 @@ class BrownoutMoE:
         return cls(model, ck, moe, states, list(configs.values()), prev)
 
     @staticmethod
-    def _check_fingerprint(model, ck: UnitedCheckpoint, moe: dict[int, MoELayer]) -> None:
+    def _check_fingerprint(model, ck: UnitedCheckpoint, moe: dict[int, MoELayer], cfg_hash=config_hash,
+                           full=lambda t: t) -> None:
+        """Config hash and weight probe against the checkpoint's. A sharded model passes its own `cfg_hash` (which
+        ignores the parallel settings) and `full` (gathers a sharded experts tensor)."""
         bm = ck.meta["base_model"]
-        if bm.get("config_hash") != config_hash(model.config):
+        if bm.get("config_hash") != cfg_hash(model.config):
             raise BrownoutError(f"{ck.path} was built from another model ({bm.get('name')}, {bm.get('model_type')}): config differs")
         missing = [i for i in ck.layers if i not in moe]
         if missing:
             raise BrownoutError(f"{ck.path} has united experts for layers {missing}, which are not MoE layers of this model")
-        first, last = moe[ck.layers[0]].experts.gate_up_proj, moe[ck.layers[-1]].experts.gate_up_proj
+        first = full(moe[ck.layers[0]].experts.gate_up_proj)
+        last = first if ck.layers[-1] == ck.layers[0] else full(moe[ck.layers[-1]].experts.gate_up_proj)
         if not probe_matches(bm.get("weight_probe", []), weight_probe(fingerprint_tensors(first, last))):
             raise BrownoutError(f"{ck.path} was built from another model ({bm.get('name')}): expert weights differ")
 

@@ -37,7 +37,7 @@ from types import SimpleNamespace
 
 import torch
 
-from unify.checkpoint import _VOLATILE, UnitedCheckpoint, fingerprint_tensors, probe_matches, weight_probe
+from unify.checkpoint import _VOLATILE, UnitedCheckpoint
 from unify.discover import MoELayer, find_moe_layers
 from unify.errors import BrownoutError
 
@@ -292,7 +292,8 @@ def attach(model, united_dir, ratio=0.0, policy: str = "hot-cold", replicate="au
     if policy not in POLICIES:
         raise BrownoutError(f"unknown brownout policy {policy!r}; policies: {', '.join(POLICIES)}")
     ck = UnitedCheckpoint(united_dir)
-    _check_fingerprint(model, ck, moe)
+    # the probe reads experts 0 and -1 of the first and last united layer: `_full` gathers them (a collective)
+    BrownoutMoE._check_fingerprint(model, ck, moe, cfg_hash=_config_hash, full=_full)
     loaded = {i: BrownoutMoE._check_layer(ck, i, moe[i]) for i in ck.layers}
     for i in loaded:
         if modes[i] is None:
@@ -361,22 +362,6 @@ def attach(model, united_dir, ratio=0.0, policy: str = "hot-cold", replicate="au
     bm = DistributedBrownoutMoE(model, ck, moe, states, list(configs.values()), prev)
     bm.placement, bm.mode = placement, mode
     return bm
-
-
-def _check_fingerprint(model, ck: UnitedCheckpoint, moe: dict[int, MoELayer]) -> None:
-    bm = ck.meta["base_model"]
-    if bm.get("config_hash") != _config_hash(model.config):
-        raise BrownoutError(f"{ck.path} was built from another model ({bm.get('name')}, {bm.get('model_type')}): config differs")
-    missing = [i for i in ck.layers if i not in moe]
-    if missing:
-        raise BrownoutError(f"{ck.path} has united experts for layers {missing}, which are not MoE layers of this model")
-    # the probe reads experts 0 and -1 of the first and last united layer: gather those layers (a collective)
-    first = _full(moe[ck.layers[0]].experts.gate_up_proj)
-    last = first if ck.layers[-1] == ck.layers[0] else _full(moe[ck.layers[-1]].experts.gate_up_proj)
-    ok = probe_matches(bm.get("weight_probe", []), weight_probe(fingerprint_tensors(first, last)))
-    del first, last
-    if not ok:
-        raise BrownoutError(f"{ck.path} was built from another model ({bm.get('name')}): expert weights differ")
 
 
 def _install_ep_forward(ex: torch.nn.Module, st: LayerState, pl: EPPlacement, impl) -> None:
