@@ -33,12 +33,11 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
 from unify.checkpoint import _VOLATILE, UnitedCheckpoint
-from unify.discover import MoELayer, find_moe_layers
+from unify.discover import find_moe_layers
 from unify.errors import BrownoutError
 
 from . import experts_impl

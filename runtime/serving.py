@@ -33,13 +33,11 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
-import torch
 
 from .controller import Controller, FixedRatio, quantile
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -41,7 +41,6 @@ class BuildOptions:
     overwrite: bool = False
     skip_layers: list[int] | None = None  # None = the recipe's
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 def _layer_prefix(layers_name: str, i: int) -> str:

@@ -8,8 +8,6 @@ what the experts see: the tokens and their top-k routing after the family's own 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
-
 import torch
 
 import recipes

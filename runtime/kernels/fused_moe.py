@@ -364,12 +364,6 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
     return out
 
 
-def slab_forward(experts: torch.nn.Module, slabs: dict, hidden_states: torch.Tensor, ids: torch.Tensor,
-                 weights: torch.Tensor) -> torch.Tensor:
-    """Drop-in for runtime.reference.slab_forward on supported modules (see `supported`)."""
-    return fused_moe(hidden_states, slabs["gate_up_proj"], slabs["down_proj"], ids, weights)
-
-
 def _is_default_silu(experts: torch.nn.Module) -> bool:
     gate_fn = getattr(type(experts), "_apply_gate", None)
     if gate_fn is None or getattr(gate_fn, "__name__", "") != "_default_apply_gate":
