@@ -1,7 +1,8 @@
 """The accuracy study on the bundled reference model (issue 5): every way x grouping x merge, brownout ratio sweep
 with the paper's hot-cold policy, then the `mass` and `drop` policies for the paper's method and the best one.
 
-    python eval/study.py --out eval/results [--ways 2,4,8] [--limit 200] [--calib-tokens 8192] [--steps 100]
+    python eval/study.py --out eval/results [--ways 2,4,8] [--limit N] [--calib-tokens 8192] [--steps 100]
+                         [--device cuda --build-device cuda]
 
 Accuracy = lm-eval (HFLM around the loaded model, BrownoutMoE attached) on the local multiple-choice tasks;
 loss = mean relative accuracy loss over those tasks against the model without brownout (%). Resumable: finished
@@ -27,14 +28,29 @@ def main():
     ap.add_argument("--cache", default="/tmp/brownout-study")
     ap.add_argument("--ways", default="2,4,8")
     ap.add_argument("--ratios", default="0.25,0.5,0.75,1")
-    ap.add_argument("--tasks", default="brownout_cont,brownout_cloze")
-    ap.add_argument("--limit", type=int, default=200)
+    ap.add_argument("--tasks", default="brownout_cont,brownout_cloze,brownout_ppl",
+                    help="accuracy tasks are averaged into the loss; perplexity tasks are reported beside it")
+    ap.add_argument("--limit", type=int, default=0, help="documents per task (0 = all)")
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--groupings", default=None)
     ap.add_argument("--merges", default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--policies", default="hot-cold,mass,drop",
+                    help="hot-cold runs every grouping x merge; mass and drop run the paper's method and the best "
+                         "hot-cold one (which needs every hot-cold run of that way in the state)")
+    ap.add_argument("--combine", nargs="+", metavar="DIR",
+                    help="merge the study.json of these directories into --out and write the table and plot")
+    ap.add_argument("--device", default="cpu", help="where lm-eval runs the model")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="float32 runs the PyTorch reference path; bfloat16 on CUDA runs the fused kernel (fast)")
+    ap.add_argument("--build-only", action="store_true", help="only build the checkpoints of the selected sweep")
+    ap.add_argument("--build-device", default="cpu", help="where calibration and distillation run")
     a = ap.parse_args()
+    out = Path(a.out)
+    if a.combine:
+        return combine([Path(d) for d in a.combine], out)
 
     import torch
 
@@ -44,19 +60,13 @@ def main():
     from unify.build import BuildOptions, build
     from unify.evaluate import Evaluator, _loss_pct
 
-    out, cache = Path(a.out), Path(a.cache)
+    cache = Path(a.cache)
     out.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
     state_file = out / "study.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {"runs": []}
     done = {(r["way"], r["grouping"], r["merge"], r["policy"], r["ratio"]) for r in state["runs"]}
     tasks = a.tasks.split(",")
-    ev = Evaluator("reference", tasks, limit=a.limit, batch_size=32)
-    if "base" not in state:
-        state["base"] = ev.run()
-        state["settings"] = vars(a)
-    base = state["base"]
-    ratios = [float(r) for r in a.ratios.split(",")]
     groupings = a.groupings.split(",") if a.groupings else grouping.names()
     merges = a.merges.split(",") if a.merges else merge.names()
 
@@ -70,15 +80,32 @@ def main():
         if not (d / "united.json").exists():
             t = time.time()
             build("reference", BuildOptions(out=str(d), way=way, grouping=g, merge=m, calib_tokens=a.calib_tokens,
-                                            steps=a.steps, overwrite=True, progress=False))
+                                            steps=a.steps, overwrite=True, progress=False,
+                                            device=a.build_device))
             print(f"built {d.name} in {time.time() - t:.0f}s", flush=True)
         return d
+
+    if a.build_only:  # e.g. many CPU processes build while the GPU evaluates
+        for way in [int(w) for w in a.ways.split(",")]:
+            for g in groupings:
+                for m in merges:
+                    ckpt(way, g, m)
+        return
+    ev = Evaluator("reference", tasks, limit=a.limit or None, batch_size=a.batch_size, device=a.device,
+                   dtype=a.dtype)
+    if "base" not in state:
+        state["base"] = ev.run()
+        state["settings"] = vars(a)
+    base = state["base"]
+    ratios = [float(r) for r in a.ratios.split(",")]
 
     def sweep(way, g, m, policy):
         todo = [r for r in ratios if (way, g, m, policy, r) not in done]
         if not todo:
             return
         bm = BrownoutMoE.attach(ev.model, ckpt(way, g, m), policy=policy)
+        if a.dtype == "float32":
+            bm.set_path("reference")  # the semantics-defining path; the fused kernel is bf16/fp16 only
         try:
             for r in todo:
                 bm.set_ratio(r)
@@ -93,23 +120,57 @@ def main():
         finally:
             bm.detach()
 
+    policies = a.policies.split(",")
     for way in [int(w) for w in a.ways.split(",")]:
-        for g in groupings:
-            for m in merges:
-                sweep(way, g, m, "hot-cold")
-        for g, m in {PAPER, best_method(state, way, ratios)}:
-            for policy in ("mass", "drop"):
-                sweep(way, g, m, policy)
+        if "hot-cold" in policies:
+            for g in groupings:
+                for m in merges:
+                    sweep(way, g, m, "hot-cold")
+        others = [p for p in policies if p != "hot-cold"]
+        if others:
+            for g, m in {PAPER, best_method(state, way, ratios)}:
+                for policy in others:
+                    sweep(way, g, m, policy)
     save()
     write_md(state, out / "study.md", ratios)
     plot(state, out / "study.png", ratios)
 
 
-def _loss(state, way, g, m, policy, r):
+def combine(dirs: list[Path], out: Path):
+    """Several partial studies (run in parallel, e.g. one process per way x grouping) -> one state, table, plot."""
+    state, seen = None, set()
+    for d in dirs:
+        if not (d / "study.json").exists():
+            print(f"{d}: no study.json, left out")
+            continue
+        part = json.loads((d / "study.json").read_text())
+        if state is None:
+            state = {"base": part["base"], "settings": part["settings"], "runs": []}
+        elif part["base"] != state["base"]:
+            raise SystemExit(f"{d}: base results differ from {dirs[0]}: not the same model, tasks or limit")
+        for r in part["runs"]:
+            key = (r["way"], r["grouping"], r["merge"], r["policy"], r["ratio"])
+            if key not in seen:
+                seen.add(key)
+                state["runs"].append(r)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.json").write_text(json.dumps(state, indent=1))
+    ratios = sorted({r["ratio"] for r in state["runs"]})
+    write_md(state, out / "study.md", ratios)
+    plot(state, out / "study.png", ratios)
+    print(f"combined {len(state['runs'])} runs from {len(dirs)} directories into {out}")
+
+
+def _run(state, way, g, m, policy, r):
     for run in state["runs"]:
         if (run["way"], run["grouping"], run["merge"], run["policy"], run["ratio"]) == (way, g, m, policy, r):
-            return run["loss_pct"]
+            return run
     return None
+
+
+def _loss(state, way, g, m, policy, r):
+    run = _run(state, way, g, m, policy, r)
+    return None if run is None else run["loss_pct"]
 
 
 def best_method(state, way, ratios):
@@ -139,6 +200,16 @@ def write_md(state, path, ratios):
             tag = " (paper)" if (g, m) == PAPER else ""
             L.append(f"| {g} + {m}{tag} | {p} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in vals) +
                      f" | {'yes' if mono else 'no'} |")
+        ppl = [t for t, v in base.items() if v["metric"].endswith("perplexity")]
+        if ppl:
+            t = ppl[0]
+            L += ["", f"{t} {base[t]['metric']} (base {base[t]['value']:.2f}):", "",
+                  "| grouping + merge | policy | " + " | ".join(f"r={r:g}" for r in ratios) + " |",
+                  "|---|---|" + "---|" * len(ratios)]
+            for g, m, p in keys:
+                vals = [_run(state, way, g, m, p, r) for r in ratios]
+                L.append(f"| {g} + {m} | {p} | " + " | ".join(
+                    "-" if v is None or t not in v["tasks"] else f"{v['tasks'][t]['value']:.2f}" for v in vals) + " |")
         best = best_method(state, way, ratios)
         goal = []
         for r in ratios:

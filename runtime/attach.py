@@ -154,7 +154,8 @@ class BrownoutMoE:
             st.policy = policy
 
     def set_path(self, path: str) -> None:
-        """Force a compute path (auto, reference, grouped, kernel): for tests and benchmarks."""
+        """Force a compute path (auto, reference, grouped, kernel): for tests and benchmarks. A forced path runs at
+        ratio 0 too (same semantics, but not bit for bit the model's own implementation, which `auto` runs there)."""
         for st in self.layers.values():
             st.path = path
 

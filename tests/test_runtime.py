@@ -186,6 +186,22 @@ def test_reference_and_grouped_paths_agree(tiny_dir, united):
     bm.detach()
 
 
+def test_forced_path_at_ratio_zero_matches_model(tiny_dir, united):
+    """A forced path runs at ratio 0 (benchmarks time the kernel there): every expert stays hot, so the logits are
+    the model's within float rounding, while `auto` runs the model's own implementation."""
+    model = load(tiny_dir("qwen3_moe"))
+    x = _inputs(model)
+    with torch.no_grad():
+        want = model(x).logits
+        bm = BrownoutMoE.attach(model, united("qwen3_moe"))
+        for path in ("reference", "grouped"):
+            bm.set_path(path)
+            torch.testing.assert_close(model(x).logits, want, rtol=1e-4, atol=1e-4)
+        bm.set_path("auto")
+        assert torch.equal(model(x).logits, want)
+    bm.detach()
+
+
 def test_per_layer_ratio_and_summary(tiny_dir, united):
     model = load(tiny_dir("qwen2_moe"))
     bm = BrownoutMoE.attach(model, united("qwen2_moe"))

@@ -60,7 +60,9 @@ class Evaluator:
         except Exception as e:
             raise BrownoutError(f"cannot load a tokenizer from {ref.path}: {str(e).splitlines()[0][:160]}") from None
         self.model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=getattr(torch, dtype)).to(device).eval()
-        if device == "cpu":  # transformers' grouped_mm has only a slow fallback loop on the CPU; eager is ~2.5x faster
+        # transformers' grouped_mm has only a slow fallback loop on the CPU (eager is ~2.5x faster) and not every torch
+        # has a float32 grouped GEMM on CUDA
+        if device == "cpu" or dtype == "float32":
             self.model.config._experts_implementation = "eager"
         max_length = getattr(self.model.config, "max_position_embeddings", None)
         self.lm = HFLM(pretrained=self.model, tokenizer=self.tokenizer, batch_size=batch_size, device=device,
