@@ -182,13 +182,23 @@ def best_method(state, way, ratios):
     return min(cands, key=score)
 
 
+def _stderr_line(base) -> str:
+    """lm-eval's standard error of each accuracy task, as a share of its accuracy: differences below ~2x are noise."""
+    parts = []
+    for t, v in base.items():
+        se = v.get("all", {}).get(f"{v['metric']}_stderr,none")
+        if se is not None and not v["metric"].endswith("perplexity") and v["value"] > 0:
+            parts.append(f"{t} ±{100 * se / v['value']:.1f}%")
+    return ("One standard error of the base accuracy, relative: " + ", ".join(parts) + ".") if parts else ""
+
+
 def write_md(state, path, ratios):
     base = state["base"]
     ways = sorted({r["way"] for r in state["runs"]})
     L = ["# Accuracy study on the reference model", "",
          "Base model (no brownout): " + ", ".join(f"{t} {v['metric']} {v['value']:.4f}" for t, v in base.items()) +
          f"; lm-eval limit {state['settings']['limit']} per task. Cells: mean relative accuracy loss (%) over the tasks "
-         "(negative = better than base); policy hot-cold unless named.", ""]
+         "(negative = better than base); policy hot-cold unless named. " + _stderr_line(base), ""]
     for way in ways:
         L += [f"## {way}-way", "", "| grouping + merge | policy | " + " | ".join(f"r={r:g}" for r in ratios) + " | monotone |",
               "|---|---|" + "---|" * len(ratios) + "---|"]
@@ -223,6 +233,11 @@ def write_md(state, path, ratios):
     path.write_text("\n".join(L) + "\n")
 
 
+# the paper's reported accuracy loss (%) for its method on Qwen1.5-MoE (PIQA/COPA/CEVAL/OBQA 5-shot), for scale only:
+# another model and other tasks
+PAPER_REPORTED = {2: {0.5: 2.81, 1.0: 4.70}, 4: {0.5: 4.37, 1.0: 11.53}, 8: {0.5: 3.78, 1.0: 15.77}}
+
+
 def plot(state, path, ratios):
     import matplotlib
 
@@ -234,14 +249,27 @@ def plot(state, path, ratios):
     for ax, way in zip(axes[0], ways):
         best = best_method(state, way, ratios)
         keys = sorted({(r["grouping"], r["merge"], r["policy"]) for r in state["runs"] if r["way"] == way})
+        drawn_drop = False
         for g, m, p in keys:
+            if p == "drop" and drawn_drop:  # drop reads no united expert: the same curve for every method
+                continue
             vals = [(0.0, 0.0)] + [(r, _loss(state, way, g, m, p, r)) for r in ratios]
             vals = [(x, y) for x, y in vals if y is not None]
-            hi = (g, m) in (PAPER, best)
-            ax.plot([x for x, _ in vals], [y for _, y in vals], marker="o" if hi else None, lw=2 if hi else 0.8,
-                    alpha=1 if hi else 0.35, ls="--" if p == "drop" else (":" if p == "mass" else "-"),
-                    label=f"{g}+{m} {p}" if hi else None)
-        ax.set_title(f"{way}-way")
+            if p == "drop":
+                drawn_drop = True
+                style = dict(color="black", lw=1.5, ls="--", marker="o", label="drop (cold tokens skipped)")
+            elif (g, m) in (PAPER, best):
+                color = "tab:red" if (g, m) == PAPER else "tab:blue"
+                name = f"{g}+{m}" + (" (paper)" if (g, m) == PAPER else " (best)")
+                style = dict(color=color, lw=2, ls=":" if p == "mass" else "-", marker="o", label=f"{name} {p}")
+            else:
+                style = dict(color="grey", lw=0.7, alpha=0.4)
+            ax.plot([x for x, _ in vals], [y for _, y in vals], **style)
+        rep = PAPER_REPORTED.get(way)
+        if rep:
+            ax.plot(list(rep), list(rep.values()), "x", color="tab:red", ms=8,
+                    label="paper's reported loss (Qwen1.5-MoE, its tasks)")
+        ax.set_title(f"{way}-way (grey: other grouping + merge, hot-cold)")
         ax.set_xlabel("brownout ratio")
         ax.set_ylabel("accuracy loss vs base (%)")
         ax.grid(alpha=0.3)
