@@ -10,7 +10,7 @@ from .errors import BrownoutError
 EXAMPLES_BUILD = """examples:
   unify build --model mixtral --groups 4 --out out/mixtral-g4          # recipe name (needs the hub or its cache)
   unify build --model ./Mixtral-8x7B-v0.1 --way 2 --out out/mx-w2      # a local directory
-  unify build --model reference --way 4 --grouping similarity --merge activation --out out/ref-w4
+  unify build --model reference --way 4 --grouping frequency --merge distill-routed --out out/ref-w4
   unify build --model ./m --way 2 --merge distill --steps 300 --device cuda --calib my.txt --out out/m-distill
 """
 
