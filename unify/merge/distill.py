@@ -39,9 +39,9 @@ def _init(w, ctx: MergeContext) -> dict[str, torch.Tensor]:
 
 def _distill(w: dict[str, torch.Tensor], ctx: MergeContext, name: str, routed: bool) -> dict[str, torch.Tensor]:
     x, hit, wts, fallback = group_rows(ctx, name)
-    start = _init(w, ctx)
-    coef = wts if routed and not fallback and wts.sum() > 0 else torch.ones(hit.shape)
     dev = torch.device(ctx.device)
+    start = {k: v.to(dev, torch.float32) for k, v in _init(w, ctx).items()}  # the init is computed on the CPU
+    coef = wts if routed and not fallback and wts.sum() > 0 else torch.ones(hit.shape)
     x = x.to(dev)
     target, row_w, spread = mixture_targets({k: v.to(dev) for k, v in w.items()}, x, coef, ctx.glu)
     target, row_w = target.float(), row_w.float()
@@ -62,7 +62,7 @@ def _distill(w: dict[str, torch.Tensor], ctx: MergeContext, name: str, routed: b
     def snapshot(p) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in p.items()}
 
-    student = {k: v.detach().to(dev, torch.float32).clone().requires_grad_() for k, v in start.items()}
+    student = {k: v.detach().clone().requires_grad_() for k, v in start.items()}
     best = (loss_on(student, check), 0, snapshot(student))
     val_init = best[0]
     opt = torch.optim.Adam(student.values(), lr=ctx.lr)
