@@ -31,6 +31,17 @@ class LayerState:
     ratio: float = 0.0
     policy: str = "hot-cold"
     path: str = "auto"  # auto | reference | grouped | kernel
+    # 1 - ratio as a float32 device scalar that the fused remap kernel reads at run time: writing it (through
+    # `ratio`) changes what an already captured CUDA graph computes, so serving needs no graph per ratio
+    keep: torch.Tensor | None = None
+
+    def __post_init__(self):
+        self.keep = torch.tensor([1.0 - float(self.ratio)], dtype=torch.float32, device=self.expert_to_group.device)
+
+    def __setattr__(self, name, value):
+        object.__setattr__(self, name, value)
+        if name == "ratio" and getattr(self, "keep", None) is not None:
+            self.keep.fill_(1.0 - float(value))  # in place: the same memory a captured graph reads
 
 
 def previous_forward(module: torch.nn.Module, prev_impl: str | None):
@@ -74,9 +85,11 @@ def brownout_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     if path == "kernel":
         k = _kernel()
         if k is not None and k.supported(self, hidden_states.dtype, hidden_states.device):
-            # one-launch remap + fused two-tier kernel; the ratio is a kernel argument, so a captured CUDA graph
-            # holds one ratio: capture one graph per ratio level you serve at
-            ids, w = k.remap(top_k_index, top_k_weights, st.expert_to_group, st.num_groups, st.ratio, st.policy)
+            # one-launch remap + fused two-tier kernel, no host sync. The remap reads the ratio from st.keep (device
+            # memory), so a CUDA graph captured with path "kernel" follows later set_ratio calls (hot-cold and drop;
+            # `mass` runs the PyTorch remap, whose ratio a graph freezes)
+            ids, w = k.remap(top_k_index, top_k_weights, st.expert_to_group, st.num_groups, st.ratio, st.policy,
+                             keep=st.keep)
             return k.fused_moe.fused_moe(hidden_states, st.slabs["gate_up_proj"], st.slabs["down_proj"], ids, w,
                                          num_slabs=st.num_experts + st.num_groups, ratio=st.ratio)
         path = "grouped"

@@ -185,3 +185,22 @@ def test_fused_remap_matches_policy(E, G, k, T, ratio, pol):
     a = policy.remap(idx, w, e2g, G, ratio, pol)
     assert torch.equal(ids, a.ids)
     assert torch.allclose(wo, a.weights, atol=1e-6)
+
+
+def test_fused_remap_reads_the_ratio_from_device_memory():
+    """One `keep` tensor, rewritten between calls (as set_ratio does under a captured CUDA graph): each call follows
+    the value in memory, whatever `ratio` argument it was given."""
+    from runtime.kernels.remap import keep_tensor, remap
+
+    E, G, k, T = 16, 4, 4, 37
+    g = torch.Generator().manual_seed(5)
+    bias = -torch.log(torch.arange(1, E + 1, dtype=torch.float32))[torch.randperm(E, generator=g)]
+    w, idx = (torch.randn(T, E, generator=g) + bias).softmax(-1).topk(k, -1)
+    e2g = torch.arange(E) % G
+    keep = keep_tensor(0.0, "cpu")
+    for r in (0.0, 0.3, 0.5, 0.7, 1.0, 0.0):
+        keep.fill_(1.0 - r)
+        ids, wo = remap(idx, w, e2g, G, 0.0, "hot-cold", keep=keep)
+        a = policy.remap(idx, w, e2g, G, r, "hot-cold")
+        assert torch.equal(ids, a.ids), r
+        assert torch.allclose(wo, a.weights, atol=1e-6)

@@ -202,6 +202,29 @@ def test_forced_path_at_ratio_zero_matches_model(tiny_dir, united):
     bm.detach()
 
 
+def test_kernel_path_follows_the_ratio_in_device_memory(tiny_dir, united):
+    """The fused kernel path (Triton interpreter here) computes what the reference path does, and set_ratio rewrites
+    the same device scalar the kernel reads, so a CUDA graph captured once serves every later ratio."""
+    from runtime.kernels import fused_moe as fm
+
+    model = load(tiny_dir("qwen3_moe"))
+    x = _inputs(model)
+    bm = BrownoutMoE.attach(model, united("qwen3_moe"))
+    experts = [m for m in model.modules() if getattr(m, "_brownout", None) is not None]
+    assert experts and all(fm.supported(e, torch.float32, "cpu") for e in experts)
+    ptrs = [e._brownout.keep.data_ptr() for e in experts]
+    with torch.no_grad():
+        for r in (0.5, 1.0, 0.25):
+            bm.set_ratio(r)
+            assert [e._brownout.keep.data_ptr() for e in experts] == ptrs  # written in place
+            assert all(float(e._brownout.keep) == pytest.approx(1 - r) for e in experts)
+            bm.set_path("reference")
+            want = model(x).logits
+            bm.set_path("kernel")
+            torch.testing.assert_close(model(x).logits, want, rtol=1e-4, atol=1e-4)
+    bm.detach()
+
+
 def test_per_layer_ratio_and_summary(tiny_dir, united):
     model = load(tiny_dir("qwen2_moe"))
     bm = BrownoutMoE.attach(model, united("qwen2_moe"))

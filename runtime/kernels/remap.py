@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover
 if HAS_TRITON:
 
     @triton.jit
-    def _remap_kernel(idx_ptr, w_ptr, e2g_ptr, ids_ptr, wout_ptr, T, E, G, one_minus_ratio,
+    def _remap_kernel(idx_ptr, w_ptr, e2g_ptr, ids_ptr, wout_ptr, T, E, G, keep_ptr,
                       K: tl.constexpr, KP: tl.constexpr, E_PAD: tl.constexpr, BT: tl.constexpr, DROP: tl.constexpr):
         skip = E + G
         n = T * K
@@ -48,7 +48,8 @@ if HAS_TRITON:
         ce = counts[None, :]
         ahead = (cf > ce) | ((cf == ce) & (er[:, None] < er[None, :]))
         before = tl.sum(tl.where(ahead, cf, 0), axis=0)
-        need = one_minus_ratio * tl.sum(counts, 0).to(tl.float32)
+        # read from device memory, not a launch argument: a captured CUDA graph follows the ratio set after capture
+        need = tl.load(keep_ptr) * tl.sum(counts, 0).to(tl.float32)
         hot = (before.to(tl.float32) < need) & (counts > 0)
         if DROP:
             table = tl.where(hot, er, skip)
@@ -93,12 +94,21 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def keep_tensor(ratio: float, device) -> torch.Tensor:
+    """The device scalar the kernel reads: the share kept on originals, 1 - r, rounded to float32 from float64 exactly
+    as runtime.policy.hot_set rounds it."""
+    return torch.tensor([1.0 - float(ratio)], dtype=torch.float32, device=device)
+
+
 def remap(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, expert_to_group: torch.Tensor, num_groups: int,
-          ratio: float, policy: str = "hot-cold") -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (ids [T, k] int64 over E + G slabs, E + G = skip; weights [T, k]) as runtime.policy.remap gives them."""
+          ratio: float, policy: str = "hot-cold", keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (ids [T, k] int64 over E + G slabs, E + G = skip; weights [T, k]) as runtime.policy.remap gives them.
+
+    `keep` (optional): a float32 [1] device tensor holding 1 - ratio (`keep_tensor`), read by the kernel at run time,
+    so one captured CUDA graph serves every ratio written into it later. Then `ratio` only picks the fallbacks."""
     if policy not in _policy.POLICIES:
         raise ValueError(f"unknown brownout policy {policy!r}")
-    if float(ratio) == 0.0:  # every active expert is hot: the identity (top-k ids are distinct per token)
+    if keep is None and float(ratio) == 0.0:  # every active expert is hot: the identity (top-k ids are distinct)
         return top_k_index.long(), top_k_weights
     if policy == "mass" or not HAS_TRITON or top_k_index.numel() == 0:
         a = _policy.remap(top_k_index, top_k_weights, expert_to_group, num_groups, ratio, policy)
@@ -113,6 +123,8 @@ def remap(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, expert_to_grou
     kp = _pow2(k)
     bt = max(1, min(_pow2(T), 1024 // kp))
     e_pad = max(2, _pow2(E))
-    _remap_kernel[(1,)](idx, w, e2g, ids, wout, T, E, num_groups, float(1.0 - float(ratio)),
+    if keep is None:
+        keep = keep_tensor(ratio, idx.device)
+    _remap_kernel[(1,)](idx, w, e2g, ids, wout, T, E, num_groups, keep,
                         K=k, KP=kp, E_PAD=e_pad, BT=bt, DROP=(policy == "drop"), num_warps=8 if e_pad >= 128 else 4)
     return ids, wout
