@@ -317,6 +317,10 @@ def main(argv=None) -> None:
     ap.add_argument("--base-seconds", type=float, default=10.0)
     ap.add_argument("--zero-path", choices=["auto", "prev_impl", "kernel_eps"], default="auto")
     ap.add_argument("--profile-reps", type=int, default=3)
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="transformers' continuous-batching CUDA graphs on. Brownout layers then run the fused kernel "
+                         "at every ratio (0 included: the ratio-0 baseline is the same kernel), which reads the ratio "
+                         "from device memory, so the captured graphs follow the controller (the profile stays eager)")
     ap.add_argument("--max-queue", type=int, default=128)
     ap.add_argument("--max-batch-tokens", type=int, default=1024)
     ap.add_argument("--drain-seconds", type=float, default=30.0,
@@ -346,6 +350,8 @@ def main(argv=None) -> None:
     skip = [0, -1] if args.tiny else [0, 1, -2, -1]  # the recipe's (the paper leaves the first and last two alone)
     udir = united_tier(model, cache, args.tiny, skip)
     bm = BrownoutMoE.attach(model, udir)
+    if args.cuda_graphs:  # a graph captured at ratio 0 on the `auto` path would keep the model's own experts
+        bm.set_path("kernel")
     log(bm.summary().splitlines()[2])
     vocab = model.config.vocab_size
 
@@ -367,7 +373,7 @@ def main(argv=None) -> None:
         log(f"profiled {len(pts)} forwards in {time.time() - t:.1f} s; ratio-0 paths {zero}")
     prof = LatencyProfile.from_points(pdoc["points"], tokens=tokens, ratios=ratios)
     zero = pdoc["zero"]
-    zero_path = args.zero_path
+    zero_path = "kernel" if args.cuda_graphs else args.zero_path
     if zero_path == "auto":
         ks = [n for n in zero["prev_impl"] if int(n) >= 16]
         faster = sum(zero["kernel_eps"][n] < zero["prev_impl"][n] for n in ks)
@@ -385,7 +391,8 @@ def main(argv=None) -> None:
     scfg = ServeConfig(max_batch=64, max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue,
                        queue_timeout_s=30.0, request_timeout_s=60.0, drain_timeout_s=args.drain_seconds,
                        num_blocks=64 if args.tiny else None, page_size=32 if args.tiny else 256,
-                       max_memory_percent=None if args.tiny else 0.4, seed=args.seed)
+                       max_memory_percent=None if args.tiny else 0.4, seed=args.seed,
+                       use_cuda_graph=args.cuda_graphs)
     sample = poisson(1e4, 1.0, lengths=args.lengths, seed=99, max_requests=5000, max_prompt=args.max_prompt,
                      max_output=args.max_output)
     mean_out = float(np.mean([r.output_len for r in sample.requests]))

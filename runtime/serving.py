@@ -11,8 +11,10 @@ in synchronous mode (we force `use_async_batching=False`) ends with the device-t
 so the wall time around it is the step's latency, and (4) feeds the controller. Nothing in transformers is copied or
 forked; requests go in through the public `add_request` and come back through `get_result`.
 
-Limits of the hook: with CUDA graphs on, a ratio that lives in a Python float is baked into the captured graph, so
-graphs stay off (`use_cuda_graph=False`) unless the runtime keeps its ratio in a device tensor; with async batching
+Limits of the hook: with CUDA graphs on (`use_cuda_graph=True`), what a graph captured is replayed, so the brownout
+layers must run the fused kernel at every ratio (`bm.set_path("kernel")`; on `auto`, a graph captured at ratio 0
+would keep the model's own experts): its remap reads the ratio from a device scalar that `set_ratio` rewrites in
+place (policies hot-cold and drop; `mass` runs a PyTorch remap whose ratio a graph freezes). With async batching
 on, the step's forward overlaps the next step's preparation and per-step timing is meaningless, so it stays off.
 
 Clock: real time. Requests are submitted by a driver (the caller's thread) when the trace's arrival time comes, on
