@@ -77,3 +77,27 @@ def test_tasks_load_through_lm_eval():
     tasks = tm.load_task_or_group(TASK_NAMES)
     for name in TASK_NAMES:
         assert len(list(tasks[name].test_docs())) > 100
+
+
+def test_unify_eval_ratio_zero_is_the_base_model(tmp_path):
+    """`unify eval` end to end on the bundled model (lm-eval, a few documents): the ratio-0 run with BrownoutMoE
+    attached gives exactly the base model's numbers, brownout at ratio 1 changes them, and the report is written."""
+    import json
+
+    from unify.build import BuildOptions, build
+    from unify.cli import main
+
+    united = build("reference", BuildOptions(out=str(tmp_path / "u"), way=8, grouping="consecutive", merge="average",
+                                             progress=False))
+    out = tmp_path / "report"
+    rc = main(["eval", "--model", "reference", "--united", str(united), "--ratios", "0,1", "--tasks",
+               "brownout_cont,brownout_ppl", "--limit", "12", "--out", str(out)])
+    assert rc == 0
+    rep = json.loads((out / "results.json").read_text())
+    base, runs = rep["base"], rep["runs"]
+    zero = next(r for r in runs if r["checkpoint"] is not None and r["ratio"] == 0.0)
+    one = next(r for r in runs if r["checkpoint"] is not None and r["ratio"] == 1.0)
+    for task in ("brownout_cont", "brownout_ppl"):
+        assert zero["tasks"][task]["all"] == base[task]["all"]  # every metric, exactly
+    assert one["tasks"]["brownout_ppl"]["value"] > base["brownout_ppl"]["value"]  # 8-way averaging at r=1 hurts
+    assert (out / "results.md").stat().st_size > 0 and (out / "results.png").stat().st_size > 0
