@@ -160,15 +160,17 @@ def plot(res, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(SHAPES), figsize=(5 * len(SHAPES), 4), squeeze=False)
+    ts = sorted({r["tokens"] for r in res["layer"]})
+    colors = {T: plt.cm.viridis(i / max(1, len(ts) - 1)) for i, T in enumerate(ts)}  # colour = T, line = way
     for ax, shape in zip(axes[0], SHAPES):
         for way in sorted({r["way"] for r in res["layer"]}):
-            for T in sorted({r["tokens"] for r in res["layer"]}):
+            for T in ts:
                 pts = sorted((r["ratio"], r["ms"]) for r in res["layer"] if r["shape"] == shape and r["way"] == way
                              and r["tokens"] == T and r.get("path", "kernel") == "kernel")
                 if pts:
                     base = pts[0][1]
                     ax.plot([p[0] for p in pts], [p[1] / base for p in pts], marker="o", ls="-" if way == 2 else "--",
-                            label=f"T={T} {way}-way")
+                            color=colors[T], label=f"T={T} {way}-way")
         ax.set_title(shape)
         ax.set_xlabel("brownout ratio")
         ax.set_ylabel("layer time / kernel time at ratio 0")
