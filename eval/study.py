@@ -2,7 +2,7 @@
 with the paper's hot-cold policy, then the `mass` and `drop` policies for the paper's method and the best one.
 
     python eval/study.py --out eval/results [--ways 2,4,8] [--limit N] [--calib-tokens 8192] [--steps 100]
-                         [--device cuda --build-device cuda]
+                         [--device cuda --dtype bfloat16]   (or: bash eval/study_parallel.sh OUT ...)
 
 Accuracy = lm-eval (HFLM around the loaded model, BrownoutMoE attached) on the local multiple-choice tasks;
 loss = mean relative accuracy loss over those tasks against the model without brownout (%). Resumable: finished
