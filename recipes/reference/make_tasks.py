@@ -10,7 +10,8 @@
                    "<word><rest of the line>" where three words are same-length distractors
                    drawn from other held-out documents; the right context is shared.
 Every choice starts with a space and the context ends without one (target_delimiter ""), so
-whitespace gives nothing away. Deterministic (fixed seeds).
+whitespace gives nothing away. Deterministic (fixed seeds). The loaders the YAML files name live in
+eval/tasks/utils.py, which is source, not generated.
 """
 from __future__ import annotations
 
@@ -189,7 +190,7 @@ def calib(train_jsonl: Path, out: Path, n_chars: int = 200_000, seed: int = 0) -
 
 YAML_MC = """# {desc}
 # Data: {name}.jsonl beside this file, built by recipes/reference/make_tasks.py from the reference
-# corpus' held-out split. Loaded through utils.load (relative to this folder), so the task works
+# corpus' held-out split. Loaded by utils.py in this folder (not by path), so the task works
 # from any working directory: TaskManager(include_path="eval/tasks").
 task: {name}
 dataset_path: json
@@ -228,33 +229,6 @@ metadata:
   version: 1.0
 """
 
-UTILS = '''"""Loaders for the local Brownout tasks: JSONL files beside this module, so paths never depend
-on the working directory (lm-eval does not resolve dataset_kwargs.data_files relative to a YAML)."""
-import json
-from pathlib import Path
-
-HERE = Path(__file__).resolve().parent
-
-
-def load_jsonl(name, **_):
-    import datasets
-
-    rows = [json.loads(line) for line in open(HERE / name, encoding="utf-8")]
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
-
-
-def load_brownout_ppl(**kw):
-    return load_jsonl("brownout_ppl.jsonl")
-
-
-def load_brownout_cont(**kw):
-    return load_jsonl("brownout_cont.jsonl")
-
-
-def load_brownout_cloze(**kw):
-    return load_jsonl("brownout_cloze.jsonl")
-'''
-
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
@@ -281,7 +255,6 @@ def main(argv=None):
     (TASKS / "brownout_cloze.yaml").write_text(YAML_MC.format(
         name="brownout_cloze", desc="A masked word among 4 same-length words (3 from other held-out "
         "documents), each scored with the shared rest of the line. Chance 25%."))
-    (TASKS / "utils.py").write_text(UTILS)
     (TASKS / "brownout.yaml").write_text(
         "# Group of the three local Brownout tasks.\ngroup: brownout\ntask:\n  - brownout_ppl\n"
         "  - brownout_cont\n  - brownout_cloze\nmetadata:\n  version: 1.0\n")
