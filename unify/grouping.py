@@ -23,31 +23,14 @@ from scipy.optimize import linear_sum_assignment
 from .calib_data import LayerCalibration
 from .errors import BrownoutError
 from .layout import Glu, expert, output
+from .registry import Registry
 
 GroupFn = Callable[[dict[str, torch.Tensor], "LayerCalibration | None", Glu, int, int], list[list[int]]]
-GROUPINGS: dict[str, GroupFn] = {}
-NEEDS_DATA: set[str] = set()
+_REGISTRY = Registry("grouping")
+GROUPINGS: dict[str, GroupFn] = _REGISTRY.methods
+NEEDS_DATA: set[str] = _REGISTRY.needs_data
 SAMPLE_ROWS = 512  # calibration tokens the data methods compare experts on
-
-
-def register(name: str, needs_data: bool = True):
-    def deco(fn: GroupFn) -> GroupFn:
-        GROUPINGS[name] = fn
-        if needs_data:
-            NEEDS_DATA.add(name)
-        return fn
-
-    return deco
-
-
-def get(name: str) -> GroupFn:
-    if name not in GROUPINGS:
-        raise BrownoutError(f"unknown grouping method {name!r}; methods: {', '.join(sorted(GROUPINGS))}")
-    return GROUPINGS[name]
-
-
-def names() -> list[str]:
-    return sorted(GROUPINGS)
+register, get, names = _REGISTRY.register, _REGISTRY.get, _REGISTRY.names
 
 
 # -- partition sizes ------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ from typing import Callable
 import torch
 
 from ..calib_data import LayerCalibration
-from ..errors import BrownoutError
 from ..layout import Glu
+from ..registry import Registry
 
 
 @dataclass
@@ -28,30 +28,10 @@ class MergeContext:
 
 
 MergeFn = Callable[[dict[str, torch.Tensor], MergeContext], dict[str, torch.Tensor]]
-MERGES: dict[str, MergeFn] = {}
-NEEDS_DATA: set[str] = set()
-
-
-def register(name: str, needs_data: bool = True):
-    def deco(fn: MergeFn) -> MergeFn:
-        MERGES[name] = fn
-        if needs_data:
-            NEEDS_DATA.add(name)
-        return fn
-
-    return deco
-
-
-def get(name: str) -> MergeFn:
-    _load_all()
-    if name not in MERGES:
-        raise BrownoutError(f"unknown merge method {name!r}; methods: {', '.join(sorted(MERGES))}")
-    return MERGES[name]
-
-
-def names() -> list[str]:
-    _load_all()
-    return sorted(MERGES)
+_REGISTRY = Registry("merge", load=lambda: _load_all())
+MERGES: dict[str, MergeFn] = _REGISTRY.methods
+NEEDS_DATA: set[str] = _REGISTRY.needs_data
+register, get, names = _REGISTRY.register, _REGISTRY.get, _REGISTRY.names
 
 
 def _load_all() -> None:
