@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
-from .policy import remap
+from .policy import keep_tensor, remap
 from .reference import slab_forward
 
 NAME = "brownout"
@@ -36,7 +36,7 @@ class LayerState:
     keep: torch.Tensor | None = None
 
     def __post_init__(self):
-        self.keep = torch.tensor([1.0 - float(self.ratio)], dtype=torch.float32, device=self.expert_to_group.device)
+        self.keep = keep_tensor(self.ratio, self.expert_to_group.device)
 
     def __setattr__(self, name, value):
         object.__setattr__(self, name, value)

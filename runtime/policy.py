@@ -41,6 +41,12 @@ def hot_set(score: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.zeros_like(hot_sorted).scatter(0, order, hot_sorted)
 
 
+def keep_tensor(ratio: float, device) -> torch.Tensor:
+    """1 - r as a float32 [1] tensor on `device`, rounded from float64 exactly as `hot_set` rounds it: the device
+    scalar the fused remap kernel reads, so a captured CUDA graph follows ratios written into it later."""
+    return torch.tensor([1.0 - float(ratio)], dtype=torch.float32, device=device)
+
+
 def remap(
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,

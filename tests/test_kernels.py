@@ -190,7 +190,8 @@ def test_fused_remap_matches_policy(E, G, k, T, ratio, pol):
 def test_fused_remap_reads_the_ratio_from_device_memory():
     """One `keep` tensor, rewritten between calls (as set_ratio does under a captured CUDA graph): each call follows
     the value in memory, whatever `ratio` argument it was given."""
-    from runtime.kernels.remap import keep_tensor, remap
+    from runtime.kernels.remap import remap
+    from runtime.policy import keep_tensor
 
     E, G, k, T = 16, 4, 4, 37
     g = torch.Generator().manual_seed(5)

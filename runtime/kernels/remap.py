@@ -94,18 +94,13 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def keep_tensor(ratio: float, device) -> torch.Tensor:
-    """The device scalar the kernel reads: the share kept on originals, 1 - r, rounded to float32 from float64 exactly
-    as runtime.policy.hot_set rounds it."""
-    return torch.tensor([1.0 - float(ratio)], dtype=torch.float32, device=device)
-
-
 def remap(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, expert_to_group: torch.Tensor, num_groups: int,
           ratio: float, policy: str = "hot-cold", keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (ids [T, k] int64 over E + G slabs, E + G = skip; weights [T, k]) as runtime.policy.remap gives them.
 
-    `keep` (optional): a float32 [1] device tensor holding 1 - ratio (`keep_tensor`), read by the kernel at run time,
-    so one captured CUDA graph serves every ratio written into it later. Then `ratio` only picks the fallbacks."""
+    `keep` (optional): a float32 [1] device tensor holding 1 - ratio (`runtime.policy.keep_tensor`), read by the
+    kernel at run time, so one captured CUDA graph serves every ratio written into it later. Then `ratio` only picks
+    the fallbacks."""
     if policy not in _policy.POLICIES:
         raise ValueError(f"unknown brownout policy {policy!r}")
     if keep is None and float(ratio) == 0.0:  # every active expert is hot: the identity (top-k ids are distinct)
@@ -124,7 +119,7 @@ def remap(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, expert_to_grou
     bt = max(1, min(_pow2(T), 1024 // kp))
     e_pad = max(2, _pow2(E))
     if keep is None:
-        keep = keep_tensor(ratio, idx.device)
+        keep = _policy.keep_tensor(ratio, idx.device)
     _remap_kernel[(1,)](idx, w, e2g, ids, wout, T, E, num_groups, keep,
                         K=k, KP=kp, E_PAD=e_pad, BT=bt, DROP=(policy == "drop"), num_warps=8 if e_pad >= 128 else 4)
     return ids, wout
