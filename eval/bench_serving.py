@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from eval.trace import Request, Trace, burst_test, poisson  # noqa: E402
-from runtime.controller import LatencyProfile, make_controller  # noqa: E402
+from runtime.controller import FixedRatio, LatencyProfile, make_controller  # noqa: E402
 from runtime.serving import BrownoutServer, ServeConfig, capacity, summarize, timeline  # noqa: E402
 
 RESULTS = ROOT / "eval" / "results"
@@ -108,7 +108,7 @@ def sync(dev):
 # --------------------------------------------------------------------------------------------------- profile
 @torch.no_grad()
 def profile(model, bm, tokens, ratios, reps: int, dev: str, vocab: int) -> tuple[list, dict]:
-    """(tokens, ratio, seconds) points of single forwards, plus the ratio-0 path comparison."""
+    """(tokens, ratio, seconds) points of single eager forwards, plus the ratio-0 path comparison."""
     g = torch.Generator(device="cpu").manual_seed(0)
     pts = []
     zero = {}
@@ -135,10 +135,51 @@ def profile(model, bm, tokens, ratios, reps: int, dev: str, vocab: int) -> tuple
     return pts, zero
 
 
+@torch.no_grad()
+def profile_graphed(model, bm, tokens, ratios, reps: int, vocab: int) -> list:
+    """(tokens, ratio, seconds) points of single forwards replayed from one CUDA graph per token count, as the
+    engine runs them with --cuda-graphs (the kernel path, whose ratio is a device scalar the graph reads, so one
+    capture serves every ratio). Median of `reps` replays timed with CUDA events, after warm-up replays."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    pts = []
+    for n in tokens:
+        x = torch.randint(1, vocab, (1, n), generator=g).cuda()
+        fwd = lambda: model(input_ids=x, use_cache=False, logits_to_keep=1)  # noqa: E731
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compile / autotune every ratio's kernels before the capture
+            for r in ratios:
+                bm.set_ratio(r)
+                fwd()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fwd()
+        for r in ratios:
+            bm.set_ratio(r)
+            for _ in range(3):
+                graph.replay()
+            ts = []
+            for _ in range(reps):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                graph.replay()
+                b.record()
+                b.synchronize()
+                ts.append(a.elapsed_time(b) / 1e3)
+            pts.append((n, r, float(np.median(ts))))
+        del graph
+    bm.set_ratio(0.0)
+    torch.cuda.synchronize()
+    return pts
+
+
 # --------------------------------------------------------------------------------------------------- runs
-def serve(model, setter, trace, ctl, scfg) -> dict:
-    res = BrownoutServer(model, setter, ctl, scfg).run(trace)
-    return res
+def serve(srv: BrownoutServer, trace, ctl, scfg: ServeConfig):
+    """One run on the server's engine. Only the driver's settings (queue bound, timeouts, drain) of `scfg` may
+    differ between runs; the engine's (batch, tokens, cache, graphs) were fixed when it started."""
+    srv.cfg = scfg
+    return srv.run(trace, controller=ctl)
 
 
 def sat_trace(n: int, lengths: str, seed: int, max_prompt: int, max_output: int) -> Trace:
@@ -156,16 +197,14 @@ def service_rate(res, t_from: float, mean_out: float) -> dict:
             "step_p50": float(np.median([s.step_s for s in steps])), "batch_mean": float(np.mean([s.requests for s in steps]))}
 
 
-def calibrate(model, setter, args, scfg, mean_out: float) -> dict:
-    from runtime.controller import FixedRatio
-
+def calibrate(srv, args, scfg, mean_out: float) -> dict:
     cal = {}
     n_sat = 4 * scfg.max_batch
     for r in (0.0, 1.0):
         tr = sat_trace(n_sat, args.lengths, 11, args.max_prompt, args.max_output)
         c = ServeConfig(**{**scfg.__dict__, "max_queue": n_sat, "drain_timeout_s": args.sat_seconds,
                            "record_steps": True})
-        res = serve(model, setter, tr, FixedRatio(r), c)
+        res = serve(srv, tr, FixedRatio(r), c)
         cal[f"sat_r{r:g}"] = service_rate(res, min(1.0, args.sat_seconds / 4), mean_out)
         log(f"saturation r={r:g}: {cal[f'sat_r{r:g}']}")
     mu0, mu1 = cal["sat_r0"]["req_s"], cal["sat_r1"]["req_s"]
@@ -173,7 +212,7 @@ def calibrate(model, setter, args, scfg, mean_out: float) -> dict:
     cal.update(mu0=mu0, mu1=mu1, burst_rate=f * mu0, base_rate=f * mu0 / 2, burst_factor_over_mu0=f)
     tr = poisson(cal["base_rate"], args.base_seconds, lengths=args.lengths, seed=12, max_prompt=args.max_prompt,
                  max_output=args.max_output)
-    res = serve(model, setter, tr, FixedRatio(0.0), scfg)
+    res = serve(srv, tr, FixedRatio(0.0), scfg)
     m = summarize(res, 1e9, 1e9, t0=min(2.0, args.base_seconds / 4))
     cal["base_run"] = {"ttft": m["ttft"], "tpot": m["tpot"], "status": m["status"]}
     cal["slo_prefill"] = args.slo_prefill or args.slo_factor * m["ttft"]["p90"]
@@ -184,20 +223,28 @@ def calibrate(model, setter, args, scfg, mean_out: float) -> dict:
     return cal
 
 
-def one_config(model, setter, spec, trace, cal, prof, scfg, windows: dict) -> dict:
+def one_config(srv, spec, trace, cal, prof, scfg, windows: dict) -> dict:
     sp, sd = cal["slo_prefill"], cal["slo_decode"]
     p = LatencyProfile(prof.tokens, prof.ratios, [row[:] for row in prof.lat]) if prof is not None else None
     ctl = make_controller(spec, sp, sd, profile=p)
     t = time.time()
-    res = serve(model, setter, trace, ctl, scfg)
+    res = serve(srv, trace, ctl, scfg)
+    st = [x.step_s for x in res.steps]
+    dec = [x.step_s for x in res.steps if x.prefill_tokens == 0]
     out = {"config": spec, "wall_s": time.time() - t, "errors": res.errors,
-           "all": summarize(res, sp, sd)}
+           "all": summarize(res, sp, sd),
+           "steps": {"n": len(st), "busy_s": float(sum(st)),
+                     "step_ms_p50": 1e3 * float(np.median(st)) if st else None,
+                     "decode_step_ms_p50": 1e3 * float(np.median(dec)) if dec else None,
+                     "batch_mean": float(np.mean([x.requests for x in res.steps])) if st else None}}
     for name, (a, b) in windows.items():
         out[name] = summarize(res, sp, sd, a, b)
     out["timeline"] = timeline(res, max(0.5, trace.duration / 60))
     log(f"  {spec:10s} viol pre/dec {out['all']['violation_prefill']:.3f}/{out['all']['violation_decode']:.3f} "
         f"mean r {out['all']['mean_ratio_time'] or 0:.2f} ttft p90 {out['all']['ttft']['p90'] or float('nan'):.3f} "
-        f"tpot p90 {out['all']['tpot']['p90'] or float('nan'):.3f} status {out['all']['status']}")
+        f"tpot p90 {out['all']['tpot']['p90'] or float('nan'):.3f} status {out['all']['status']} "
+        f"steps {out['steps']['n']} (p50 {out['steps']['step_ms_p50'] or float('nan'):.1f} ms, busy "
+        f"{out['steps']['busy_s']:.1f} s){' errors ' + str(res.errors) if res.errors else ''}")
     return out
 
 
@@ -216,7 +263,9 @@ def markdown(doc: dict) -> str:
     cal = doc.get("calibration", {})
     lines = [f"# Serving benchmark: SLO-aware brownout ({doc['device']})", "",
              f"Model: {doc['model']}. United tier: {doc['united']}. Ratio-0 path: {doc.get('zero_path')}. "
-             f"CUDA graphs off (the runtime's ratio is a Python float), synchronous batching, batch <= "
+             + ("transformers' CUDA graphs on (the brownout kernel at every ratio, 0 included; the ratio is a device "
+                "scalar the graphs read), " if doc["args"].get("cuda_graphs") else "CUDA graphs off, ")
+             + f"synchronous batching, batch <= "
              f"{doc['serve']['max_batch']}, queue <= {doc['serve']['max_queue']}.", ""]
     if cal:
         lines += [f"Calibration: ratio-0 service rate mu0 = {cal['mu0']:.2f} req/s, ratio-1 mu1 = {cal['mu1']:.2f} "
@@ -261,6 +310,15 @@ def markdown(doc: dict) -> str:
             mr = [by_rate[round(x, 9)]["all"]["mean_ratio_time"] if round(x, 9) in by_rate else None for x in rates]
             lines.append(f"| {spec} | " + " | ".join(fmt(a, True) for a in att) +
                          f" | {ge(spec)}{fmt(cap)} | {rel} | {', '.join(fmt(x) for x in mr)} |")
+        lines.append("")
+    pr = doc.get("profile")
+    if pr:
+        how = "replayed from a CUDA graph, median" if doc.get("profile_graphed") else "eager, median"
+        lines += [f"## Start-up profile: one forward, no KV cache (ms, {how}), the MPC controller's prior", "",
+                  "| tokens | " + " | ".join(f"r={r:g}" for r in pr["ratios"]) + " |",
+                  "|---|" + "---|" * len(pr["ratios"])]
+        for n, row in zip(pr["tokens"], pr["lat"]):
+            lines.append(f"| {n} | " + " | ".join(f"{1e3 * v:.2f}" for v in row) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -320,7 +378,11 @@ def main(argv=None) -> None:
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="transformers' continuous-batching CUDA graphs on. Brownout layers then run the fused kernel "
                          "at every ratio (0 included: the ratio-0 baseline is the same kernel), which reads the ratio "
-                         "from device memory, so the captured graphs follow the controller (the profile stays eager)")
+                         "from device memory, so the captured graphs follow the controller (the start-up profile is "
+                         "then timed from CUDA graphs too)")
+    ap.add_argument("--stop-if-no-gain", action="store_true",
+                    help="skip the burst and Poisson runs when calibration finds ratio 1 serving no faster than "
+                         "ratio 0 (saves device time on a diagnostic call)")
     ap.add_argument("--max-queue", type=int, default=128)
     ap.add_argument("--max-batch-tokens", type=int, default=1024)
     ap.add_argument("--drain-seconds", type=float, default=30.0,
@@ -365,6 +427,13 @@ def main(argv=None) -> None:
     elif prof_file.is_file() and not args.tiny:
         pdoc = json.loads(prof_file.read_text())
         log("reusing profile")
+    elif args.cuda_graphs and dev == "cuda":
+        t = time.time()
+        pts = profile_graphed(model, bm, tokens, ratios, max(5, args.profile_reps), vocab)
+        pdoc = {"points": pts, "zero": {}, "graphed": True}
+        prof_file.write_text(json.dumps(pdoc))
+        log(f"profiled {len(pts)} graph-replayed forwards in {time.time() - t:.1f} s: "
+            + ", ".join(f"{n}x{r:g}: {1e3 * v:.2f} ms" for n, r, v in pts))
     else:
         t = time.time()
         pts, zero = profile(model, bm, tokens, ratios, args.profile_reps, dev, vocab)
@@ -396,6 +465,24 @@ def main(argv=None) -> None:
     sample = poisson(1e4, 1.0, lengths=args.lengths, seed=99, max_requests=5000, max_prompt=args.max_prompt,
                      max_output=args.max_output)
     mean_out = float(np.mean([r.output_len for r in sample.requests]))
+    srv = BrownoutServer(model, setter, None, scfg)
+    srv.start()  # one engine for every run below: same batching, same cache, CUDA graphs captured once
+    try:
+        _phases(args, srv, scfg, prof, pdoc, zero, zero_path, mean_out, cache, out, prev, device_name, skip, t_all)
+    finally:
+        srv.close()
+
+
+def _phases(args, srv, scfg, prof, pdoc, zero, zero_path, mean_out, cache, out, prev, device_name, skip, t_all):
+    if args.cuda_graphs:  # capture the engine's graphs (one per padded batch size) before anything is timed
+        t = time.time()
+        tr = sat_trace(3 * scfg.max_batch, args.lengths, 7, args.max_prompt, args.max_output)
+        res = serve(srv, tr, FixedRatio(0.0), ServeConfig(**{**scfg.__dict__, "max_queue": len(tr),
+                                                                "drain_timeout_s": args.sat_seconds}))
+        log(f"engine warm-up (graph capture): {len(res.steps)} steps in {time.time() - t:.1f} s, status "
+            f"{summarize(res, 1e9, 1e9)['status']}{' errors ' + str(res.errors) if res.errors else ''}")
+        if res.errors:
+            raise SystemExit("the engine failed during warm-up: " + "; ".join(res.errors))
     cal_file = cache / f"{args.tag}_calibration.json"
     if prev is not None:
         cal = prev["calibration"]
@@ -404,8 +491,12 @@ def main(argv=None) -> None:
         cal = json.loads(cal_file.read_text())
         log(f"reusing calibration: {cal['mu0']:.2f} req/s, SLOs {cal['slo_prefill']:.3f}/{cal['slo_decode']:.3f}")
     else:
-        cal = calibrate(model, setter, args, scfg, mean_out)
+        cal = calibrate(srv, args, scfg, mean_out)
         cal_file.write_text(json.dumps(cal))
+        if args.stop_if_no_gain and not cal["mu1"] > 1.02 * cal["mu0"]:
+            log(f"ratio 1 serves {cal['mu1']:.2f} req/s, ratio 0 {cal['mu0']:.2f}: no gain to control, stopping "
+                "(--stop-if-no-gain)")
+            args.configs, args.poisson_configs = "", ""
 
     res_file = out / f"{args.tag}.json"
     doc = prev if prev is not None else (json.loads(res_file.read_text()) if res_file.is_file() else {})
@@ -413,7 +504,8 @@ def main(argv=None) -> None:
                 "model": "Qwen1.5-MoE-A2.7B shape, random weights, bf16" if not args.tiny else "tiny Qwen2-MoE (CPU)",
                 "united": f"way 4, consecutive groups, weight average, skip layers {skip}",
                 "zero_path": zero_path, "zero_paths_s": zero, "args": vars(args), "calibration": cal,
-                "serve": scfg.__dict__, "profile_points": pdoc["points"], "profile": {"tokens": prof.tokens, "ratios": prof.ratios, "lat": prof.lat}})
+                "serve": scfg.__dict__, "profile_points": pdoc["points"], "profile": {"tokens": prof.tokens, "ratios": prof.ratios, "lat": prof.lat},
+                "profile_graphed": bool(pdoc.get("graphed"))})
 
     if args.phase in ("burst", "all"):
         tr = burst_test(cal["base_rate"], args.duration_scale, lengths=args.lengths, seed=args.seed + 1,
@@ -425,17 +517,17 @@ def main(argv=None) -> None:
         windows = {"before": (0.0, b_at), "after": (b_at, tr.duration)}
         log(f"burst trace: {len(tr)} requests, {tr.duration:.0f} s, burst at {b_at:.1f} s")
         doc["burst"] = {"trace": tr.meta, "runs": [], "skipped": []}
-        for spec in args.configs.split(","):
+        for spec in [c for c in args.configs.split(",") if c]:
             if time.time() - t_all + tr.duration + args.drain_seconds > args.time_budget:
                 doc["burst"]["skipped"].append(spec)
                 log(f"  {spec}: skipped (time budget)")
                 continue
-            doc["burst"]["runs"].append(one_config(model, setter, spec, tr, cal, prof, scfg, windows))
+            doc["burst"]["runs"].append(one_config(srv, spec, tr, cal, prof, scfg, windows))
             save(doc, out, args.tag)
     if args.phase in ("poisson", "all"):
         rates = [float(x) * cal["mu0"] for x in args.rates.split(",")]
         pr = {}
-        for spec in args.poisson_configs.split(","):
+        for spec in [c for c in args.poisson_configs.split(",") if c]:
             pr[spec] = []
             for i, lam in enumerate(rates):
                 if time.time() - t_all + args.poisson_seconds + args.drain_seconds > args.time_budget:
@@ -443,7 +535,7 @@ def main(argv=None) -> None:
                     continue
                 tr = poisson(lam, args.poisson_seconds, lengths=args.lengths, seed=100 + i,
                              max_prompt=args.max_prompt, max_output=args.max_output)
-                r = one_config(model, setter, spec, tr, cal, prof, scfg, {})
+                r = one_config(srv, spec, tr, cal, prof, scfg, {})
                 r.pop("timeline")
                 r["rate"] = lam
                 pr[spec].append(r)

@@ -115,6 +115,18 @@ class BrownoutServer:
         self.cfg = config or ServeConfig()
         self.vocab_size = vocab_size or model.config.get_text_config().vocab_size
         self._last_ratio: float | None = None
+        self._mgr = None  # the running engine, kept between runs inside `with server:` (one set of CUDA graphs)
+        self._orig_step = None
+        self._hook: Callable[[], None] | None = None
+        self._runs = 0
+        self._cuda = next(model.parameters()).device.type == "cuda"
+
+    def __enter__(self) -> "BrownoutServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ engine set-up
     def _manager(self):
@@ -133,27 +145,93 @@ class BrownoutServer:
         if r != self._last_ratio:
             self.set_ratio(r)
             self._last_ratio = r
+            if self._cuda:
+                # the runtime writes the ratio into a device scalar on this thread's stream; transformers runs (and
+                # replays its graphs) on its own compute stream, which does not wait for ours
+                import torch
+
+                torch.cuda.current_stream().synchronize()
+
+    def start(self) -> None:
+        """Start the engine (transformers' continuous-batching manager) once; runs reuse it until `close`."""
+        if self._mgr is not None:
+            return
+        self._apply_ratio(0.0)
+        mgr = self._manager()
+        self._orig_step = mgr._generation_step
+
+        def dispatch():  # the per-run hook, or the plain step between runs
+            (self._hook or self._orig_step)()
+
+        mgr._generation_step = dispatch
+        mgr.start()
+        self._mgr = mgr
+
+    def close(self, errors: list[str] | None = None) -> None:
+        """Stop the engine (hard stop if it does not exit in 10 s) and set the ratio back to 0."""
+        mgr, self._mgr = self._mgr, None
+        if mgr is None:
+            return
+        errors = [] if errors is None else errors
+        try:
+            mgr.stop(block=True, timeout=10)
+            if mgr.is_running():
+                errors.append("engine did not stop in 10 s: hard stop")
+                mgr.stop(block=True, timeout=10, hard_stop=True)
+        finally:
+            mgr._generation_step = self._orig_step
+            try:
+                mgr.destroy()
+            except Exception as e:  # pragma: no cover - best effort clean-up
+                errors.append(f"destroy: {e!r}")
+            self._apply_ratio(0.0)
+
+    def _wait_idle(self, timeout_s: float = 30.0) -> bool:
+        """Wait until the engine holds no request (cancellations are processed asynchronously), so the next run
+        starts on an empty batch and cache."""
+        mgr = self._mgr
+        t = time.perf_counter()
+        while mgr is not None and mgr.is_running() and time.perf_counter() - t < timeout_s:
+            bp = getattr(mgr, "batch_processor", None)
+            pending = bp.has_pending_requests() if bp is not None and hasattr(bp, "has_pending_requests") else False
+            queued = any(q is not None and not q.empty()
+                         for q in (getattr(mgr, "input_queue", None), getattr(mgr, "cancel_queue", None)))
+            if not pending and not queued:
+                return True
+            while mgr.get_result(timeout=0) is not None:  # results of cancelled requests: drop them
+                pass
+            time.sleep(0.01)
+        return False
 
     # ------------------------------------------------------------------ serving
-    def run(self, trace, prompts: list[list[int]] | None = None, on_progress: Callable[[float], None] | None = None
-            ) -> ServeResult:
+    def run(self, trace, prompts: list[list[int]] | None = None, on_progress: Callable[[float], None] | None = None,
+            controller: Controller | None = None) -> ServeResult:
         """Serve `trace` (eval.trace.Trace) in real time and return the records. Prompts are random token ids
-        (seeded) unless given."""
-        cfg, ctl = self.cfg, self.controller
+        (seeded) unless given. `controller` replaces the server's for this run (and is reset first). Inside
+        `with server:` the engine (and its CUDA graphs) stays up between runs; otherwise each run starts and stops
+        one."""
+        cfg = self.cfg
+        ctl = controller or self.controller
+        ctl.reset()
         rng = np.random.default_rng(cfg.seed)
         reqs = trace.requests
         if prompts is None:
             prompts = [rng.integers(1, self.vocab_size, r.prompt_len).tolist() for r in reqs]
-        recs = {f"r{r.rid}": RequestRecord(r.rid, r.t, r.prompt_len, r.output_len) for r in reqs}
+        self._runs += 1
+        tag = f"{self._runs}-r"  # request ids are unique across the runs of one engine
+        recs = {f"{tag}{r.rid}": RequestRecord(r.rid, r.t, r.prompt_len, r.output_len) for r in reqs}
         steps: list[StepRecord] = []
         errors: list[str] = []
         started: set[str] = set()  # written by the engine thread only
         last_tok: dict[str, float] = {}  # engine thread: time of each request's last token (perf_counter)
         hook_times: dict[str, list[float]] = {}  # engine thread: per-request token times (s from start)
-        self._last_ratio = None
+        own_engine = self._mgr is None
         self._apply_ratio(0.0)
-        mgr = self._manager()
-        orig_step = mgr._generation_step
+        self.start()
+        if not own_engine and not self._wait_idle():
+            errors.append("engine still busy with the previous run's requests after 30 s")
+        mgr = self._mgr
+        orig_step = self._orig_step
         t_start = [0.0]
 
         def hook():
@@ -196,12 +274,11 @@ class BrownoutServer:
             if cfg.record_steps:
                 steps.append(StepRecord(t1 - t_start[0], now, step_s, n_pre, n_dec, len(batch), r))
 
-        mgr._generation_step = hook
         outstanding: dict[str, float] = {}  # rid -> arrival, admitted and not yet resolved
         waiting: set[str] = set()  # admitted, not yet seen in a step (driver's view)
         try:
-            mgr.start()
             t_start[0] = time.perf_counter()
+            self._hook = hook
             i, n = 0, len(reqs)
             last_arrival = reqs[-1].t if reqs else 0.0
             deadline = None
@@ -210,7 +287,7 @@ class BrownoutServer:
                 # 1. submit due arrivals
                 while i < n and reqs[i].t <= now:
                     q = reqs[i]
-                    rid = f"r{q.rid}"
+                    rid = f"{tag}{q.rid}"
                     rec = recs[rid]
                     i += 1
                     waiting.difference_update([w for w in waiting if w in started])
@@ -218,7 +295,7 @@ class BrownoutServer:
                         rec.status = REJECTED
                         continue
                     rec.submit = now
-                    got = mgr.add_request(prompts[q.rid], request_id=rid, max_new_tokens=q.output_len,
+                    got = mgr.add_request(prompts[i - 1], request_id=rid, max_new_tokens=q.output_len,
                                           record_timestamps=True)
                     if got is None:
                         rec.status = REJECTED
@@ -234,7 +311,7 @@ class BrownoutServer:
                 if not outstanding and not mgr.is_running() and i < n:
                     # the engine died: everything still to come is rejected
                     for q in reqs[i:]:
-                        recs[f"r{q.rid}"].status = REJECTED
+                        recs[f"{tag}{q.rid}"].status = REJECTED
                     i = n
                 # 3. timeouts
                 now = time.perf_counter() - t_start[0]
@@ -267,17 +344,10 @@ class BrownoutServer:
                         break
         finally:
             wall = time.perf_counter() - t_start[0]
-            try:
-                mgr.stop(block=True, timeout=10)
-                if mgr.is_running():
-                    errors.append("engine did not stop in 10 s: hard stop")
-                    mgr.stop(block=True, timeout=10, hard_stop=True)
-            finally:
-                mgr._generation_step = orig_step
-                try:
-                    mgr.destroy()
-                except Exception as e:  # pragma: no cover - best effort clean-up
-                    errors.append(f"destroy: {e!r}")
+            self._hook = None
+            if own_engine or not mgr.is_running():
+                self.close(errors)
+            else:
                 self._apply_ratio(0.0)
         # token times of cancelled requests come from the hook (the engine delivers nothing for them)
         for rid, rec in recs.items():

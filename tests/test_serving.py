@@ -131,6 +131,24 @@ def test_serve_records_complete(tiny_model):
     assert len(tl["t"]) == len(tl["ratio"]) and sum(tl["arrivals_per_s"]) * 0.5 == pytest.approx(5)
 
 
+def test_engine_is_kept_between_runs(tiny_model):
+    """Inside `with server:` one engine serves several runs (the bench relies on it to capture CUDA graphs once):
+    each run's records are complete, its controller is the one passed, and the engine stops at exit."""
+    calls = []
+    tr = _trace([(0.0, 5, 4), (0.01, 9, 3), (0.03, 4, 2)])
+    with BrownoutServer(tiny_model, calls.append, None, _cfg()) as srv:
+        mgr = srv._mgr
+        a = srv.run(tr, controller=FixedRatio(0.5))
+        b = srv.run(tr, controller=FixedRatio(1.0))
+        assert srv._mgr is mgr and mgr.is_running()
+    assert not mgr.is_running() and srv._mgr is None
+    for res, r in ((a, 0.5), (b, 1.0)):
+        assert res.errors == [] and [q.status for q in res.requests] == ["ok"] * 3
+        assert [len(q.token_times) for q in res.requests] == [4, 3, 2]
+        assert {s.ratio for s in res.steps} == {r}
+    assert 0.5 in calls and 1.0 in calls and calls[-1] == 0.0
+
+
 def test_overload_rejects_cleanly(tiny_model):
     """40 requests at once, a queue of 4 and a batch of 2: the excess is rejected at once, the rest is served."""
     tr = _trace([(0.001 * i, 8, 3) for i in range(40)])
