@@ -138,6 +138,14 @@ class BrownoutServer:
                   use_async_batching=False, use_cuda_graph=self.cfg.use_cuda_graph, allow_block_sharing=False,
                   page_size=self.cfg.page_size, num_blocks=self.cfg.num_blocks, seed=self.cfg.seed,
                   max_memory_percent=self.cfg.max_memory_percent)
+        fields = set(getattr(ContinuousBatchingConfig, "__dataclass_fields__", {}))
+        if fields and "page_size" not in fields:  # transformers <= 5.17.0 called it block_size
+            kw["block_size"] = kw.pop("page_size")
+        if fields:
+            dropped = sorted(set(kw) - fields)
+            if dropped:
+                log.warning("this transformers' ContinuousBatchingConfig has no %s: left at its default", dropped)
+            kw = {k: v for k, v in kw.items() if k in fields}
         cbc = ContinuousBatchingConfig(**kw)
         return self.model.init_continuous_batching(generation_config=gc, continuous_batching_config=cbc)
 

@@ -1,0 +1,135 @@
+"""Where a forward's GPU time goes: kernel time by category, per (tokens, ratio), on the serving benchmark's model.
+
+Builds the Qwen1.5-MoE-A2.7B-shaped model of `eval/bench_serving.py` (random weights, bf16) with its united tier
+(way 4, weight average), runs the brownout kernel path at every ratio (`set_path("kernel")`, as the serving
+benchmark does with CUDA graphs), and records `--reps` eager forwards per point with torch.profiler. Each kernel's
+GPU time is summed by category:
+
+  brownout    our Triton kernels (remap, routing alignment, gate/up, down, top-k sum)
+  gemm        cuBLAS / CUTLASS matmuls (attention projections, router, shared expert, lm_head)
+  attention   the attention kernel itself (SDPA: flash / memory-efficient / math)
+  other       everything else (norms, rotary, softmax / top-k of the router, elementwise, copies)
+
+GPU kernel time is what a CUDA graph replays (launch gaps aside), so the table says which part of the step brownout
+can shorten. It also times the same forwards replayed from a CUDA graph (`graph ms`) for the gap.
+Writes `profile_forward.json` and `.md` under --out.
+
+    python -m eval.profile_forward --tokens 1,64,512 --ratios 0,1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from eval.bench_serving import build_model, profile_graphed, united_tier  # noqa: E402
+
+CATEGORIES = [  # first match wins
+    ("brownout", re.compile(r"_remap_kernel|_align_|_gate_up_kernel|_down_kernel|_topk_sum_kernel")),
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|efficient_attention", re.I)),
+    ("gemm", re.compile(r"gemm|cutlass|nvjet|sm90_|sm80_|cublas|matmul", re.I)),
+]
+
+
+def category(name: str) -> str:
+    for cat, rx in CATEGORIES:
+        if rx.search(name):
+            return cat
+    return "other"
+
+
+@torch.no_grad()
+def kernel_times(model, bm, n: int, r: float, reps: int, vocab: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randint(1, vocab, (1, n), generator=torch.Generator().manual_seed(n)).cuda()
+    bm.set_ratio(r)
+    for _ in range(2):
+        model(input_ids=x, use_cache=False, logits_to_keep=1)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            model(input_ids=x, use_cache=False, logits_to_keep=1)
+        torch.cuda.synchronize()
+    by_name: dict[str, list] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
+            d = by_name.setdefault(ev.name, [0.0, 0])
+            d[0] += ev.device_time  # us
+            d[1] += 1
+    cats: dict[str, float] = {}
+    for name, (us, _) in by_name.items():
+        cats[category(name)] = cats.get(category(name), 0.0) + us / reps / 1e3
+    top = sorted(((us / reps / 1e3, cnt // reps, name) for name, (us, cnt) in by_name.items()), reverse=True)[:12]
+    return {"tokens": n, "ratio": r, "kernel_ms": sum(cats.values()), "by_category_ms": cats,
+            "kernels_per_forward": sum(c for _, c in by_name.values()) // reps,
+            "top": [{"ms": ms, "count": c, "name": name[:120]} for ms, c, name in top]}
+
+
+def markdown(doc: dict) -> str:
+    cats = ["brownout", "gemm", "attention", "other"]
+    lines = [f"# Forward GPU time by kernel category ({doc['device']})", "",
+             f"{doc['model']}; brownout kernel path at every ratio; {doc['reps']} eager forwards per point under "
+             "torch.profiler (kernel time only), `graph ms`: the same forward replayed from a CUDA graph.", "",
+             "| tokens | ratio | graph ms | kernel ms | " + " | ".join(cats) + " | kernels |",
+             "|---|---|---|---|" + "---|" * len(cats) + "---|"]
+    for p in doc["points"]:
+        c = p["by_category_ms"]
+        lines.append(f"| {p['tokens']} | {p['ratio']:g} | {p['graph_ms']:.2f} | {p['kernel_ms']:.2f} | "
+                     + " | ".join(f"{c.get(k, 0.0):.2f}" for k in cats) + f" | {p['kernels_per_forward']} |")
+    lines += ["", "## Top kernels per point (ms per forward, launches per forward)", ""]
+    for p in doc["points"]:
+        lines.append(f"- T={p['tokens']} r={p['ratio']:g}: " +
+                     "; ".join(f"{t['ms']:.2f} x{t['count']} `{t['name'][:70]}`" for t in p["top"][:8]))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", default="1,64,512")
+    ap.add_argument("--ratios", default="0,1")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--cache", default=str(ROOT / ".bench_cache"))
+    ap.add_argument("--out", default=str(ROOT / "eval" / "results"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_forward needs a CUDA GPU")
+    from runtime import BrownoutMoE
+
+    t0 = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_model(False, 0)
+    bm = BrownoutMoE.attach(model, united_tier(model, Path(args.cache), False, [0, 1, -2, -1]))
+    bm.set_path("kernel")
+    vocab = model.config.vocab_size
+    tokens = [int(x) for x in args.tokens.split(",")]
+    ratios = [float(x) for x in args.ratios.split(",")]
+    graphed = {(n, r): v for n, r, v in profile_graphed(model, bm, tokens, ratios, 10, vocab)}
+    points = []
+    for n in tokens:
+        for r in ratios:
+            p = kernel_times(model, bm, n, r, args.reps, vocab)
+            p["graph_ms"] = 1e3 * graphed[(n, r)]
+            points.append(p)
+            print(f"T={n} r={r:g}: graph {p['graph_ms']:.2f} ms, kernels {p['kernel_ms']:.2f} ms "
+                  f"{ {k: round(v, 2) for k, v in p['by_category_ms'].items()} }", flush=True)
+    doc = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+           "model": "Qwen1.5-MoE-A2.7B shape, random weights, bf16, united tier way 4 (skip layers 0, 1, -2, -1)",
+           "reps": args.reps, "points": points, "wall_s": time.time() - t0}
+    (out / "profile_forward.json").write_text(json.dumps(doc, indent=1))
+    (out / "profile_forward.md").write_text(markdown(doc))
+    print(markdown(doc))
+
+
+if __name__ == "__main__":
+    main()
