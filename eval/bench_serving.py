@@ -54,6 +54,7 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_la
             num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
             shared_expert_intermediate_size=64, max_position_embeddings=2048, tie_word_embeddings=False)
 CONFIGS = ["fixed:0", "fixed:0.5", "fixed:1", "salc", "mpc"]
+CALL = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())  # which call (machine session) produced a run
 EPS = 1e-6
 
 
@@ -231,7 +232,7 @@ def one_config(srv, spec, trace, cal, prof, scfg, windows: dict) -> dict:
     res = serve(srv, trace, ctl, scfg)
     st = [x.step_s for x in res.steps]
     dec = [x.step_s for x in res.steps if x.prefill_tokens == 0]
-    out = {"config": spec, "wall_s": time.time() - t, "errors": res.errors,
+    out = {"config": spec, "wall_s": time.time() - t, "errors": res.errors, "call": CALL,
            "all": summarize(res, sp, sd),
            "steps": {"n": len(st), "busy_s": float(sum(st)),
                      "step_ms_p50": 1e3 * float(np.median(st)) if st else None,
@@ -279,8 +280,8 @@ def markdown(doc: dict) -> str:
                   f"{tm['lengths']} lengths)", "",
                   "| config | viol. TTFT before | viol. TTFT after | viol. TPOT before | viol. TPOT after | viol. all | "
                   "goodput tok/s | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms | TPOT spread p99-p50 ms | "
-                  "TPOT std ms | mean ratio | rejected/timeout |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "TPOT std ms | mean ratio | rejected/timeout | call |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in b["runs"]:
             a, pre, post = r["all"], r["before"], r["after"]
             st = a["status"]
@@ -291,7 +292,7 @@ def markdown(doc: dict) -> str:
                 f"{fmt(a['ttft']['p50'], ms=True)}/{fmt(a['ttft']['p90'], ms=True)}/{fmt(a['ttft']['p99'], ms=True)} | "
                 f"{fmt(a['tpot']['p50'], ms=True)}/{fmt(a['tpot']['p90'], ms=True)}/{fmt(a['tpot']['p99'], ms=True)} | "
                 f"{fmt(a['tpot_spread'], ms=True)} | {fmt(a['tpot']['std'], ms=True)} | {fmt(a['mean_ratio_time'])} | "
-                f"{st.get('rejected', 0)}/{st.get('timeout', 0)} |")
+                f"{st.get('rejected', 0)}/{st.get('timeout', 0)} | {r.get('call', '-')} |")
         lines.append("")
     if "poisson" in doc:
         p = doc["poisson"]
@@ -391,6 +392,8 @@ def main(argv=None) -> None:
     ap.add_argument("--drain-seconds", type=float, default=30.0,
                     help="after the last arrival, wait this long; what is left is cancelled (and its tokens count as "
                          "misses). The first H100 run used 10 s, which cut ~12 long requests per run")
+    ap.add_argument("--poisson-drain-seconds", type=float, default=10.0,
+                    help="drain after a Poisson point's last arrival (what is left then counts as missed tokens)")
     ap.add_argument("--cache", default=str(ROOT / ".bench_cache"))
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--tag", default="serving_bench")
@@ -519,8 +522,13 @@ def _phases(args, srv, scfg, prof, pdoc, zero, zero_path, mean_out, cache, out, 
         b_at = tr.meta["burst_at"]
         windows = {"before": (0.0, b_at), "after": (b_at, tr.duration)}
         log(f"burst trace: {len(tr)} requests, {tr.duration:.0f} s, burst at {b_at:.1f} s")
-        doc["burst"] = {"trace": tr.meta, "runs": [], "skipped": []}
-        for spec in [c for c in args.configs.split(",") if c]:
+        specs = [c for c in args.configs.split(",") if c]
+        old = doc.get("burst") or {}
+        kept = [r for r in old.get("runs", []) if r["config"] not in specs] if old.get("trace") == tr.meta else []
+        if kept:  # a --prev call re-running some configs on the same trace: the others' runs are kept
+            log(f"keeping the burst runs of {[r['config'] for r in kept]} from --prev")
+        doc["burst"] = {"trace": tr.meta, "runs": kept, "skipped": []}
+        for spec in specs:
             if time.time() - t_all + tr.duration + args.drain_seconds > args.time_budget:
                 doc["burst"]["skipped"].append(spec)
                 log(f"  {spec}: skipped (time budget)")
@@ -533,12 +541,13 @@ def _phases(args, srv, scfg, prof, pdoc, zero, zero_path, mean_out, cache, out, 
         for spec in [c for c in args.poisson_configs.split(",") if c]:
             pr[spec] = []
             for i, lam in enumerate(rates):
-                if time.time() - t_all + args.poisson_seconds + args.drain_seconds > args.time_budget:
+                if time.time() - t_all + args.poisson_seconds + args.poisson_drain_seconds > args.time_budget:
                     log(f"  {spec} @ {lam:.2f}: skipped (time budget)")
                     continue
                 tr = poisson(lam, args.poisson_seconds, lengths=args.lengths, seed=100 + i,
                              max_prompt=args.max_prompt, max_output=args.max_output)
-                r = one_config(srv, spec, tr, cal, prof, scfg, {})
+                pcfg = ServeConfig(**{**scfg.__dict__, "drain_timeout_s": args.poisson_drain_seconds})
+                r = one_config(srv, spec, tr, cal, prof, pcfg, {})
                 r.pop("timeline")
                 r["rate"] = lam
                 pr[spec].append(r)

@@ -107,6 +107,16 @@ class Controller:
                       None if ratio is None or not _ok(ratio) else _clamp01(ratio),
                       float(step_s) if _ok(step_s) else None)
 
+    def observe_queue(self, age_s: float, waiting: int, now: float) -> None:
+        """The admission queue before a step: `waiting` requests not yet scheduled, the oldest of them waiting for
+        `age_s` seconds (0 when none waits). A leading signal for the time to first token: a TTFT is observed
+        only once the request's first token is out, i.e. one queueing delay late. The paper's rule ignores it."""
+        if _ok(age_s) and isinstance(now, (int, float)) and math.isfinite(now):
+            self._observe_queue(float(age_s), max(0, int(waiting or 0)), float(now))
+
+    def _observe_queue(self, age, waiting, now) -> None:
+        pass
+
     def ratio(self, kind: str, now: float | None = None, batch_tokens: int | None = None) -> float:
         _check_kind(kind)
         return _clamp01(self._ratio(kind, now, batch_tokens))
@@ -353,6 +363,11 @@ class ModelPredictive(Controller):
     `window` s: above (1 - margin/2) SLO -> beta *= 0.85 (more brownout); below (1 - 2 margin) SLO -> beta += 0.05.
     This is what sees what no step model can: queueing delay in the time to first token.
 
+    Queue term (prefill only, each step): the step model cannot see queueing, and observed TTFTs arrive one
+    queueing delay late. So the age a of the oldest request still waiting to be scheduled (`observe_queue`) sets a
+    floor on the prefill ratio, proportional between `queue_lo` * SLO (floor 0) and `queue_hi` * SLO (floor 1):
+    the ratio rises on the step at which a queue forms, before any first token is late.
+
     Hysteresis: the ratio rises at once; it falls only when the lower ratio's prediction is under the budget by a
     further `hysteresis` fraction, and by at most `max_fall` per step.
 
@@ -367,8 +382,11 @@ class ModelPredictive(Controller):
                  profile: dict[str, LatencyProfile] | LatencyProfile | None = None, margin: float = 0.15,
                  hysteresis: float = 0.08, max_fall: float = 0.1, window: float = 1.0, period: float = 0.25,
                  beta_min: float = 0.2, grid_steps: int = 20, kappa_alpha: float = 0.05, kappa_up: float = 0.3,
-                 learn: bool = True, maxlen: int = 1024):
+                 learn: bool = True, queue_lo: float = 0.25, queue_hi: float = 0.6, maxlen: int = 1024):
         super().__init__(slo_prefill, slo_decode)
+        if not 0 <= queue_lo < queue_hi:
+            raise ValueError("need 0 <= queue_lo < queue_hi")
+        self.queue_lo, self.queue_hi = queue_lo, queue_hi
         if isinstance(profile, LatencyProfile):
             profile = {k: profile for k in KINDS}
         self.profile = dict(profile) if profile else {}
@@ -385,8 +403,13 @@ class ModelPredictive(Controller):
         self.r = {k: 0.0 for k in KINDS}
         self.last: dict[str, float | None] = {k: None for k in KINDS}
         self.last_tokens = {k: 1 for k in KINDS}
+        self.queue_floor = 0.0
         for w in self.win.values():
             w.clear()
+
+    def _observe_queue(self, age, waiting, now) -> None:
+        slo = self.slo["prefill"]
+        self.queue_floor = _clamp01((age / slo - self.queue_lo) / (self.queue_hi - self.queue_lo)) if waiting else 0.0
 
     def _observe(self, kind, latency, now, tokens, ratio, step_s) -> None:
         self.win[kind].add(now, latency)
@@ -447,11 +470,14 @@ class ModelPredictive(Controller):
                         lower = r
                         break
                 want = max(lower, cur - self.max_fall)
+        if kind == "prefill":
+            want = max(want, self.queue_floor)
         self.r[kind] = _clamp01(want)
         return self.r[kind]
 
     def snapshot(self) -> dict:
-        return {"name": self.name, "ratio": dict(self.r), "beta": dict(self.beta), "kappa": dict(self.kappa)}
+        return {"name": self.name, "ratio": dict(self.r), "beta": dict(self.beta), "kappa": dict(self.kappa),
+                "queue_floor": self.queue_floor}
 
 
 def make_controller(spec: str, slo_prefill: float, slo_decode: float, profile=None, **kw) -> Controller:

@@ -85,6 +85,7 @@ class StepRecord:
     decode_tokens: int
     requests: int
     ratio: float
+    waiting: int = 0  # requests in the scheduler's queue, not in this step
 
 
 @dataclass
@@ -260,6 +261,10 @@ class BrownoutServer:
                     emit.append(rid)
                 started.add(rid)
             t0 = time.perf_counter()
+            # the admission queue (requests the scheduler holds but did not schedule in this batch)
+            queued = getattr(getattr(bp, "scheduler", None), "waiting_requests", None) or {}
+            arrivals = [recs[x].arrival for x in list(queued) if x in recs]
+            ctl.observe_queue(t0 - t_start[0] - min(arrivals) if arrivals else 0.0, len(arrivals), t0 - t_start[0])
             r = ctl.step_ratio(bool(pre), bool(dec), t0 - t_start[0], n_pre + n_dec)
             self._apply_ratio(r)
             t1 = time.perf_counter()
@@ -280,7 +285,7 @@ class BrownoutServer:
             for rid in emit:
                 last_tok[rid] = t2
             if cfg.record_steps:
-                steps.append(StepRecord(t1 - t_start[0], now, step_s, n_pre, n_dec, len(batch), r))
+                steps.append(StepRecord(t1 - t_start[0], now, step_s, n_pre, n_dec, len(batch), r, len(arrivals)))
 
         outstanding: dict[str, float] = {}  # rid -> arrival, admitted and not yet resolved
         waiting: set[str] = set()  # admitted, not yet seen in a step (driver's view)
@@ -478,6 +483,8 @@ def timeline(res: ServeResult, bin_s: float = 1.0) -> dict:
     tpot = [[] for _ in range(nb)]
     rsum = [0.0] * nb
     rdur = [0.0] * nb
+    wsum = [0.0] * nb
+    wn = [0] * nb
     for r in res.requests:
         b = min(nb - 1, int(r.arrival / bin_s))
         arr[b] += 1
@@ -489,7 +496,10 @@ def timeline(res: ServeResult, bin_s: float = 1.0) -> dict:
         b = min(nb - 1, int(s.t1 / bin_s))
         rsum[b] += s.ratio * s.step_s
         rdur[b] += s.step_s
+        wsum[b] += s.waiting
+        wn[b] += 1
     q = lambda v: quantile(v, 0.9) if v else None  # noqa: E731
     return {"t": [(i + 0.5) * bin_s for i in range(nb)], "arrivals_per_s": [a / bin_s for a in arr],
             "ttft_p90": [q(v) for v in ttft], "tpot_p90": [q(v) for v in tpot],
-            "ratio": [rsum[i] / rdur[i] if rdur[i] > 0 else None for i in range(nb)]}
+            "ratio": [rsum[i] / rdur[i] if rdur[i] > 0 else None for i in range(nb)],
+            "waiting": [wsum[i] / wn[i] if wn[i] else None for i in range(nb)]}

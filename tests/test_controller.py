@@ -199,3 +199,34 @@ def test_mpc_does_not_pay_for_nothing():
     c = ModelPredictive(SLO_P, SLO_D, profile=faster)
     c.observe("decode", 0.3, 0.1, 64, 0.0, 0.05)
     assert c.ratio("decode", 0.2, 64) >= 0.9  # the smallest ratio within 2% of the fastest
+
+
+def test_mpc_queue_term_reacts_before_any_late_token():
+    """A queue forming is seen on the step it forms: the prefill ratio rises with the head-of-line age, before a
+    single TTFT over the SLO has been observed, and falls back gradually once the queue is gone. The paper's rule
+    ignores the queue."""
+    prof = LatencyProfile([1, 64, 512], [0.0, 1.0], [[0.010, 0.010], [0.020, 0.016], [0.040, 0.030]])
+    c = ModelPredictive(0.25, 0.15, profile=prof)
+    s = SALC(0.25, 0.15)
+    t = 0.0
+    for _ in range(50):  # calm: fast steps, no queue
+        t += 0.02
+        for ctl in (c, s):
+            ctl.observe_queue(0.0, 0, t)
+            ctl.observe("prefill", 0.03, t, 64, ctl.ratio("prefill"), 0.02)
+    assert c.ratio("prefill", t, 64) == 0.0
+    c.observe_queue(0.25 * 0.25, 3, t)  # at queue_lo: still nothing
+    assert c.ratio("prefill", t, 64) == 0.0
+    c.observe_queue(0.25 * 0.6, 12, t)  # at queue_hi: everything to the united experts at once
+    assert c.ratio("prefill", t, 64) == 1.0
+    s.observe_queue(0.25 * 0.6, 12, t)
+    assert s.ratio("prefill", t, 64) == 0.0
+    rs = []
+    for _ in range(12):  # queue drained: the ratio falls by at most max_fall per step (one ratio call), to 0
+        t += 0.02
+        c.observe_queue(0.0, 0, t)
+        rs.append(c.ratio("prefill", t, 64))
+        c.observe("prefill", 0.03, t, 64, rs[-1], 0.02)
+    assert all(a - b <= c.max_fall + 1e-9 for a, b in zip([1.0] + rs, rs)) and rs[-1] == 0.0
+    c.observe_queue(float("nan"), 5, t)  # ignored, no crash
+    assert 0.0 <= c.ratio("prefill", t, 64) <= 1.0
