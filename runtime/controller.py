@@ -363,10 +363,12 @@ class ModelPredictive(Controller):
     `window` s: above (1 - margin/2) SLO -> beta *= 0.85 (more brownout); below (1 - 2 margin) SLO -> beta += 0.05.
     This is what sees what no step model can: queueing delay in the time to first token.
 
-    Queue term (prefill only, each step): the step model cannot see queueing, and observed TTFTs arrive one
-    queueing delay late. So the age a of the oldest request still waiting to be scheduled (`observe_queue`) sets a
-    floor on the prefill ratio, proportional between `queue_lo` * SLO (floor 0) and `queue_hi` * SLO (floor 1):
-    the ratio rises on the step at which a queue forms, before any first token is late.
+    Queue term (each step): the step model cannot see queueing, and observed TTFTs arrive one queueing delay late.
+    So the age a of the oldest request still waiting to be scheduled (`observe_queue`) sets a floor on the ratio,
+    proportional between `queue_lo` * TTFT SLO (floor 0) and `queue_hi` * TTFT SLO (floor 1): the ratio rises on
+    the step at which a queue forms, before any first token is late. The floor holds for decode steps as well:
+    under continuous batching a full batch admits the queue only as decode steps finish requests (our second H100
+    run applied it to prompt-carrying steps only, and the queue grew behind full batches of decode steps at r = 0).
 
     Hysteresis: the ratio rises at once; it falls only when the lower ratio's prediction is under the budget by a
     further `hysteresis` fraction, and by at most `max_fall` per step.
@@ -470,8 +472,9 @@ class ModelPredictive(Controller):
                         lower = r
                         break
                 want = max(lower, cur - self.max_fall)
-        if kind == "prefill":
-            want = max(want, self.queue_floor)
+        # while requests queue, every step delays them: with continuous batching a full batch frees slots only as
+        # decode steps finish requests, so the floor holds for decode steps too
+        want = max(want, self.queue_floor)
         self.r[kind] = _clamp01(want)
         return self.r[kind]
 

@@ -219,6 +219,8 @@ def test_mpc_queue_term_reacts_before_any_late_token():
     assert c.ratio("prefill", t, 64) == 0.0
     c.observe_queue(0.25 * 0.6, 12, t)  # at queue_hi: everything to the united experts at once
     assert c.ratio("prefill", t, 64) == 1.0
+    assert c.ratio("decode", t, 64) == 1.0  # a full batch of decode steps holds the queue back too
+    assert c.step_ratio(False, True, t, 64) == 1.0
     s.observe_queue(0.25 * 0.6, 12, t)
     assert s.ratio("prefill", t, 64) == 0.0
     rs = []
