@@ -80,6 +80,51 @@ def build_model(tiny: bool, seed: int):
     return model.eval()
 
 
+def uniform_routing(model) -> int:
+    """Make every router of the random model pick its top-k uniformly at random per token (as a trained,
+    load-balanced router does over a batch, and as the kernel benchmark's routing does); returns how many routers.
+
+    Why: in a random-weight model the residual stream of every token drifts towards one shared direction with depth,
+    so the (random) routers send a batch to few experts: at 64 tokens, 48 of 60 experts in layer 0 but 14 in
+    layer 11 (CPU, 12 layers of this shape; uniform would be 59). Ratio 0 then reads about as few weights as
+    ratio 1, and brownout looks useless for a reason a trained model does not have. The router still runs (its
+    cost stays in the step); a forward hook replaces its choice with the top-k of fresh uniform noise (device RNG,
+    so CUDA graphs replay it) and softmax weights over those k."""
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
+
+    def hook(mod, inp, out):
+        logits = out[0]
+        noise = torch.rand(logits.shape, device=logits.device, dtype=torch.float32)
+        top, idx = noise.topk(mod.top_k, dim=-1)
+        w = torch.softmax(top * 4.0, dim=-1).to(out[1].dtype)
+        return logits, w, idx
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Qwen2MoeTopKRouter):
+            m.register_forward_hook(hook)
+            n += 1
+    return n
+
+
+def distinct_experts(model, tokens: int, vocab: int) -> list[int]:
+    """Distinct experts each router picks for one random batch of `tokens` tokens (how spread the routing is)."""
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
+
+    seen, hs = [], []
+    for m in model.modules():
+        if isinstance(m, Qwen2MoeTopKRouter):
+            hs.append(m.register_forward_hook(lambda mod, i, o: seen.append(int(o[2].unique().numel()))))
+    try:
+        dev = next(model.parameters()).device
+        with torch.no_grad():
+            model(input_ids=torch.randint(1, vocab, (1, tokens), device=dev), use_cache=False, logits_to_keep=1)
+    finally:
+        for h in hs:
+            h.remove()
+    return seen
+
+
 def united_tier(model, cache: Path, tiny: bool, skip_layers):
     from unify.build import BuildOptions, build
     from unify.checkpoint import UnitedCheckpoint, fingerprint_tensors, probe_matches, weight_probe
@@ -408,6 +453,10 @@ def main(argv=None) -> None:
     ap.add_argument("--base-seconds", type=float, default=10.0)
     ap.add_argument("--zero-path", choices=["auto", "prev_impl", "kernel_eps"], default="auto")
     ap.add_argument("--profile-reps", type=int, default=3)
+    ap.add_argument("--routing", choices=["uniform", "model"], default="uniform",
+                    help="uniform: each router's top-k replaced by uniform random choices (see uniform_routing: a "
+                         "random model's own routing collapses onto few experts with depth); model: the random "
+                         "routers as they are (the first two H100 calls)")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="transformers' continuous-batching CUDA graphs on. Brownout layers then run the fused kernel "
                          "at every ratio (0 included: the ratio-0 baseline is the same kernel), which reads the ratio "
@@ -453,12 +502,17 @@ def main(argv=None) -> None:
     model = build_model(args.tiny, args.seed)
     log(f"model built ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params)")
     skip = [0, -1] if args.tiny else [0, 1, -2, -1]  # the recipe's (the paper leaves the first and last two alone)
+    vocab = model.config.vocab_size
+    log(f"routing of the random model: distinct experts per layer at 64 tokens {distinct_experts(model, 64, vocab)}")
+    if args.routing == "uniform":
+        n = uniform_routing(model)
+        log(f"uniform routing on {n} routers: distinct experts per layer at 64 tokens "
+            f"{distinct_experts(model, 64, vocab)}")
     udir = united_tier(model, cache, args.tiny, skip)
     bm = BrownoutMoE.attach(model, udir)
     if args.cuda_graphs:  # a graph captured at ratio 0 on the `auto` path would keep the model's own experts
         bm.set_path("kernel")
     log(bm.summary().splitlines()[2])
-    vocab = model.config.vocab_size
 
     tokens = [1, 8, 16, 32, 64, 128, 256, 512, 1024] if not args.tiny else [1, 8, 32, 64]
     ratios = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -547,7 +601,8 @@ def _phases(args, srv, scfg, prof, pdoc, zero, zero_path, mean_out, cache, out, 
     res_file = out / f"{args.tag}.json"
     doc = prev if prev is not None else (json.loads(res_file.read_text()) if res_file.is_file() else {})
     doc.update({"device": device_name, "torch": torch.__version__,
-                "model": "Qwen1.5-MoE-A2.7B shape, random weights, bf16" if not args.tiny else "tiny Qwen2-MoE (CPU)",
+                "model": ("Qwen1.5-MoE-A2.7B shape, random weights, bf16" if not args.tiny else "tiny Qwen2-MoE (CPU)")
+                + f", {args.routing} routing",
                 "united": f"way 4, consecutive groups, weight average, skip layers {skip}",
                 "zero_path": zero_path, "zero_paths_s": zero, "args": vars(args), "calibration": cal,
                 "serve": scfg.__dict__, "profile_points": pdoc["points"], "profile": {"tokens": prof.tokens, "ratios": prof.ratios, "lat": prof.lat},

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from eval.bench_serving import build_model, profile_graphed, united_tier  # noqa: E402
+from eval.bench_serving import build_model, distinct_experts, profile_graphed, uniform_routing, united_tier  # noqa: E402,E501
 
 CATEGORIES = [  # first match wins
     ("brownout", re.compile(r"_remap_kernel|_align_|_gate_up_kernel|_down_kernel|_topk_sum_kernel")),
@@ -78,7 +78,9 @@ def kernel_times(model, bm, n: int, r: float, reps: int, vocab: int) -> dict:
 def markdown(doc: dict) -> str:
     cats = ["brownout", "gemm", "attention", "other"]
     lines = [f"# Forward GPU time by kernel category ({doc['device']})", "",
-             f"{doc['model']}; brownout kernel path at every ratio; {doc['reps']} eager forwards per point under "
+             f"{doc['model']}; {doc.get('routing', 'model')} routing (distinct experts per layer at 64 tokens: "
+             f"{doc.get('distinct_experts_at_64_tokens', '-')}); brownout kernel path at every ratio; "
+             f"{doc['reps']} eager forwards per point under "
              "torch.profiler (kernel time only), `graph ms`: the same forward replayed from a CUDA graph.", "",
              "| tokens | ratio | graph ms | kernel ms | " + " | ".join(cats) + " | kernels |",
              "|---|---|---|---|" + "---|" * len(cats) + "---|"]
@@ -98,6 +100,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", default="1,64,512")
     ap.add_argument("--ratios", default="0,1")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--routing", choices=["uniform", "model"], default="uniform",
+                    help="as in eval/bench_serving.py (the first H100 profile ran with `model`)")
     ap.add_argument("--cache", default=str(ROOT / ".bench_cache"))
     ap.add_argument("--out", default=str(ROOT / "eval" / "results"))
     args = ap.parse_args(argv)
@@ -109,9 +113,12 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(False, 0)
+    vocab = model.config.vocab_size
+    if args.routing == "uniform":
+        uniform_routing(model)
+    spread = distinct_experts(model, 64, vocab)
     bm = BrownoutMoE.attach(model, united_tier(model, Path(args.cache), False, [0, 1, -2, -1]))
     bm.set_path("kernel")
-    vocab = model.config.vocab_size
     tokens = [int(x) for x in args.tokens.split(",")]
     ratios = [float(x) for x in args.ratios.split(",")]
     graphed = {(n, r): v for n, r, v in profile_graphed(model, bm, tokens, ratios, 10, vocab)}
@@ -125,6 +132,7 @@ def main(argv=None) -> None:
                   f"{ {k: round(v, 2) for k, v in p['by_category_ms'].items()} }", flush=True)
     doc = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
            "model": "Qwen1.5-MoE-A2.7B shape, random weights, bf16, united tier way 4 (skip layers 0, 1, -2, -1)",
+           "routing": args.routing, "distinct_experts_at_64_tokens": spread,
            "reps": args.reps, "points": points, "wall_s": time.time() - t0}
     (out / "profile_forward.json").write_text(json.dumps(doc, indent=1))
     (out / "profile_forward.md").write_text(markdown(doc))
