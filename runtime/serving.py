@@ -195,6 +195,18 @@ class BrownoutServer:
                 errors.append(f"destroy: {e!r}")
             self._apply_ratio(0.0)
 
+    def _reopen_admission(self) -> None:
+        """Work around a transformers continuous-batching stall (seen on 5.24): when the cache fills, the scheduler
+        offloads and sets `block_new_requests`, which only a request *finishing* clears. If the active requests are
+        cancelled instead (our timeouts), it stays set with an empty cache and the engine never schedules again.
+        With nothing active there is nothing to protect, so clear it (a bool, written from the driver thread)."""
+        sch = getattr(getattr(self._mgr, "batch_processor", None), "scheduler", None)
+        if sch is not None and getattr(sch, "block_new_requests", False) and not getattr(sch, "active_requests", 1):
+            sch.block_new_requests = False
+            wake = getattr(self._mgr, "_wake_up_loop", None)
+            if wake is not None:
+                wake.set()
+
     def _wait_idle(self, timeout_s: float = 30.0) -> bool:
         """Wait until the engine holds no request (cancellations are processed asynchronously), so the next run
         starts on an empty batch and cache."""
@@ -209,6 +221,7 @@ class BrownoutServer:
                 return True
             while mgr.get_result(timeout=0) is not None:  # results of cancelled requests: drop them
                 pass
+            self._reopen_admission()
             time.sleep(0.01)
         return False
 
@@ -327,6 +340,7 @@ class BrownoutServer:
                         recs[f"{tag}{q.rid}"].status = REJECTED
                     i = n
                 # 3. timeouts
+                self._reopen_admission()
                 now = time.perf_counter() - t_start[0]
                 for rid, arr in list(outstanding.items()):
                     not_started = rid not in started

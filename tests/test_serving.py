@@ -149,6 +149,23 @@ def test_engine_is_kept_between_runs(tiny_model):
     assert 0.5 in calls and 1.0 in calls and calls[-1] == 0.0
 
 
+def test_engine_recovers_after_cancelling_a_full_cache(tiny_model):
+    """A run that fills a small cache and ends with its requests cancelled must not leave the kept engine unable to
+    schedule (transformers' scheduler stays closed after offloading until a request *finishes*;
+    BrownoutServer._reopen_admission clears it when nothing is active): every next run is served."""
+    cfg = _cfg(num_blocks=16, drain_timeout_s=0.3)
+    full = _trace([(0.0005 * i, 24, 200) for i in range(48)])
+    small = _trace([(0.01 * i, 6, 3) for i in range(5)])
+    with BrownoutServer(tiny_model, None, None, cfg) as srv:
+        for _ in range(3):
+            srv.cfg = cfg
+            a = srv.run(full)
+            assert "timeout" in [r.status for r in a.requests]  # the scenario: cancellations happened
+            srv.cfg = _cfg(num_blocks=16, drain_timeout_s=20.0)
+            b = srv.run(small)
+            assert [r.status for r in b.requests] == ["ok"] * 5, [r.status for r in b.requests]
+
+
 def test_overload_rejects_cleanly(tiny_model):
     """40 requests at once, a queue of 4 and a batch of 2: the excess is rejected at once, the rest is served."""
     tr = _trace([(0.001 * i, 8, 3) for i in range(40)])
