@@ -384,6 +384,22 @@ def markdown(doc: dict) -> str:
                 lines.append(f"| {spec} | " + " | ".join(fmt(a, True) for a in att) +
                              f" | {ge(spec)}{fmt(cap)} | {rel} | {', '.join(fmt(x) for x in mr)} |")
             lines.append("")
+    if doc.get("overload"):
+        o = doc["overload"]
+        lines += [f"## Overload: Poisson at {o['factor']:g}x ratio 0's service rate", "",
+                  f"The driver admits at most {o['max_queue']} requests not yet scheduled and rejects the rest at "
+                  "once; `max waiting` is the engine's own queue, which also holds requests it moved back from the "
+                  "batch under cache pressure (so up to the bound plus one batch). Every request ends ok, rejected or "
+                  "timed out, within the arrivals plus the drain (`wall s (bound)`).", "",
+                  "| config | rate req/s | requests | ok | rejected | timeout | failed | max waiting | wall s (bound) "
+                  "| goodput tok/s | mean ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in o["runs"]:
+            st = r["status"]
+            lines.append(f"| {r['config']} | {r['rate']:.0f} | {r['requests']} | {st.get('ok', 0)} | "
+                         f"{st.get('rejected', 0)} | {st.get('timeout', 0)} | {st.get('failed', 0)} | "
+                         f"{r['max_waiting']} | {r['wall_s']:.0f} ({r['bound_s']:.0f}) | {fmt(r['goodput_tok_s'])} | "
+                         f"{fmt(r['mean_ratio'])} |")
+        lines.append("")
     if doc.get("notes"):
         lines += ["## Notes (read before quoting)", ""] + [f"- {n}" for n in doc["notes"]] + [""]
     pr = doc.get("profile")
@@ -434,7 +450,10 @@ def plot(doc: dict, path: Path) -> None:
 # --------------------------------------------------------------------------------------------------- main
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phase", choices=["burst", "poisson", "all"], default="all")
+    ap.add_argument("--phase", choices=["burst", "poisson", "overload", "all"], default="all")
+    ap.add_argument("--overload-factor", type=float, default=10.0, help="overload phase: Poisson rate = this x mu0")
+    ap.add_argument("--overload-seconds", type=float, default=10.0)
+    ap.add_argument("--overload-configs", default="fixed:0,mpc")
     ap.add_argument("--duration-scale", type=float, default=0.24, help="compress the 250 s burst trace (0.24: 60 s)")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--poisson-configs", default="fixed:0,fixed:1,salc,mpc")
@@ -649,6 +668,32 @@ def _phases(args, srv, scfg, prof, pdoc, zero, zero_path, mean_out, cache, out, 
                 doc["poisson"] = {"rates": rates, "seconds": args.poisson_seconds, "runs": pr}
                 save(doc, out, args.tag)
         log(f"capacity @90%: {doc.get('poisson', {}).get('capacities')}")
+    if args.phase in ("overload", "all"):
+        # far past capacity: the queue must stay bounded (max_queue), every request must end answered, rejected or
+        # timed out, and the run must end within arrivals + drain
+        lam = args.overload_factor * cal["mu0"]
+        tr = poisson(lam, args.overload_seconds, lengths=args.lengths, seed=200, max_prompt=args.max_prompt,
+                     max_output=args.max_output)
+        ocfg = ServeConfig(**{**scfg.__dict__, "drain_timeout_s": args.poisson_drain_seconds})
+        runs = []
+        for spec in [c for c in args.overload_configs.split(",") if c]:
+            if time.time() - t_all + args.overload_seconds + args.poisson_drain_seconds + 30 > args.time_budget:
+                log(f"  overload {spec}: skipped (time budget)")
+                continue
+            t = time.time()
+            res = serve(srv, tr, make_controller(spec, cal["slo_prefill"], cal["slo_decode"],
+                                                 profile=LatencyProfile(prof.tokens, prof.ratios,
+                                                                        [row[:] for row in prof.lat])), ocfg)
+            m = summarize(res, cal["slo_prefill"], cal["slo_decode"])
+            r = {"config": spec, "rate": lam, "requests": len(tr), "status": m["status"], "errors": res.errors,
+                 "max_waiting": max([x.waiting for x in res.steps], default=0), "wall_s": time.time() - t,
+                 "bound_s": args.overload_seconds + args.poisson_drain_seconds, "goodput_tok_s": m["goodput_tok_s"],
+                 "ttft_p50_of_served": m["ttft"]["p50"], "mean_ratio": m["mean_ratio_time"], "call": CALL}
+            runs.append(r)
+            log(f"  overload {spec} @ {lam:.0f} req/s: {r['status']} max waiting {r['max_waiting']} "
+                f"wall {r['wall_s']:.1f} s errors {res.errors}")
+        doc["overload"] = {"factor": args.overload_factor, "max_queue": scfg.max_queue, "runs": runs}
+        save(doc, out, args.tag)
     doc["wall_s_last_call"] = time.time() - t_all
     save(doc, out, args.tag)
     log(f"wrote {out / args.tag}.json/.md/.png ({time.time() - t_all:.0f} s)")

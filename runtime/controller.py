@@ -484,14 +484,17 @@ class ModelPredictive(Controller):
 
 
 def make_controller(spec: str, slo_prefill: float, slo_decode: float, profile=None, **kw) -> Controller:
-    """'fixed:0.5' | 'salc' | 'pi' | 'mpc' -> a controller (profile only used by mpc)."""
+    """'fixed:0.5' | 'salc' | 'salc:1.2' | 'pi' | 'mpc' -> a controller (profile only used by mpc)."""
     if spec.startswith("fixed"):
         _, _, v = spec.partition(":")
         return FixedRatio(float(v or 0), slo_prefill=slo_prefill, slo_decode=slo_decode)
-    if spec == "salc":
+    if spec == "salc" or spec.startswith("salc:"):  # salc:<interval s>: the paper's rule on a shorter clock
+        _, _, v = spec.partition(":")
+        if v:  # the window keeps the paper's 2 s : 5 s proportion to the interval
+            kw = {"interval": float(v), "window": 0.4 * float(v), **kw}
         return SALC(slo_prefill, slo_decode, **kw)
     if spec == "pi":
         return PIController(slo_prefill, slo_decode, **kw)
     if spec == "mpc":
         return ModelPredictive(slo_prefill, slo_decode, profile=profile, **kw)
-    raise ValueError(f"unknown controller {spec!r}: fixed:<r> | salc | pi | mpc")
+    raise ValueError(f"unknown controller {spec!r}: fixed:<r> | salc[:<interval s>] | pi | mpc")

@@ -171,6 +171,8 @@ def test_make_controller():
     assert isinstance(make_controller("fixed:0.5", SLO_P, SLO_D), FixedRatio)
     assert make_controller("fixed:0.5", SLO_P, SLO_D).ratio("decode") == 0.5
     assert isinstance(make_controller("salc", SLO_P, SLO_D), SALC)
+    fast = make_controller("salc:1.2", SLO_P, SLO_D)
+    assert fast.interval == 1.2 and fast.win["decode"].window_s == pytest.approx(0.48)
     assert isinstance(make_controller("mpc", SLO_P, SLO_D, profile=profile()), ModelPredictive)
     with pytest.raises(ValueError):
         make_controller("nope", SLO_P, SLO_D)
