@@ -1,11 +1,13 @@
 """GPU serving benchmark: SLO-aware brownout on a Qwen1.5-MoE-A2.7B-shaped model (random weights), DESIGN.md section 7.
 
-One process: build the model on the GPU (bf16, transformers' grouped_mm experts), build or reuse its united
-checkpoint (way 4, consecutive grouping, weight averaging; the recipe's skip layers), attach `BrownoutMoE`, then
+One process: build the model on the GPU (bf16, transformers' grouped_mm experts; `--routing uniform` by default, see
+`uniform_routing`), build or reuse its united checkpoint (way 4, consecutive grouping, weight averaging; the recipe's
+skip layers), attach `BrownoutMoE`, start one continuous-batching engine for every run, then
 
   profile      time single forwards on a (tokens x ratio) grid: the start-up table of the model-predictive
-               controller, and which ratio-0 path is faster (the model's own grouped_mm, or the brownout kernel at
-               r = 1e-6, which keeps every expert hot); the faster one is the "ratio 0" baseline (--zero-path auto)
+               controller. With --cuda-graphs (the intended mode) they are replayed from CUDA graphs on the brownout
+               kernel, which is then the path at every ratio, 0 included. Without, eager, and the faster ratio-0
+               path (the model's own grouped_mm, or the kernel at r = 1e-6) is the baseline (--zero-path auto)
   calibrate    (1) saturation runs at r = 0 and r = 1 (everything queued at t = 0, `--sat-seconds` each): service
                rates mu0, mu1 in req/s; (2) the burst rates: after-burst rate = clamp((1 + mu1/mu0)/2, 1.05, 1.6) x
                mu0 (over ratio 0's capacity, under ratio 1's where it can be), before-burst rate = half that;
@@ -15,15 +17,20 @@ checkpoint (way 4, consecutive grouping, weight averaging; the recipe's skip lay
                (0.24 -> 60 s, burst at 18 s) for each config
   poisson      Poisson load at multiples of mu0 (--rates) for capacity (highest rate with >= 90% of tokens in SLO)
 
+  overload     Poisson at 10x mu0: bounded queue, every request answered, rejected or timed out, bounded wall time
+
 Configs: fixed:0 (no brownout), fixed:0.5, fixed:1, salc (the paper's rule, its constants: 5 s interval, 2 s window,
-unscaled), mpc (ours). Writes eval/results/serving_bench.json, serving_bench.md, serving_bench.png (or under --out).
+unscaled), salc:<s> (the same rule checked every <s> seconds, for a compressed trace), mpc (ours). Writes
+eval/results/serving_bench.json, serving_bench.md, serving_bench.png (or under --out).
 
 The device budget is small: `--duration-scale` compresses the trace, `--phase` splits the work over two calls (the
 checkpoint and calibration are cached under --cache and reused by the second call on a warm machine).
 `--tiny` runs the whole thing on CPU with a tiny model in a minute (a smoke test, numbers meaningless).
 
-    python -m eval.bench_serving --phase burst --duration-scale 0.24
-    python -m eval.bench_serving --phase poisson
+    python -m eval.bench_serving --phase burst --cuda-graphs --configs fixed:0,fixed:0.5,fixed:1,salc,salc:1.2,mpc
+    python -m eval.bench_serving --phase poisson --cuda-graphs --prev eval/results/serving_bench.json \
+        --poisson-configs fixed:0,fixed:1,salc:1.2,mpc --rates 0.8,1.0,1.2,1.4 --poisson-seconds 12
+    python -m eval.bench_serving --phase overload --cuda-graphs --prev eval/results/serving_bench.json
 """
 from __future__ import annotations
 
