@@ -204,3 +204,29 @@ def test_capacity_interpolation():
     assert capacity([(1, 0.5), (2, 0.4)]) is None
     assert capacity([(1, 0.99), (2, 0.95)]) == 2
     assert math.isclose(capacity([(2, 0.95), (1, 0.99), (3, 0.85)]), 2.5)
+
+
+def test_uniform_routing_replaces_the_routers_choice():
+    """The serving benchmark's `--routing uniform`: every router still runs, but its top-k becomes k distinct
+    uniform-random experts per token with weights summing to 1, and the model runs on them."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    from eval.bench_serving import distinct_experts, uniform_routing
+
+    cfg = Qwen2MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+                         shared_expert_intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, num_experts=16, num_experts_per_tok=4)
+    torch.manual_seed(0)
+    m = Qwen2MoeForCausalLM(cfg).eval()
+    assert uniform_routing(m) == 2
+    got = []
+    m.model.layers[0].mlp.gate.register_forward_hook(lambda mod, i, o: got.append(o))
+    with torch.no_grad():
+        m(input_ids=torch.randint(1, 64, (1, 200)), use_cache=False)
+    _, w, idx = got[0]
+    assert idx.shape == (200, 4) and int(idx.min()) >= 0 and int(idx.max()) < 16
+    assert all(len(set(row.tolist())) == 4 for row in idx)
+    assert torch.allclose(w.float().sum(-1), torch.ones(200), atol=1e-3)
+    counts = torch.bincount(idx.flatten(), minlength=16).float()
+    assert counts.min() > 0.4 * counts.mean()  # spread over every expert
+    assert distinct_experts(m, 64, 64) == [16, 16]
