@@ -17,6 +17,12 @@ would keep the model's own experts): its remap reads the ratio from a device sca
 place (policies hot-cold and drop; `mass` runs a PyTorch remap whose ratio a graph freezes). With async batching
 on, the step's forward overlaps the next step's preparation and per-step timing is meaningless, so it stays off.
 
+Engine lifetime: inside `with server:` one manager serves every `run` (the bench's configs share its batching, cache
+and captured graphs); each run installs its own hook through a dispatcher, uses request ids unique to the run, and
+first waits until the previous run's cancelled requests are gone. A bare `run` starts and stops its own manager.
+After a ratio change the hook synchronises the current stream: transformers replays on its own compute stream, which
+does not wait for the one the ratio scalar was written on.
+
 Clock: real time. Requests are submitted by a driver (the caller's thread) when the trace's arrival time comes, on
 `time.perf_counter`; latencies are measured from the arrival time in the trace, so the driver's own lateness counts
 against the server, never for it.
