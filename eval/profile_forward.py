@@ -14,7 +14,10 @@ GPU kernel time is what a CUDA graph replays (launch gaps aside), so the table s
 can shorten. It also times the same forwards replayed from a CUDA graph (`graph ms`) for the gap.
 Writes `profile_forward.json` and `.md` under --out.
 
-    python -m eval.profile_forward --tokens 1,64,512 --ratios 0,1
+    python -m eval.profile_forward --tokens 1,64,512 --ratios 0,1 [--engine-seconds 6]
+
+`--engine-seconds` adds the same breakdown per step of transformers' continuous batching at saturation (eager, so
+the profiler sees each kernel): how much of a serving step the MoE is, which bounds what brownout can buy there.
 """
 from __future__ import annotations
 
@@ -75,6 +78,46 @@ def kernel_times(model, bm, n: int, r: float, reps: int, vocab: int) -> dict:
             "top": [{"ms": ms, "count": c, "name": name[:120]} for ms, c, name in top]}
 
 
+def engine_steps(model, bm, ratios, seconds: float) -> list[dict]:
+    """GPU kernel time per continuous-batching step, by category, at saturation (256 requests queued at t = 0, batch
+    <= 64): the same engine as eval/bench_serving.py but eager (use_cuda_graph=False) so that the profiler sees each
+    kernel. A step's wall time minus its kernel time is host work that CUDA graphs can only partly hide; the kernel
+    time is what brownout's share of the step is measured against."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from eval.bench_serving import sat_trace
+    from runtime.controller import FixedRatio
+    from runtime.serving import BrownoutServer, ServeConfig
+
+    cfg = ServeConfig(max_batch=64, max_batch_tokens=1024, max_queue=512, drain_timeout_s=seconds,
+                      max_memory_percent=0.4, use_cuda_graph=False)
+    out = []
+    with BrownoutServer(model, bm.set_ratio, None, cfg) as srv:
+        srv.run(sat_trace(128, "alpaca", 7, 512, 256), controller=FixedRatio(0.0))  # warm-up, not profiled
+        for r in ratios:
+            acts = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]  # CPU: a dry run
+            with profile(activities=acts) as prof:
+                res = srv.run(sat_trace(256, "alpaca", 11, 512, 256), controller=FixedRatio(r))
+            steps = res.steps
+            cats: dict[str, float] = {}
+            for ev in prof.events():
+                if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
+                    c = category(ev.name)
+                    cats[c] = cats.get(c, 0.0) + ev.device_time / 1e3  # ms
+            n = max(1, len(steps))
+            step_ms = sorted(1e3 * x.step_s for x in steps)
+            out.append({"ratio": r, "steps": len(steps), "batch_mean": sum(x.requests for x in steps) / n,
+                        "tokens_mean": sum(x.prefill_tokens + x.decode_tokens for x in steps) / n,
+                        "step_ms_p50": step_ms[len(step_ms) // 2] if step_ms else None,
+                        "kernel_ms_per_step": sum(cats.values()) / n,
+                        "by_category_ms_per_step": {k: v / n for k, v in cats.items()}})
+            e = out[-1]
+            print(f"engine r={r:g}: {e['steps']} steps, batch {e['batch_mean']:.1f}, tokens {e['tokens_mean']:.0f}, "
+                  f"step p50 {e['step_ms_p50']:.1f} ms, kernels {e['kernel_ms_per_step']:.2f} ms/step "
+                  f"{ {k: round(v, 2) for k, v in e['by_category_ms_per_step'].items()} }", flush=True)
+    return out
+
+
 def markdown(doc: dict) -> str:
     cats = ["brownout", "gemm", "attention", "other"]
     lines = [f"# Forward GPU time by kernel category ({doc['device']})", "",
@@ -88,6 +131,15 @@ def markdown(doc: dict) -> str:
         c = p["by_category_ms"]
         lines.append(f"| {p['tokens']} | {p['ratio']:g} | {p['graph_ms']:.2f} | {p['kernel_ms']:.2f} | "
                      + " | ".join(f"{c.get(k, 0.0):.2f}" for k in cats) + f" | {p['kernels_per_forward']} |")
+    if doc.get("engine"):
+        lines += ["", "## Continuous-batching steps at saturation (eager engine; per step)", "",
+                  "| ratio | steps | batch | tokens | step p50 ms | kernel ms | " + " | ".join(cats) + " |",
+                  "|---|---|---|---|---|---|" + "---|" * len(cats)]
+        for e in doc["engine"]:
+            c = e["by_category_ms_per_step"]
+            lines.append(f"| {e['ratio']:g} | {e['steps']} | {e['batch_mean']:.1f} | {e['tokens_mean']:.0f} | "
+                         f"{e['step_ms_p50']:.1f} | {e['kernel_ms_per_step']:.2f} | "
+                         + " | ".join(f"{c.get(k, 0.0):.2f}" for k in cats) + " |")
     lines += ["", "## Top kernels per point (ms per forward, launches per forward)", ""]
     for p in doc["points"]:
         lines.append(f"- T={p['tokens']} r={p['ratio']:g}: " +
@@ -102,6 +154,8 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--routing", choices=["uniform", "model"], default="uniform",
                     help="as in eval/bench_serving.py (the first H100 profile ran with `model`)")
+    ap.add_argument("--engine-seconds", type=float, default=0.0,
+                    help="also profile continuous-batching steps at saturation for this long per ratio (0: skip)")
     ap.add_argument("--cache", default=str(ROOT / ".bench_cache"))
     ap.add_argument("--out", default=str(ROOT / "eval" / "results"))
     args = ap.parse_args(argv)
@@ -130,7 +184,8 @@ def main(argv=None) -> None:
             points.append(p)
             print(f"T={n} r={r:g}: graph {p['graph_ms']:.2f} ms, kernels {p['kernel_ms']:.2f} ms "
                   f"{ {k: round(v, 2) for k, v in p['by_category_ms'].items()} }", flush=True)
-    doc = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+    engine = engine_steps(model, bm, ratios, args.engine_seconds) if args.engine_seconds > 0 else []
+    doc = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "engine": engine,
            "model": "Qwen1.5-MoE-A2.7B shape, random weights, bf16, united tier way 4 (skip layers 0, 1, -2, -1)",
            "routing": args.routing, "distinct_experts_at_64_tokens": spread,
            "reps": args.reps, "points": points, "wall_s": time.time() - t0}
