@@ -78,11 +78,12 @@ def kernel_times(model, bm, n: int, r: float, reps: int, vocab: int) -> dict:
             "top": [{"ms": ms, "count": c, "name": name[:120]} for ms, c, name in top]}
 
 
-def engine_steps(model, bm, ratios, seconds: float) -> list[dict]:
+def engine_steps(model, bm, ratios, seconds: float, graphs: bool = True) -> list[dict]:
     """GPU kernel time per continuous-batching step, by category, at saturation (256 requests queued at t = 0, batch
-    <= 64): the same engine as eval/bench_serving.py but eager (use_cuda_graph=False) so that the profiler sees each
-    kernel. A step's wall time minus its kernel time is host work that CUDA graphs can only partly hide; the kernel
-    time is what brownout's share of the step is measured against."""
+    <= 64): the engine of eval/bench_serving.py. With `graphs` (as it serves) the engine pads queries and KV to its
+    graph sizes, which changes what attention costs; the profiler records the kernels a graph replays on recent
+    CUDA (if `kernel ms` comes out ~0, it did not: rerun with graphs off, which sees every kernel but pads nothing).
+    A step's wall time minus its kernel time is host work; the kernel time is what brownout's share is taken of."""
     from torch.profiler import ProfilerActivity, profile
 
     from eval.bench_serving import sat_trace
@@ -90,7 +91,7 @@ def engine_steps(model, bm, ratios, seconds: float) -> list[dict]:
     from runtime.serving import BrownoutServer, ServeConfig
 
     cfg = ServeConfig(max_batch=64, max_batch_tokens=1024, max_queue=512, drain_timeout_s=seconds,
-                      max_memory_percent=0.4, use_cuda_graph=False)
+                      max_memory_percent=0.4, use_cuda_graph=graphs)
     out = []
     with BrownoutServer(model, bm.set_ratio, None, cfg) as srv:
         srv.run(sat_trace(128, "alpaca", 7, 512, 256), controller=FixedRatio(0.0))  # warm-up, not profiled
@@ -106,7 +107,7 @@ def engine_steps(model, bm, ratios, seconds: float) -> list[dict]:
                     cats[c] = cats.get(c, 0.0) + ev.device_time / 1e3  # ms
             n = max(1, len(steps))
             step_ms = sorted(1e3 * x.step_s for x in steps)
-            out.append({"ratio": r, "steps": len(steps), "batch_mean": sum(x.requests for x in steps) / n,
+            out.append({"ratio": r, "graphs": graphs, "steps": len(steps), "batch_mean": sum(x.requests for x in steps) / n,
                         "tokens_mean": sum(x.prefill_tokens + x.decode_tokens for x in steps) / n,
                         "step_ms_p50": step_ms[len(step_ms) // 2] if step_ms else None,
                         "kernel_ms_per_step": sum(cats.values()) / n,
@@ -132,7 +133,8 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {p['tokens']} | {p['ratio']:g} | {p['graph_ms']:.2f} | {p['kernel_ms']:.2f} | "
                      + " | ".join(f"{c.get(k, 0.0):.2f}" for k in cats) + f" | {p['kernels_per_forward']} |")
     if doc.get("engine"):
-        lines += ["", "## Continuous-batching steps at saturation (eager engine; per step)", "",
+        mode = "CUDA graphs on" if doc["engine"][0].get("graphs") else "eager engine"
+        lines += ["", f"## Continuous-batching steps at saturation ({mode}; per step)", "",
                   "| ratio | steps | batch | tokens | step p50 ms | kernel ms | " + " | ".join(cats) + " |",
                   "|---|---|---|---|---|---|" + "---|" * len(cats)]
         for e in doc["engine"]:
@@ -156,6 +158,7 @@ def main(argv=None) -> None:
                     help="as in eval/bench_serving.py (the first H100 profile ran with `model`)")
     ap.add_argument("--engine-seconds", type=float, default=0.0,
                     help="also profile continuous-batching steps at saturation for this long per ratio (0: skip)")
+    ap.add_argument("--engine-eager", action="store_true", help="profile the engine with its CUDA graphs off")
     ap.add_argument("--cache", default=str(ROOT / ".bench_cache"))
     ap.add_argument("--out", default=str(ROOT / "eval" / "results"))
     args = ap.parse_args(argv)
@@ -184,7 +187,8 @@ def main(argv=None) -> None:
             points.append(p)
             print(f"T={n} r={r:g}: graph {p['graph_ms']:.2f} ms, kernels {p['kernel_ms']:.2f} ms "
                   f"{ {k: round(v, 2) for k, v in p['by_category_ms'].items()} }", flush=True)
-    engine = engine_steps(model, bm, ratios, args.engine_seconds) if args.engine_seconds > 0 else []
+    engine = (engine_steps(model, bm, ratios, args.engine_seconds, graphs=not args.engine_eager)
+              if args.engine_seconds > 0 else [])
     doc = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "engine": engine,
            "model": "Qwen1.5-MoE-A2.7B shape, random weights, bf16, united tier way 4 (skip layers 0, 1, -2, -1)",
            "routing": args.routing, "distinct_experts_at_64_tokens": spread,
