@@ -491,6 +491,9 @@ def main(argv=None) -> None:
     ap.add_argument("--stop-if-no-gain", action="store_true",
                     help="skip the burst and Poisson runs when calibration finds ratio 1 serving no faster than "
                          "ratio 0 (saves device time on a diagnostic call)")
+    ap.add_argument("--kv-padding", type=int, default=0,
+                    help="with --cuda-graphs: the engine's KV padding grain in tokens (0: transformers' default, "
+                         "16384 in 5.24; finer = less attention over padding, more graphs)")
     ap.add_argument("--max-queue", type=int, default=128)
     ap.add_argument("--max-batch-tokens", type=int, default=1024)
     ap.add_argument("--drain-seconds", type=float, default=30.0,
@@ -584,7 +587,7 @@ def main(argv=None) -> None:
                        queue_timeout_s=30.0, request_timeout_s=60.0, drain_timeout_s=args.drain_seconds,
                        num_blocks=64 if args.tiny else None, page_size=32 if args.tiny else 256,
                        max_memory_percent=None if args.tiny else 0.4, seed=args.seed,
-                       use_cuda_graph=args.cuda_graphs)
+                       use_cuda_graph=args.cuda_graphs, kv_padding_tokens=args.kv_padding)
     sample = poisson(1e4, 1.0, lengths=args.lengths, seed=99, max_requests=5000, max_prompt=args.max_prompt,
                      max_output=args.max_output)
     mean_out = float(np.mean([r.output_len for r in sample.requests]))

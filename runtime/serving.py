@@ -66,6 +66,10 @@ class ServeConfig:
     page_size: int = 256
     max_memory_percent: float | None = 0.5
     use_cuda_graph: bool = False
+    # CUDA-graph padding granularity of the query / KV lengths in tokens (0: transformers' defaults, 64 / 16384 in
+    # 5.24). A finer KV grain means more graphs but less attention over padding on every step
+    q_padding_tokens: int = 0
+    kv_padding_tokens: int = 0
     seed: int = 0
     record_steps: bool = True
 
@@ -145,6 +149,10 @@ class BrownoutServer:
                   use_async_batching=False, use_cuda_graph=self.cfg.use_cuda_graph, allow_block_sharing=False,
                   page_size=self.cfg.page_size, num_blocks=self.cfg.num_blocks, seed=self.cfg.seed,
                   max_memory_percent=self.cfg.max_memory_percent)
+        if self.cfg.q_padding_tokens:
+            kw["q_padding_interval_size"] = self.cfg.q_padding_tokens
+        if self.cfg.kv_padding_tokens:
+            kw["kv_padding_interval_size"] = self.cfg.kv_padding_tokens
         fields = set(getattr(ContinuousBatchingConfig, "__dataclass_fields__", {}))
         if fields and "page_size" not in fields:  # transformers <= 5.17.0 called it block_size
             kw["block_size"] = kw.pop("page_size")
