@@ -373,9 +373,9 @@ def markdown(doc: dict) -> str:
     if "poisson" in doc:
         p = doc["poisson"]
         rates = p["rates"]
-        p["capacities"] = capacities(p)
+        cp = capacities(p)
         for name, f in MEASURES.items():
-            caps, lb = p["capacities"][name]["capacity"], p["capacities"][name]["lower_bound"]
+            caps, lb = cp[name]["capacity"], cp[name]["lower_bound"]
             lines += [f"## Poisson load ({p['seconds']:.0f} s per point): SLO attainment, {name}, by rate (req/s)",
                       "", "| config | " + " | ".join(f"{x:.2f}" for x in rates) + " | capacity @90% | vs ratio 0 | "
                       "mean ratio per rate |", "|---|" + "---|" * (len(rates) + 3)]
@@ -710,6 +710,8 @@ def _phases(args, srv, scfg, prof, pdoc, zero, zero_path, mean_out, cache, out, 
 
 
 def save(doc: dict, out: Path, tag: str) -> None:
+    if doc.get("poisson"):
+        doc["poisson"]["capacities"] = capacities(doc["poisson"])
     (out / f"{tag}.json").write_text(json.dumps(doc, indent=1))
     (out / f"{tag}.md").write_text(markdown(doc))
     if doc.get("burst", {}).get("runs"):
