@@ -50,6 +50,25 @@ def category(name: str) -> str:
     return "other"
 
 
+def kernels_by_name(prof) -> dict[str, list]:
+    """name -> [total GPU ms, launches] over the CUDA kernels a torch.profiler run recorded."""
+    by_name: dict[str, list] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
+            d = by_name.setdefault(ev.name, [0.0, 0])
+            d[0] += ev.device_time / 1e3  # us -> ms
+            d[1] += 1
+    return by_name
+
+
+def by_category(by_name: dict[str, list], per: float) -> dict[str, float]:
+    """GPU ms per category, divided by `per` (forwards or steps)."""
+    cats: dict[str, float] = {}
+    for name, (ms, _) in by_name.items():
+        cats[category(name)] = cats.get(category(name), 0.0) + ms / per
+    return cats
+
+
 @torch.no_grad()
 def kernel_times(model, bm, n: int, r: float, reps: int, vocab: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
@@ -63,16 +82,9 @@ def kernel_times(model, bm, n: int, r: float, reps: int, vocab: int) -> dict:
         for _ in range(reps):
             model(input_ids=x, use_cache=False, logits_to_keep=1)
         torch.cuda.synchronize()
-    by_name: dict[str, list] = {}
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
-            d = by_name.setdefault(ev.name, [0.0, 0])
-            d[0] += ev.device_time  # us
-            d[1] += 1
-    cats: dict[str, float] = {}
-    for name, (us, _) in by_name.items():
-        cats[category(name)] = cats.get(category(name), 0.0) + us / reps / 1e3
-    top = sorted(((us / reps / 1e3, cnt // reps, name) for name, (us, cnt) in by_name.items()), reverse=True)[:12]
+    by_name = kernels_by_name(prof)
+    cats = by_category(by_name, reps)
+    top = sorted(((ms / reps, cnt // reps, name) for name, (ms, cnt) in by_name.items()), reverse=True)[:12]
     return {"tokens": n, "ratio": r, "kernel_ms": sum(cats.values()), "by_category_ms": cats,
             "kernels_per_forward": sum(c for _, c in by_name.values()) // reps,
             "top": [{"ms": ms, "count": c, "name": name[:120]} for ms, c, name in top]}
@@ -100,18 +112,13 @@ def engine_steps(model, bm, ratios, seconds: float, graphs: bool = True) -> list
             with profile(activities=acts) as prof:
                 res = srv.run(sat_trace(256, "alpaca", 11, 512, 256), controller=FixedRatio(r))
             steps = res.steps
-            cats: dict[str, float] = {}
-            for ev in prof.events():
-                if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
-                    c = category(ev.name)
-                    cats[c] = cats.get(c, 0.0) + ev.device_time / 1e3  # ms
             n = max(1, len(steps))
+            cats = by_category(kernels_by_name(prof), n)
             step_ms = sorted(1e3 * x.step_s for x in steps)
             out.append({"ratio": r, "graphs": graphs, "steps": len(steps), "batch_mean": sum(x.requests for x in steps) / n,
                         "tokens_mean": sum(x.prefill_tokens + x.decode_tokens for x in steps) / n,
                         "step_ms_p50": step_ms[len(step_ms) // 2] if step_ms else None,
-                        "kernel_ms_per_step": sum(cats.values()) / n,
-                        "by_category_ms_per_step": {k: v / n for k, v in cats.items()}})
+                        "kernel_ms_per_step": sum(cats.values()), "by_category_ms_per_step": cats})
             e = out[-1]
             print(f"engine r={r:g}: {e['steps']} steps, batch {e['batch_mean']:.1f}, tokens {e['tokens_mean']:.0f}, "
                   f"step p50 {e['step_ms_p50']:.1f} ms, kernels {e['kernel_ms_per_step']:.2f} ms/step "

@@ -80,8 +80,8 @@ def run(configs, base_rate=4.5, duration_scale=0.05, step_ms=30.0, gain=0.6, slo
                 f"{r['after']['violation_prefill']:.3f}, TPOT after {r['after']['violation_decode']:.3f}, "
                 f"mean ratio {r['all']['mean_ratio_time']:.2f}, {r['all']['status']}")
     return {"device": "CPU, synthetic speed law", "law": f"each step sleeps {step_ms:g} ms x (1 - {gain:g} x ratio)",
-            "trace": tr.meta, "n": len(tr), "output": output, "slo": {"prefill": slo_prefill, "decode": slo_decode},
-            "calibration": {"slo_prefill": slo_prefill, "slo_decode": slo_decode},
+            "trace": tr.meta, "n": len(tr), "output": output,
+            "calibration": {"slo_prefill": slo_prefill, "slo_decode": slo_decode},  # the SLOs, named as plot() reads
             "burst": {"trace": tr.meta, "runs": runs}}
 
 
@@ -92,7 +92,8 @@ def markdown(doc: dict) -> str:
              f"{doc['law']}. Burst trace: {doc['n']} requests, {tm['duration']:.1f} s, rate {tm['base_rate']:g} -> "
              f"{2 * tm['base_rate']:g} req/s at {tm['burst_at']:.2f} s, prompt 8 / output {doc['output']} tokens, batch "
              f"<= 8. "
-             f"SLOs: TTFT {doc['slo']['prefill'] * 1e3:.0f} ms, TPOT {doc['slo']['decode'] * 1e3:.0f} ms."
+             f"SLOs: TTFT {doc['calibration']['slo_prefill'] * 1e3:.0f} ms, TPOT "
+             f"{doc['calibration']['slo_decode'] * 1e3:.0f} ms."
              + (f" Command: `{doc['command'].strip()}`." if doc.get("command") else ""), "",
              "| config | TTFT viol. before | TTFT viol. after | TPOT viol. after | TTFT p90 ms | mean ratio |",
              "|---|---|---|---|---|---|"]

@@ -89,13 +89,9 @@ from runtime.serving import BrownoutServer, ServeConfig, capacity, summarize, ti
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+    from eval.throttled_serving import tiny_model as build
 
-    cfg = Qwen2MoeConfig(vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-                         shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, num_experts=8, num_experts_per_tok=2, max_position_embeddings=1024)
-    torch.manual_seed(0)
-    return Qwen2MoeForCausalLM(cfg).eval()
+    return build()
 
 
 def _trace(spec):
