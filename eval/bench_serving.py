@@ -289,6 +289,7 @@ def one_config(srv, spec, trace, cal, prof, scfg, windows: dict) -> dict:
            "steps": {"n": len(st), "busy_s": float(sum(st)),
                      "step_ms_p50": 1e3 * float(np.median(st)) if st else None,
                      "decode_step_ms_p50": 1e3 * float(np.median(dec)) if dec else None,
+                     "graphs_captured": res.graphs_captured,
                      "batch_mean": float(np.mean([x.requests for x in res.steps])) if st else None}}
     for name, (a, b) in windows.items():
         out[name] = summarize(res, sp, sd, a, b)
@@ -297,7 +298,8 @@ def one_config(srv, spec, trace, cal, prof, scfg, windows: dict) -> dict:
         f"mean r {out['all']['mean_ratio_time'] or 0:.2f} ttft p90 {out['all']['ttft']['p90'] or float('nan'):.3f} "
         f"tpot p90 {out['all']['tpot']['p90'] or float('nan'):.3f} status {out['all']['status']} "
         f"steps {out['steps']['n']} (p50 {out['steps']['step_ms_p50'] or float('nan'):.1f} ms, busy "
-        f"{out['steps']['busy_s']:.1f} s){' errors ' + str(res.errors) if res.errors else ''}")
+        f"{out['steps']['busy_s']:.1f} s, graphs captured {res.graphs_captured})"
+        f"{' errors ' + str(res.errors) if res.errors else ''}")
     return out
 
 
@@ -491,9 +493,12 @@ def main(argv=None) -> None:
     ap.add_argument("--stop-if-no-gain", action="store_true",
                     help="skip the burst and Poisson runs when calibration finds ratio 1 serving no faster than "
                          "ratio 0 (saves device time on a diagnostic call)")
-    ap.add_argument("--kv-padding", type=int, default=0,
+    ap.add_argument("--kv-padding", type=int, default=4096,
                     help="with --cuda-graphs: the engine's KV padding grain in tokens (0: transformers' default, "
-                         "16384 in 5.24; finer = less attention over padding, more graphs)")
+                         "16384 tokens). Finer = less attention over padding, more graphs to capture. On the H100 "
+                         "at saturation (eval/results/profile_forward.md) the default grain made a step 31 ms at "
+                         "ratio 0, of which 9.9 ms attention; at 1024 it was 21 ms, but the extra graphs were "
+                         "captured mid-run. 4096 covers this workload's KV reads (~4k tokens) in one or two grains")
     ap.add_argument("--max-queue", type=int, default=128)
     ap.add_argument("--max-batch-tokens", type=int, default=1024)
     ap.add_argument("--drain-seconds", type=float, default=30.0,
@@ -608,8 +613,8 @@ def _phases(args, srv, scfg, prof, pdoc, zero, zero_path, mean_out, cache, out, 
         res = serve(srv, tr, FixedRatio(0.0), ServeConfig(**{**scfg.__dict__, "max_queue": len(tr),
                                                                 "drain_timeout_s": 120.0,
                                                                 "request_timeout_s": 150.0}))
-        log(f"engine warm-up (graph capture): {len(res.steps)} steps in {time.time() - t:.1f} s, status "
-            f"{summarize(res, 1e9, 1e9)['status']}{' errors ' + str(res.errors) if res.errors else ''}")
+        log(f"engine warm-up (graph capture): {len(res.steps)} steps in {time.time() - t:.1f} s, "
+            f"{res.graphs_captured} graphs, status {summarize(res, 1e9, 1e9)['status']}{' errors ' + str(res.errors) if res.errors else ''}")
         if res.errors or not res.steps:
             raise SystemExit("the engine failed during warm-up: " + ("; ".join(res.errors) or "no step ran"))
     cal_file = cache / f"{args.tag}_calibration.json"

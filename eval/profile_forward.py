@@ -90,12 +90,13 @@ def kernel_times(model, bm, n: int, r: float, reps: int, vocab: int) -> dict:
             "top": [{"ms": ms, "count": c, "name": name[:120]} for ms, c, name in top]}
 
 
-def engine_steps(model, bm, ratios, seconds: float, graphs: bool = True) -> list[dict]:
+def engine_steps(model, bm, ratios, seconds: float, graphs: bool = True, kv_padding: int = 0) -> list[dict]:
     """GPU kernel time per continuous-batching step, by category, at saturation (256 requests queued at t = 0, batch
     <= 64): the engine of eval/bench_serving.py. With `graphs` (as it serves) the engine pads queries and KV to its
-    graph sizes, which changes what attention costs; the profiler records the kernels a graph replays on recent
-    CUDA (if `kernel ms` comes out ~0, it did not: rerun with graphs off, which sees every kernel but pads nothing).
-    A step's wall time minus its kernel time is host work; the kernel time is what brownout's share is taken of."""
+    graph sizes (`kv_padding` tokens; 0: transformers' default), which changes what attention costs; the profiler
+    records the kernels a graph replays on recent CUDA (if `kernel ms` comes out ~0, it did not: rerun with graphs
+    off, which sees every kernel but pads nothing). A step's wall time minus its kernel time is host work; the kernel
+    time is what brownout's share is taken of."""
     from torch.profiler import ProfilerActivity, profile
 
     from eval.bench_serving import sat_trace
@@ -103,26 +104,37 @@ def engine_steps(model, bm, ratios, seconds: float, graphs: bool = True) -> list
     from runtime.serving import BrownoutServer, ServeConfig
 
     cfg = ServeConfig(max_batch=64, max_batch_tokens=1024, max_queue=512, drain_timeout_s=seconds,
-                      max_memory_percent=0.4, use_cuda_graph=graphs)
+                      max_memory_percent=0.4, use_cuda_graph=graphs, kv_padding_tokens=kv_padding)
     out = []
     with BrownoutServer(model, bm.set_ratio, None, cfg) as srv:
-        srv.run(sat_trace(128, "alpaca", 7, 512, 256), controller=FixedRatio(0.0))  # warm-up, not profiled
+        t = time.perf_counter()
+        srv.run(sat_trace(256, "alpaca", 7, 512, 256), controller=FixedRatio(0.0))  # warm-up: captures, not profiled
+        warm_s = time.perf_counter() - t
         for r in ratios:
             acts = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]  # CPU: a dry run
             with profile(activities=acts) as prof:
                 res = srv.run(sat_trace(256, "alpaca", 11, 512, 256), controller=FixedRatio(r))
             steps = res.steps
             n = max(1, len(steps))
-            cats = by_category(kernels_by_name(prof), n)
+            by_name = kernels_by_name(prof)
+            cats = by_category(by_name, n)
             step_ms = sorted(1e3 * x.step_s for x in steps)
-            out.append({"ratio": r, "graphs": graphs, "steps": len(steps), "batch_mean": sum(x.requests for x in steps) / n,
+            span = steps[-1].t1 - steps[0].t0 if len(steps) > 1 else float("nan")
+            top = sorted(((ms / n, cnt / n, name) for name, (ms, cnt) in by_name.items()), reverse=True)[:10]
+            out.append({"ratio": r, "graphs": graphs, "kv_padding": kv_padding, "warmup_s": warm_s,
+                        "steps": len(steps), "batch_mean": sum(x.requests for x in steps) / n,
                         "tokens_mean": sum(x.prefill_tokens + x.decode_tokens for x in steps) / n,
                         "step_ms_p50": step_ms[len(step_ms) // 2] if step_ms else None,
-                        "kernel_ms_per_step": sum(cats.values()), "by_category_ms_per_step": cats})
+                        # wall time per step (host work between steps included) and decode tokens per second
+                        "wall_ms_per_step": 1e3 * span / max(1, len(steps) - 1),
+                        "decode_tok_s": sum(x.decode_tokens for x in steps) / span,
+                        "kernel_ms_per_step": sum(cats.values()), "by_category_ms_per_step": cats,
+                        "top": [{"ms": ms, "count": c, "name": name[:120]} for ms, c, name in top]})
             e = out[-1]
-            print(f"engine r={r:g}: {e['steps']} steps, batch {e['batch_mean']:.1f}, tokens {e['tokens_mean']:.0f}, "
-                  f"step p50 {e['step_ms_p50']:.1f} ms, kernels {e['kernel_ms_per_step']:.2f} ms/step "
-                  f"{ {k: round(v, 2) for k, v in e['by_category_ms_per_step'].items()} }", flush=True)
+            print(f"engine kv_padding={kv_padding} r={r:g}: {e['steps']} steps, batch {e['batch_mean']:.1f}, "
+                  f"tokens {e['tokens_mean']:.0f}, step p50 {e['step_ms_p50']:.1f} ms, wall/step "
+                  f"{e['wall_ms_per_step']:.1f} ms, {e['decode_tok_s']:.0f} decode tok/s, kernels "
+                  f"{e['kernel_ms_per_step']:.2f} ms/step {({k: round(v, 2) for k, v in cats.items()})}", flush=True)
     return out
 
 
@@ -142,14 +154,22 @@ def markdown(doc: dict) -> str:
     if doc.get("engine"):
         mode = "CUDA graphs on" if doc["engine"][0].get("graphs") else "eager engine"
         lines += ["", f"## Continuous-batching steps at saturation ({mode}; per step)", "",
-                  "| ratio | steps | batch | tokens | step p50 ms | kernel ms | " + " | ".join(cats) + " |",
-                  "|---|---|---|---|---|---|" + "---|" * len(cats)]
+                  "KV padding: the engine's graph grain for the KV length (0: transformers' default); wall ms: time "
+                  "per step including the host work between steps.", "",
+                  "| KV padding | ratio | steps | batch | tokens | step p50 ms | wall ms | decode tok/s | kernel ms | "
+                  + " | ".join(cats) + " |",
+                  "|---|---|---|---|---|---|---|---|---|" + "---|" * len(cats)]
         for e in doc["engine"]:
             c = e["by_category_ms_per_step"]
-            lines.append(f"| {e['ratio']:g} | {e['steps']} | {e['batch_mean']:.1f} | {e['tokens_mean']:.0f} | "
-                         f"{e['step_ms_p50']:.1f} | {e['kernel_ms_per_step']:.2f} | "
+            lines.append(f"| {e.get('kv_padding', 0)} | {e['ratio']:g} | {e['steps']} | {e['batch_mean']:.1f} | "
+                         f"{e['tokens_mean']:.0f} | {e['step_ms_p50']:.1f} | {e.get('wall_ms_per_step', float('nan')):.1f} | "
+                         f"{e.get('decode_tok_s', float('nan')):.0f} | {e['kernel_ms_per_step']:.2f} | "
                          + " | ".join(f"{c.get(k, 0.0):.2f}" for k in cats) + " |")
     lines += ["", "## Top kernels per point (ms per forward, launches per forward)", ""]
+    for e in doc.get("engine", []):
+        if e.get("top"):
+            lines.append(f"- engine kv={e.get('kv_padding', 0)} r={e['ratio']:g} (per step): " +
+                         "; ".join(f"{t['ms']:.2f} x{t['count']:.0f} `{t['name'][:70]}`" for t in e["top"][:8]))
     for p in doc["points"]:
         lines.append(f"- T={p['tokens']} r={p['ratio']:g}: " +
                      "; ".join(f"{t['ms']:.2f} x{t['count']} `{t['name'][:70]}`" for t in p["top"][:8]))
@@ -166,6 +186,8 @@ def main(argv=None) -> None:
     ap.add_argument("--engine-seconds", type=float, default=0.0,
                     help="also profile continuous-batching steps at saturation for this long per ratio (0: skip)")
     ap.add_argument("--engine-eager", action="store_true", help="profile the engine with its CUDA graphs off")
+    ap.add_argument("--engine-kv-padding", default="0",
+                    help="comma list of the engine's KV graph grain in tokens, one engine each (0: transformers' default)")
     ap.add_argument("--cache", default=str(ROOT / ".bench_cache"))
     ap.add_argument("--out", default=str(ROOT / "eval" / "results"))
     args = ap.parse_args(argv)
@@ -194,8 +216,10 @@ def main(argv=None) -> None:
             points.append(p)
             print(f"T={n} r={r:g}: graph {p['graph_ms']:.2f} ms, kernels {p['kernel_ms']:.2f} ms "
                   f"{ {k: round(v, 2) for k, v in p['by_category_ms'].items()} }", flush=True)
-    engine = (engine_steps(model, bm, ratios, args.engine_seconds, graphs=not args.engine_eager)
-              if args.engine_seconds > 0 else [])
+    engine = []
+    if args.engine_seconds > 0:
+        for kv in (int(x) for x in args.engine_kv_padding.split(",")):
+            engine += engine_steps(model, bm, ratios, args.engine_seconds, graphs=not args.engine_eager, kv_padding=kv)
     doc = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "engine": engine,
            "model": "Qwen1.5-MoE-A2.7B shape, random weights, bf16, united tier way 4 (skip layers 0, 1, -2, -1)",
            "routing": args.routing, "distinct_experts_at_64_tokens": spread,

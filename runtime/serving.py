@@ -106,10 +106,12 @@ class ServeResult:
     config: dict
     controller: str
     errors: list[str] = field(default_factory=list)
+    graphs_captured: int | None = None  # CUDA graphs the engine captured during this run (None: not known)
 
     def to_dict(self) -> dict:
         return {"requests": [asdict(r) for r in self.requests], "steps": [asdict(s) for s in self.steps],
-                "wall_s": self.wall_s, "config": self.config, "controller": self.controller, "errors": self.errors}
+                "wall_s": self.wall_s, "config": self.config, "controller": self.controller, "errors": self.errors,
+                "graphs_captured": self.graphs_captured}
 
 
 class BrownoutServer:
@@ -221,6 +223,20 @@ class BrownoutServer:
             if wake is not None:
                 wake.set()
 
+    def graph_count(self) -> int | None:
+        """CUDA graphs the running engine holds (best effort over transformers' private layout; None if unknown). A
+        capture stalls its step by about two eager forwards, so a timed run should capture few or none."""
+        io = getattr(getattr(self._mgr, "batch_processor", None), "inputs_and_outputs", None)
+        if io is None:
+            return None
+        n = 0
+        for x in [p.device_io for p in getattr(io, "io_pairs", [])] or [io]:  # async batching keeps two IO pairs
+            store = getattr(getattr(x, "graphs", None), "_storage", None)
+            if not isinstance(store, dict):
+                return None
+            n += len(store)
+        return n
+
     def _wait_idle(self, timeout_s: float = 30.0) -> bool:
         """Wait until the engine holds no request (cancellations are processed asynchronously), so the next run
         starts on an empty batch and cache."""
@@ -269,6 +285,7 @@ class BrownoutServer:
         mgr = self._mgr
         orig_step = self._orig_step
         t_start = [0.0]
+        graphs0 = self.graph_count()
 
         def hook():
             bp = mgr.batch_processor
@@ -386,6 +403,7 @@ class BrownoutServer:
         finally:
             wall = time.perf_counter() - t_start[0]
             self._hook = None
+            graphs1 = self.graph_count()
             if own_engine or not mgr.is_running():
                 self.close(errors)
             else:
@@ -396,7 +414,9 @@ class BrownoutServer:
                 rec.token_times = list(hook_times.get(rid, []))[: rec.output_len]
             if rec.status == "pending":
                 rec.status = REJECTED
-        return ServeResult(list(recs.values()), steps, wall, asdict(cfg), getattr(ctl, "name", str(ctl)), errors)
+        captured = graphs1 - graphs0 if graphs0 is not None and graphs1 is not None else None
+        return ServeResult(list(recs.values()), steps, wall, asdict(cfg), getattr(ctl, "name", str(ctl)), errors,
+                           captured)
 
     @staticmethod
     def _finish(res, recs, outstanding, t_start: float) -> None:
