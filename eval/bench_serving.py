@@ -279,7 +279,9 @@ def calibrate(srv, args, scfg, mean_out: float) -> dict:
 def one_config(srv, spec, trace, cal, prof, scfg, windows: dict) -> dict:
     sp, sd = cal["slo_prefill"], cal["slo_decode"]
     p = LatencyProfile(prof.tokens, prof.ratios, [row[:] for row in prof.lat]) if prof is not None else None
-    ctl = make_controller(spec, sp, sd, profile=p)
+    # the engine's saturated decode-token rates at ratios 0 and 1 (calibration): the MPC's load term
+    cap = {r: cal[f"sat_r{r:g}"]["tok_s"] for r in (0.0, 1.0) if f"sat_r{r:g}" in cal}
+    ctl = make_controller(spec, sp, sd, profile=p, capacity=cap if len(cap) == 2 else None)
     t = time.time()
     res = serve(srv, trace, ctl, scfg)
     st = [x.step_s for x in res.steps]

@@ -25,10 +25,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from eval.trace import Request, Trace, burst_test  # noqa: E402
+from eval.bench_serving import service_rate  # noqa: E402
 from runtime.controller import FixedRatio, make_controller  # noqa: E402
 from runtime.serving import BrownoutServer, ServeConfig, summarize, timeline  # noqa: E402
 
-CONFIGS = ["fixed:0", "fixed:0.5", "fixed:1", "salc", "salc:0.5", "mpc"]
+CONFIGS = ["fixed:0", "fixed:0.5", "fixed:1", "salc", "salc:0.5", "mpc:noload", "mpc"]
 
 
 def tiny_model():
@@ -69,8 +70,13 @@ def run(configs, base_rate=4.5, duration_scale=0.05, step_ms=30.0, gain=0.6, slo
     runs = []
     with torch.no_grad(), BrownoutServer(model, set_ratio, None, cfg) as srv:
         srv.run(Trace(tr.requests[:10], tr.meta), controller=FixedRatio(0.0))  # warm-up
+        # the engine's saturated output-token rates at ratios 0 and 1, measured as bench_serving calibrates them:
+        # the MPC's load term (everything queued at t = 0)
+        sat = Trace([Request(i, 0.0, 8, output) for i in range(4 * cfg.max_batch)], {})
+        capacity = {r: service_rate(srv.run(sat, controller=FixedRatio(r)), 0.0, output)["tok_s"] for r in (0.0, 1.0)}
+        log(f"  saturated output tokens/s: ratio 0 {capacity[0.0]:.0f}, ratio 1 {capacity[1.0]:.0f}")
         for spec in configs:
-            res = srv.run(tr, controller=make_controller(spec, slo_prefill, slo_decode))
+            res = srv.run(tr, controller=make_controller(spec, slo_prefill, slo_decode, capacity=capacity))
             r = {"config": spec, "all": summarize(res, slo_prefill, slo_decode),
                  "before": summarize(res, slo_prefill, slo_decode, 0.0, b),
                  "after": summarize(res, slo_prefill, slo_decode, b, tr.duration),
@@ -80,7 +86,7 @@ def run(configs, base_rate=4.5, duration_scale=0.05, step_ms=30.0, gain=0.6, slo
                 f"{r['after']['violation_prefill']:.3f}, TPOT after {r['after']['violation_decode']:.3f}, "
                 f"mean ratio {r['all']['mean_ratio_time']:.2f}, {r['all']['status']}")
     return {"device": "CPU, synthetic speed law", "law": f"each step sleeps {step_ms:g} ms x (1 - {gain:g} x ratio)",
-            "trace": tr.meta, "n": len(tr), "output": output,
+            "trace": tr.meta, "n": len(tr), "output": output, "capacity_tok_s": capacity,
             "calibration": {"slo_prefill": slo_prefill, "slo_decode": slo_decode},  # the SLOs, named as plot() reads
             "burst": {"trace": tr.meta, "runs": runs}}
 

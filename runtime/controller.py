@@ -15,6 +15,8 @@ Common interface (all controllers):
                     is judged on. Non-finite or negative values are ignored (NaN-safe).
         now         a monotonic clock in seconds (the serving loop's perf_counter, or a simulated clock in tests)
         batch_tokens query tokens the step ran; ratio: the ratio it ran at; step_s: the forward's own time, if known
+    c.observe_queue(age_s, waiting, now)      the admission queue before a step (see the method)
+    c.observe_arrival(now, prompt_tokens, output_tokens)   a request admitted (driver thread; see the method)
     c.ratio(kind, now=None, batch_tokens=None) -> float in [0, 1]
         the ratio to run the next step of this kind at (batch_tokens: the tokens it will run, if known)
     c.reset(); c.snapshot() -> dict (for logs)
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -115,6 +118,16 @@ class Controller:
             self._observe_queue(float(age_s), max(0, int(waiting or 0)), float(now))
 
     def _observe_queue(self, age, waiting, now) -> None:
+        pass
+
+    def observe_arrival(self, now: float, prompt_tokens: int, output_tokens: int) -> None:
+        """A request was admitted at `now` asking for `output_tokens` new tokens after a prompt of `prompt_tokens`.
+        Called from the serving driver's thread (steps run on the engine's): implementations must be thread-safe.
+        The offered load is known at admission, before any step runs it; the paper's rule ignores it."""
+        if isinstance(now, (int, float)) and math.isfinite(now):
+            self._observe_arrival(float(now), max(0, int(prompt_tokens or 0)), max(0, int(output_tokens or 0)))
+
+    def _observe_arrival(self, now, prompt_tokens, output_tokens) -> None:
         pass
 
     def ratio(self, kind: str, now: float | None = None, batch_tokens: int | None = None) -> float:
@@ -370,6 +383,14 @@ class ModelPredictive(Controller):
     under continuous batching a full batch admits the queue only as decode steps finish requests (our second H100
     run applied it to prompt-carrying steps only, and the queue grew behind full batches of decode steps at r = 0).
 
+    Load term (optional, each step; needs `capacity`, the engine's saturated decode-token rate at two or more
+    ratios, measured at start-up): the output tokens asked for by the requests admitted over the last
+    `load_window` s are the offered load. The floor is the smallest ratio whose capacity covers it with a
+    `load_margin` (time per token interpolated linearly in r). This is what the queue term alone lacks: on our H100
+    burst run (v3) the queue floor sent the ratio to 1, the queue drained, the ratio fell back to 0 within a
+    fraction of a second, and since ratio 0 could not carry the after-burst rate the queue formed again (a
+    relaxation cycle, 17.5% of first tokens late).
+
     Hysteresis: the ratio rises at once; it falls only when the lower ratio's prediction is under the budget by a
     further `hysteresis` fraction, and by at most `max_fall` per step.
 
@@ -384,8 +405,17 @@ class ModelPredictive(Controller):
                  profile: dict[str, LatencyProfile] | LatencyProfile | None = None, margin: float = 0.15,
                  hysteresis: float = 0.08, max_fall: float = 0.1, window: float = 1.0, period: float = 0.25,
                  beta_min: float = 0.2, grid_steps: int = 20, kappa_alpha: float = 0.05, kappa_up: float = 0.3,
-                 learn: bool = True, queue_lo: float = 0.25, queue_hi: float = 0.6, maxlen: int = 1024):
+                 learn: bool = True, queue_lo: float = 0.25, queue_hi: float = 0.6, maxlen: int = 1024,
+                 capacity: dict[float, float] | None = None, load_window: float = 2.0, load_margin: float = 0.05):
         super().__init__(slo_prefill, slo_decode)
+        self.capacity = sorted((float(r), float(c)) for r, c in (capacity or {}).items())
+        if self.capacity and (len(self.capacity) < 2 or any(c <= 0 or not 0 <= r <= 1 for r, c in self.capacity)):
+            raise ValueError("capacity needs positive token rates at two or more ratios in [0, 1]")
+        if not load_window > 0 or load_margin < 0:
+            raise ValueError("need load_window > 0 and load_margin >= 0")
+        self.load_window, self.load_margin = float(load_window), float(load_margin)
+        self._arrivals: deque = deque(maxlen=100_000)  # (time, output tokens), appended by the driver thread
+        self._arr_lock = threading.Lock()
         if not 0 <= queue_lo < queue_hi:
             raise ValueError("need 0 <= queue_lo < queue_hi")
         self.queue_lo, self.queue_hi = queue_lo, queue_hi
@@ -406,12 +436,48 @@ class ModelPredictive(Controller):
         self.last: dict[str, float | None] = {k: None for k in KINDS}
         self.last_tokens = {k: 1 for k in KINDS}
         self.queue_floor = 0.0
+        self.load_floor = 0.0
         for w in self.win.values():
             w.clear()
+        with self._arr_lock:
+            self._arrivals.clear()
 
     def _observe_queue(self, age, waiting, now) -> None:
         slo = self.slo["prefill"]
         self.queue_floor = _clamp01((age / slo - self.queue_lo) / (self.queue_hi - self.queue_lo)) if waiting else 0.0
+        if self.capacity:
+            self.load_floor = self._load_floor(now)
+
+    def _observe_arrival(self, now, prompt_tokens, output_tokens) -> None:
+        with self._arr_lock:
+            self._arrivals.append((now, output_tokens))
+
+    def offered_load(self, now: float) -> float:
+        """Output tokens per second asked for by the requests admitted in the last `load_window` seconds."""
+        with self._arr_lock:
+            while self._arrivals and self._arrivals[0][0] < now - self.load_window:
+                self._arrivals.popleft()
+            tokens = sum(t for _, t in self._arrivals)
+        return tokens / self.load_window
+
+    def token_time(self, r: float) -> float:
+        """Seconds per output token at saturation at ratio r (linear in r between the measured ratios)."""
+        pts = [(pr, 1.0 / c) for pr, c in self.capacity]
+        if r <= pts[0][0]:
+            return pts[0][1]
+        for (r0, t0), (r1, t1) in zip(pts, pts[1:]):
+            if r <= r1:
+                return t0 + (t1 - t0) * (r - r0) / (r1 - r0)
+        return pts[-1][1]
+
+    def _load_floor(self, now: float) -> float:
+        need = self.offered_load(now) * (1 + self.load_margin)
+        if need <= 0:
+            return 0.0
+        for r in self.grid:
+            if need * self.token_time(r) <= 1.0:
+                return r
+        return 1.0
 
     def _observe(self, kind, latency, now, tokens, ratio, step_s) -> None:
         self.win[kind].add(now, latency)
@@ -474,17 +540,19 @@ class ModelPredictive(Controller):
                 want = max(lower, cur - self.max_fall)
         # while requests queue, every step delays them: with continuous batching a full batch frees slots only as
         # decode steps finish requests, so the floor holds for decode steps too
-        want = max(want, self.queue_floor)
+        want = max(want, self.queue_floor, self.load_floor)
         self.r[kind] = _clamp01(want)
         return self.r[kind]
 
     def snapshot(self) -> dict:
         return {"name": self.name, "ratio": dict(self.r), "beta": dict(self.beta), "kappa": dict(self.kappa),
-                "queue_floor": self.queue_floor}
+                "queue_floor": self.queue_floor, "load_floor": self.load_floor}
 
 
-def make_controller(spec: str, slo_prefill: float, slo_decode: float, profile=None, **kw) -> Controller:
-    """'fixed:0.5' | 'salc' | 'salc:1.2' | 'pi' | 'mpc' -> a controller (profile only used by mpc)."""
+def make_controller(spec: str, slo_prefill: float, slo_decode: float, profile=None, capacity=None,
+                    **kw) -> Controller:
+    """'fixed:0.5' | 'salc' | 'salc:1.2' | 'pi' | 'mpc' -> a controller (profile and capacity only used by mpc;
+    'mpc:noload' leaves the load term out even when a capacity is given)."""
     if spec.startswith("fixed"):
         _, _, v = spec.partition(":")
         return FixedRatio(float(v or 0), slo_prefill=slo_prefill, slo_decode=slo_decode)
@@ -495,6 +563,9 @@ def make_controller(spec: str, slo_prefill: float, slo_decode: float, profile=No
         return SALC(slo_prefill, slo_decode, **kw)
     if spec == "pi":
         return PIController(slo_prefill, slo_decode, **kw)
-    if spec == "mpc":
-        return ModelPredictive(slo_prefill, slo_decode, profile=profile, **kw)
-    raise ValueError(f"unknown controller {spec!r}: fixed:<r> | salc[:<interval s>] | pi | mpc")
+    if spec in ("mpc", "mpc:noload"):
+        c = ModelPredictive(slo_prefill, slo_decode, profile=profile,
+                            capacity=capacity if spec == "mpc" else None, **kw)
+        c.name = spec
+        return c
+    raise ValueError(f"unknown controller {spec!r}: fixed:<r> | salc[:<interval s>] | pi | mpc | mpc:noload")

@@ -359,6 +359,7 @@ class BrownoutServer:
                         continue
                     outstanding[rid] = q.t
                     waiting.add(rid)
+                    ctl.observe_arrival(now, q.prompt_len, q.output_len)
                 # 2. collect results
                 wait = 0.002 if i >= n else max(0.0, min(0.02, reqs[i].t - (time.perf_counter() - t_start[0])))
                 res = mgr.get_result(timeout=wait) if outstanding else None

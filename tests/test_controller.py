@@ -234,3 +234,48 @@ def test_mpc_queue_term_reacts_before_any_late_token():
     assert all(a - b <= c.max_fall + 1e-9 for a, b in zip([1.0] + rs, rs)) and rs[-1] == 0.0
     c.observe_queue(float("nan"), 5, t)  # ignored, no crash
     assert 0.0 <= c.ratio("prefill", t, 64) <= 1.0
+
+
+def test_mpc_load_term_holds_the_ratio_the_offered_load_needs():
+    """The load term: output tokens asked for by the requests admitted in the last 2 s against the engine's
+    saturated token rates (here 1000 tok/s at r = 0, 2000 at r = 1). Under the r = 0 capacity the floor is 0; at
+    1.5x it is the smallest ratio whose capacity covers 1.5x with the 5% margin, and it holds while the load
+    holds, with no queue at all (the queue-only controller fell back to 0 as soon as the queue drained, on the
+    H100). It follows the load back down once the arrivals slow."""
+    prof = LatencyProfile([1, 64], [0.0, 1.0], [[0.010, 0.010], [0.020, 0.016]])
+    c = make_controller("mpc", 0.25, 0.15, profile=prof, capacity={0.0: 1000.0, 1.0: 2000.0})
+    noload = make_controller("mpc:noload", 0.25, 0.15, profile=prof, capacity={0.0: 1000.0, 1.0: 2000.0})
+    assert c.name == "mpc" and noload.name == "mpc:noload" and noload.capacity == []
+    # needed ratio for `rate` tok/s: token time 1/1000 - r * (1/1000 - 1/2000) <= 1 / (1.05 rate)
+    need = lambda rate: max(0.0, min(1.0, (1e-3 - 1 / (1.05 * rate)) / 5e-4))  # noqa: E731
+    t, rs = 0.0, []
+    for rate, seconds in ((800.0, 3.0), (1500.0, 4.0), (800.0, 4.0)):
+        for _ in range(int(seconds * rate / 50)):  # requests of 50 output tokens, evenly spaced
+            t += 50 / rate
+            for ctl in (c, noload):
+                ctl.observe_arrival(t, 10, 50)
+                ctl.observe_queue(0.0, 0, t)
+            rs.append((rate, t, c.ratio("decode", t, 64), noload.ratio("decode", t, 64)))
+    calm = [r for rate, tt, r, _ in rs if rate == 800.0 and tt < 3.0]
+    assert max(calm) == 0.0
+    held = [r for rate, tt, r, _ in rs if rate == 1500.0 and 5.0 < tt <= 7.0]  # 2 s into the high load
+    # up to one grid step (0.05) above the exact need, plus one arrival's worth of window quantisation
+    assert min(held) >= need(1500.0) - 1e-9 and max(held) <= need(1500.0) + 0.1
+    assert max(n for rate, _, _, n in rs if rate == 1500.0) == 0.0  # no queue, no latency: no reason without it
+    assert rs[-1][2] == 0.0  # back to 0 after the load fell
+    assert c.offered_load(t) == pytest.approx(800.0, rel=0.05)
+    # the driver thread appends arrivals while the engine thread reads: no error, bounded
+    import threading
+
+    def feed():
+        for i in range(20_000):
+            c.observe_arrival(t + i * 1e-5, 1, 1)
+
+    th = threading.Thread(target=feed)
+    th.start()
+    for _ in range(2000):
+        c.observe_queue(0.0, 0, t + 0.1)
+        assert 0.0 <= c.ratio("decode", t + 0.1, 64) <= 1.0
+    th.join()
+    with pytest.raises(ValueError):
+        make_controller("mpc", 0.25, 0.15, capacity={0.0: 1000.0})
