@@ -515,6 +515,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prev", default=None, help="a previous results JSON: reuse its calibration, profile, zero path "
                     "and merge into it (the second call of a split run)")
+    ap.add_argument("--rehearse", action="store_true",
+                    help="burst phase: serve the trace once at ratio 0, untimed, before the timed runs (captures the "
+                         "engine graphs its shapes need; costs one trace length)")
     ap.add_argument("--time-budget", type=float, default=560.0, help="s: skip runs that would end past this")
     ap.add_argument("--report", default=None, metavar="JSON",
                     help="no runs: rewrite the markdown table and plot of a results JSON (under --out)")
@@ -659,6 +662,14 @@ def _phases(args, srv, scfg, prof, pdoc, zero, zero_path, mean_out, cache, out, 
         if kept:  # a --prev call re-running some configs on the same trace: the others' runs are kept
             log(f"keeping the burst runs of {[r['config'] for r in kept]} from --prev")
         doc["burst"] = {"trace": tr.meta, "runs": kept, "skipped": []}
+        if args.rehearse and specs:
+            # one untimed pass of the same trace at ratio 0: the engine captures the graphs of the shapes this trace
+            # makes (KV grains the short warm-up never reached). Our third H100 call's first timed run captured 8
+            # mid-run, a 1.3 s stall at the height of the burst that its queue never recovered from
+            t = time.time()
+            res = serve(srv, tr, FixedRatio(0.0), scfg)
+            log(f"rehearsal of the burst trace at ratio 0 (untimed): {time.time() - t:.0f} s, "
+                f"{res.graphs_captured} graphs captured")
         for spec in specs:
             if time.time() - t_all + tr.duration + args.drain_seconds > args.time_budget:
                 doc["burst"]["skipped"].append(spec)
