@@ -27,10 +27,17 @@ The device budget is small: `--duration-scale` compresses the trace, `--phase` s
 checkpoint and calibration are cached under --cache and reused by the second call on a warm machine).
 `--tiny` runs the whole thing on CPU with a tiny model in a minute (a smoke test, numbers meaningless).
 
-    python -m eval.bench_serving --phase burst --cuda-graphs --configs fixed:0,fixed:0.5,fixed:1,salc,salc:1.2,mpc
-    python -m eval.bench_serving --phase poisson --cuda-graphs --prev eval/results/serving_bench.json \
-        --poisson-configs fixed:0,fixed:1,salc:1.2,mpc --rates 0.8,1.0,1.2,1.4 --poisson-seconds 12
-    python -m eval.bench_serving --phase overload --cuda-graphs --prev eval/results/serving_bench.json
+Two device calls (10 minutes each at most); the second reuses the first's calibration and profile:
+
+    python -m eval.bench_serving --phase burst --cuda-graphs --rehearse \
+        --configs fixed:0,fixed:0.5,fixed:1,salc,mpc:noload,mpc
+    python -m eval.bench_serving --phase all --cuda-graphs --prev eval/results/serving_bench.json --configs "" \
+        --poisson-configs fixed:0,fixed:1,salc:1.2,mpc --rates 1.2,1.35,1.5,1.65 --poisson-seconds 10 \
+        --poisson-drain-seconds 6
+
+`--rehearse` serves the burst trace once, untimed, before the timed runs: the engine captures a CUDA graph the
+first time it meets a (query, KV) padding, which stalls that step by about two eager forwards; without it the
+first timed run pays for the captures (our third H100 call: 8 captures, a 1.3 s stall at the height of the burst).
 """
 from __future__ import annotations
 
