@@ -385,8 +385,9 @@ class ModelPredictive(Controller):
 
     Load term (optional, each step; needs `capacity`, the engine's saturated decode-token rate at two or more
     ratios, measured at start-up): the output tokens asked for by the requests admitted over the last
-    `load_window` s are the offered load. The floor is the smallest ratio whose capacity covers it with a
-    `load_margin` (time per token interpolated linearly in r). This is what the queue term alone lacks: on our H100
+    `load_window` s are the offered load (`observe_arrival`). The floor is the smallest ratio whose capacity covers
+    it with a `load_margin` (time per token interpolated linearly in r); it is refreshed with the queue floor, on
+    each `observe_queue` (the server calls it before every step). This is what the queue term alone lacks: on our H100
     burst run (v3) the queue floor sent the ratio to 1, the queue drained, the ratio fell back to 0 within a
     fraction of a second, and since ratio 0 could not carry the after-burst rate the queue formed again (a
     relaxation cycle, 17.5% of first tokens late).

@@ -226,7 +226,12 @@ class BrownoutServer:
     def graph_count(self) -> int | None:
         """CUDA graphs the running engine holds (best effort over transformers' private layout; None if unknown). A
         capture stalls its step by about two eager forwards, so a timed run should capture few or none."""
-        io = getattr(getattr(self._mgr, "batch_processor", None), "inputs_and_outputs", None)
+        if self._mgr is None:
+            return None
+        bp = getattr(self._mgr, "batch_processor", None)
+        if bp is None:  # the engine thread has not built its batch processor yet: nothing captured
+            return 0
+        io = getattr(bp, "inputs_and_outputs", None)
         if io is None:
             return None
         n = 0
