@@ -32,7 +32,7 @@ Two device calls (10 minutes each at most); the second reuses the first's calibr
     python -m eval.bench_serving --phase burst --cuda-graphs --rehearse \
         --configs fixed:0,fixed:0.5,fixed:1,salc,mpc:noload,mpc
     python -m eval.bench_serving --phase all --cuda-graphs --prev eval/results/serving_bench.json --configs "" \
-        --poisson-configs fixed:0,fixed:1,salc:1.2,mpc --rates 1.2,1.35,1.5,1.65 --poisson-seconds 10 \
+        --poisson-configs fixed:0,fixed:1,salc:1.2,mpc --rates 1.2,1.5 --bisect 3 --poisson-seconds 10 \
         --poisson-drain-seconds 6
 
 `--rehearse` serves the burst trace once, untimed, before the timed runs: the engine captures a CUDA graph the
@@ -342,7 +342,9 @@ def capacities(p: dict) -> dict:
         caps, lb = {}, {}
         for spec, rr in p["runs"].items():
             caps[spec] = capacity([(r["rate"], f(r["all"])) for r in rr])
-            lb[spec] = bool(rr) and len(rr) == len(p["rates"]) and (f(rr[-1]["all"]) or 0) >= 0.9
+            top = max(rr, key=lambda r: r["rate"]) if rr else None  # the highest rate tried still passed
+            lb[spec] = top is not None and round(top["rate"], 9) >= round(max(p["rates"]), 9) and \
+                (f(top["all"]) or 0) >= 0.9
         out[name] = {"capacity": caps, "lower_bound": lb}
     return out
 
@@ -401,6 +403,11 @@ def markdown(doc: dict) -> str:
                       for x in rates]
                 lines.append(f"| {spec} | " + " | ".join(fmt(a, True) for a in att) +
                              f" | {ge(spec)}{fmt(cap)} | {rel} | {', '.join(fmt(x) for x in mr)} |")
+            extra = {spec: [r for r in runs if r.get("bisection")] for spec, runs in p["runs"].items()}
+            if any(extra.values()):
+                lines += ["", "Bisection points (rate req/s: attainment), included in the capacities: " + "; ".join(
+                    f"{spec}: " + ", ".join(f"{r['rate']:.2f}: {fmt(f(r['all']), True)}" for r in rs)
+                    for spec, rs in extra.items() if rs) + "."]
             lines.append("")
     if doc.get("overload"):
         o = doc["overload"]
@@ -477,6 +484,9 @@ def main(argv=None) -> None:
     ap.add_argument("--poisson-configs", default="fixed:0,fixed:1,salc,mpc")
     ap.add_argument("--rates", default="0.7,1.0,1.3,1.6", help="Poisson rates as multiples of mu0")
     ap.add_argument("--poisson-seconds", type=float, default=15.0)
+    ap.add_argument("--bisect", type=int, default=0,
+                    help="Poisson phase: after the rate grid, this many runs per config bisecting between its "
+                         "highest passing and lowest failing rate (first and later tokens each at 90%%)")
     ap.add_argument("--lengths", default="alpaca")
     ap.add_argument("--max-prompt", type=int, default=512)
     ap.add_argument("--max-output", type=int, default=256)
@@ -699,6 +709,27 @@ def _phases(args, srv, scfg, prof, pdoc, zero, zero_path, mean_out, cache, out, 
                 r = one_config(srv, spec, tr, cal, prof, pcfg, {})
                 r.pop("timeline")
                 r["rate"] = lam
+                pr[spec].append(r)
+                doc["poisson"] = {"rates": rates, "seconds": args.poisson_seconds, "runs": pr}
+                save(doc, out, args.tag)
+            # bisection between the highest passing and the lowest failing grid rate (first and later tokens each
+            # at 90%): the grid alone left every config's capacity inside one interval on the H100
+            for k in range(args.bisect):
+                ok = [r["rate"] for r in pr[spec] if (kind_attainment(r["all"]) or 0) >= 0.9]
+                bad = [r["rate"] for r in pr[spec] if (kind_attainment(r["all"]) or 0) < 0.9]
+                lo, hi = max(ok, default=None), min((b for b in bad if b > max(ok, default=0)), default=None)
+                if lo is None or hi is None:
+                    break
+                if time.time() - t_all + args.poisson_seconds + args.poisson_drain_seconds > args.time_budget:
+                    log(f"  {spec} bisection: skipped (time budget)")
+                    break
+                lam = (lo + hi) / 2
+                tr = poisson(lam, args.poisson_seconds, lengths=args.lengths, seed=300 + k,
+                             max_prompt=args.max_prompt, max_output=args.max_output)
+                pcfg = ServeConfig(**{**scfg.__dict__, "drain_timeout_s": args.poisson_drain_seconds})
+                r = one_config(srv, spec, tr, cal, prof, pcfg, {})
+                r.pop("timeline")
+                r["rate"], r["bisection"] = lam, True
                 pr[spec].append(r)
                 doc["poisson"] = {"rates": rates, "seconds": args.poisson_seconds, "runs": pr}
                 save(doc, out, args.tag)

@@ -204,6 +204,25 @@ def test_capacity_interpolation():
     assert math.isclose(capacity([(2, 0.95), (1, 0.99), (3, 0.85)]), 2.5)
 
 
+def test_capacities_use_bisection_points():
+    """eval/bench_serving.py --bisect: points between the grid rates sharpen the capacity, and a capacity is a lower
+    bound only when the highest grid rate itself passed (not when the last point appended, a bisection, did)."""
+    from eval.bench_serving import capacities
+
+    def run(rate, pre, dec, bis=False):
+        r = {"rate": rate, "all": {"attainment": 1 - dec, "violation_prefill": pre, "violation_decode": dec}}
+        return {**r, "bisection": True} if bis else r
+
+    p = {"rates": [10.0, 20.0], "runs": {
+        "a": [run(10, 0.0, 0.0), run(20, 0.5, 0.0), run(15, 0.0, 0.0, True), run(17.5, 0.3, 0.0, True)],
+        "b": [run(10, 0.0, 0.0), run(20, 0.0, 0.0)]}}
+    cp = capacities(p)["first and later tokens each"]
+    # between 15 (100%) and 17.5 (70%): 15 + 2.5 * (1.0 - 0.9) / (1.0 - 0.7)
+    assert cp["capacity"]["a"] == pytest.approx(15 + 2.5 / 3)
+    assert cp["lower_bound"] == {"a": False, "b": True}
+    assert capacities(p)["all tokens"]["lower_bound"]["a"] is True  # all decode tokens in SLO up to 20
+
+
 def test_uniform_routing_replaces_the_routers_choice():
     """The serving benchmark's `--routing uniform`: every router still runs, but its top-k becomes k distinct
     uniform-random experts per token with weights summing to 1, and the model runs on them."""
