@@ -73,7 +73,7 @@ def run(configs, base_rate=4.5, duration_scale=0.05, step_ms=30.0, gain=0.6, slo
         # the engine's saturated output-token rates at ratios 0 and 1, measured as bench_serving calibrates them:
         # the MPC's load term (everything queued at t = 0)
         sat = Trace([Request(i, 0.0, 8, output) for i in range(4 * cfg.max_batch)], {})
-        capacity = {r: service_rate(srv.run(sat, controller=FixedRatio(r)), 0.0, output)["tok_s"] for r in (0.0, 1.0)}
+        capacity = {r: service_rate(srv.run(sat, controller=FixedRatio(r)), 0.0, mean_out=output)["tok_s"] for r in (0.0, 1.0)}
         log(f"  saturated output tokens/s: ratio 0 {capacity[0.0]:.0f}, ratio 1 {capacity[1.0]:.0f}")
         for spec in configs:
             res = srv.run(tr, controller=make_controller(spec, slo_prefill, slo_decode, capacity=capacity))
