@@ -29,7 +29,7 @@ checkpoint and calibration are cached under --cache and reused by the second cal
 
 Two device calls (10 minutes each at most); the second reuses the first's calibration and profile:
 
-    python -m eval.bench_serving --phase burst --cuda-graphs --rehearse \
+    python -m eval.bench_serving --phase burst --cuda-graphs --rehearse --duration-scale 0.2 \
         --configs fixed:0,fixed:0.5,fixed:1,salc,mpc:noload,mpc
     python -m eval.bench_serving --phase all --cuda-graphs --prev eval/results/serving_bench.json --configs "" \
         --poisson-configs fixed:0,fixed:1,salc:1.2,mpc --rates 1.2,1.5 --bisect 3 --poisson-seconds 10 \
