@@ -155,7 +155,8 @@ def markdown(doc: dict) -> str:
         mode = "CUDA graphs on" if doc["engine"][0].get("graphs") else "eager engine"
         lines += ["", f"## Continuous-batching steps at saturation ({mode}; per step)", "",
                   "KV padding: the engine's graph grain for the KV length (0: transformers' default); wall ms: time "
-                  "per step including the host work between steps.", "",
+                  "per step including the host work between steps, under the profiler and with any graph captured "
+                  "mid-run (at grains 1024 and 256 the warm-up left many to capture), so an upper bound.", "",
                   "| KV padding | ratio | steps | batch | tokens | step p50 ms | wall ms | decode tok/s | kernel ms | "
                   + " | ".join(cats) + " |",
                   "|---|---|---|---|---|---|---|---|---|" + "---|" * len(cats)]
