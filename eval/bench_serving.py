@@ -32,7 +32,7 @@ Two device calls (10 minutes each at most); the second reuses the first's calibr
     python -m eval.bench_serving --phase burst --cuda-graphs --rehearse --duration-scale 0.2 \
         --configs fixed:0,fixed:0.5,fixed:1,salc,mpc:noload,mpc
     python -m eval.bench_serving --phase all --cuda-graphs --prev eval/results/serving_bench.json --configs "" \
-        --poisson-configs fixed:0,fixed:1,salc:1.2,mpc --rates 1.2,1.5 --bisect 3 --poisson-seconds 10 \
+        --poisson-configs fixed:0,fixed:1,salc:1.2,mpc --rates 0.9,1.2,1.5 --bisect 2 --poisson-seconds 10 \
         --poisson-drain-seconds 6
 
 `--rehearse` serves the burst trace once, untimed, before the timed runs: the engine captures a CUDA graph the
