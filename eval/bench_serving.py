@@ -728,42 +728,34 @@ def _phases(args, srv, scfg, prof, pdoc, zero, zero_path, mean_out, cache, out, 
     if args.phase in ("poisson", "all"):
         rates = [float(x) * cal["mu0"] for x in args.rates.split(",")]
         pr = {}
+        pcfg = ServeConfig(**{**scfg.__dict__, "drain_timeout_s": args.poisson_drain_seconds})
+
+        def point(spec: str, lam: float, seed: int, **extra) -> bool:
+            """One Poisson run of `spec` at `lam` req/s, kept in the doc; False if the time budget forbids it."""
+            if time.time() - t_all + args.poisson_seconds + args.poisson_drain_seconds > args.time_budget:
+                log(f"  {spec} @ {lam:.2f}: skipped (time budget)")
+                return False
+            tr = poisson(lam, args.poisson_seconds, lengths=args.lengths, seed=seed, max_prompt=args.max_prompt,
+                         max_output=args.max_output)
+            r = one_config(srv, spec, tr, cal, prof, pcfg, {})
+            r.pop("timeline")
+            pr[spec].append({**r, "rate": lam, **extra})
+            doc["poisson"] = {"rates": rates, "seconds": args.poisson_seconds, "runs": pr}
+            save(doc, out, args.tag)
+            return True
+
         for spec in [c for c in args.poisson_configs.split(",") if c]:
             pr[spec] = []
             for i, lam in enumerate(rates):
-                if time.time() - t_all + args.poisson_seconds + args.poisson_drain_seconds > args.time_budget:
-                    log(f"  {spec} @ {lam:.2f}: skipped (time budget)")
-                    continue
-                tr = poisson(lam, args.poisson_seconds, lengths=args.lengths, seed=100 + i,
-                             max_prompt=args.max_prompt, max_output=args.max_output)
-                pcfg = ServeConfig(**{**scfg.__dict__, "drain_timeout_s": args.poisson_drain_seconds})
-                r = one_config(srv, spec, tr, cal, prof, pcfg, {})
-                r.pop("timeline")
-                r["rate"] = lam
-                pr[spec].append(r)
-                doc["poisson"] = {"rates": rates, "seconds": args.poisson_seconds, "runs": pr}
-                save(doc, out, args.tag)
+                point(spec, lam, 100 + i)
             # bisection between the highest passing and the lowest failing grid rate (first and later tokens each
             # at 90%): the grid alone left every config's capacity inside one interval on the H100
             for k in range(args.bisect):
                 ok = [r["rate"] for r in pr[spec] if (kind_attainment(r["all"]) or 0) >= 0.9]
                 bad = [r["rate"] for r in pr[spec] if (kind_attainment(r["all"]) or 0) < 0.9]
                 lo, hi = max(ok, default=None), min((b for b in bad if b > max(ok, default=0)), default=None)
-                if lo is None or hi is None:
+                if lo is None or hi is None or not point(spec, (lo + hi) / 2, 300 + k, bisection=True):
                     break
-                if time.time() - t_all + args.poisson_seconds + args.poisson_drain_seconds > args.time_budget:
-                    log(f"  {spec} bisection: skipped (time budget)")
-                    break
-                lam = (lo + hi) / 2
-                tr = poisson(lam, args.poisson_seconds, lengths=args.lengths, seed=300 + k,
-                             max_prompt=args.max_prompt, max_output=args.max_output)
-                pcfg = ServeConfig(**{**scfg.__dict__, "drain_timeout_s": args.poisson_drain_seconds})
-                r = one_config(srv, spec, tr, cal, prof, pcfg, {})
-                r.pop("timeline")
-                r["rate"], r["bisection"] = lam, True
-                pr[spec].append(r)
-                doc["poisson"] = {"rates": rates, "seconds": args.poisson_seconds, "runs": pr}
-                save(doc, out, args.tag)
         log(f"capacity @90%: {doc.get('poisson', {}).get('capacities')}")
     if args.phase in ("overload", "all"):
         # far past capacity: the queue must stay bounded (max_queue), every request must end answered, rejected or

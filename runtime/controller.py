@@ -412,6 +412,7 @@ class ModelPredictive(Controller):
         self.capacity = sorted((float(r), float(c)) for r, c in (capacity or {}).items())
         if self.capacity and (len(self.capacity) < 2 or any(c <= 0 or not 0 <= r <= 1 for r, c in self.capacity)):
             raise ValueError("capacity needs positive token rates at two or more ratios in [0, 1]")
+        self._token_pts = [(r, 1.0 / c) for r, c in self.capacity]  # (ratio, s per output token) for token_time
         if not load_window > 0 or load_margin < 0:
             raise ValueError("need load_window > 0 and load_margin >= 0")
         self.load_window, self.load_margin = float(load_window), float(load_margin)
@@ -463,7 +464,7 @@ class ModelPredictive(Controller):
 
     def token_time(self, r: float) -> float:
         """Seconds per output token at saturation at ratio r (linear in r between the measured ratios)."""
-        pts = [(pr, 1.0 / c) for pr, c in self.capacity]
+        pts = self._token_pts
         if r <= pts[0][0]:
             return pts[0][1]
         for (r0, t0), (r1, t1) in zip(pts, pts[1:]):
