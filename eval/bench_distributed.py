@@ -121,9 +121,7 @@ def worker(args):
     else:
         torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM
-    from transformers.distributed import DistributedConfig
-
-    from runtime.distributed import attach
+    from runtime.distributed import attach, expert_parallel_config
     from unify.discover import find_moe_layers
 
     work = Path(args.work)
@@ -135,7 +133,7 @@ def worker(args):
         model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=dtype, tp_plan="auto")
     else:
         model = AutoModelForCausalLM.from_pretrained(
-            work / "model", dtype=dtype, distributed_config=DistributedConfig(tp_size=world, ep_size=world))
+            work / "model", dtype=dtype, distributed_config=expert_parallel_config(world))
     model.eval()
     load_s = time.time() - t0
     bm = attach(model, work / "united")

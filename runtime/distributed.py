@@ -1,7 +1,7 @@
 """Brownout on a model sharded by transformers' tensor parallelism or expert parallelism (issue 8).
 
     model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto")                                 # TP, or
-    model = AutoModelForCausalLM.from_pretrained(path, distributed_config=DistributedConfig(tp_size=2, ep_size=2))
+    model = AutoModelForCausalLM.from_pretrained(path, distributed_config=expert_parallel_config(2))        # EP
     bm = runtime.distributed.attach(model, "out/united")   # on every rank, same arguments; then bm.set_ratio(...)
 
 The semantics are DESIGN.md section 4, unchanged: the brownout policy runs on the *global* routing of the call (every
@@ -22,6 +22,12 @@ model at ratio r computes, up to the order of floating-point sums. What changes 
   policy), its slab ids are translated to EP slab ids (`EPPlacement.ep_ids`), and the model's own EP implementation
   (all-reduce or all-to-all, copied with the slab count changed) moves the tokens. Ratio 0 calls the untouched EP
   forward: the sharded model bit for bit.
+
+transformers 5.17-5.20 expert parallelism (`DistributedConfig(enable_expert_parallel=True)`, mode "ep-router") has no
+dispatch rule: every rank runs the whole batch, an `ep_router` forward slices the router's output to local ids and the
+experts all-reduce. Brownout places the united tier the same way (`place_united`), has the router hand the global
+routing to the experts at r > 0, and keeps this rank's EP slab ids. `expert_parallel_config(size)` builds the config
+for whichever transformers is installed.
 
 The original experts' local shards become views of the front of the local slabs (no second copy), as in
 `BrownoutMoE.attach`. A model without DTensor experts goes straight to `BrownoutMoE.attach`.
@@ -181,13 +187,33 @@ def _is_dtensor(t) -> bool:
     return D is not None and isinstance(t, D)
 
 
+def _closure(fn) -> dict:
+    """The free variables of a forward transformers installed on a module (its parallel style keeps them there)."""
+    code = getattr(fn, "__code__", None)
+    if code is None or not fn.__closure__:
+        return {}
+    return dict(zip(code.co_freevars, (c.cell_contents for c in fn.__closure__)))
+
+
+def _shards_experts(p) -> bool:
+    """A DTensor sharded on dim 0 (the expert dimension) over a one-dimensional mesh."""
+    return (_is_dtensor(p) and p.device_mesh.ndim == 1 and len(p.placements) == 1
+            and type(p.placements[0]).__name__ == "Shard" and p.placements[0].dim == 0)
+
+
+def ep_router(block: torch.nn.Module):
+    """transformers 5.17-5.20 expert parallelism: the router whose forward an `ep_router` style wraps, or None."""
+    for m in block.children():
+        if _closure(m.__dict__.get("forward")).get("self").__class__.__name__ == "EpRouterParallel":
+            return m
+    return None
+
+
 def ep_implementation(experts: torch.nn.Module):
     """The EPImplementation transformers installed on an `ep_dispatch_experts` module, or None."""
-    fwd = experts.__dict__.get("forward")
-    code = getattr(fwd, "__code__", None)
-    if code is None or not fwd.__closure__:
+    cells = _closure(experts.__dict__.get("forward"))
+    if not cells:
         return None
-    cells = dict(zip(code.co_freevars, (c.cell_contents for c in fwd.__closure__)))
     try:
         from transformers.distributed.expert_parallel import EPImplementation
     except Exception:
@@ -203,6 +229,9 @@ def sharding_mode(experts: torch.nn.Module) -> str | None:
         return None
     if ep_implementation(experts) is not None:
         return "ep"
+    if _shards_experts(p) and _closure(experts.__dict__.get("forward")).get("self").__class__.__name__ \
+            == "MoeExpertsParallel":
+        return "ep-router"  # transformers 5.17-5.20: `enable_expert_parallel`, sliced by an `ep_router` forward
     if getattr(experts, "_is_expert_parallel", False):
         raise BrownoutError("experts are sharded by expert (grouped_gemm) but have no ep_dispatch_experts forward; "
                             "brownout needs the model's EP plan with its dispatch rule")
@@ -222,6 +251,21 @@ def _retarget(impl, local_slabs: int, forward):
         if getattr(c, sub, None) is not None:
             setattr(c, sub, _retarget(getattr(c, sub), local_slabs, forward))
     return c
+
+
+def expert_parallel_config(size: int, implementation: str = "auto"):
+    """`DistributedConfig` for expert parallelism over `size` ranks on the installed transformers: `ep_size` from 5.21
+    on; before, `enable_expert_parallel` (the all-reduce scheme only: `implementation` must be auto or all_reduce)."""
+    import dataclasses
+
+    from transformers.distributed import DistributedConfig
+
+    fields = {f.name for f in dataclasses.fields(DistributedConfig)}
+    if "ep_size" in fields:
+        return DistributedConfig(tp_size=size, ep_size=size, ep_implementation=implementation)
+    if implementation not in ("auto", "all_reduce"):
+        raise BrownoutError(f"expert-parallel implementation {implementation!r} needs transformers >= 5.21")
+    return DistributedConfig(tp_size=size, enable_expert_parallel=True)
 
 
 def _config_hash(config) -> str:
@@ -257,7 +301,7 @@ class DistributedBrownoutMoE(BrownoutMoE):
         """Bytes of united tier this rank holds (EP padding included)."""
         n = 0
         for i, st in self.layers.items():
-            front = self.placement[i].local_experts if self.mode[i] == "ep" else st.num_experts
+            front = self.placement[i].local_experts if self.mode[i] != "tp" else st.num_experts
             n += sum(t[front:].numel() * t.element_size() for t in st.slabs.values())
         return n
 
@@ -266,11 +310,14 @@ class DistributedBrownoutMoE(BrownoutMoE):
             return
         for i, st in self.layers.items():
             ex = self._moe[i].experts
-            front = self.placement[i].local_experts if self.mode[i] == "ep" else st.num_experts
+            front = self.placement[i].local_experts if self.mode[i] != "tp" else st.num_experts
             for k, slab in st.slabs.items():
                 _set_local(ex, k, slab[:front].clone())  # drop the view so the slabs can be freed
             if "_brownout_ep_prev_forward" in ex.__dict__:
                 ex.forward = ex.__dict__.pop("_brownout_ep_prev_forward")
+            router = ex.__dict__.pop("_brownout_router", None)
+            if router is not None:
+                router.forward = router.__dict__.pop("_brownout_ep_prev_forward")
             st.slabs.clear()  # the base detach then only restores the implementation and state
         super().detach()
 
@@ -316,14 +363,20 @@ def attach(model, united_dir, ratio=0.0, policy: str = "hot-cold", replicate="au
                 slabs[k] = torch.cat([loc, u])
             plans[i] = ("tp", slabs, e2g, None, None)
         else:
-            impl = ep_implementation(ex)
             for k in keys:
-                p = ex._parameters.get(k)
-                if not _is_dtensor(p) or p.device_mesh.ndim != 1 or tuple(type(x).__name__ for x in p.placements) != ("Shard",) \
-                        or p.placements[0].dim != 0:
+                if not _shards_experts(ex._parameters.get(k)):
                     raise BrownoutError(f"layer {i}: {k} is not sharded by expert over one EP mesh dimension "
                                         f"(expert FSDP is not supported with brownout)")
-            ep_size, rank = impl.ep_mesh.size(), impl.ep_mesh.get_local_rank()
+            if modes[i] == "ep":
+                impl = ep_implementation(ex)
+                mesh = impl.ep_mesh
+            else:  # ep-router: the all-reduce scheme of transformers 5.17-5.20; the mesh is the experts' own
+                impl = ep_router(moe[i].block)
+                if impl is None:
+                    raise BrownoutError(f"layer {i}: experts are sharded by expert but no `ep_router` router was "
+                                        f"found in {type(moe[i].block).__name__}")
+                mesh = ex._parameters["gate_up_proj"].device_mesh
+            ep_size, rank = mesh.size(), mesh.get_local_rank()
             pl = place_united(e2g, ep_size, replicate)
             slabs = {}
             for k in keys:
@@ -331,14 +384,14 @@ def attach(model, united_dir, ratio=0.0, policy: str = "hot-cold", replicate="au
                 u = t[k].to(loc.device, loc.dtype)[pl.local[rank]]
                 pad = loc.new_zeros((pl.united_slots - u.shape[0],) + tuple(loc.shape[1:]))
                 slabs[k] = torch.cat([loc, u, pad])
-            plans[i] = ("ep", slabs, e2g, pl, impl)
+            plans[i] = (modes[i], slabs, e2g, pl, impl)
     # -- modify the model ------------------------------------------------------------------------------------------
     states, configs, prev, placement, mode = {}, {}, {}, {}, {}
     for i, (m, slabs, e2g, pl, impl) in plans.items():
         ex = moe[i].experts
         configs.setdefault(id(ex.config), (ex.config, ex.config._experts_implementation))
         prev[i] = ex.config._experts_implementation
-        front = pl.local_experts if m == "ep" else moe[i].num_experts
+        front = pl.local_experts if m != "tp" else moe[i].num_experts
         for k, slab in slabs.items():
             if _is_dtensor(ex._parameters[k]):
                 _set_local(ex, k, slab[:front])
@@ -352,6 +405,9 @@ def attach(model, united_dir, ratio=0.0, policy: str = "hot-cold", replicate="au
         if m == "ep":
             placement[i] = pl
             _install_ep_forward(ex, states[i], pl, impl)
+        elif m == "ep-router":
+            placement[i] = pl
+            _install_router_ep_forward(ex, impl, states[i], pl, ex._parameters["gate_up_proj"].device_mesh)
     for l in moe.values():
         if l.index not in states:
             l.experts._brownout_prev_impl = l.experts.config._experts_implementation
@@ -363,18 +419,10 @@ def attach(model, united_dir, ratio=0.0, policy: str = "hot-cold", replicate="au
     return bm
 
 
-def _install_ep_forward(ex: torch.nn.Module, st: LayerState, pl: EPPlacement, impl) -> None:
-    """Wrap transformers' EP forward: remap on global ids, then dispatch over the EP slab space."""
-    prev = ex.forward  # the ep_forward transformers installed (instance attribute)
-    L = pl.local_slabs
-    skip = pl.num_experts + pl.num_groups
-    rank_of, pos = pl.tables(st.expert_to_group.device)
-    rank = impl.ep_mesh.get_local_rank()
-    # ranks holding different batches (all-to-all without TP) send replicated work to themselves
-    own = rank if (not impl.shares_batch and impl.tp_mesh.size() == 1) else None
+def _local_forward(ex: torch.nn.Module, st: LayerState):
+    """This rank's slabs on local slab ids; id L (the off-rank sentinel) is skipped."""
 
     def local_forward(hidden_states, local_ids, weights):
-        """This rank's slabs on local ids; id L (all-reduce's off-rank sentinel) is skipped."""
         if st.path == "reference" or (st.path == "auto" and hidden_states.device.type != "cuda"):
             return slab_forward(ex, st.slabs, hidden_states, local_ids, weights)
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
@@ -384,7 +432,19 @@ def _install_ep_forward(ex: torch.nn.Module, st: LayerState, pl: EPPlacement, im
         # (the fused two-tier kernel is not wired for EP-local slabs yet: the kernel path runs grouped_mm here)
         return ALL_EXPERTS_FUNCTIONS.get_interface("grouped_mm", None)(view, hidden_states, local_ids, weights)
 
-    dispatch = _retarget(impl, L, local_forward)
+    return local_forward
+
+
+def _install_ep_forward(ex: torch.nn.Module, st: LayerState, pl: EPPlacement, impl) -> None:
+    """Wrap transformers' EP forward: remap on global ids, then dispatch over the EP slab space."""
+    prev = ex.forward  # the ep_forward transformers installed (instance attribute)
+    L = pl.local_slabs
+    skip = pl.num_experts + pl.num_groups
+    rank_of, pos = pl.tables(st.expert_to_group.device)
+    rank = impl.ep_mesh.get_local_rank()
+    # ranks holding different batches (all-to-all without TP) send replicated work to themselves
+    own = rank if (not impl.shares_batch and impl.tp_mesh.size() == 1) else None
+    dispatch = _retarget(impl, L, _local_forward(ex, st))
 
     def brownout_ep_forward(hidden_states, top_k_index, top_k_weights):
         if st.ratio == 0.0:
@@ -399,4 +459,44 @@ def _install_ep_forward(ex: torch.nn.Module, st: LayerState, pl: EPPlacement, im
     ex.forward = brownout_ep_forward
 
 
-__all__ = ["attach", "place_united", "EPPlacement", "ep_ids", "token_ranks", "sharding_mode", "DistributedBrownoutMoE"]
+def _install_router_ep_forward(ex: torch.nn.Module, router: torch.nn.Module, st: LayerState, pl: EPPlacement,
+                               mesh) -> None:
+    """Expert parallelism of transformers 5.17-5.20 (`enable_expert_parallel`): every rank runs the whole batch, the
+    router's `ep_router` forward slices the routing to this rank's experts (global ids are gone before the experts
+    see them), and an all-reduce after the experts sums the ranks. At r > 0 the router hands its global routing to
+    the experts instead, which remap it, keep this rank's slab ids and all-reduce themselves."""
+    prev_router, prev = router.forward, ex.forward
+    L = pl.local_slabs
+    skip = pl.num_experts + pl.num_groups
+    rank_of, pos = pl.tables(st.expert_to_group.device)
+    rank, group = mesh.get_local_rank(), mesh.get_group()
+    local_forward = _local_forward(ex, st)
+    routed: dict[str, torch.Tensor] = {}
+
+    def brownout_router_forward(*args, **kwargs):
+        if st.ratio == 0.0:
+            return prev_router(*args, **kwargs)
+        out = type(router).forward(router, *args, **kwargs)  # the global routing: (logits, weights, ids, ...)
+        routed["weights"], routed["ids"] = out[1], out[2]
+        return out
+
+    def brownout_ep_forward(hidden_states, top_k_index, top_k_weights, *rest):
+        if st.ratio == 0.0 or "ids" not in routed:
+            return prev(hidden_states, top_k_index, top_k_weights, *rest)
+        gids, gw = routed.pop("ids"), _local(routed.pop("weights"))
+        x = _local(hidden_states)
+        a = remap(gids, gw, st.expert_to_group, st.num_groups, st.ratio, st.policy)
+        tr = token_ranks(gids.shape[0], pl.ep_size, None, gids.device)  # shared batch: split replicated work by rows
+        ids, w = ep_ids(a.ids, a.weights, rank_of, pos, L, skip, tr)
+        mine = torch.div(ids, L, rounding_mode="floor") == rank
+        out = local_forward(x, torch.where(mine, ids - rank * L, L), torch.where(mine, w, torch.zeros_like(w)))
+        torch.distributed.all_reduce(out, group=group)
+        return out.to(x.dtype)
+
+    router._brownout_ep_prev_forward, ex._brownout_ep_prev_forward = prev_router, prev
+    router.forward, ex.forward = brownout_router_forward, brownout_ep_forward
+    ex.__dict__["_brownout_router"] = router  # not a submodule: nn.Module.__setattr__ would register it
+
+
+__all__ = ["attach", "place_united", "EPPlacement", "ep_ids", "token_ranks", "sharding_mode", "expert_parallel_config",
+           "DistributedBrownoutMoE"]

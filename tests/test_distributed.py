@@ -14,16 +14,19 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 
 import pytest
 import torch
 
 from conftest import FAST, make_tiny
+from dist_worker import CASES, worker
 from runtime.distributed import EPPlacement, ep_ids, place_united, token_ranks
 
 FAMILY = "qwen3_moe"
-CASES = [("ratio", 1.0), ("ratio", 0.5), ("drop", 0.5)]
+# the oldest transformers we support, installed with `pip install --target` (.ci/run does): its expert parallelism
+# predates `ep_size` and dispatch rules (`enable_expert_parallel`, an `ep_router` slicing the routing)
+OLD_TRANSFORMERS = os.environ.get("BROWNOUT_OLD_TRANSFORMERS")
+MODES = {"installed": ["tp", "ep", "a2a"], "old": ["tp", "ep"]}
 
 
 # -- placement logic (no processes) ------------------------------------------------------------------------------------
@@ -66,75 +69,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, work: str, paths: list[str]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    sys.path[:0] = paths
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-    from transformers import AutoModelForCausalLM
-    from transformers.distributed import DistributedConfig
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    from runtime.distributed import attach
-
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    ref = torch.load(os.path.join(work, "ref.pt"))
-    x, udir = ref["x"], os.path.join(work, "united")
-    report = {}
-    try:
-        for mode in ("tp", "ep", "a2a"):
-            if mode == "tp":
-                model = AutoModelForCausalLM.from_pretrained(os.path.join(work, "model"), tp_plan="auto")
-            else:  # ep: AutoEP -> all-reduce dispatch at inference; a2a: the all-to-all token exchange
-                impl = "auto" if mode == "ep" else "all_to_all"
-                cfg = DistributedConfig(tp_size=2, ep_size=2, ep_implementation=impl)
-                model = AutoModelForCausalLM.from_pretrained(os.path.join(work, "model"), distributed_config=cfg)
-            model.eval()
-            with torch.no_grad():
-                base = model(x).logits
-                for replicate in {"tp": ("auto",), "ep": ("none", "all"), "a2a": ("none", "all")}[mode]:
-                    tag = f"{mode}/{replicate}"
-                    bm = attach(model, udir, replicate=replicate)
-                    r = {"kind": type(bm).__name__, "mode": sorted(set(getattr(bm, "mode", {}).values()))}
-                    out = model(x).logits
-                    r["ratio0_equal_sharded"] = bool(torch.equal(out, base))
-                    r["ratio0_err_single"] = float((out - ref["ref0"]).abs().max())
-                    for policy, ratio in CASES:
-                        bm.set_policy("drop" if policy == "drop" else "hot-cold")
-                        bm.set_ratio(ratio)
-                        out = model(x).logits
-                        want = ref[f"{policy}{ratio}"]
-                        r[f"{policy}{ratio}_err"] = float((out - want).abs().max())
-                        r[f"{policy}{ratio}_differs_from_base"] = not torch.equal(out, base)
-                    bm.set_policy("hot-cold")
-                    bm.set_ratio(1.0)
-                    bm.set_path("grouped")  # transformers' grouped_mm over the local slabs (the GPU path's fallback)
-                    r["grouped1.0_err"] = float((model(x).logits - ref["ratio1.0"]).abs().max())
-                    bm.set_path("auto")
-                    if mode != "tp":
-                        r["owner"] = {i: p.owner for i, p in bm.placement.items()}
-                    bm.set_policy("hot-cold")
-                    bm.set_ratio(0.0)
-                    bm.detach()
-                    r["detach_equal_sharded"] = bool(torch.equal(model(x).logits, base))
-                    report[tag] = r
-            del model
-    except Exception as e:  # report it to the parent instead of hanging the other rank
-        import traceback
-
-        report["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
-    with open(os.path.join(work, f"report{rank}.json"), "w") as f:
-        json.dump(report, f)
-    dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def distributed_reports(tmp_path_factory):
+@pytest.fixture(scope="module", params=["installed", "old"])
+def distributed_reports(request, tmp_path_factory):
+    if request.param == "old" and not OLD_TRANSFORMERS:
+        pytest.skip("BROWNOUT_OLD_TRANSFORMERS (a folder with transformers 5.17 installed by pip --target) is not set")
     from runtime import BrownoutMoE
     from unify.build import BuildOptions, build
 
@@ -162,8 +100,10 @@ def distributed_reports(tmp_path_factory):
     ctx = mp.get_context("spawn")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     paths = [root, os.path.join(root, "tests")]
+    if request.param == "old":
+        paths.insert(0, OLD_TRANSFORMERS)
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(work), paths)) for r in range(2)]
+    procs = [ctx.Process(target=worker, args=(r, 2, port, str(work), paths, MODES[request.param])) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -175,14 +115,22 @@ def distributed_reports(tmp_path_factory):
     reports = [json.loads((work / f"report{r}.json").read_text()) for r in range(2)]
     for rep in reports:
         assert "error" not in rep, rep.get("error")
-    return reports
+    if request.param == "old":
+        assert reports[0]["transformers"].startswith("5.17"), reports[0]["transformers"]
+    return request.param, reports
 
 
 @pytest.mark.parametrize("tag", ["tp/auto", "ep/none", "ep/all", "a2a/none", "a2a/all"])
 def test_sharded_brownout_matches_single_process(distributed_reports, tag):
-    for rank, rep in enumerate(distributed_reports):
+    which, reports = distributed_reports
+    if tag.split("/")[0] not in MODES[which]:
+        pytest.skip(f"transformers {reports[0]['transformers']} has no all-to-all expert parallelism")
+    mode = tag.split("/")[0].replace("a2a", "ep")
+    if which == "old" and mode == "ep":
+        mode = "ep-router"
+    for rank, rep in enumerate(reports):
         r = rep[tag]
-        assert r["kind"] == "DistributedBrownoutMoE" and r["mode"] == [tag.split("/")[0].replace("a2a", "ep")], r
+        assert r["kind"] == "DistributedBrownoutMoE" and r["mode"] == [mode], r
         assert r["ratio0_equal_sharded"], f"rank {rank}: ratio 0 is not the sharded model bit for bit"
         assert r["ratio0_err_single"] < 1e-5, r
         for policy, ratio in CASES:
@@ -191,4 +139,4 @@ def test_sharded_brownout_matches_single_process(distributed_reports, tag):
         assert r["ratio1.0_differs_from_base"], r
         assert r["detach_equal_sharded"], r
     if not tag.startswith("tp"):
-        assert distributed_reports[0][tag]["owner"] == distributed_reports[1][tag]["owner"]
+        assert reports[0][tag]["owner"] == reports[1][tag]["owner"]

@@ -1,0 +1,79 @@
+"""The 2-process worker of tests/test_distributed.py, in a module of its own: a spawned process imports only this
+module before `worker` puts `paths` first on sys.path, so it can run on another transformers than the parent's (the
+oldest supported one, from a --target folder). Nothing here may import transformers at module level."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+CASES = [("ratio", 1.0), ("ratio", 0.5), ("drop", 0.5)]
+
+
+def worker(rank: int, world: int, port: int, work: str, paths: list[str], modes: list[str]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    sys.path[:0] = paths
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    from runtime.distributed import attach, expert_parallel_config
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    ref = torch.load(os.path.join(work, "ref.pt"))
+    x, udir = ref["x"], os.path.join(work, "united")
+    report = {}
+    try:
+        report["transformers"] = sys.modules["transformers"].__version__
+        for mode in modes:
+            if mode == "tp":
+                model = AutoModelForCausalLM.from_pretrained(os.path.join(work, "model"), tp_plan="auto")
+            else:  # ep: AutoEP -> all-reduce dispatch at inference; a2a: the all-to-all token exchange
+                impl = "auto" if mode == "ep" else "all_to_all"
+                cfg = expert_parallel_config(2, impl)
+                model = AutoModelForCausalLM.from_pretrained(os.path.join(work, "model"), distributed_config=cfg)
+            model.eval()
+            with torch.no_grad():
+                base = model(x).logits
+                for replicate in {"tp": ("auto",), "ep": ("none", "all"), "a2a": ("none", "all")}[mode]:
+                    tag = f"{mode}/{replicate}"
+                    bm = attach(model, udir, replicate=replicate)
+                    r = {"kind": type(bm).__name__, "mode": sorted(set(getattr(bm, "mode", {}).values()))}
+                    out = model(x).logits
+                    r["ratio0_equal_sharded"] = bool(torch.equal(out, base))
+                    r["ratio0_err_single"] = float((out - ref["ref0"]).abs().max())
+                    for policy, ratio in CASES:
+                        bm.set_policy("drop" if policy == "drop" else "hot-cold")
+                        bm.set_ratio(ratio)
+                        out = model(x).logits
+                        want = ref[f"{policy}{ratio}"]
+                        r[f"{policy}{ratio}_err"] = float((out - want).abs().max())
+                        r[f"{policy}{ratio}_differs_from_base"] = not torch.equal(out, base)
+                    bm.set_policy("hot-cold")
+                    bm.set_ratio(1.0)
+                    bm.set_path("grouped")  # transformers' grouped_mm over the local slabs (the GPU path's fallback)
+                    r["grouped1.0_err"] = float((model(x).logits - ref["ratio1.0"]).abs().max())
+                    bm.set_path("auto")
+                    if mode != "tp":
+                        r["owner"] = {i: p.owner for i, p in bm.placement.items()}
+                    bm.set_policy("hot-cold")
+                    bm.set_ratio(0.0)
+                    bm.detach()
+                    r["detach_equal_sharded"] = bool(torch.equal(model(x).logits, base))
+                    report[tag] = r
+            del model
+    except Exception as e:  # report it to the parent instead of hanging the other rank
+        import traceback
+
+        report["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+    with open(os.path.join(work, f"report{rank}.json"), "w") as f:
+        json.dump(report, f)
+    dist.destroy_process_group()
