@@ -8,6 +8,8 @@ worker checks, against the single-process model and single-process BrownoutMoE c
               model itself differs from one process by the order of its all-reduce sums, ~1e-7);
   ratio 1, 0.5, drop -> allclose to the single-process brownout result at the same ratio/policy;
   detach   -> bit for bit the sharded model again.
+With BROWNOUT_OLD_TRANSFORMERS set (.ci/run sets it), the same checks also run on transformers 5.17, whose expert
+parallelism is `enable_expert_parallel` with an `ep_router` (runtime.distributed's "ep-router" mode; no all-to-all).
 """
 from __future__ import annotations
 
