@@ -143,11 +143,19 @@ def worker(args):
     sync = (lambda: torch.cuda.synchronize()) if torch.cuda.is_available() else (lambda: None)
     barrier = (lambda: torch.distributed.barrier()) if dist else (lambda: None)
     rows = []
+    # ratio 0 runs the model's own experts implementation (transformers' grouped_mm): what a user has without
+    # brownout. On a GPU, 1 GPU and TP also time ratio 0 on the brownout kernel (path "kernel"), the path that r > 0
+    # runs, so the ratio's own effect is visible apart from the change of implementation. (EP's ratio 0 is always
+    # transformers' EP forward.)
+    points = [(r, "auto") for r in args.ratios]
+    if torch.cuda.is_available() and kind != "ep" and 0.0 in args.ratios:
+        points.insert(1, (0.0, "kernel"))
     for b in args.batches:
         g = torch.Generator().manual_seed(b)
         ids = torch.randint(0, vocab, (b, args.prompt), generator=g).to(_dev())
-        for r in args.ratios:
+        for r, path in points:
             bm.set_ratio(r)
+            bm.set_path(path)
             with torch.no_grad():
                 model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
                 sync()
@@ -162,7 +170,7 @@ def worker(args):
                 timer.on = False
             steps = args.new_tokens - 1  # the first new token comes from the prefill
             moe_ms = timer.decode_ms(b)
-            row = {"batch": b, "ratio": r, "new_tokens": args.new_tokens, "seconds": round(s, 4),
+            row = {"batch": b, "ratio": r, "path": path, "new_tokens": args.new_tokens, "seconds": round(s, 4),
                    "tokens_per_s": round(b * args.new_tokens / s, 1),
                    "moe_ms_per_step": round(moe_ms / max(1, steps), 4),
                    "moe_ms_per_layer_step": round(moe_ms / max(1, steps) / len(layers), 4),
@@ -170,9 +178,15 @@ def worker(args):
             rows.append(row)
             if rank == 0:
                 print(kind, json.dumps(row), flush=True)
-    res = {"kind": kind, "world": world, "load_s": round(load_s, 1),
+    import transformers
+
+    res = {"kind": kind, "world": world, "load_s": round(load_s, 1), "torch": torch.__version__,
+           "transformers": transformers.__version__,
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "extra_MiB_per_rank": round(bm.extra_bytes() / 2**20, 1),
+           # how the experts ended up: "tp"/"ep"/"ep-router" (runtime.distributed), or "replicated" where the loaded
+           # model's plan left the experts whole on every rank (transformers 5.17's Qwen2-MoE TP plan does)
+           "experts": sorted(set(getattr(bm, "mode", {}).values())) or (["replicated"] if dist else ["whole"]),
            "max_mem_GiB_per_rank": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
            "rows": rows}
     if kind == "ep":
@@ -191,8 +205,10 @@ def report(args):
     res = {k: json.loads((work / f"{k}.json").read_text()) for k in ("single", "tp", "ep") if (work / f"{k}.json").exists()}
     import transformers
 
-    full = {"shape": args.shape, "way": args.way, "torch": torch.__version__, "transformers": transformers.__version__,
-            "runs": res}
+    # versions as the workers saw them (the report may be rebuilt elsewhere from their JSON)
+    tv = sorted({r.get("torch", torch.__version__) for r in res.values()}) or [torch.__version__]
+    hv = sorted({r.get("transformers", transformers.__version__) for r in res.values()}) or [transformers.__version__]
+    full = {"shape": args.shape, "way": args.way, "torch": ", ".join(tv), "transformers": ", ".join(hv), "runs": res}
     out.mkdir(parents=True, exist_ok=True)
     (out / "distributed_bench.json").write_text(json.dumps(full, indent=1))
     names = {"single": "1 GPU", "tp": "TP 2", "ep": "EP 2"}
@@ -200,24 +216,65 @@ def report(args):
     dev = {res[k]["device"] for k in kinds}
     L = [f"# Brownout on 2 GPUs: TP and EP through transformers ({', '.join(sorted(dev))})", "",
          f"Shape `{args.shape}` (random weights, router x30), united tier way {args.way} (consecutive, average), every "
-         f"layer. torch {torch.__version__}, transformers {transformers.__version__}. `model.generate`, greedy, no CUDA "
+         f"layer. torch {full['torch']}, transformers {full['transformers']}. `model.generate`, greedy, no CUDA "
          "graphs. MoE ms/step: fused experts modules (incl. the TP all-reduce / EP dispatch), summed over layers, per "
-         "decode step, rank 0.", ""]
+         "decode step, rank 0 (CUDA events: GPU time between a module's first and last kernel, idle gaps included). "
+         "Ratio 0 is the model's own experts implementation; `0 (kernel)` is ratio 0 on the brownout kernel, the path "
+         "r > 0 runs.", ""]
     for k in kinds:
         r = res[k]
         extra = f", EP members on owner rank {r.get('ep_members_on_owner')}, united per rank {r.get('ep_united_per_rank')}" if k == "ep" else ""
-        L.append(f"- {names[k]}: {r['world']} x {r['device']}, united tier {r['extra_MiB_per_rank']} MiB per rank, "
+        how = f", experts {'/'.join(r['experts'])}" if "experts" in r else ""
+        L.append(f"- {names[k]}: {r['world']} x {r['device']}{how}, united tier {r['extra_MiB_per_rank']} MiB per rank, "
                  f"peak {r['max_mem_GiB_per_rank']} GiB per rank{extra}")
     L += ["", "| batch | ratio | " + " | ".join(f"{names[k]} tok/s" for k in kinds) + " | "
           + " | ".join(f"{names[k]} MoE ms/step" for k in kinds) + " |",
           "|---|---|" + "---|" * (2 * len(kinds))]
-    keyed = {k: {(row["batch"], row["ratio"]): row for row in res[k]["rows"]} for k in kinds}
-    for key in sorted(keyed[kinds[0]]) if kinds else []:
+    keyed = {k: {(row["batch"], row["ratio"], row.get("path", "auto")): row for row in res[k]["rows"]} for k in kinds}
+    order = {"auto": 0, "kernel": 1}
+    for key in sorted(set().union(*map(set, keyed.values())), key=lambda x: (x[0], x[1], order.get(x[2], 2))):
         cells = [f"{keyed[k][key]['tokens_per_s']}" if key in keyed[k] else "" for k in kinds]
         cells += [f"{keyed[k][key]['moe_ms_per_step']:.2f}" if key in keyed[k] else "" for k in kinds]
-        L.append(f"| {key[0]} | {key[1]:g} | " + " | ".join(cells) + " |")
+        r = f"{key[1]:g}" + (" (kernel)" if key[2] == "kernel" else "")
+        L.append(f"| {key[0]} | {r} | " + " | ".join(cells) + " |")
+    L += ["", "![tokens/s and MoE time per decode step versus ratio](distributed_bench.png)"]
     (out / "distributed_bench.md").write_text("\n".join(L) + "\n")
+    try:
+        plot(res, names, out / "distributed_bench.png")
+    except Exception as e:  # a plot must never lose the numbers
+        print(f"plot failed: {e!r}", flush=True)
     print("\n".join(L))
+
+
+def plot(res: dict, names: dict, path: Path) -> None:
+    """tokens/s (top) and MoE ms per decode step (bottom) versus ratio, one column per batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({row["batch"] for r in res.values() for row in r["rows"]})
+    fig, axes = plt.subplots(2, len(batches), figsize=(5 * len(batches), 7), squeeze=False)
+    for j, b in enumerate(batches):
+        for k, r in res.items():
+            rows = sorted((x for x in r["rows"] if x["batch"] == b), key=lambda x: x["ratio"])
+            auto = [x for x in rows if x.get("path", "auto") == "auto"]
+            kern = [x for x in rows if x.get("path") == "kernel"]
+            for i, key in enumerate(("tokens_per_s", "moe_ms_per_step")):
+                line, = axes[i][j].plot([x["ratio"] for x in auto], [x[key] for x in auto], "o-", label=names[k])
+                if kern:
+                    axes[i][j].plot([x["ratio"] for x in kern], [x[key] for x in kern], "s", mfc="none",
+                                    color=line.get_color(), label=f"{names[k]}, ratio 0 on the kernel")
+        axes[0][j].set_title(f"batch {b}")
+        axes[0][j].set_ylabel("decode tokens/s")
+        axes[1][j].set_ylabel("MoE ms per decode step")
+        axes[1][j].set_xlabel("brownout ratio")
+    axes[0][0].legend(fontsize=8)
+    dev = sorted({r["device"] for r in res.values()})
+    fig.suptitle(f"Brownout under TP and EP ({', '.join(dev)}), model.generate without CUDA graphs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main():
@@ -240,20 +297,28 @@ def main():
     common = ["--shape", args.shape, "--way", str(args.way), "--work", args.work, "--new-tokens", str(args.new_tokens),
               "--prompt", str(args.prompt), "--batches", *map(str, args.batches), "--ratios", *map(str, args.ratios)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    failed = []
     for phase in args.phases.split(","):
         t0 = time.time()
-        if phase == "prepare":
+        rc = 0
+        if phase == "prepare":  # a process of its own: the random model it builds must not hold GPU memory later
+            rc = subprocess.run([sys.executable, __file__, "--phases", "_prepare", *common], env=env).returncode
+        elif phase == "_prepare":
             prepare(args)
         elif phase == "single":
-            subprocess.run([sys.executable, __file__, "--worker", "single", *common], check=True, env=env)
+            rc = subprocess.run([sys.executable, __file__, "--worker", "single", *common], env=env).returncode
         elif phase in ("tp", "ep"):
-            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-                            __file__, "--worker", phase, *common], check=True, env=env)
+            rc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+                            __file__, "--worker", phase, *common], env=env).returncode
         elif phase == "report":
             report(args)
         else:
             raise SystemExit(f"unknown phase {phase!r}")
-        print(f"[{phase}] {time.time() - t0:.1f}s", flush=True)
+        if rc:  # go on: a later phase (the report above all) still gives what the others measured
+            failed.append(phase)
+        print(f"[{phase}] {time.time() - t0:.1f}s" + (f" FAILED (exit {rc})" if rc else ""), flush=True)
+    if failed:
+        raise SystemExit(f"phases failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
