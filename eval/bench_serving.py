@@ -365,9 +365,8 @@ def capacities(p: dict) -> dict:
         caps, lb = {}, {}
         for spec, rr in p["runs"].items():
             caps[spec] = capacity([(r["rate"], f(r["all"])) for r in rr])
-            top = max(rr, key=lambda r: r["rate"]) if rr else None  # the highest rate tried still passed
-            lb[spec] = top is not None and round(top["rate"], 9) >= round(max(p["rates"]), 9) and \
-                (f(top["all"]) or 0) >= 0.9
+            top = max(rr, key=lambda r: r["rate"]) if rr else None  # the highest rate this config ran at passed
+            lb[spec] = top is not None and (f(top["all"]) or 0) >= 0.9
         out[name] = {"capacity": caps, "lower_bound": lb}
     return out
 
@@ -408,7 +407,8 @@ def markdown(doc: dict) -> str:
         lines.append("")
     if "poisson" in doc:
         p = doc["poisson"]
-        rates = p["rates"]
+        # every rate some config ran at (configs kept from a --prev call may have their own grid)
+        rates = sorted({round(r["rate"], 9) for runs in p["runs"].values() for r in runs} | {round(x, 9) for x in p["rates"]})
         cp = capacities(p)
         for name, f in MEASURES.items():
             caps, lb = cp[name]["capacity"], cp[name]["lower_bound"]
@@ -420,17 +420,23 @@ def markdown(doc: dict) -> str:
                 by_rate = {round(r["rate"], 9): r for r in runs}
                 att = [f(by_rate[round(x, 9)]["all"]) if round(x, 9) in by_rate else None for x in rates]
                 cap = caps.get(spec)
-                ge = lambda s: ">= " if lb.get(s) else ""  # noqa: E731
+                ge = lambda s: ">= " if lb.get(s) and caps.get(s) else ""  # noqa: E731
                 rel = f"{ge(spec)}{cap / base:.2f}x" if cap and base and not lb.get("fixed:0") else "-"
                 mr = [by_rate[round(x, 9)]["all"]["mean_ratio_time"] if round(x, 9) in by_rate else None
                       for x in rates]
-                lines.append(f"| {spec} | " + " | ".join(fmt(a, True) for a in att) +
+                cap_n = [(by_rate[round(x, 9)].get("steps") or {}).get("graphs_captured", 0) if round(x, 9) in by_rate
+                         else 0 for x in rates]  # mid-run CUDA graph captures stall steps: marked, not hidden
+                lines.append(f"| {spec} | " + " | ".join(fmt(a, True) + (f" ({n} graph capture{'s' * (n > 1)})" if n else "")
+                                                         for a, n in zip(att, cap_n)) +
                              f" | {ge(spec)}{fmt(cap)} | {rel} | {', '.join(fmt(x) for x in mr)} |")
             extra = {spec: [r for r in runs if r.get("bisection")] for spec, runs in p["runs"].items()}
             if any(extra.values()):
                 lines += ["", "Bisection points (rate req/s: attainment), included in the capacities: " + "; ".join(
                     f"{spec}: " + ", ".join(f"{r['rate']:.2f}: {fmt(f(r['all']), True)}" for r in rs)
                     for spec, rs in extra.items() if rs) + "."]
+            calls = sorted({r.get("call") for runs in p["runs"].values() for r in runs if r.get("call")})
+            if len(calls) > 1:
+                lines += ["", f"Runs from {len(calls)} device calls ({', '.join(calls)}) on one calibration."]
             lines.append("")
     if doc.get("overload"):
         o = doc["overload"]
@@ -727,7 +733,13 @@ def _phases(args, srv, scfg, prof, pdoc, zero, zero_path, mean_out, cache, out, 
             save(doc, out, args.tag)
     if args.phase in ("poisson", "all"):
         rates = [float(x) * cal["mu0"] for x in args.rates.split(",")]
-        pr = {}
+        pspecs = [c for c in args.poisson_configs.split(",") if c]
+        old = doc.get("poisson") or {}
+        # a --prev call running other configs keeps the earlier configs' runs (same calibration, same run length)
+        pr = {k: v for k, v in old.get("runs", {}).items() if k not in pspecs} \
+            if old.get("seconds") == args.poisson_seconds else {}
+        if pr:
+            log(f"keeping the Poisson runs of {sorted(pr)} from --prev")
         pcfg = ServeConfig(**{**scfg.__dict__, "drain_timeout_s": args.poisson_drain_seconds})
 
         def point(spec: str, lam: float, seed: int, **extra) -> bool:
@@ -744,7 +756,7 @@ def _phases(args, srv, scfg, prof, pdoc, zero, zero_path, mean_out, cache, out, 
             save(doc, out, args.tag)
             return True
 
-        for spec in [c for c in args.poisson_configs.split(",") if c]:
+        for spec in pspecs:
             pr[spec] = []
             for i, lam in enumerate(rates):
                 point(spec, lam, 100 + i)
