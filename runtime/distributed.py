@@ -23,7 +23,7 @@ model at ratio r computes, up to the order of floating-point sums. What changes 
   (all-reduce or all-to-all, copied with the slab count changed) moves the tokens. Ratio 0 calls the untouched EP
   forward: the sharded model bit for bit.
 
-transformers 5.17-5.20 expert parallelism (`DistributedConfig(enable_expert_parallel=True)`, mode "ep-router") has no
+Older transformers' expert parallelism (5.17: `DistributedConfig(enable_expert_parallel=True)`, mode "ep-router") has no
 dispatch rule: every rank runs the whole batch, an `ep_router` forward slices the router's output to local ids and the
 experts all-reduce. Brownout places the united tier the same way (`place_united`), has the router hand the global
 routing to the experts at r > 0, and keeps this rank's EP slab ids. `expert_parallel_config(size)` builds the config
@@ -202,7 +202,7 @@ def _shards_experts(p) -> bool:
 
 
 def ep_router(block: torch.nn.Module):
-    """transformers 5.17-5.20 expert parallelism: the router whose forward an `ep_router` style wraps, or None."""
+    """Older transformers' expert parallelism (5.17): the router whose forward an `ep_router` style wraps, or None."""
     for m in block.children():
         if _closure(m.__dict__.get("forward")).get("self").__class__.__name__ == "EpRouterParallel":
             return m
@@ -231,7 +231,7 @@ def sharding_mode(experts: torch.nn.Module) -> str | None:
         return "ep"
     if _shards_experts(p) and _closure(experts.__dict__.get("forward")).get("self").__class__.__name__ \
             == "MoeExpertsParallel":
-        return "ep-router"  # transformers 5.17-5.20: `enable_expert_parallel`, sliced by an `ep_router` forward
+        return "ep-router"  # transformers before `ep_size` (5.17): `enable_expert_parallel`, an `ep_router` forward
     if getattr(experts, "_is_expert_parallel", False):
         raise BrownoutError("experts are sharded by expert (grouped_gemm) but have no ep_dispatch_experts forward; "
                             "brownout needs the model's EP plan with its dispatch rule")
@@ -254,8 +254,9 @@ def _retarget(impl, local_slabs: int, forward):
 
 
 def expert_parallel_config(size: int, implementation: str = "auto"):
-    """`DistributedConfig` for expert parallelism over `size` ranks on the installed transformers: `ep_size` from 5.21
-    on; before, `enable_expert_parallel` (the all-reduce scheme only: `implementation` must be auto or all_reduce)."""
+    """`DistributedConfig` for expert parallelism over `size` ranks on the installed transformers: `ep_size` where it
+    exists (5.24 has it); before it (5.17), `enable_expert_parallel`, whose all-reduce scheme is the only one
+    (`implementation` must be auto or all_reduce)."""
     import dataclasses
 
     from transformers.distributed import DistributedConfig
@@ -264,7 +265,8 @@ def expert_parallel_config(size: int, implementation: str = "auto"):
     if "ep_size" in fields:
         return DistributedConfig(tp_size=size, ep_size=size, ep_implementation=implementation)
     if implementation not in ("auto", "all_reduce"):
-        raise BrownoutError(f"expert-parallel implementation {implementation!r} needs transformers >= 5.21")
+        raise BrownoutError(f"expert-parallel implementation {implementation!r} needs a transformers whose "
+                            f"DistributedConfig has ep_size (this one has only enable_expert_parallel)")
     return DistributedConfig(tp_size=size, enable_expert_parallel=True)
 
 
@@ -370,7 +372,7 @@ def attach(model, united_dir, ratio=0.0, policy: str = "hot-cold", replicate="au
             if modes[i] == "ep":
                 impl = ep_implementation(ex)
                 mesh = impl.ep_mesh
-            else:  # ep-router: the all-reduce scheme of transformers 5.17-5.20; the mesh is the experts' own
+            else:  # ep-router: the all-reduce scheme of older transformers (5.17); the mesh is the experts' own
                 impl = ep_router(moe[i].block)
                 if impl is None:
                     raise BrownoutError(f"layer {i}: experts are sharded by expert but no `ep_router` router was "
@@ -461,7 +463,7 @@ def _install_ep_forward(ex: torch.nn.Module, st: LayerState, pl: EPPlacement, im
 
 def _install_router_ep_forward(ex: torch.nn.Module, router: torch.nn.Module, st: LayerState, pl: EPPlacement,
                                mesh) -> None:
-    """Expert parallelism of transformers 5.17-5.20 (`enable_expert_parallel`): every rank runs the whole batch, the
+    """Expert parallelism of older transformers (5.17, `enable_expert_parallel`): every rank runs the whole batch, the
     router's `ep_router` forward slices the routing to this rank's experts (global ids are gone before the experts
     see them), and an all-reduce after the experts sums the ranks. At r > 0 the router hands its global routing to
     the experts instead, which remap it, keep this rank's slab ids and all-reduce themselves."""
