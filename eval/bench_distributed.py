@@ -10,10 +10,15 @@ Phases (each a fresh process, so every run loads the same saved checkpoint):
   prepare  random model (router scaled x30 so routing is skewed like a trained model) -> save_pretrained, and its
            united tier (`unify build`: consecutive grouping, average merge, way 4, every layer) into --work
   single   1 GPU:   from_pretrained(device_map="cuda") + BrownoutMoE.attach
-  tp       2 GPUs:  torchrun, from_pretrained(tp_plan="auto") (experts sharded on I) + runtime.distributed.attach
-  ep       2 GPUs:  torchrun, from_pretrained(distributed_config=DistributedConfig(tp_size=2, ep_size=2)) (experts
-           sharded by expert, attention by head; AutoEP -> all-reduce dispatch at inference) + runtime.distributed.attach
-  report   eval/results/distributed_bench.{json,md}
+  tp       2 GPUs:  torchrun, from_pretrained(tp_plan="auto") + runtime.distributed.attach (experts sharded on I
+           where the model's TP plan shards them: transformers 5.24's Qwen2-MoE plan does, 5.17's leaves them whole
+           on every rank; the JSON's "experts" says which)
+  ep       2 GPUs:  torchrun, from_pretrained(distributed_config=expert_parallel_config(2)) (experts sharded by
+           expert; 5.24: AutoEP -> all-reduce dispatch at inference, 5.17: enable_expert_parallel with an ep_router)
+           + runtime.distributed.attach
+  report   eval/results/distributed_bench.{json,md,png}
+
+The 2-H100 run in eval/results: `python eval/bench_distributed.py --ratios 0 0.5 1` (about 5 minutes).
 
 Decode: `model.generate` greedy with KV cache, no CUDA graphs (so transformers' per-step launch overhead is in it),
 batches 1 and 32, ratios 0..1. MoE-layer time: CUDA events around every fused experts module call (routing remap,
