@@ -65,6 +65,16 @@ def quantile(values, q: float) -> float:
     return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
+def _bracket(grid: list[float], x: float) -> tuple[int, int, float]:
+    """(i, j, a) with x ~ (1 - a) * grid[i] + a * grid[j] on an ascending grid, clamped to its ends."""
+    if len(grid) == 1 or x <= grid[0]:
+        return 0, 0, 0.0
+    if x >= grid[-1]:
+        return len(grid) - 1, len(grid) - 1, 0.0
+    i = bisect.bisect_right(grid, x) - 1
+    return i, i + 1, (x - grid[i]) / (grid[i + 1] - grid[i])
+
+
 class Window:
     """Latency samples of the last `window_s` seconds, at most `maxlen` of them (oldest dropped first)."""
 
@@ -317,22 +327,10 @@ class LatencyProfile:
         return cls(tokens, ratios, lat, alpha)
 
     def _tpos(self, tokens: int) -> tuple[int, int, float]:
-        lt = float(tokens)
-        if len(self.tokens) == 1 or lt <= self._tg[0]:
-            return 0, 0, 0.0
-        if lt >= self._tg[-1]:
-            return len(self.tokens) - 1, len(self.tokens) - 1, 0.0
-        i = bisect.bisect_right(self._tg, lt) - 1
-        return i, i + 1, (lt - self._tg[i]) / (self._tg[i + 1] - self._tg[i])
+        return _bracket(self._tg, float(tokens))
 
     def _rpos(self, r: float) -> tuple[int, int, float]:
-        r = _clamp01(r)
-        if len(self.ratios) == 1 or r <= self.ratios[0]:
-            return 0, 0, 0.0
-        if r >= self.ratios[-1]:
-            return len(self.ratios) - 1, len(self.ratios) - 1, 0.0
-        j = bisect.bisect_right(self.ratios, r) - 1
-        return j, j + 1, (r - self.ratios[j]) / (self.ratios[j + 1] - self.ratios[j])
+        return _bracket(self.ratios, _clamp01(r))
 
     def predict(self, tokens: int, r: float) -> float:
         i0, i1, a = self._tpos(tokens)
@@ -412,11 +410,12 @@ class ModelPredictive(Controller):
         self.capacity = sorted((float(r), float(c)) for r, c in (capacity or {}).items())
         if self.capacity and (len(self.capacity) < 2 or any(c <= 0 or not 0 <= r <= 1 for r, c in self.capacity)):
             raise ValueError("capacity needs positive token rates at two or more ratios in [0, 1]")
-        self._token_pts = [(r, 1.0 / c) for r, c in self.capacity]  # (ratio, s per output token) for token_time
+        # ratios and seconds per output token at saturation, for token_time (computed once, read every step)
+        self._cap_r, self._cap_t = [r for r, _ in self.capacity], [1.0 / c for _, c in self.capacity]
         if not load_window > 0 or load_margin < 0:
             raise ValueError("need load_window > 0 and load_margin >= 0")
         self.load_window, self.load_margin = float(load_window), float(load_margin)
-        self._arrivals: deque = deque(maxlen=100_000)  # (time, output tokens), appended by the driver thread
+        self._arrivals = Window(load_window, maxlen=100_000)  # (time, output tokens), appended by the driver thread
         self._arr_lock = threading.Lock()
         if not 0 <= queue_lo < queue_hi:
             raise ValueError("need 0 <= queue_lo < queue_hi")
@@ -452,25 +451,19 @@ class ModelPredictive(Controller):
 
     def _observe_arrival(self, now, prompt_tokens, output_tokens) -> None:
         with self._arr_lock:
-            self._arrivals.append((now, output_tokens))
+            self._arrivals.add(now, output_tokens)
 
     def offered_load(self, now: float) -> float:
         """Output tokens per second asked for by the requests admitted in the last `load_window` seconds."""
         with self._arr_lock:
-            while self._arrivals and self._arrivals[0][0] < now - self.load_window:
-                self._arrivals.popleft()
-            tokens = sum(t for _, t in self._arrivals)
+            self._arrivals.prune(now)
+            tokens = sum(t for _, t in self._arrivals.buf)
         return tokens / self.load_window
 
     def token_time(self, r: float) -> float:
         """Seconds per output token at saturation at ratio r (linear in r between the measured ratios)."""
-        pts = self._token_pts
-        if r <= pts[0][0]:
-            return pts[0][1]
-        for (r0, t0), (r1, t1) in zip(pts, pts[1:]):
-            if r <= r1:
-                return t0 + (t1 - t0) * (r - r0) / (r1 - r0)
-        return pts[-1][1]
+        i, j, a = _bracket(self._cap_r, r)
+        return (1 - a) * self._cap_t[i] + a * self._cap_t[j]
 
     def _load_floor(self, now: float) -> float:
         need = self.offered_load(now) * (1 + self.load_margin)
