@@ -104,8 +104,6 @@ def uniform_routing(model) -> int:
     ratio 1, and brownout looks useless for a reason a trained model does not have. The router still runs (its
     cost stays in the step); a forward hook replaces its choice with the top-k of fresh uniform noise (device RNG,
     so CUDA graphs replay it) and softmax weights over those k."""
-    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
-
     def hook(mod, inp, out):
         logits = out[0]
         noise = torch.rand(logits.shape, device=logits.device, dtype=torch.float32)
@@ -113,22 +111,22 @@ def uniform_routing(model) -> int:
         w = torch.softmax(top * 4.0, dim=-1).to(out[1].dtype)
         return logits, w, idx
 
-    n = 0
-    for m in model.modules():
-        if isinstance(m, Qwen2MoeTopKRouter):
-            m.register_forward_hook(hook)
-            n += 1
-    return n
+    routers = _routers(model)
+    for m in routers:
+        m.register_forward_hook(hook)
+    return len(routers)
+
+
+def _routers(model) -> list:
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
+
+    return [m for m in model.modules() if isinstance(m, Qwen2MoeTopKRouter)]
 
 
 def distinct_experts(model, tokens: int, vocab: int) -> list[int]:
     """Distinct experts each router picks for one random batch of `tokens` tokens (how spread the routing is)."""
-    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
-
-    seen, hs = [], []
-    for m in model.modules():
-        if isinstance(m, Qwen2MoeTopKRouter):
-            hs.append(m.register_forward_hook(lambda mod, i, o: seen.append(int(o[2].unique().numel()))))
+    seen = []
+    hs = [m.register_forward_hook(lambda mod, i, o: seen.append(int(o[2].unique().numel()))) for m in _routers(model)]
     try:
         dev = next(model.parameters()).device
         with torch.no_grad():
@@ -306,12 +304,18 @@ def calibrate(srv, args, scfg, mean_out: float) -> dict:
     return cal
 
 
+def controller(spec: str, cal: dict, prof):
+    """A fresh controller for one run: the calibration's SLOs, a copy of the start-up profile (the MPC learns into
+    it) and the engine's saturated decode-token rates at ratios 0 and 1 (the MPC's load term)."""
+    p = LatencyProfile(prof.tokens, prof.ratios, [row[:] for row in prof.lat]) if prof is not None else None
+    cap = {r: cal[f"sat_r{r:g}"]["tok_s"] for r in (0.0, 1.0) if f"sat_r{r:g}" in cal}
+    return make_controller(spec, cal["slo_prefill"], cal["slo_decode"], profile=p,
+                           capacity=cap if len(cap) == 2 else None)
+
+
 def one_config(srv, spec, trace, cal, prof, scfg, windows: dict) -> dict:
     sp, sd = cal["slo_prefill"], cal["slo_decode"]
-    p = LatencyProfile(prof.tokens, prof.ratios, [row[:] for row in prof.lat]) if prof is not None else None
-    # the engine's saturated decode-token rates at ratios 0 and 1 (calibration): the MPC's load term
-    cap = {r: cal[f"sat_r{r:g}"]["tok_s"] for r in (0.0, 1.0) if f"sat_r{r:g}" in cal}
-    ctl = make_controller(spec, sp, sd, profile=p, capacity=cap if len(cap) == 2 else None)
+    ctl = controller(spec, cal, prof)
     t = time.time()
     res = serve(srv, trace, ctl, scfg)
     st = [x.step_s for x in res.steps]
@@ -418,14 +422,14 @@ def markdown(doc: dict) -> str:
             base = caps.get("fixed:0")
             for spec, runs in p["runs"].items():
                 by_rate = {round(r["rate"], 9): r for r in runs}
-                att = [f(by_rate[round(x, 9)]["all"]) if round(x, 9) in by_rate else None for x in rates]
+                row = [by_rate.get(x) for x in rates]  # `rates` are rounded the same way
+                att = [f(r["all"]) if r else None for r in row]
                 cap = caps.get(spec)
                 ge = lambda s: ">= " if lb.get(s) and caps.get(s) else ""  # noqa: E731
                 rel = f"{ge(spec)}{cap / base:.2f}x" if cap and base and not lb.get("fixed:0") else "-"
-                mr = [by_rate[round(x, 9)]["all"]["mean_ratio_time"] if round(x, 9) in by_rate else None
-                      for x in rates]
-                cap_n = [(by_rate[round(x, 9)].get("steps") or {}).get("graphs_captured", 0) if round(x, 9) in by_rate
-                         else 0 for x in rates]  # mid-run CUDA graph captures stall steps: marked, not hidden
+                mr = [r["all"]["mean_ratio_time"] if r else None for r in row]
+                # mid-run CUDA graph captures stall steps: marked, not hidden
+                cap_n = [(r.get("steps") or {}).get("graphs_captured", 0) if r else 0 for r in row]
                 lines.append(f"| {spec} | " + " | ".join(fmt(a, True) + (f" ({n} graph capture{'s' * (n > 1)})" if n else "")
                                                          for a, n in zip(att, cap_n)) +
                              f" | {ge(spec)}{fmt(cap)} | {rel} | {', '.join(fmt(x) for x in mr)} |")
@@ -782,9 +786,7 @@ def _phases(args, srv, scfg, prof, pdoc, zero, zero_path, mean_out, cache, out, 
                 log(f"  overload {spec}: skipped (time budget)")
                 continue
             t = time.time()
-            res = serve(srv, tr, make_controller(spec, cal["slo_prefill"], cal["slo_decode"],
-                                                 profile=LatencyProfile(prof.tokens, prof.ratios,
-                                                                        [row[:] for row in prof.lat])), ocfg)
+            res = serve(srv, tr, controller(spec, cal, prof), ocfg)
             m = summarize(res, cal["slo_prefill"], cal["slo_decode"])
             r = {"config": spec, "rate": lam, "requests": len(tr), "status": m["status"], "errors": res.errors,
                  "max_waiting": max([x.waiting for x in res.steps], default=0), "wall_s": time.time() - t,
