@@ -3,6 +3,7 @@
     python eval/bench_kernel.py check               # bf16/fp16 correctness on the GPU vs runtime.reference
     python eval/bench_kernel.py tune OUT.json       # pick tile configs per (shape, T bucket) by measurement
     python eval/bench_kernel.py bench OUTDIR        # the table: kernel_bench.json / .md / .png
+    python eval/bench_kernel.py profile OUT.json    # kernel breakdown of a call (profiler) and PDL off / on
 
 Limit of a call = max(bytes of the distinct slabs read / copy bandwidth, FLOPs / bf16 matmul rate), both ceilings
 measured in the same run (as ../shared/bench/anchor_moe_layer.py). Distinct slabs are counted from the remapped ids;
@@ -181,14 +182,126 @@ def check():
                         out = fm.fused_moe(x, gu, dn, ids, ww, config=cfg)
                         err = relerr(out, ref)
                         ok = same_ids and err < 1.5e-2 and bool(torch.isfinite(out).all())
-                        rows.append({"dtype": str(dtype)[6:], "E": E, "k": k, "H": H, "I": I, "T": T, "ratio": ratio,
-                                     "cfg": name, "relerr": err, "ids_match": same_ids, "ok": ok})
+                        row = {"dtype": str(dtype)[6:], "E": E, "k": k, "H": H, "I": I, "T": T, "ratio": ratio,
+                               "cfg": name, "pdl": fm.use_pdl(x.device), "relerr": err, "ids_match": same_ids}
+                        if name == "default":  # remap + kernels replayed from a graph, as serving runs them
+                            g, gout = capture(lambda: fm.fused_moe(x, gu, dn, *fused_remap(idx, w, e2g, G, ratio),
+                                                                   config=cfg))
+                            gout.fill_(float("nan"))
+                            g.replay()
+                            torch.cuda.synchronize()
+                            row["graph_relerr"] = relerr(gout, ref)
+                            ok = ok and row["graph_relerr"] < 1.5e-2 and bool(torch.isfinite(gout).all())
+                            del g
+                        row["ok"] = ok
+                        rows.append(row)
     bad = [r for r in rows if not r["ok"]]
     worst = max(r["relerr"] for r in rows)
     print(f"CHECK {len(rows)} cases, {len(bad)} failed, worst relerr {worst:.2e}", flush=True)
     for r in bad[:10]:
         print("FAIL", r, flush=True)
     return rows
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# profile: where the time of one call goes, and what PDL changes
+
+PROFILE_POINTS = [(name, T, way, ratio) for name in SHAPES for T in (1, 8, 128, 512) for way, ratio in
+                  ((2, 0.0), (4, 1.0))] + [("qwen3-30b-a3b", 4096, 2, 0.0), ("qwen3-30b-a3b", 4096, 4, 1.0)]
+
+
+def kernel_spans(call, reps=10):
+    """Kernel durations inside CUDA-graph replays of `call`, from the profiler's trace: per replay, the kernels
+    between two L2 flushes -> [(name, us)], plus the span (first kernel start to last kernel end) in us."""
+    import tempfile
+    from torch.profiler import ProfilerActivity, profile
+    g, _ = capture(call)
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
+            _flush()
+            g.replay()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.load(open(f.name))
+    ks = sorted((e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    replays, cur = [], []
+    for e in ks:
+        if "fill" in e["name"].lower() or "Fill" in e["name"]:
+            if cur:
+                replays.append(cur)
+            cur = []
+        else:
+            cur.append(e)
+    if cur:
+        replays.append(cur)
+    replays = replays[1:] if len(replays) > 2 else replays  # the first replay may carry first-touch costs
+    if not replays:
+        return None
+    names = [e["name"] for e in replays[0]]
+    per = {n: statistics.median(r[i]["dur"] for r in replays if len(r) == len(names)) for i, n in enumerate(names)}
+    span = statistics.median(r[-1]["ts"] + r[-1]["dur"] - r[0]["ts"] for r in replays)
+    return {"kernels": [[n[:48], per[n]] for n in names], "span_us": span,
+            "kernel_sum_us": sum(per.values()), "replays": len(replays)}
+
+
+def profile_calls(out_path, points=None):
+    """Per point: graph time with PDL off and on (same routing, same tiles), and the kernel breakdown (PDL on)."""
+    bw, flops = measure_limits()
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(0)
+    torch.set_grad_enabled(False)
+    rows = []
+    points = points or PROFILE_POINTS
+    by_shape = {}
+    for p in points:
+        by_shape.setdefault(p[0], []).append(p[1:])
+    for name, pts in by_shape.items():
+        E, k, H, I = SHAPES[name]
+        gu0 = torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16) * 0.02
+        dn0 = torch.randn(E, H, I, device=dev, dtype=torch.bfloat16) * 0.02
+        sl = {way: make_slabs(E, H, I, way, gu0, dn0) for way in {w for _, w, _ in pts}}
+        del gu0, dn0
+        for T, way, ratio in pts:
+            x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+            idx, w = routing(T, E, k, gen)
+            gu, dn, G, e2g = sl[way]
+            a = policy.remap(idx, w, e2g, G, ratio)
+            S = E + G
+            nslabs = int(policy.slabs_read(a.ids, S))
+            live = int((a.ids < S).sum())
+            limit_ms = max(nslabs * 3 * H * I * 2 / bw, 2 * 3 * H * I * live / flops) * 1e3
+            row = {"shape": name, "tokens": T, "way": way, "ratio": ratio, "slabs_read": nslabs, "limit_ms": limit_ms,
+                   "config": fm.get_config(T, H, I, k, ratio)}
+
+            def call(gu=gu, dn=dn, G=G, e2g=e2g, x=x, ratio=ratio):
+                i2, w2 = fused_remap(idx, w, e2g, G, ratio)
+                return fm.fused_moe(x, gu, dn, i2, w2, num_slabs=gu.shape[0], ratio=ratio)
+
+            try:
+                for mode in ("off", "on"):
+                    fm.PDL = mode
+                    g, _ = capture(call)
+                    row[f"pdl_{mode}_ms"] = time_graph(g)
+                    del g
+                row["kernels_pdl_on"] = kernel_spans(call)
+                fm.PDL = "off"
+                row["kernels_pdl_off"] = kernel_spans(call)
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            fm.PDL = "auto"
+            rows.append(row)
+            kon = row.get("kernels_pdl_on") or {}
+            print(f"PROFILE {name} T={T} w{way} r{ratio}: limit {1e3 * limit_ms:.1f} us, pdl off "
+                  f"{1e3 * row.get('pdl_off_ms', float('nan')):.1f} on {1e3 * row.get('pdl_on_ms', float('nan')):.1f} us;"
+                  f" kernels " + ", ".join(f"{n[:18]}={d:.1f}" for n, d in kon.get("kernels", []))
+                  + f" span {kon.get('span_us', float('nan')):.1f}", flush=True)
+        del sl
+        torch.cuda.empty_cache()
+    res = {"device": torch.cuda.get_device_name(), "copy_bw_TBps": bw / 1e12, "bf16_TFLOPs": flops / 1e12,
+           "rows": rows}
+    Path(out_path).write_text(json.dumps(res, indent=1))
+    return res
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -505,6 +618,8 @@ if __name__ == "__main__":
         rows = check()
         if len(sys.argv) > 2:
             json.dump(rows, open(sys.argv[2], "w"), indent=1)
+    elif cmd == "profile":
+        profile_calls(sys.argv[2] if len(sys.argv) > 2 else "kernel_profile.json")
     elif cmd == "tune":
         log = tune(sys.argv[2] if len(sys.argv) > 2 else "tile_configs.json",
                    float(os.environ.get("TUNE_BUDGET_S", "270")))

@@ -46,9 +46,19 @@ T_BUCKETS = (1, 8, 32, 128, 512, 4096)
 if HAS_TRITON:
 
     @triton.jit
+    def _pdl_start(USE_PDL: tl.constexpr):
+        """Programmatic dependent launch (Hopper+): this grid may be launched while the previous kernel of the stream
+        still runs. Wait for it (and its memory) before touching anything, then let the next kernel launch early, so a
+        chain of small kernels in a CUDA graph overlaps each launch and ramp-up with the previous kernel's tail."""
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
     def _align_rank_kernel(ids_ptr, counts_ptr, rank_ptr, sorted_ptr, num_slots, max_padded, S,
-                           BLOCK: tl.constexpr):
+                           BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
         """Fill the padded sorted list with the sentinel (num_slots) and give every live slot its rank in its slab."""
+        _pdl_start(USE_PDL)
         pid = tl.program_id(0)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         tl.store(sorted_ptr + offs, tl.zeros([BLOCK], dtype=tl.int32) + num_slots, mask=offs < max_padded)
@@ -60,8 +70,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _align_scatter_kernel(ids_ptr, counts_ptr, rank_ptr, sorted_ptr, block_slab_ptr, total_ptr, num_slots, S,
-                              BLOCK_M: tl.constexpr, S_PAD: tl.constexpr, BLOCK: tl.constexpr):
+                              BLOCK_M: tl.constexpr, S_PAD: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
         """Exclusive scan of the BLOCK_M-padded counts (every program redoes it: S is small), then scatter."""
+        _pdl_start(USE_PDL)
         pid = tl.program_id(0)
         sl = tl.arange(0, S_PAD)
         c = tl.load(counts_ptr + sl, mask=sl < S, other=0)
@@ -113,8 +124,10 @@ if HAS_TRITON:
                         num_slots, S, N, K, NUM_M,
                         stride_xm, stride_ws, stride_wn, stride_im,
                         top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                        USE_PDL: tl.constexpr):
         """inter[slot, n] = silu(gate_s[n] . x[tok]) * (up_s[n] . x[tok]); N = I, K = H."""
+        _pdl_start(USE_PDL)  # the ids / alignment come from the kernel just before
         pid = tl.program_id(0)
         num_n = tl.cdiv(N, BLOCK_N)
         s, slot, row_mask, pid_n, active = _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr, num_slots, S,
@@ -154,8 +167,10 @@ if HAS_TRITON:
                      num_slots, S, N, K, NUM_M,
                      stride_im, stride_ws, stride_wn, stride_om,
                      top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                     USE_PDL: tl.constexpr):
         """y[slot, n] = weights[slot] * (down_s[n] . inter[slot]); N = H, K = I. Store per slot, or atomically per token."""
+        _pdl_start(USE_PDL)  # waits for `inter`; nothing is read before (no stale-cache questions)
         pid = tl.program_id(0)
         num_n = tl.cdiv(N, BLOCK_N)
         s, slot, row_mask, pid_n, active = _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr, num_slots, S,
@@ -191,8 +206,10 @@ if HAS_TRITON:
                 tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, N, S, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, N, S, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                         USE_PDL: tl.constexpr):
         """out[t, n] = sum over the token's live slots j of y[t*k + j, n] (skipped slots were never written)."""
+        _pdl_start(USE_PDL)
         t = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = offs < N
@@ -279,7 +296,29 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def moe_align(ids_flat: torch.Tensor, num_slabs: int, block_m: int):
+# Programmatic dependent launch: "auto" (Hopper and newer GPUs), "on" or "off". A module setting so a benchmark can
+# time both; the environment variable BROWNOUT_PDL sets it at import.
+PDL = os.environ.get("BROWNOUT_PDL", "auto")
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether our kernels on `device` launch with PDL (never under the Triton interpreter, which lacks it)."""
+    if PDL == "off" or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return PDL == "on" or _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def launch_opts(pdl: bool) -> dict:
+    """Kernel arguments for a launch: the USE_PDL constexpr, plus Triton's launch_pdl option when on."""
+    return {"USE_PDL": True, "launch_pdl": True} if pdl else {"USE_PDL": False}
+
+
+def moe_align(ids_flat: torch.Tensor, num_slabs: int, block_m: int, pdl: bool = False):
     """GPU alignment by slab, no host sync: -> (sorted slot ids [max_padded] int32 (sentinel = T*k),
     block slab [max_blocks] int32, total padded length [1] int32). Static sizes from (T*k, S, BLOCK_M)."""
     num_slots = ids_flat.numel()
@@ -293,10 +332,11 @@ def moe_align(ids_flat: torch.Tensor, num_slabs: int, block_m: int):
     total = torch.empty(1, dtype=torch.int32, device=dev)
     blk = 1024
     _align_rank_kernel[(triton.cdiv(max_padded, blk),)](ids_flat, counts, rank, sorted_ids, num_slots, max_padded,
-                                                         num_slabs, BLOCK=blk)
+                                                         num_slabs, BLOCK=blk, **launch_opts(pdl))
     _align_scatter_kernel[(triton.cdiv(num_slots, blk),)](ids_flat, counts, rank, sorted_ids, block_slab, total,
                                                            num_slots, num_slabs, BLOCK_M=block_m,
-                                                           S_PAD=_pow2(max(num_slabs, 2)), BLOCK=blk)
+                                                           S_PAD=_pow2(max(num_slabs, 2)), BLOCK=blk,
+                                                           **launch_opts(pdl))
     return sorted_ids, block_slab, total, max_blocks
 
 
@@ -329,6 +369,7 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
     atomic = cfg.get("sum", "store") == "atomic"
     ids_flat = ids.view(-1)
     dev = x.device
+    pdl = use_pdl(dev)
     if decode:
         bm = _pow2(max(16, num_slots))
         gm = dm = bm
@@ -337,7 +378,7 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
     else:
         if gm != dm:  # both GEMMs walk the same alignment
             dm = gm
-        sorted_ids, block_slab, total, num_m_g = moe_align(ids_flat, S, gm)
+        sorted_ids, block_slab, total, num_m_g = moe_align(ids_flat, S, gm, pdl)
         num_m_d = num_m_g
     inter = torch.empty(num_slots, I, dtype=x.dtype, device=dev)
     grid_g = (num_m_g * triton.cdiv(I, gn),)
@@ -345,7 +386,8 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
                             num_slots, S, I, H, num_m_g,
                             x.stride(0), gate_up.stride(0), gate_up.stride(1), inter.stride(0),
                             k, DECODE=decode, EVEN_K=(H % gk == 0),
-                            BLOCK_M=gm, BLOCK_N=gn, BLOCK_K=gk, GROUP_M=ggm, num_warps=gw, num_stages=gs)
+                            BLOCK_M=gm, BLOCK_N=gn, BLOCK_K=gk, GROUP_M=ggm, num_warps=gw, num_stages=gs,
+                            **launch_opts(pdl))
     if atomic:
         y = torch.zeros(T, H, dtype=torch.float32, device=dev)
     else:
@@ -355,12 +397,14 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
                          num_slots, S, H, I, num_m_d,
                          inter.stride(0), down.stride(0), down.stride(1), y.stride(0),
                          k, DECODE=decode, EVEN_K=(I % dk == 0), ATOMIC=atomic,
-                         BLOCK_M=dm, BLOCK_N=dn_, BLOCK_K=dk, GROUP_M=dgm, num_warps=dw, num_stages=ds)
+                         BLOCK_M=dm, BLOCK_N=dn_, BLOCK_K=dk, GROUP_M=dgm, num_warps=dw, num_stages=ds,
+                         **launch_opts(pdl))
     if atomic:
         return y.to(out_dtype)
     out = torch.empty(T, H, dtype=out_dtype, device=dev)
     bn = min(1024, _pow2(H))
-    _topk_sum_kernel[(T, triton.cdiv(H, bn))](y, ids_flat, out, H, S, TOP_K=k, BLOCK_N=bn, num_warps=4)
+    _topk_sum_kernel[(T, triton.cdiv(H, bn))](y, ids_flat, out, H, S, TOP_K=k, BLOCK_N=bn, num_warps=4,
+                                              **launch_opts(pdl))
     return out
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import policy as _policy
+from .fused_moe import launch_opts, use_pdl
 
 try:
     import triton
@@ -24,10 +25,13 @@ except ImportError:  # pragma: no cover
     HAS_TRITON = False
 
 if HAS_TRITON:
+    from .fused_moe import _pdl_start
 
     @triton.jit
     def _remap_kernel(idx_ptr, w_ptr, e2g_ptr, ids_ptr, wout_ptr, T, E, G, keep_ptr,
-                      K: tl.constexpr, KP: tl.constexpr, E_PAD: tl.constexpr, BT: tl.constexpr, DROP: tl.constexpr):
+                      K: tl.constexpr, KP: tl.constexpr, E_PAD: tl.constexpr, BT: tl.constexpr, DROP: tl.constexpr,
+                      USE_PDL: tl.constexpr):
+        _pdl_start(USE_PDL)  # the router's top-k is the kernel before
         skip = E + G
         n = T * K
         er = tl.arange(0, E_PAD)
@@ -121,5 +125,6 @@ def remap(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, expert_to_grou
     if keep is None:
         keep = _policy.keep_tensor(ratio, idx.device)
     _remap_kernel[(1,)](idx, w, e2g, ids, wout, T, E, num_groups, keep,
-                        K=k, KP=kp, E_PAD=e_pad, BT=bt, DROP=(policy == "drop"), num_warps=8 if e_pad >= 128 else 4)
+                        K=k, KP=kp, E_PAD=e_pad, BT=bt, DROP=(policy == "drop"), num_warps=8 if e_pad >= 128 else 4,
+                        **launch_opts(use_pdl(idx.device)))
     return ids, wout
