@@ -140,6 +140,13 @@ def make_slabs(E, H, I, way, orig_gu, orig_dn, dtype=torch.bfloat16):
     return gu, dn, G, torch.arange(E, device=dev) // way
 
 
+def remapper(idx, w, e2g, G, ratio):
+    """The fused remap as the runtime calls it, ready for graph capture: the ratio sits in a device tensor made here,
+    outside the capture (at ratio 0 none: the remap is then the identity and launches nothing)."""
+    keep = policy.keep_tensor(ratio, idx.device) if ratio else None
+    return lambda: fused_remap(idx, w, e2g, G, ratio, keep=keep)
+
+
 def relerr(out, ref):
     return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
@@ -156,6 +163,8 @@ def check():
     cfgs = {
         "default": None,
         "decode": {"mode": "decode", "gu": [16, 32, 128, 1, 4, 4], "dn": [16, 32, 128, 1, 4, 4], "sum": "store"},
+        "decode-split": {"mode": "decode", "gu": [16, 64, 128, 1, 4, 4], "dn": [16, 32, 128, 1, 4, 4], "sum": "store",
+                         "split": [4, 2]},
         "prefill16": {"mode": "prefill", "gu": [16, 64, 128, 1, 4, 4], "dn": [16, 64, 128, 1, 4, 4], "sum": "store"},
         "prefill64": {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4], "sum": "store"},
         "large-atomic": {"mode": "prefill", "gu": [128, 64, 64, 8, 8, 3], "dn": [128, 128, 64, 8, 8, 3],
@@ -177,7 +186,7 @@ def check():
                     ref = slab_forward(_Gate(), {"gate_up_proj": gu.float(), "down_proj": dn.float()}, x.float(),
                                        a.ids, a.weights.float())
                     for name, cfg in cfgs.items():
-                        if name == "decode" and T * k > fm.DECODE_MAX_SLOTS:
+                        if name.startswith("decode") and T * k > fm.DECODE_MAX_SLOTS:
                             continue
                         out = fm.fused_moe(x, gu, dn, ids, ww, config=cfg)
                         err = relerr(out, ref)
@@ -185,8 +194,8 @@ def check():
                         row = {"dtype": str(dtype)[6:], "E": E, "k": k, "H": H, "I": I, "T": T, "ratio": ratio,
                                "cfg": name, "pdl": fm.use_pdl(x.device), "relerr": err, "ids_match": same_ids}
                         if name == "default":  # remap + kernels replayed from a graph, as serving runs them
-                            g, gout = capture(lambda: fm.fused_moe(x, gu, dn, *fused_remap(idx, w, e2g, G, ratio),
-                                                                   config=cfg))
+                            rm = remapper(idx, w, e2g, G, ratio)
+                            g, gout = capture(lambda: fm.fused_moe(x, gu, dn, *rm(), config=cfg))
                             gout.fill_(float("nan"))
                             g.replay()
                             torch.cuda.synchronize()
@@ -227,7 +236,7 @@ def kernel_spans(call, reps=10):
     ks = sorted((e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel"), key=lambda e: e["ts"])
     replays, cur = [], []
     for e in ks:
-        if "fill" in e["name"].lower() or "Fill" in e["name"]:
+        if "fill" in e["name"].lower() and e["dur"] > 30:  # the 256 MiB L2 flush; a call's own zero fills are short
             if cur:
                 replays.append(cur)
             cur = []
@@ -272,11 +281,12 @@ def profile_calls(out_path, points=None):
             live = int((a.ids < S).sum())
             limit_ms = max(nslabs * 3 * H * I * 2 / bw, 2 * 3 * H * I * live / flops) * 1e3
             row = {"shape": name, "tokens": T, "way": way, "ratio": ratio, "slabs_read": nslabs, "limit_ms": limit_ms,
-                   "config": fm.get_config(T, H, I, k, ratio)}
+                   "config": fm.get_config(T, H, I, k)}
 
-            def call(gu=gu, dn=dn, G=G, e2g=e2g, x=x, ratio=ratio):
-                i2, w2 = fused_remap(idx, w, e2g, G, ratio)
-                return fm.fused_moe(x, gu, dn, i2, w2, num_slabs=gu.shape[0], ratio=ratio)
+            rm = remapper(idx, w, e2g, G, ratio)
+
+            def call(gu=gu, dn=dn, x=x, rm=rm):
+                return fm.fused_moe(x, gu, dn, *rm(), num_slabs=gu.shape[0])
 
             try:
                 for mode in ("off", "on"):
@@ -309,6 +319,10 @@ def profile_calls(out_path, points=None):
 
 DECODE_T = [(32, 128, 4, 4), (64, 128, 4, 4), (16, 256, 4, 4), (32, 256, 4, 3), (64, 64, 4, 5), (16, 128, 4, 6),
             (32, 64, 4, 6), (64, 128, 8, 4)]
+# decode split-K: (BLOCK_N, BLOCK_K, warps, stages, split)
+DECODE_GU_SPLIT = [(32, 128, 4, 4, 2), (32, 128, 4, 4, 4), (64, 128, 4, 4, 2), (64, 128, 4, 4, 4), (64, 64, 4, 4, 4),
+                   (32, 64, 4, 4, 8), (16, 128, 4, 4, 4), (64, 128, 8, 4, 8)]
+DECODE_DN_SPLIT = [(32, 128, 4, 4, 2), (64, 64, 4, 4, 2), (32, 64, 4, 4, 4), (64, 128, 4, 4, 2), (16, 128, 4, 4, 2)]
 MID_GU = [(16, 64, 128, 1, 4, 4), (32, 64, 128, 4, 4, 4), (64, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 3),
           (32, 128, 64, 4, 4, 4), (64, 128, 64, 8, 8, 4), (128, 64, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3)]
 MID_DN = [(64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3), (256, 64, 8, 3)]
@@ -317,17 +331,29 @@ LARGE_GU = [(64, 64, 64, 8, 4, 4), (64, 128, 64, 8, 8, 3), (128, 64, 64, 8, 8, 3
 LARGE_DN = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (256, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 4)]
 
 
-def _cfg(mode, gu, dn, sm="store"):
-    return {"mode": mode, "gu": list(gu), "dn": list(dn), "sum": sm}
+def _cfg(mode, gu, dn, sm="store", split=(1, 1)):
+    c = {"mode": mode, "gu": list(gu), "dn": list(dn), "sum": sm}
+    if tuple(split) != (1, 1):
+        c["split"] = list(split)
+    return c
 
 
-def tune(out_path, budget_s=270.0):
-    """Per shape and T bucket: gate/up tiles (with a default down), then down tiles, then the top-k sum mode; for
-    T >= 32 also a "hi" band tuned on the way-4 ratio-1 remap (few slabs, many rows each)."""
+def _dec(t):
+    """(BLOCK_N, BLOCK_K, warps, stages[, split]) -> the [BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages] of a
+    decode config (BLOCK_M is set by the slot count) and the split."""
+    return (16,) + tuple(t[:2]) + (1,) + tuple(t[2:4]), (t[4] if len(t) > 4 else 1)
+
+
+def tune(out_path, budget_s=300.0):
+    """Per shape and T bucket, one config for every ratio: each candidate is timed on the ratio-0 routing (way 2) and
+    on the way-4 ratio-1 remap (few slabs, many rows each), and scored by the sum of its time / the best time on each.
+    One config per bucket because a CUDA graph freezes the config it captured while the ratio it reads keeps moving.
+    Stages: gate/up tiles (with a default down), then down tiles, then the top-k sum mode."""
     t_start = time.time()
     gen = torch.Generator(device=dev)
     gen.manual_seed(0)
-    table = {"shapes": {}, "device": torch.cuda.get_device_name(), "note": "chosen by eval/bench_kernel.py tune"}
+    table = {"shapes": {}, "device": torch.cuda.get_device_name(), "pdl": fm.PDL,
+             "note": "chosen by eval/bench_kernel.py tune: one config per T bucket for all ratios"}
     log = []
     for name, (E, k, H, I) in SHAPES.items():
         gu0 = torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16) * 0.02
@@ -341,24 +367,30 @@ def tune(out_path, budget_s=270.0):
                 break
             x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
             idx, w = routing(T, E, k, gen)
-            bands = [("lo", 2, 0.0)] + ([("hi", 4, 1.0)] if T >= 32 else [])
-            for band, way, ratio in bands:
+            routings = []
+            for way, ratio in ((2, 0.0), (4, 1.0)):
                 gu, dn, G, e2g = sl[way]
-                ids, ww = fused_remap(idx, w, e2g, G, ratio)
-                best_ms, best, res = _tune_point(x, gu, dn, ids, ww, T * k)
-                entry[str(T) if band == "lo" else f"{T}@hi"] = best
-                log.append({"shape": name, "T": T, "band": band, "best_ms": best_ms, "best": best,
-                            "tried": [{"ms": m, "cfg": c} for m, c in res]})
-                print(f"TUNE {name} T={T} {band}: {best_ms:.4f} ms {best} ({len(res)} tried, "
-                      f"{time.time() - t_start:.0f}s)", flush=True)
+                routings.append((gu, dn) + fused_remap(idx, w, e2g, G, ratio))
+            best, score, res = _tune_point(x, routings, T * k)
+            entry[str(T)] = best
+            log.append({"shape": name, "T": T, "best": best, "score": score,
+                        "tried": [{"ms": m, "cfg": c} for m, c in res]})
+            print(f"TUNE {name} T={T}: score {score:.3f} ms r0/w4r1 {res_of(res, best)} {best} ({len(res)} tried, "
+                  f"{time.time() - t_start:.0f}s)", flush=True)
         del sl
         torch.cuda.empty_cache()
+        Path(out_path).write_text(json.dumps(table, indent=1))  # after every shape: a cut-off run keeps its part
     Path(out_path).write_text(json.dumps(table, indent=1))
     return log
 
 
-def _tune_point(x, gu, dn, ids, w, slots):
-    def run(cfg):
+def res_of(res, cfg):
+    return next(("/".join(f"{v:.4f}" for v in m) for m, c in res if c == cfg), "-")
+
+
+def _tune_point(x, routings, slots):
+    """-> (best config, its score, [(ms per routing, config)]) where score = sum over routings of ms / best ms."""
+    def time_one(cfg, gu, dn, ids, w):
         try:
             g, _ = capture(lambda: fm.fused_moe(x, gu, dn, ids, w, config=cfg))
             ms = time_graph(g, reps=12)
@@ -368,36 +400,38 @@ def _tune_point(x, gu, dn, ids, w, slots):
             print(f"  skip {cfg}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
             return float("inf")
 
+    res = []
+
+    def run(cands):
+        for c in cands:
+            res.append(([time_one(c, *r) for r in routings], c))
+        lows = [min(m[j] for m, _ in res) for j in range(len(routings))]
+        scored = [(sum(mj / lj for mj, lj in zip(m, lows)), c) for m, c in res]
+        return min(scored, key=lambda t: t[0])
+
     cands = []
     if slots <= fm.DECODE_MAX_SLOTS:
-        base_dn = DECODE_T[0]
-        cands = [_cfg("decode", (16,) + c[:2] + (1,) + c[2:], (16,) + base_dn[:2] + (1,) + base_dn[2:])
-                 for c in DECODE_T]
+        base_dn = _dec(DECODE_T[0])[0]
+        for c in DECODE_T + DECODE_GU_SPLIT:
+            gu, sg = _dec(c)
+            cands.append(_cfg("decode", gu, base_dn, split=(sg, 1)))
     if 16 < slots <= 4096:
         cands += [_cfg("prefill", c, (c[0],) + MID_DN[0][:2] + (c[3],) + MID_DN[0][2:]) for c in MID_GU]
     if slots > 4096:
         cands += [_cfg("prefill", c, (c[0],) + LARGE_DN[0][:2] + (c[3],) + LARGE_DN[0][2:]) for c in LARGE_GU]
-    res = [(run(c), c) for c in cands]
-    best_ms, best = min(res, key=lambda r: r[0])
+    score, best = run(cands)
     # down tiles with the chosen gate/up tiles
     if best["mode"] == "decode":
-        dns = [(16,) + c[:2] + (1,) + c[2:] for c in DECODE_T]
+        sg = best.get("split", [1, 1])[0]
+        dns = [_cfg("decode", best["gu"], d, split=(sg, sd)) for d, sd in map(_dec, DECODE_T + DECODE_DN_SPLIT)]
     else:
         bm, gm = best["gu"][0], best["gu"][3]
-        dns = [(bm,) + c[:2] + (gm,) + c[2:] for c in (LARGE_DN if slots > 4096 else MID_DN)]
-    for d in dns:
-        c = _cfg(best["mode"], best["gu"], d)
-        ms = run(c)
-        res.append((ms, c))
-        if ms < best_ms:
-            best_ms, best = ms, c
+        dns = [_cfg("prefill", best["gu"], (bm,) + c[:2] + (gm,) + c[2:])
+               for c in (LARGE_DN if slots > 4096 else MID_DN)]
+    score, best = run([c for c in dns if c != best])
     if best["mode"] == "prefill" and slots >= 512:
-        c = dict(best, sum="atomic")
-        ms = run(c)
-        res.append((ms, c))
-        if ms < best_ms:
-            best_ms, best = ms, c
-    return best_ms, best, res
+        score, best = run([dict(best, sum="atomic")])
+    return best, score, res
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -443,11 +477,12 @@ def bench(outdir, budget_s=420.0):
                     limit_ms = max(nslabs * 3 * H * I * 2 / bw, 2 * 3 * H * I * live / flops) * 1e3
                     row = {"shape": name, "E": E, "k": k, "H": H, "I": I, "tokens": T, "way": way, "ratio": ratio,
                            "slabs_read": nslabs, "live_slots": live, "limit_ms": limit_ms,
-                           "config": fm.get_config(T, H, I, k, ratio), "remap_ids_match": bool(torch.equal(ids, a.ids))}
+                           "config": fm.get_config(T, H, I, k), "remap_ids_match": bool(torch.equal(ids, a.ids))}
 
-                    def call(ratio=ratio, gu=gu, dn=dn, G=G, e2g=e2g, x=x):
-                        i2, w2 = fused_remap(idx, w, e2g, G, ratio)
-                        return fm.fused_moe(x, gu, dn, i2, w2, num_slabs=gu.shape[0], ratio=ratio)
+                    rm = remapper(idx, w, e2g, G, ratio)
+
+                    def call(gu=gu, dn=dn, x=x, rm=rm):
+                        return fm.fused_moe(x, gu, dn, *rm(), num_slabs=gu.shape[0])
 
                     try:
                         out = call()
@@ -464,11 +499,11 @@ def bench(outdir, budget_s=420.0):
                         if way == 2 and ratio == 1.0:  # the runtime's PyTorch remap + our kernel, for comparison
                             def call_t(G=G, e2g=e2g, gu=gu, dn=dn):
                                 aa = policy.remap(idx, w, e2g, G, 1.0)
-                                return fm.fused_moe(x, gu, dn, aa.ids, aa.weights, num_slabs=gu.shape[0], ratio=1.0)
+                                return fm.fused_moe(x, gu, dn, aa.ids, aa.weights, num_slabs=gu.shape[0])
                             g, _ = capture(call_t)
                             row["ours_torchremap_graph_ms"] = time_graph(g)
                             del g
-                            g, _ = capture(lambda: fused_remap(idx, w, e2g, G, 1.0))
+                            g, _ = capture(remapper(idx, w, e2g, G, 1.0))
                             row["remap_only_graph_ms"] = time_graph(g)
                             del g
                     except Exception as exc:
@@ -586,7 +621,8 @@ def plot(res, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(SHAPES), figsize=(5 * len(SHAPES), 4), sharey=True)
+    fig, axes = plt.subplots(1, len(SHAPES), figsize=(5 * len(SHAPES), 4), sharey=True, squeeze=False)
+    axes = axes[0]
     for ax, name in zip(axes, SHAPES):
         rows = [r for r in res["rows"] if r["shape"] == name]
         for lab, sel, key in [("ours r0", lambda r: not r.get("baseline") and r["way"] == 2 and r["ratio"] == 0,
@@ -622,7 +658,7 @@ if __name__ == "__main__":
         profile_calls(sys.argv[2] if len(sys.argv) > 2 else "kernel_profile.json")
     elif cmd == "tune":
         log = tune(sys.argv[2] if len(sys.argv) > 2 else "tile_configs.json",
-                   float(os.environ.get("TUNE_BUDGET_S", "270")))
+                   float(os.environ.get("TUNE_BUDGET_S", "300")))
         if len(sys.argv) > 3:
             json.dump(log, open(sys.argv[3], "w"), indent=1)
     else:

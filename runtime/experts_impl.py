@@ -91,7 +91,7 @@ def brownout_experts_forward(self, hidden_states, top_k_index, top_k_weights):
             ids, w = k.remap(top_k_index, top_k_weights, st.expert_to_group, st.num_groups, st.ratio, st.policy,
                              keep=st.keep)
             return k.fused_moe.fused_moe(hidden_states, st.slabs["gate_up_proj"], st.slabs["down_proj"], ids, w,
-                                         num_slabs=st.num_experts + st.num_groups, ratio=st.ratio)
+                                         num_slabs=st.num_experts + st.num_groups)
         path = "grouped"
     a = remap(top_k_index, top_k_weights, st.expert_to_group, st.num_groups, st.ratio, st.policy)
     if path == "grouped":

@@ -3,7 +3,7 @@
 What the runtime calls on CUDA (check `supported(experts, dtype, device)` first, else keep the PyTorch path):
 
     ids, w = remap(top_k_index, top_k_weights, expert_to_group, num_groups, ratio, policy)   # 1 launch, no sync
-    out = fused_moe.fused_moe(hidden_states, slabs["gate_up_proj"], slabs["down_proj"], ids, w, ratio=ratio)
+    out = fused_moe.fused_moe(hidden_states, slabs["gate_up_proj"], slabs["down_proj"], ids, w)
 
 or both at once with `experts_forward(...)`.
 """
@@ -17,4 +17,4 @@ def experts_forward(hidden_states, gate_up, down, top_k_index, top_k_weights, ex
                     policy="hot-cold"):
     """Brownout remap + fused two-tier experts forward over slabs [originals; united] (gate_up [E+G, 2I, H])."""
     ids, w = remap(top_k_index, top_k_weights, expert_to_group, num_groups, ratio, policy)
-    return fused_moe.fused_moe(hidden_states, gate_up, down, ids, w, num_slabs=gate_up.shape[0], ratio=ratio)
+    return fused_moe.fused_moe(hidden_states, gate_up, down, ids, w, num_slabs=gate_up.shape[0])

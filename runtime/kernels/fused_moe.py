@@ -19,7 +19,8 @@ captured in a CUDA graph:
 
 Stages: gate/up GEMM with silu(g)*u in the epilogue -> [T*k, I] intermediate; down GEMM with the routing weight
 multiplied in -> either [T*k, H] per-slot rows then a sum over k (deterministic, "store"), or fp32 atomics into a
-[T, H] buffer then a cast ("atomic"). Tile configs per (H, I, k) and T bucket live in tile_configs.json.
+[T, H] buffer then a cast ("atomic"). Tile configs per (H, I, k) and T bucket live in tile_configs.json (one per bucket for every ratio). On Hopper and newer
+every kernel launches with programmatic dependent launch (PDL).
 """
 from __future__ import annotations
 
@@ -120,36 +121,49 @@ if HAS_TRITON:
         return s, slot, row_mask, pid_n, active
 
     @triton.jit
+    def _k_range(pid_k, K, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The reduction range [lo, hi) of split pid_k: whole BLOCK_K steps, the last split takes the remainder."""
+        k_per = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+        lo = pid_k * k_per
+        return lo, tl.minimum(lo + k_per, K)
+
+    @triton.jit
     def _gate_up_kernel(x_ptr, w_ptr, inter_ptr, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
                         num_slots, S, N, K, NUM_M,
                         stride_xm, stride_ws, stride_wn, stride_im,
-                        top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr,
+                        top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                         USE_PDL: tl.constexpr):
-        """inter[slot, n] = silu(gate_s[n] . x[tok]) * (up_s[n] . x[tok]); N = I, K = H."""
+        """inter[slot, n] = silu(gate_s[n] . x[tok]) * (up_s[n] . x[tok]); N = I, K = H.
+        SPLIT_K > 1 (decode): SPLIT_K programs share a tile's reduction and add their fp32 partial gate and up sums
+        atomically into inter [slots, 2N] (zeroed); the down kernel applies the SiLU when it loads them. More,
+        smaller programs keep every SM streaming when a step reads only a few slabs."""
         _pdl_start(USE_PDL)  # the ids / alignment come from the kernel just before
         pid = tl.program_id(0)
+        pid_k = pid % SPLIT_K
         num_n = tl.cdiv(N, BLOCK_N)
-        s, slot, row_mask, pid_n, active = _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr, num_slots, S,
-                                                  num_n, DECODE, BLOCK_M, GROUP_M, NUM_M)
+        s, slot, row_mask, pid_n, active = _rows(pid // SPLIT_K, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
+                                                  num_slots, S, num_n, DECODE, BLOCK_M, GROUP_M, NUM_M)
         if active:
             token = slot // top_k
+            k_lo, k_hi = _k_range(pid_k, K, SPLIT_K, BLOCK_K)
             offs_k = tl.arange(0, BLOCK_K)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             n_mask = offs_n < N
             offs_nc = tl.where(n_mask, offs_n, 0)
-            x_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-            wg_ptrs = w_ptr + s.to(tl.int64) * stride_ws + offs_nc[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+            x_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xm + (k_lo + offs_k)[None, :]
+            wg_ptrs = (w_ptr + s.to(tl.int64) * stride_ws + offs_nc[None, :].to(tl.int64) * stride_wn
+                       + (k_lo + offs_k)[:, None])
             wu_ptrs = wg_ptrs + N * stride_wn
             acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in range(k_lo, k_hi, BLOCK_K):
                 if EVEN_K:
                     a = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
                     bg = tl.load(wg_ptrs)
                     bu = tl.load(wu_ptrs)
                 else:
-                    k_mask = offs_k < K - k0
+                    k_mask = offs_k < k_hi - k0
                     a = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
                     bg = tl.load(wg_ptrs, mask=k_mask[:, None], other=0.0)
                     bu = tl.load(wu_ptrs, mask=k_mask[:, None], other=0.0)
@@ -158,39 +172,56 @@ if HAS_TRITON:
                 x_ptrs += BLOCK_K
                 wg_ptrs += BLOCK_K
                 wu_ptrs += BLOCK_K
-            h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+            mask = row_mask[:, None] & n_mask[None, :]
             i_ptrs = inter_ptr + slot[:, None].to(tl.int64) * stride_im + offs_n[None, :]
-            tl.store(i_ptrs, h.to(inter_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+            if SPLIT_K > 1:
+                tl.atomic_add(i_ptrs, acc_g, mask=mask, sem="relaxed")
+                tl.atomic_add(i_ptrs + N, acc_u, mask=mask, sem="relaxed")
+            else:
+                h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+                tl.store(i_ptrs, h.to(inter_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _down_kernel(inter_ptr, w_ptr, out_ptr, weights_ptr, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
                      num_slots, S, N, K, NUM_M,
                      stride_im, stride_ws, stride_wn, stride_om,
                      top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
+                     SILU_IN: tl.constexpr, SPLIT_K: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                      USE_PDL: tl.constexpr):
-        """y[slot, n] = weights[slot] * (down_s[n] . inter[slot]); N = H, K = I. Store per slot, or atomically per token."""
+        """y[slot, n] = weights[slot] * (down_s[n] . inter[slot]); N = H, K = I. Store per slot, or atomically per token.
+        SILU_IN: inter holds the fp32 gate and up sums [slots, 2K] of a split gate/up kernel; silu(g) * u is taken
+        here, on load. SPLIT_K > 1 (atomic only): SPLIT_K programs share a tile's reduction."""
         _pdl_start(USE_PDL)  # waits for `inter`; nothing is read before (no stale-cache questions)
         pid = tl.program_id(0)
+        pid_k = pid % SPLIT_K
         num_n = tl.cdiv(N, BLOCK_N)
-        s, slot, row_mask, pid_n, active = _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr, num_slots, S,
-                                                  num_n, DECODE, BLOCK_M, GROUP_M, NUM_M)
+        s, slot, row_mask, pid_n, active = _rows(pid // SPLIT_K, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
+                                                  num_slots, S, num_n, DECODE, BLOCK_M, GROUP_M, NUM_M)
         if active:
+            k_lo, k_hi = _k_range(pid_k, K, SPLIT_K, BLOCK_K)
             offs_k = tl.arange(0, BLOCK_K)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             n_mask = offs_n < N
             offs_nc = tl.where(n_mask, offs_n, 0)
-            a_ptrs = inter_ptr + slot[:, None].to(tl.int64) * stride_im + offs_k[None, :]
-            b_ptrs = w_ptr + s.to(tl.int64) * stride_ws + offs_nc[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+            a_ptrs = inter_ptr + slot[:, None].to(tl.int64) * stride_im + (k_lo + offs_k)[None, :]
+            b_ptrs = (w_ptr + s.to(tl.int64) * stride_ws + offs_nc[None, :].to(tl.int64) * stride_wn
+                      + (k_lo + offs_k)[:, None])
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in range(k_lo, k_hi, BLOCK_K):
                 if EVEN_K:
                     a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+                    if SILU_IN:
+                        u = tl.load(a_ptrs + K, mask=row_mask[:, None], other=0.0)
                     b = tl.load(b_ptrs)
                 else:
-                    k_mask = offs_k < K - k0
+                    k_mask = offs_k < k_hi - k0
                     a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                    if SILU_IN:
+                        u = tl.load(a_ptrs + K, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
                     b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+                if SILU_IN:
+                    a = (a / (1.0 + tl.exp(-a)) * u).to(b.dtype)
                 acc = tl.dot(a, b, acc)
                 a_ptrs += BLOCK_K
                 b_ptrs += BLOCK_K
@@ -269,19 +300,11 @@ def default_config(T: int, k: int) -> dict:
     return _DEFAULTS["large"]
 
 
-def ratio_band(ratio: float | None) -> str:
-    """Brownout concentrates the slots on fewer slabs (more rows per slab): configs may differ by band."""
-    return "hi" if ratio is not None and float(ratio) >= 0.3 else "lo"
-
-
-def get_config(T: int, H: int, I: int, k: int, ratio: float | None = None) -> dict:
-    """The tuned config of (H, I, k) at T's bucket (and ratio band, where tuned), else a default.
-    Decode mode only while T*k <= DECODE_MAX_SLOTS."""
-    shape = _table().get("shapes", {}).get(shape_key(H, I, k), {})
-    b = str(t_bucket(T))
-    entry = shape.get(f"{b}@hi") if ratio_band(ratio) == "hi" else None
-    if entry is None:
-        entry = shape.get(b)
+def get_config(T: int, H: int, I: int, k: int) -> dict:
+    """The tuned config of (H, I, k) at T's bucket, else a default. Decode mode only while T*k <= DECODE_MAX_SLOTS.
+    Not a function of the brownout ratio: a CUDA graph freezes the config it captured while the ratio it reads (from
+    device memory) keeps moving, so the tuner picks one config per bucket that does well at every ratio."""
+    entry = _table().get("shapes", {}).get(shape_key(H, I, k), {}).get(str(t_bucket(T)))
     cfg = entry if entry is not None else default_config(T, k)
     if cfg["mode"] == "decode" and T * k > DECODE_MAX_SLOTS:  # decode rows are all the slots: keep M bounded
         cfg = _DEFAULTS["mid"] if T * k > 512 else _DEFAULTS["small"]
@@ -341,11 +364,10 @@ def moe_align(ids_flat: torch.Tensor, num_slabs: int, block_m: int, pdl: bool = 
 
 
 def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-              num_slabs: int | None = None, config: dict | None = None, ratio: float | None = None) -> torch.Tensor:
+              num_slabs: int | None = None, config: dict | None = None) -> torch.Tensor:
     """out [T, H] = sum_j weights[t, j] * Slab_{ids[t, j]}(x[t]); ids == num_slabs skips the slot.
 
     x [T, H]; gate_up [S, 2I, H]; down [S, H, I]; ids [T, k] integer; weights [T, k]. No host synchronisation.
-    `ratio` (optional): the brownout ratio the ids came from, a hint for the tile config only.
     """
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed")
@@ -362,11 +384,13 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
     out_dtype = x.dtype
     if T == 0:
         return torch.zeros(0, H, dtype=out_dtype, device=x.device)
-    cfg = config or get_config(T, H, I, k, ratio)
+    cfg = config or get_config(T, H, I, k)
     decode = cfg["mode"] == "decode"
     gm, gn, gk, ggm, gw, gs = cfg["gu"]
     dm, dn_, dk, dgm, dw, ds = cfg["dn"]
-    atomic = cfg.get("sum", "store") == "atomic"
+    # split-K (decode only): [gate/up, down] programs sharing one tile's reduction
+    split_g, split_d = cfg.get("split", (1, 1)) if decode else (1, 1)
+    atomic = cfg.get("sum", "store") == "atomic" or split_d > 1
     ids_flat = ids.view(-1)
     dev = x.device
     pdl = use_pdl(dev)
@@ -380,23 +404,28 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
             dm = gm
         sorted_ids, block_slab, total, num_m_g = moe_align(ids_flat, S, gm, pdl)
         num_m_d = num_m_g
-    inter = torch.empty(num_slots, I, dtype=x.dtype, device=dev)
-    grid_g = (num_m_g * triton.cdiv(I, gn),)
-    _gate_up_kernel[grid_g](x, gate_up, inter, ids_flat, sorted_ids, block_slab, total,
-                            num_slots, S, I, H, num_m_g,
-                            x.stride(0), gate_up.stride(0), gate_up.stride(1), inter.stride(0),
-                            k, DECODE=decode, EVEN_K=(H % gk == 0),
-                            BLOCK_M=gm, BLOCK_N=gn, BLOCK_K=gk, GROUP_M=ggm, num_warps=gw, num_stages=gs,
-                            **launch_opts(pdl))
+    # the buffers are zeroed before the first kernel, so the kernels chain directly (PDL)
+    if split_g > 1:  # fp32 gate and up partial sums, SiLU applied by the down kernel
+        inter = torch.zeros(num_slots, 2 * I, dtype=torch.float32, device=dev)
+    else:
+        inter = torch.empty(num_slots, I, dtype=x.dtype, device=dev)
     if atomic:
         y = torch.zeros(T, H, dtype=torch.float32, device=dev)
     else:
         y = torch.empty(num_slots, H, dtype=x.dtype, device=dev)
-    grid_d = (num_m_d * triton.cdiv(H, dn_),)
+    grid_g = (num_m_g * triton.cdiv(I, gn) * split_g,)
+    _gate_up_kernel[grid_g](x, gate_up, inter, ids_flat, sorted_ids, block_slab, total,
+                            num_slots, S, I, H, num_m_g,
+                            x.stride(0), gate_up.stride(0), gate_up.stride(1), inter.stride(0),
+                            k, DECODE=decode, EVEN_K=(H % (gk * split_g) == 0), SPLIT_K=split_g,
+                            BLOCK_M=gm, BLOCK_N=gn, BLOCK_K=gk, GROUP_M=ggm, num_warps=gw, num_stages=gs,
+                            **launch_opts(pdl))
+    grid_d = (num_m_d * triton.cdiv(H, dn_) * split_d,)
     _down_kernel[grid_d](inter, down, y, weights.view(-1), ids_flat, sorted_ids, block_slab, total,
                          num_slots, S, H, I, num_m_d,
                          inter.stride(0), down.stride(0), down.stride(1), y.stride(0),
-                         k, DECODE=decode, EVEN_K=(I % dk == 0), ATOMIC=atomic,
+                         k, DECODE=decode, EVEN_K=(I % (dk * split_d) == 0), ATOMIC=atomic,
+                         SILU_IN=split_g > 1, SPLIT_K=split_d,
                          BLOCK_M=dm, BLOCK_N=dn_, BLOCK_K=dk, GROUP_M=dgm, num_warps=dw, num_stages=ds,
                          **launch_opts(pdl))
     if atomic:
