@@ -31,10 +31,6 @@ class StandIn(torch.nn.Module):
 PREFILL = {"mode": "prefill", "gu": [16, 16, 32, 2, 4, 2], "dn": [16, 32, 32, 2, 4, 2], "sum": "store"}
 PREFILL_ATOMIC = dict(PREFILL, sum="atomic")
 DECODE = {"mode": "decode", "gu": [16, 16, 32, 1, 4, 2], "dn": [16, 32, 32, 1, 4, 2], "sum": "store"}
-# decode with split-K: K = H = 48 over 2 x BLOCK_K 16 -> the splits [0, 32) and [32, 48) (a partial last split);
-# gate/up partial sums in fp32 with the SiLU taken by the down kernel, down split 3 ways over K = I = 40
-DECODE_SPLIT = dict(DECODE, gu=[16, 16, 16, 1, 4, 2], dn=[16, 16, 16, 1, 4, 2], split=[2, 3])
-DECODE_SPLIT_GU = dict(DECODE, gu=[16, 16, 16, 1, 4, 2], split=[4, 1])  # 4 splits of 16 over 48: one is empty
 H, I = 48, 40
 
 
@@ -81,18 +77,6 @@ def test_decode_fp32(k, ratio):
     _check(*_case(11, 4, k, 3, ratio, torch.float32, seed=100 + k), DECODE)
 
 
-@pytest.mark.parametrize("k", [1, 4, 8])
-@pytest.mark.parametrize("ratio", [0.0, 1.0])
-@pytest.mark.parametrize("config", [DECODE_SPLIT, DECODE_SPLIT_GU], ids=["split-both", "split-gate-up"])
-def test_decode_split_k_fp32(k, ratio, config):
-    _check(*_case(11, 4, k, 3, ratio, torch.float32, seed=200 + k), config)
-
-
-def test_split_ignored_in_prefill():
-    # split-K is a decode-mode option: a prefill config carrying it computes the same as without
-    _check(*_case(11, 4, 4, 7, 1.0, torch.float32, seed=31), dict(PREFILL, split=[4, 4]))
-
-
 @pytest.mark.parametrize("k", [2, 8])
 def test_t1_default_config(k):
     # T = 1 through the config lookup (decode path by default), ratio 1 with dedup skips
@@ -103,12 +87,12 @@ def test_prefill_atomic_sum_fp32():
     _check(*_case(11, 4, 4, 9, 0.5, torch.float32, seed=3), PREFILL_ATOMIC)
 
 
-@pytest.mark.parametrize("config", [PREFILL, DECODE, DECODE_SPLIT])
+@pytest.mark.parametrize("config", [PREFILL, DECODE])
 def test_fp16(config):
     _check(*_case(11, 4, 4, 5, 0.5, torch.float16, seed=5), config)
 
 
-@pytest.mark.parametrize("config", [PREFILL, DECODE, DECODE_SPLIT])
+@pytest.mark.parametrize("config", [PREFILL, DECODE])
 def test_shared_group_dedup(config):
     # every token picks experts 0 and 2 (one group when G = 2, way 2 interleaved) and 1 (group 1):
     # at ratio 1 both 0 and 2 go to united slab E + 0 and are merged; the second slot is skipped

@@ -19,8 +19,11 @@ captured in a CUDA graph:
 
 Stages: gate/up GEMM with silu(g)*u in the epilogue -> [T*k, I] intermediate; down GEMM with the routing weight
 multiplied in -> either [T*k, H] per-slot rows then a sum over k (deterministic, "store"), or fp32 atomics into a
-[T, H] buffer then a cast ("atomic"). Tile configs per (H, I, k) and T bucket live in tile_configs.json (one per bucket for every ratio). On Hopper and newer
-every kernel launches with programmatic dependent launch (PDL).
+[T, H] buffer then a cast ("atomic").
+
+Tile configs per (H, I, k) and T bucket live in tile_configs.json, one per bucket for every ratio (a CUDA graph freezes
+the config it captured while the ratio keeps moving). On Hopper and newer every kernel launches with programmatic
+dependent launch (PDL): it may start while the previous kernel finishes and waits for it before its first access.
 """
 from __future__ import annotations
 
@@ -121,49 +124,36 @@ if HAS_TRITON:
         return s, slot, row_mask, pid_n, active
 
     @triton.jit
-    def _k_range(pid_k, K, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
-        """The reduction range [lo, hi) of split pid_k: whole BLOCK_K steps, the last split takes the remainder."""
-        k_per = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
-        lo = pid_k * k_per
-        return lo, tl.minimum(lo + k_per, K)
-
-    @triton.jit
     def _gate_up_kernel(x_ptr, w_ptr, inter_ptr, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
                         num_slots, S, N, K, NUM_M,
                         stride_xm, stride_ws, stride_wn, stride_im,
-                        top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                        top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                         USE_PDL: tl.constexpr):
-        """inter[slot, n] = silu(gate_s[n] . x[tok]) * (up_s[n] . x[tok]); N = I, K = H.
-        SPLIT_K > 1 (decode): SPLIT_K programs share a tile's reduction and add their fp32 partial gate and up sums
-        atomically into inter [slots, 2N] (zeroed); the down kernel applies the SiLU when it loads them. More,
-        smaller programs keep every SM streaming when a step reads only a few slabs."""
+        """inter[slot, n] = silu(gate_s[n] . x[tok]) * (up_s[n] . x[tok]); N = I, K = H."""
         _pdl_start(USE_PDL)  # the ids / alignment come from the kernel just before
         pid = tl.program_id(0)
-        pid_k = pid % SPLIT_K
         num_n = tl.cdiv(N, BLOCK_N)
-        s, slot, row_mask, pid_n, active = _rows(pid // SPLIT_K, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
-                                                  num_slots, S, num_n, DECODE, BLOCK_M, GROUP_M, NUM_M)
+        s, slot, row_mask, pid_n, active = _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr, num_slots, S,
+                                                  num_n, DECODE, BLOCK_M, GROUP_M, NUM_M)
         if active:
             token = slot // top_k
-            k_lo, k_hi = _k_range(pid_k, K, SPLIT_K, BLOCK_K)
             offs_k = tl.arange(0, BLOCK_K)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             n_mask = offs_n < N
             offs_nc = tl.where(n_mask, offs_n, 0)
-            x_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xm + (k_lo + offs_k)[None, :]
-            wg_ptrs = (w_ptr + s.to(tl.int64) * stride_ws + offs_nc[None, :].to(tl.int64) * stride_wn
-                       + (k_lo + offs_k)[:, None])
+            x_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+            wg_ptrs = w_ptr + s.to(tl.int64) * stride_ws + offs_nc[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
             wu_ptrs = wg_ptrs + N * stride_wn
             acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for k0 in range(k_lo, k_hi, BLOCK_K):
+            for k0 in range(0, K, BLOCK_K):
                 if EVEN_K:
                     a = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
                     bg = tl.load(wg_ptrs)
                     bu = tl.load(wu_ptrs)
                 else:
-                    k_mask = offs_k < k_hi - k0
+                    k_mask = offs_k < K - k0
                     a = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
                     bg = tl.load(wg_ptrs, mask=k_mask[:, None], other=0.0)
                     bu = tl.load(wu_ptrs, mask=k_mask[:, None], other=0.0)
@@ -172,56 +162,39 @@ if HAS_TRITON:
                 x_ptrs += BLOCK_K
                 wg_ptrs += BLOCK_K
                 wu_ptrs += BLOCK_K
-            mask = row_mask[:, None] & n_mask[None, :]
+            h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
             i_ptrs = inter_ptr + slot[:, None].to(tl.int64) * stride_im + offs_n[None, :]
-            if SPLIT_K > 1:
-                tl.atomic_add(i_ptrs, acc_g, mask=mask, sem="relaxed")
-                tl.atomic_add(i_ptrs + N, acc_u, mask=mask, sem="relaxed")
-            else:
-                h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-                tl.store(i_ptrs, h.to(inter_ptr.dtype.element_ty), mask=mask)
+            tl.store(i_ptrs, h.to(inter_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
     @triton.jit
     def _down_kernel(inter_ptr, w_ptr, out_ptr, weights_ptr, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
                      num_slots, S, N, K, NUM_M,
                      stride_im, stride_ws, stride_wn, stride_om,
                      top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
-                     SILU_IN: tl.constexpr, SPLIT_K: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                      USE_PDL: tl.constexpr):
-        """y[slot, n] = weights[slot] * (down_s[n] . inter[slot]); N = H, K = I. Store per slot, or atomically per token.
-        SILU_IN: inter holds the fp32 gate and up sums [slots, 2K] of a split gate/up kernel; silu(g) * u is taken
-        here, on load. SPLIT_K > 1 (atomic only): SPLIT_K programs share a tile's reduction."""
+        """y[slot, n] = weights[slot] * (down_s[n] . inter[slot]); N = H, K = I. Store per slot, or atomically per token."""
         _pdl_start(USE_PDL)  # waits for `inter`; nothing is read before (no stale-cache questions)
         pid = tl.program_id(0)
-        pid_k = pid % SPLIT_K
         num_n = tl.cdiv(N, BLOCK_N)
-        s, slot, row_mask, pid_n, active = _rows(pid // SPLIT_K, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
-                                                  num_slots, S, num_n, DECODE, BLOCK_M, GROUP_M, NUM_M)
+        s, slot, row_mask, pid_n, active = _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr, num_slots, S,
+                                                  num_n, DECODE, BLOCK_M, GROUP_M, NUM_M)
         if active:
-            k_lo, k_hi = _k_range(pid_k, K, SPLIT_K, BLOCK_K)
             offs_k = tl.arange(0, BLOCK_K)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             n_mask = offs_n < N
             offs_nc = tl.where(n_mask, offs_n, 0)
-            a_ptrs = inter_ptr + slot[:, None].to(tl.int64) * stride_im + (k_lo + offs_k)[None, :]
-            b_ptrs = (w_ptr + s.to(tl.int64) * stride_ws + offs_nc[None, :].to(tl.int64) * stride_wn
-                      + (k_lo + offs_k)[:, None])
+            a_ptrs = inter_ptr + slot[:, None].to(tl.int64) * stride_im + offs_k[None, :]
+            b_ptrs = w_ptr + s.to(tl.int64) * stride_ws + offs_nc[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for k0 in range(k_lo, k_hi, BLOCK_K):
+            for k0 in range(0, K, BLOCK_K):
                 if EVEN_K:
                     a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
-                    if SILU_IN:
-                        u = tl.load(a_ptrs + K, mask=row_mask[:, None], other=0.0)
                     b = tl.load(b_ptrs)
                 else:
-                    k_mask = offs_k < k_hi - k0
+                    k_mask = offs_k < K - k0
                     a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                    if SILU_IN:
-                        u = tl.load(a_ptrs + K, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
                     b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
-                if SILU_IN:
-                    a = (a / (1.0 + tl.exp(-a)) * u).to(b.dtype)
                 acc = tl.dot(a, b, acc)
                 a_ptrs += BLOCK_K
                 b_ptrs += BLOCK_K
@@ -388,9 +361,7 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
     decode = cfg["mode"] == "decode"
     gm, gn, gk, ggm, gw, gs = cfg["gu"]
     dm, dn_, dk, dgm, dw, ds = cfg["dn"]
-    # split-K (decode only): [gate/up, down] programs sharing one tile's reduction
-    split_g, split_d = cfg.get("split", (1, 1)) if decode else (1, 1)
-    atomic = cfg.get("sum", "store") == "atomic" or split_d > 1
+    atomic = cfg.get("sum", "store") == "atomic"
     ids_flat = ids.view(-1)
     dev = x.device
     pdl = use_pdl(dev)
@@ -404,28 +375,23 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
             dm = gm
         sorted_ids, block_slab, total, num_m_g = moe_align(ids_flat, S, gm, pdl)
         num_m_d = num_m_g
-    # the buffers are zeroed before the first kernel, so the kernels chain directly (PDL)
-    if split_g > 1:  # fp32 gate and up partial sums, SiLU applied by the down kernel
-        inter = torch.zeros(num_slots, 2 * I, dtype=torch.float32, device=dev)
-    else:
-        inter = torch.empty(num_slots, I, dtype=x.dtype, device=dev)
-    if atomic:
+    inter = torch.empty(num_slots, I, dtype=x.dtype, device=dev)
+    if atomic:  # zeroed before the first kernel, so the kernels chain directly (PDL)
         y = torch.zeros(T, H, dtype=torch.float32, device=dev)
     else:
         y = torch.empty(num_slots, H, dtype=x.dtype, device=dev)
-    grid_g = (num_m_g * triton.cdiv(I, gn) * split_g,)
+    grid_g = (num_m_g * triton.cdiv(I, gn),)
     _gate_up_kernel[grid_g](x, gate_up, inter, ids_flat, sorted_ids, block_slab, total,
                             num_slots, S, I, H, num_m_g,
                             x.stride(0), gate_up.stride(0), gate_up.stride(1), inter.stride(0),
-                            k, DECODE=decode, EVEN_K=(H % (gk * split_g) == 0), SPLIT_K=split_g,
+                            k, DECODE=decode, EVEN_K=(H % gk == 0),
                             BLOCK_M=gm, BLOCK_N=gn, BLOCK_K=gk, GROUP_M=ggm, num_warps=gw, num_stages=gs,
                             **launch_opts(pdl))
-    grid_d = (num_m_d * triton.cdiv(H, dn_) * split_d,)
+    grid_d = (num_m_d * triton.cdiv(H, dn_),)
     _down_kernel[grid_d](inter, down, y, weights.view(-1), ids_flat, sorted_ids, block_slab, total,
                          num_slots, S, H, I, num_m_d,
                          inter.stride(0), down.stride(0), down.stride(1), y.stride(0),
-                         k, DECODE=decode, EVEN_K=(I % (dk * split_d) == 0), ATOMIC=atomic,
-                         SILU_IN=split_g > 1, SPLIT_K=split_d,
+                         k, DECODE=decode, EVEN_K=(I % dk == 0), ATOMIC=atomic,
                          BLOCK_M=dm, BLOCK_N=dn_, BLOCK_K=dk, GROUP_M=dgm, num_warps=dw, num_stages=ds,
                          **launch_opts(pdl))
     if atomic:
