@@ -31,6 +31,10 @@ class StandIn(torch.nn.Module):
 PREFILL = {"mode": "prefill", "gu": [16, 16, 32, 2, 4, 2], "dn": [16, 32, 32, 2, 4, 2], "sum": "store"}
 PREFILL_ATOMIC = dict(PREFILL, sum="atomic")
 DECODE = {"mode": "decode", "gu": [16, 16, 32, 1, 4, 2], "dn": [16, 32, 32, 1, 4, 2], "sum": "store"}
+# weight tiles through TMA tensor descriptors: rows of 96 / 80 bytes (16-byte aligned); the last N tile of a slab
+# runs into the next rows (gate into up, up into the next slab, the last slab past the end: zeros)
+PREFILL_TMA = dict(PREFILL, tma=True)
+DECODE_TMA = dict(DECODE, tma=True)
 H, I = 48, 40
 
 
@@ -77,6 +81,13 @@ def test_decode_fp32(k, ratio):
     _check(*_case(11, 4, k, 3, ratio, torch.float32, seed=100 + k), DECODE)
 
 
+@pytest.mark.parametrize("k", [1, 4, 8])
+@pytest.mark.parametrize("ratio", [0.0, 1.0])
+@pytest.mark.parametrize("config", [PREFILL_TMA, DECODE_TMA], ids=["prefill", "decode"])
+def test_tma_weights_fp32(k, ratio, config):
+    _check(*_case(11, 4, k, 5, ratio, torch.float32, seed=300 + k), config)
+
+
 @pytest.mark.parametrize("k", [2, 8])
 def test_t1_default_config(k):
     # T = 1 through the config lookup (decode path by default), ratio 1 with dedup skips
@@ -87,7 +98,7 @@ def test_prefill_atomic_sum_fp32():
     _check(*_case(11, 4, 4, 9, 0.5, torch.float32, seed=3), PREFILL_ATOMIC)
 
 
-@pytest.mark.parametrize("config", [PREFILL, DECODE])
+@pytest.mark.parametrize("config", [PREFILL, DECODE, PREFILL_TMA])
 def test_fp16(config):
     _check(*_case(11, 4, 4, 5, 0.5, torch.float16, seed=5), config)
 

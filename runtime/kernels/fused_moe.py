@@ -39,10 +39,16 @@ try:
     import triton.language as tl
 
     HAS_TRITON = True
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        HAS_TMA = True
+    except ImportError:  # pragma: no cover - older triton: pointer loads only
+        HAS_TMA = False
 except ImportError:  # pragma: no cover - the CPU path does not need triton
     triton = None
     tl = None
-    HAS_TRITON = False
+    HAS_TRITON = HAS_TMA = False
 
 CONFIG_PATH = Path(__file__).with_name("tile_configs.json")
 T_BUCKETS = (1, 8, 32, 128, 512, 4096)
@@ -124,13 +130,15 @@ if HAS_TRITON:
         return s, slot, row_mask, pid_n, active
 
     @triton.jit
-    def _gate_up_kernel(x_ptr, w_ptr, inter_ptr, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
+    def _gate_up_kernel(x_ptr, w_ptr, w_desc, inter_ptr, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
                         num_slots, S, N, K, NUM_M,
                         stride_xm, stride_ws, stride_wn, stride_im,
-                        top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr,
+                        top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                         USE_PDL: tl.constexpr):
-        """inter[slot, n] = silu(gate_s[n] . x[tok]) * (up_s[n] . x[tok]); N = I, K = H."""
+        """inter[slot, n] = silu(gate_s[n] . x[tok]) * (up_s[n] . x[tok]); N = I, K = H.
+        TMA: the weight tiles come through a tensor descriptor over gate_up viewed [S * 2N, K] (the copy engine; rows
+        past a half or the end are other rows or zeros, and only feed the masked-off columns)."""
         _pdl_start(USE_PDL)  # the ids / alignment come from the kernel just before
         pid = tl.program_id(0)
         num_n = tl.cdiv(N, BLOCK_N)
@@ -147,8 +155,16 @@ if HAS_TRITON:
             wu_ptrs = wg_ptrs + N * stride_wn
             acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            row_g = s * (2 * N) + pid_n * BLOCK_N
             for k0 in range(0, K, BLOCK_K):
-                if EVEN_K:
+                if TMA:
+                    if EVEN_K:
+                        a = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
+                    else:
+                        a = tl.load(x_ptrs, mask=row_mask[:, None] & (offs_k < K - k0)[None, :], other=0.0)
+                    bg = w_desc.load([row_g, k0]).T
+                    bu = w_desc.load([row_g + N, k0]).T
+                elif EVEN_K:
                     a = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
                     bg = tl.load(wg_ptrs)
                     bu = tl.load(wu_ptrs)
@@ -167,10 +183,10 @@ if HAS_TRITON:
             tl.store(i_ptrs, h.to(inter_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
     @triton.jit
-    def _down_kernel(inter_ptr, w_ptr, out_ptr, weights_ptr, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
+    def _down_kernel(inter_ptr, w_ptr, w_desc, out_ptr, weights_ptr, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
                      num_slots, S, N, K, NUM_M,
                      stride_im, stride_ws, stride_wn, stride_om,
-                     top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
+                     top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, TMA: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                      USE_PDL: tl.constexpr):
         """y[slot, n] = weights[slot] * (down_s[n] . inter[slot]); N = H, K = I. Store per slot, or atomically per token."""
@@ -187,8 +203,15 @@ if HAS_TRITON:
             a_ptrs = inter_ptr + slot[:, None].to(tl.int64) * stride_im + offs_k[None, :]
             b_ptrs = w_ptr + s.to(tl.int64) * stride_ws + offs_nc[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            row_d = s * N + pid_n * BLOCK_N  # TMA: down viewed [S * N, K]
             for k0 in range(0, K, BLOCK_K):
-                if EVEN_K:
+                if TMA:
+                    if EVEN_K:
+                        a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+                    else:
+                        a = tl.load(a_ptrs, mask=row_mask[:, None] & (offs_k < K - k0)[None, :], other=0.0)
+                    b = w_desc.load([row_d, k0]).T
+                elif EVEN_K:
                     a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
                     b = tl.load(b_ptrs)
                 else:
@@ -375,23 +398,31 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
             dm = gm
         sorted_ids, block_slab, total, num_m_g = moe_align(ids_flat, S, gm, pdl)
         num_m_d = num_m_g
+    # weight tiles through TMA descriptors (tuned per shape; needs 16-byte aligned rows)
+    tma = bool(cfg.get("tma")) and HAS_TMA and (H * gate_up.element_size()) % 16 == 0 \
+        and (I * down.element_size()) % 16 == 0 and gate_up.is_contiguous() and down.is_contiguous()
+    if tma:
+        gu_desc = TensorDescriptor.from_tensor(gate_up.view(-1, H), block_shape=[gn, gk])
+        dn_desc = TensorDescriptor.from_tensor(down.view(-1, I), block_shape=[dn_, dk])
+    else:
+        gu_desc, dn_desc = gate_up, down  # unused
     inter = torch.empty(num_slots, I, dtype=x.dtype, device=dev)
     if atomic:  # zeroed before the first kernel, so the kernels chain directly (PDL)
         y = torch.zeros(T, H, dtype=torch.float32, device=dev)
     else:
         y = torch.empty(num_slots, H, dtype=x.dtype, device=dev)
     grid_g = (num_m_g * triton.cdiv(I, gn),)
-    _gate_up_kernel[grid_g](x, gate_up, inter, ids_flat, sorted_ids, block_slab, total,
+    _gate_up_kernel[grid_g](x, gate_up, gu_desc, inter, ids_flat, sorted_ids, block_slab, total,
                             num_slots, S, I, H, num_m_g,
                             x.stride(0), gate_up.stride(0), gate_up.stride(1), inter.stride(0),
-                            k, DECODE=decode, EVEN_K=(H % gk == 0),
+                            k, DECODE=decode, EVEN_K=(H % gk == 0), TMA=tma,
                             BLOCK_M=gm, BLOCK_N=gn, BLOCK_K=gk, GROUP_M=ggm, num_warps=gw, num_stages=gs,
                             **launch_opts(pdl))
     grid_d = (num_m_d * triton.cdiv(H, dn_),)
-    _down_kernel[grid_d](inter, down, y, weights.view(-1), ids_flat, sorted_ids, block_slab, total,
+    _down_kernel[grid_d](inter, down, dn_desc, y, weights.view(-1), ids_flat, sorted_ids, block_slab, total,
                          num_slots, S, H, I, num_m_d,
                          inter.stride(0), down.stride(0), down.stride(1), y.stride(0),
-                         k, DECODE=decode, EVEN_K=(I % dk == 0), ATOMIC=atomic,
+                         k, DECODE=decode, EVEN_K=(I % dk == 0), ATOMIC=atomic, TMA=tma,
                          BLOCK_M=dm, BLOCK_N=dn_, BLOCK_K=dk, GROUP_M=dgm, num_warps=dw, num_stages=ds,
                          **launch_opts(pdl))
     if atomic:
