@@ -3,7 +3,7 @@
     python eval/bench_kernel.py check               # bf16/fp16 correctness on the GPU vs runtime.reference
     python eval/bench_kernel.py tune OUT.json       # pick tile configs per (shape, T bucket) by measurement
     python eval/bench_kernel.py bench OUTDIR        # the table: kernel_bench.json / .md / .png
-    python eval/bench_kernel.py profile OUT.json    # kernel breakdown of a call (profiler) and PDL off / on
+    python eval/bench_kernel.py profile OUT.json    # kernel breakdown of a call (profiler) and PDL off / on (+ .md)
 
 Limit of a call = max(bytes of the distinct slabs read / copy bandwidth, FLOPs / bf16 matmul rate), both ceilings
 measured in the same run (as ../shared/bench/anchor_moe_layer.py). Distinct slabs are counted from the remapped ids;
@@ -332,6 +332,28 @@ def profile_calls(out_path, points=None):
                "rows": rows}
         Path(out_path).write_text(json.dumps(res, indent=1))  # after every shape: a cut-off run keeps its part
     return res
+
+
+def write_profile_md(res, path):
+    """Markdown of a profile run: per point the graph time with PDL off / on and the kernels of the call (PDL off, so
+    the durations do not overlap)."""
+    L = [f"# Where the time of one call goes ({res['device']})", "",
+         f"Measured ceilings: copy {res['copy_bw_TBps']:.2f} TB/s, bf16 matmul {res['bf16_TFLOPs']:.0f} TFLOP/s. "
+         "Graph-replayed calls as in kernel_bench (L2 flushed before each replay); kernel durations from the PyTorch "
+         "profiler's trace, median over the replays, with PDL off so they do not overlap. `gap` = graph time (PDL off) "
+         "- the sum of the kernels: time inside the replay with no kernel of the call running.", "",
+         "| shape | T | way | ratio | limit us | PDL off us | PDL on us | kernels (us, PDL off) | gap us |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        k = r.get("kernels_pdl_off") or {}
+        ks = ", ".join(f"{n.strip('_').replace('void at::native::', '').split('<')[0][:16]} {d:.1f}"
+                       for n, d in k.get("kernels", []))
+        off, on = r.get("pdl_off_ms"), r.get("pdl_on_ms")
+        gap = 1e3 * off - k["kernel_sum_us"] if off and k else None
+        L.append(f"| {r['shape']} | {r['tokens']} | {r['way']} | {r['ratio']} | {1e3 * r['limit_ms']:.1f} "
+                 f"| {_f(off and 1e3 * off, '{:.1f}')} | {_f(on and 1e3 * on, '{:.1f}')} | {ks or r.get('error', '-')} "
+                 f"| {_f(gap, '{:.1f}')} |")
+    Path(path).write_text("\n".join(L) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -679,7 +701,10 @@ if __name__ == "__main__":
         if len(sys.argv) > 2:
             json.dump(rows, open(sys.argv[2], "w"), indent=1)
     elif cmd == "profile":
-        profile_calls(sys.argv[2] if len(sys.argv) > 2 else "kernel_profile.json")
+        out = sys.argv[2] if len(sys.argv) > 2 else "kernel_profile.json"
+        write_profile_md(profile_calls(out), Path(out).with_suffix(".md"))
+    elif cmd == "profile-md":  # the markdown of an earlier profile run's JSON
+        write_profile_md(json.load(open(sys.argv[2])), Path(sys.argv[2]).with_suffix(".md"))
     elif cmd == "tune":
         log = tune(sys.argv[2] if len(sys.argv) > 2 else "tile_configs.json",
                    float(os.environ.get("TUNE_BUDGET_S", "300")))
