@@ -216,3 +216,12 @@ def test_fused_remap_reads_the_ratio_from_device_memory():
         a = policy.remap(idx, w, e2g, G, r, "hot-cold")
         assert torch.equal(ids, a.ids), r
         assert torch.allclose(wo, a.weights, atol=1e-6)
+
+
+def test_stream_read_probe():
+    # the bandwidth probe of eval/bench_kernel.py against its torch twin: per-chunk sums, a partial last chunk
+    from eval import bench_kernel as bk
+    buf = torch.randn(10000)
+    out = bk.stream_read(buf, 4096, 1024, 4)
+    ref = torch.nn.functional.pad(buf, (0, 3 * 4096 - buf.numel())).view(3, 4096).sum(1)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-4)
