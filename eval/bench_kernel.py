@@ -302,14 +302,15 @@ def kernel_spans(call, reps=10):
     if not replays:
         return None
     names = [e["name"] for e in replays[0]]
-    per = {n: statistics.median(r[i]["dur"] for r in replays if len(r) == len(names)) for i, n in enumerate(names)}
+    same = [r for r in replays if len(r) == len(names)]
+    per = [statistics.median(r[i]["dur"] for r in same) for i in range(len(names))]  # by position: names repeat
     span = statistics.median(r[-1]["ts"] + r[-1]["dur"] - r[0]["ts"] for r in replays)
-    return {"kernels": [[n[:48], per[n]] for n in names], "span_us": span,
-            "kernel_sum_us": sum(per.values()), "replays": len(replays)}
+    return {"kernels": [[n[:48], d] for n, d in zip(names, per)], "span_us": span,
+            "kernel_sum_us": sum(per), "replays": len(replays)}
 
 
 def profile_calls(out_path, points=None):
-    """Per point: graph time with PDL off and on (same routing, same tiles), and the kernel breakdown (PDL on)."""
+    """Per point: graph time with PDL off and on (same routing, same tiles), and the kernel breakdown with each."""
     bw, flops = measure_limits()
     gen = torch.Generator(device=dev)
     gen.manual_seed(0)

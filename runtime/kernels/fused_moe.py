@@ -22,8 +22,9 @@ multiplied in -> either [T*k, H] per-slot rows then a sum over k (deterministic,
 [T, H] buffer then a cast ("atomic").
 
 Tile configs per (H, I, k) and T bucket live in tile_configs.json, one per bucket for every ratio (a CUDA graph freezes
-the config it captured while the ratio keeps moving). On Hopper and newer every kernel launches with programmatic
-dependent launch (PDL): it may start while the previous kernel finishes and waits for it before its first access.
+the config it captured while the ratio keeps moving); a config may take its weight tiles through TMA tensor
+descriptors ("tma"). On Hopper and newer every kernel launches with programmatic dependent launch (PDL): it may start
+while the previous kernel finishes and waits for it before its first access.
 """
 from __future__ import annotations
 
