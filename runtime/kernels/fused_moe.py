@@ -131,6 +131,15 @@ if HAS_TRITON:
         return s, slot, row_mask, pid_n, active
 
     @triton.jit
+    def _load_rows(ptrs, row_mask, offs_k, k_left, EVEN_K: tl.constexpr):
+        """The [BLOCK_M, BLOCK_K] activation tile of one K step: gathered rows, masked past K unless K is even."""
+        if EVEN_K:
+            a = tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+        else:
+            a = tl.load(ptrs, mask=row_mask[:, None] & (offs_k < k_left)[None, :], other=0.0)
+        return a
+
+    @triton.jit
     def _gate_up_kernel(x_ptr, w_ptr, w_desc, inter_ptr, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
                         num_slots, S, N, K, NUM_M,
                         stride_xm, stride_ws, stride_wn, stride_im,
@@ -158,20 +167,15 @@ if HAS_TRITON:
             acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             row_g = s * (2 * N) + pid_n * BLOCK_N
             for k0 in range(0, K, BLOCK_K):
+                a = _load_rows(x_ptrs, row_mask, offs_k, K - k0, EVEN_K)
                 if TMA:
-                    if EVEN_K:
-                        a = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
-                    else:
-                        a = tl.load(x_ptrs, mask=row_mask[:, None] & (offs_k < K - k0)[None, :], other=0.0)
                     bg = w_desc.load([row_g, k0]).T
                     bu = w_desc.load([row_g + N, k0]).T
                 elif EVEN_K:
-                    a = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
                     bg = tl.load(wg_ptrs)
                     bu = tl.load(wu_ptrs)
                 else:
                     k_mask = offs_k < K - k0
-                    a = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
                     bg = tl.load(wg_ptrs, mask=k_mask[:, None], other=0.0)
                     bu = tl.load(wu_ptrs, mask=k_mask[:, None], other=0.0)
                 acc_g = tl.dot(a, bg, acc_g)
@@ -206,19 +210,13 @@ if HAS_TRITON:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             row_d = s * N + pid_n * BLOCK_N  # TMA: down viewed [S * N, K]
             for k0 in range(0, K, BLOCK_K):
+                a = _load_rows(a_ptrs, row_mask, offs_k, K - k0, EVEN_K)
                 if TMA:
-                    if EVEN_K:
-                        a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
-                    else:
-                        a = tl.load(a_ptrs, mask=row_mask[:, None] & (offs_k < K - k0)[None, :], other=0.0)
                     b = w_desc.load([row_d, k0]).T
                 elif EVEN_K:
-                    a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
                     b = tl.load(b_ptrs)
                 else:
-                    k_mask = offs_k < K - k0
-                    a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                    b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+                    b = tl.load(b_ptrs, mask=(offs_k < K - k0)[:, None], other=0.0)
                 acc = tl.dot(a, b, acc)
                 a_ptrs += BLOCK_K
                 b_ptrs += BLOCK_K
