@@ -127,7 +127,7 @@ def worker(args):
         torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM
     from runtime.distributed import attach, expert_parallel_config
-    from unify.discover import find_moe_layers
+    from runtime.discover import find_moe_layers
 
     work = Path(args.work)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32

@@ -55,8 +55,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from eval.trace import Request, Trace, burst_test, poisson  # noqa: E402
-from runtime.controller import FixedRatio, LatencyProfile, make_controller  # noqa: E402
+from runtime.serving.trace import Request, Trace, burst_test, poisson  # noqa: E402
+from runtime.serving.controller import FixedRatio, LatencyProfile, make_controller  # noqa: E402
 from runtime.serving import BrownoutServer, ServeConfig, capacity, summarize, timeline  # noqa: E402
 
 RESULTS = ROOT / "eval" / "results"
@@ -139,8 +139,8 @@ def distinct_experts(model, tokens: int, vocab: int) -> list[int]:
 
 def united_tier(model, cache: Path, tiny: bool, skip_layers):
     from unify.build import BuildOptions, build
-    from unify.checkpoint import UnitedCheckpoint, fingerprint_tensors, probe_matches, weight_probe
-    from unify.discover import find_moe_layers
+    from runtime.checkpoint import UnitedCheckpoint, fingerprint_tensors, probe_matches, weight_probe
+    from runtime.discover import find_moe_layers
 
     out = cache / ("united-tiny-w4" if tiny else "united-qwen15moe-w4")
     if (out / "united.json").is_file():

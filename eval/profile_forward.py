@@ -100,7 +100,7 @@ def engine_steps(model, bm, ratios, seconds: float, graphs: bool = True, kv_padd
     from torch.profiler import ProfilerActivity, profile
 
     from eval.bench_serving import sat_trace
-    from runtime.controller import FixedRatio
+    from runtime.serving.controller import FixedRatio
     from runtime.serving import BrownoutServer, ServeConfig
 
     cfg = ServeConfig(max_batch=64, max_batch_tokens=1024, max_queue=512, drain_timeout_s=seconds,

@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from eval.trace import Request, Trace, burst_test  # noqa: E402
+from runtime.serving.trace import Request, Trace, burst_test  # noqa: E402
 from eval.bench_serving import service_rate  # noqa: E402
-from runtime.controller import FixedRatio, make_controller  # noqa: E402
+from runtime.serving.controller import FixedRatio, make_controller  # noqa: E402
 from runtime.serving import BrownoutServer, ServeConfig, summarize, timeline  # noqa: E402
 
 CONFIGS = ["fixed:0", "fixed:0.5", "fixed:1", "salc", "salc:0.5", "mpc:noload", "mpc"]

@@ -6,9 +6,9 @@ from numbers import Real
 
 import torch
 
-from unify.checkpoint import UnitedCheckpoint, config_hash, fingerprint_tensors, probe_matches, weight_probe
-from unify.discover import MoELayer, find_moe_layers
-from unify.errors import BrownoutError
+from .checkpoint import UnitedCheckpoint, config_hash, fingerprint_tensors, probe_matches, weight_probe
+from .discover import MoELayer, find_moe_layers
+from .errors import BrownoutError
 
 from . import experts_impl
 from .experts_impl import LayerState

@@ -42,9 +42,9 @@ from dataclasses import dataclass
 
 import torch
 
-from unify.checkpoint import _VOLATILE, UnitedCheckpoint
-from unify.discover import find_moe_layers
-from unify.errors import BrownoutError
+from .checkpoint import _VOLATILE, UnitedCheckpoint
+from .discover import find_moe_layers
+from .errors import BrownoutError
 
 from . import experts_impl
 from .attach import BrownoutMoE, _check_ratio

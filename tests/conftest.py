@@ -19,7 +19,7 @@ torch.set_num_threads(1)  # tiny tensors: threads only add contention (and spin 
 import recipes  # noqa: E402
 
 FAMILIES = recipes.names()  # every family recipe (the bundled reference model has its own tests)
-FAMILIES = [f for f in FAMILIES if recipes.load(f).get("tiny")]
+FAMILIES = [f for f in FAMILIES if recipes.load(f).tiny]
 
 
 def make_tiny(family: str, seed: int = 0, **overrides):

@@ -10,8 +10,8 @@ from safetensors import safe_open
 from conftest import FAMILIES, FAST, load
 from unify import grouping, merge
 from unify.build import BuildOptions, build
-from unify.checkpoint import UnitedCheckpoint
-from unify.discover import find_moe_layers
+from runtime.checkpoint import UnitedCheckpoint
+from runtime.discover import find_moe_layers
 
 
 def _build(model, out, **kw):
@@ -105,7 +105,7 @@ def test_calibration_sources(tmp_path):
     import datasets
 
     from unify.calibration import load_texts
-    from unify.errors import BrownoutError
+    from runtime.errors import BrownoutError
 
     (tmp_path / "c.txt").write_text("first paragraph\n\nsecond paragraph\n")
     assert load_texts(str(tmp_path / "c.txt")) == ["first paragraph", "second paragraph\n"]

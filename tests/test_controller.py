@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from runtime.controller import (KINDS, SALC, FixedRatio, LatencyProfile, ModelPredictive, PIController,
+from runtime.serving.controller import (KINDS, SALC, FixedRatio, LatencyProfile, ModelPredictive, PIController,
                                 make_controller, quantile)
 
 SLO_P, SLO_D = 0.25, 0.15

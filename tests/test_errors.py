@@ -14,7 +14,7 @@ import torch
 from conftest import FAST, make_tiny
 from unify.build import BuildOptions, build
 from unify.cli import main
-from unify.errors import BrownoutError
+from runtime.errors import BrownoutError
 
 
 def _cli(capsys, *argv) -> tuple[int, str]:

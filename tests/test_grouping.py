@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from unify import grouping
-from unify.errors import BrownoutError
+from runtime.errors import BrownoutError
 from test_merge import E, glu, make_calib, make_canon
 
 METHODS = ["consecutive", "frequency", "similarity"]

@@ -5,8 +5,8 @@ import torch.nn.functional as F
 
 from unify import merge
 from unify.calib_data import LayerCalibration
-from unify.errors import BrownoutError
-from unify.layout import expert, output
+from runtime.errors import BrownoutError
+from runtime.layout import expert, output
 from unify.merge import MergeContext
 
 E, H, I, N, TOPK = 8, 16, 12, 256, 2

@@ -10,7 +10,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "recipes" / "reference" / "model"
-TASKS = ROOT / "eval" / "tasks"
+TASKS = ROOT / "recipes" / "reference" / "tasks"
 TASK_NAMES = ["brownout_ppl", "brownout_cont", "brownout_cloze"]
 
 
@@ -46,8 +46,8 @@ def test_reference_recipe():
     import recipes
 
     r = recipes.load("reference")
-    assert r["model_type"] == "qwen3_moe" and r["hub_id"] is None
-    assert (ROOT / r["path"] / "config.json").is_file()
+    assert r.model_type == "qwen3_moe" and r.hub_id is None
+    assert (r.path / "config.json").is_file() and r.tasks_path == TASKS
     calib = ROOT / "recipes" / "reference" / "calib.txt"
     assert calib.stat().st_size > 100_000
 

@@ -10,9 +10,9 @@ from conftest import FAMILIES, FAST, load, make_tiny
 from runtime import BrownoutMoE
 from runtime.policy import remap
 from unify.build import BuildOptions, build
-from unify.checkpoint import UnitedCheckpoint
-from unify.discover import find_moe_layers
-from unify.errors import BrownoutError
+from runtime.checkpoint import UnitedCheckpoint
+from runtime.discover import find_moe_layers
+from runtime.errors import BrownoutError
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `eval` is a plain folder, not an installed package
 
-from eval.trace import Trace, burst_test, bursty, poisson, sample_lengths  # noqa: E402
+from runtime.serving.trace import Trace, burst_test, bursty, poisson, sample_lengths  # noqa: E402
 
 
 def test_poisson_rate_and_cv():
@@ -82,8 +82,8 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from eval.trace import Request  # noqa: E402
-from runtime.controller import SALC, FixedRatio  # noqa: E402
+from runtime.serving.trace import Request  # noqa: E402
+from runtime.serving.controller import SALC, FixedRatio  # noqa: E402
 from runtime.serving import BrownoutServer, ServeConfig, capacity, summarize, timeline  # noqa: E402
 
 

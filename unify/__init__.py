@@ -1,3 +1,4 @@
 """Offline half of Brownout: calibrate, group and merge the experts of an MoE model into united experts."""
+from runtime.version import __version__
 
-__version__ = "0.1.0"
+__all__ = ["__version__"]

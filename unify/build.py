@@ -13,10 +13,10 @@ import recipes
 from . import grouping as grouping_mod
 from . import merge as merge_mod
 from .calibration import MoEProbe, capture_layer_inputs, decoder_layers, load_texts, tokenize
-from .checkpoint import CheckpointWriter, all_finite, config_hash, weight_probe
-from .discover import find_moe_layers
-from .errors import BrownoutError
-from .layout import glu_of, native_of
+from runtime.checkpoint import CheckpointWriter, all_finite, config_hash, weight_probe
+from runtime.discover import find_moe_layers
+from runtime.errors import BrownoutError
+from runtime.layout import glu_of, native_of
 from .loading import InMemorySource, ShardSource, load_config, resolve
 
 
@@ -74,7 +74,7 @@ def build(model: str | torch.nn.Module, opts: BuildOptions) -> Path:
     E = num_experts.pop()
     num_groups = grouping_mod.check_partition(E, way=opts.way, groups=opts.groups)
     layers_name, layer_list = decoder_layers(net)
-    skip_spec = opts.skip_layers if opts.skip_layers is not None else (recipe or {}).get("skip_layers", [])
+    skip_spec = opts.skip_layers if opts.skip_layers is not None else (recipe.skip_layers if recipe else [])
     skip = recipes.resolve_skip_layers(skip_spec, len(layer_list))
     todo = [i for i in sorted(moe) if i not in skip]
     if not todo:
@@ -101,8 +101,8 @@ def build(model: str | torch.nn.Module, opts: BuildOptions) -> Path:
 def _walk(net, source, model_path, config, moe, todo, layers_name, layer_list, num_groups, group_fn, merge_fn, writer, opts):
     need_data = _needs_data(opts)
     calib_src = opts.calib
-    if calib_src is None and (getattr(source, "ref", None) is not None) and (source.ref.recipe or {}).get("calib"):
-        calib_src = str(recipes.HERE.parent / source.ref.recipe["calib"])  # the recipe's own calibration sample
+    if calib_src is None and getattr(source, "ref", None) is not None and source.ref.recipe and source.ref.recipe.calib:
+        calib_src = str(source.ref.recipe.calib)  # the recipe's own calibration sample
     first, last = todo[0], todo[-1]
     probes: dict[int, list[float]] = {}  # fingerprint values, taken while the layer is in memory
     meta_layers: dict[str, dict] = {}

@@ -13,7 +13,7 @@ import torch
 import recipes
 
 from .calib_data import LayerCalibration
-from .errors import BrownoutError
+from runtime.errors import BrownoutError
 
 DEFAULT_CALIB = recipes.HERE / "calib_default.txt"
 

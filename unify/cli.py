@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from .errors import BrownoutError
+from runtime.errors import BrownoutError
 
 EXAMPLES_BUILD = """examples:
   unify build --model mixtral --groups 4 --out out/mixtral-g4          # recipe name (needs the hub or its cache)
@@ -60,18 +60,9 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="lm-eval accuracy of a model with a united tier over brownout ratios",
                        description="Runs lm-eval for each brownout ratio and writes results.json, results.md and results.png.")
-    e.add_argument("--model", required=True, help="recipe name or local model directory")
-    e.add_argument("--united", nargs="+", default=[], help="one or more united checkpoint directories")
-    e.add_argument("--ratios", default="0,0.25,0.5,0.75,1", help="comma-separated brownout ratios")
-    e.add_argument("--policies", default="hot-cold", help="comma-separated runtime policies (hot-cold, mass, drop)")
-    e.add_argument("--tasks", default="brownout_ppl,brownout_cont,brownout_cloze", help="comma-separated lm-eval tasks")
-    e.add_argument("--include-path", default=None, help="extra lm-eval task folder (default: the bundled eval/tasks)")
-    e.add_argument("--limit", type=int, default=None, help="examples per task (quick runs)")
-    e.add_argument("--num-fewshot", type=int, default=None)
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--dtype", default="float32")
-    e.add_argument("--out", required=True, help="report directory")
+    from .evaluate import add_arguments
+
+    add_arguments(e)
     return p
 
 
@@ -101,7 +92,8 @@ def _build(args) -> int:
 
     defaults = {}
     try:
-        defaults = (resolve(args.model).recipe or {}).get("defaults", {}) if "/" not in args.model else {}
+        recipe = resolve(args.model).recipe if "/" not in args.model else None
+        defaults = {k: v for k, v in vars(recipe.defaults).items() if v is not None} if recipe else {}
     except BrownoutError:
         defaults = {}
     opts = BuildOptions(
@@ -124,9 +116,9 @@ def _inspect(args) -> int:
     if args.recipes or not args.path:
         for n in recipes.names():
             r = recipes.load(n)
-            print(f"{n:12s} {r.get('hub_id') or r.get('path')}  (model_type {r['model_type']}, skip_layers {r['skip_layers']})")
+            print(f"{n:12s} {r.hub_id or r.path}  (model_type {r.model_type}, skip_layers {list(r.skip_layers)})")
         return 0
-    from .checkpoint import UnitedCheckpoint
+    from runtime.checkpoint import UnitedCheckpoint
 
     ck = UnitedCheckpoint(args.path)
     m = ck.meta

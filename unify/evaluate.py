@@ -1,7 +1,7 @@
 """`unify eval`: lm-eval accuracy of a model with united tiers attached, over brownout ratios and policies.
 
 lm-eval's `HFLM` wraps the already loaded model (so BrownoutMoE's ratio can change between runs without reloading);
-tasks come from lm-eval's registry plus `eval/tasks` (local YAML + JSONL, no download). Writes results.json, a
+tasks come from lm-eval's registry plus `recipes/reference/tasks` (local YAML + JSONL, no download). Writes results.json, a
 markdown table (results.md) and a plot (results.png: metric versus ratio, one line per checkpoint and policy).
 """
 from __future__ import annotations
@@ -14,10 +14,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .errors import BrownoutError
+import recipes
+
+from runtime.errors import BrownoutError
 from .loading import resolve
 
-TASKS_DIR = Path(__file__).resolve().parent.parent / "eval" / "tasks"
+TASKS_DIR = recipes.HERE / "reference" / "tasks"
 # The metric each task is judged by (lower is better for perplexities); other tasks use acc if present.
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte")
 
@@ -183,6 +185,22 @@ def write_report(report: dict, out: Path) -> None:
     plot(report, out / "results.png")
 
 
+def add_arguments(e) -> None:
+    """The `unify eval` flags (the parser itself lives in unify.cli)."""
+    e.add_argument("--model", required=True, help="recipe name or local model directory")
+    e.add_argument("--united", nargs="+", default=[], help="one or more united checkpoint directories")
+    e.add_argument("--ratios", default="0,0.25,0.5,0.75,1", help="comma-separated brownout ratios")
+    e.add_argument("--policies", default="hot-cold", help="comma-separated runtime policies (hot-cold, mass, drop)")
+    e.add_argument("--tasks", default="brownout_ppl,brownout_cont,brownout_cloze", help="comma-separated lm-eval tasks")
+    e.add_argument("--include-path", default=None, help="extra lm-eval task folder (default: the bundled recipes/reference/tasks)")
+    e.add_argument("--limit", type=int, default=None, help="examples per task (quick runs)")
+    e.add_argument("--num-fewshot", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--dtype", default="float32")
+    e.add_argument("--out", required=True, help="report directory")
+
+
 def run_eval_cli(args) -> int:
     ratios = _parse_ratios(args.ratios)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -192,7 +210,7 @@ def run_eval_cli(args) -> int:
     if bad:
         raise BrownoutError(f"unknown policies {bad}; policies: {', '.join(POLICIES)}")
     for u in args.united:
-        from .checkpoint import UnitedCheckpoint
+        from runtime.checkpoint import UnitedCheckpoint
 
         UnitedCheckpoint(u)  # fail early on a bad checkpoint, before loading the model
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

@@ -21,8 +21,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from .calib_data import LayerCalibration
-from .errors import BrownoutError
-from .layout import Glu, expert, output
+from runtime.errors import BrownoutError
+from runtime.layout import Glu, expert, output
 from .registry import Registry
 
 GroupFn = Callable[[dict[str, torch.Tensor], "LayerCalibration | None", Glu, int, int], list[list[int]]]

@@ -19,8 +19,8 @@ import torch
 
 import recipes
 
-from .errors import BrownoutError
-from .layout import Layout
+from runtime.errors import BrownoutError
+from runtime.layout import Layout
 
 _EXPERT_KEY = re.compile(r"^(?P<prefix>.*)\.experts\.(?P<j>\d+)\.(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
 _PROJ = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
@@ -29,7 +29,7 @@ _PROJ = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "
 @dataclass
 class ModelRef:
     path: Path  # local directory holding config.json and safetensors
-    recipe: dict | None
+    recipe: recipes.Recipe | None
     name: str  # what the user passed
 
 
@@ -42,11 +42,13 @@ def resolve(model: str) -> ModelRef:
         return ModelRef(p, _recipe_for_dir(p), model)
     recipe = None
     if "/" not in model:
-        recipe = recipes.load(model)  # raises, listing the recipes, when unknown
-        if recipe.get("path"):
-            local = Path(recipes.HERE.parent / recipe["path"])
-            return ModelRef(local, recipe, model)
-        hub_id = recipe["hub_id"]
+        try:
+            recipe = recipes.load(model)
+        except recipes.RecipeError as e:  # unknown name: the message lists the recipes
+            raise BrownoutError(str(e)) from None
+        if recipe.path is not None:
+            return ModelRef(recipe.path, recipe, model)
+        hub_id = recipe.hub_id
     else:
         hub_id = model
     return ModelRef(_from_hub(hub_id), recipe, model)
@@ -67,14 +69,14 @@ def _from_hub(hub_id: str) -> Path:
         ) from None
 
 
-def _recipe_for_dir(p: Path) -> dict | None:
+def _recipe_for_dir(p: Path) -> recipes.Recipe | None:
     try:
         model_type = json.loads((p / "config.json").read_text()).get("model_type")
     except (json.JSONDecodeError, OSError) as e:
         raise BrownoutError(f"{p / 'config.json'} is corrupt: {e}") from None
     for n in recipes.names():
         r = recipes.load(n)
-        if r.get("model_type") == model_type and not r.get("path"):
+        if r.model_type == model_type and r.path is None:
             return r
     return None
 
@@ -111,7 +113,7 @@ class ShardSource:
         from transformers import AutoModelForCausalLM
 
         self.ref, self.dtype = ref, dtype
-        self.renames = [tuple(r) for r in (ref.recipe or {}).get("disk_renames", [])]
+        self.renames = list(ref.recipe.disk_renames) if ref.recipe else []
         self.key_file = self._index(ref.path)
         with init_empty_weights():
             self.model = AutoModelForCausalLM.from_config(config)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .errors import BrownoutError
+from runtime.errors import BrownoutError
 
 
 class Registry:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build the local lm-eval tasks (eval/tasks/) from the held-out split, and calib.txt from train.
+"""Build the local lm-eval tasks (recipes/reference/tasks/) from the held-out split, and calib.txt from train.
 
     python recipes/reference/make_tasks.py [--corpus .corpus]
 
@@ -11,7 +11,7 @@
                    drawn from other held-out documents; the right context is shared.
 Every choice starts with a space and the context ends without one (target_delimiter ""), so
 whitespace gives nothing away. Deterministic (fixed seeds). The loaders the YAML files name live in
-eval/tasks/utils.py, which is source, not generated.
+recipes/reference/tasks/utils.py, which is source, not generated.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TASKS = ROOT / "eval" / "tasks"
+TASKS = ROOT / "recipes" / "reference" / "tasks"
 
 
 def load(path: Path) -> list[dict]:
@@ -191,7 +191,7 @@ def calib(train_jsonl: Path, out: Path, n_chars: int = 200_000, seed: int = 0) -
 YAML_MC = """# {desc}
 # Data: {name}.jsonl beside this file, built by recipes/reference/make_tasks.py from the reference
 # corpus' held-out split. Loaded by utils.py in this folder (not by path), so the task works
-# from any working directory: TaskManager(include_path="eval/tasks").
+# from any working directory: TaskManager(include_path="recipes/reference/tasks").
 task: {name}
 dataset_path: json
 custom_dataset: !function utils.load_{name}

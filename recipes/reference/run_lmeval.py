@@ -12,7 +12,7 @@ m=AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()
 m.set_experts_implementation('eager')
 lm=HFLM(pretrained=m, tokenizer=tok, batch_size=16, max_length=512)
 t=time.time()
-r=lm_eval.simple_evaluate(model=lm, tasks=['brownout_ppl','brownout_cont','brownout_cloze'], task_manager=TaskManager(include_path='eval/tasks'), limit=None, log_samples=False)
+r=lm_eval.simple_evaluate(model=lm, tasks=['brownout_ppl','brownout_cont','brownout_cloze'], task_manager=TaskManager(include_path='recipes/reference/tasks'), limit=None, log_samples=False)
 res={k:{kk:vv for kk,vv in v.items() if isinstance(vv,(int,float))} for k,v in r['results'].items()}
 res['seconds']=time.time()-t
 print(json.dumps(res, indent=1))

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-TASKS = Path(__file__).resolve().parents[2] / "eval" / "tasks"
+TASKS = Path(__file__).resolve().parent / "tasks"
 
 
 def rows(name):

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from ..calib_data import LayerCalibration
-from ..layout import Glu
+from runtime.layout import Glu
 from ..registry import Registry
 
 

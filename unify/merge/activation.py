@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from ..errors import BrownoutError
-from ..layout import Glu, expert, hidden, output
+from runtime.errors import BrownoutError
+from runtime.layout import Glu, expert, hidden, output
 from . import MergeContext, register
 from .average import member_weights, weighted_mean
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import BrownoutError
-from ..layout import output
+from runtime.errors import BrownoutError
+from runtime.layout import output
 from . import MergeContext, register
 from .activation import activation, group_rows, mixture_targets
 from .average import average

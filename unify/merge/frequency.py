@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import BrownoutError
+from runtime.errors import BrownoutError
 from . import MergeContext, register
 from .average import member_weights, weighted_mean
 

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import __version__
+from .version import __version__
 from .errors import BrownoutError
 
 FORMAT_VERSION = 1

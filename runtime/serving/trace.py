@@ -9,7 +9,7 @@ parameters that made it. Lengths come from a lognormal per preset:
 
 Lengths are capped (`max_prompt`, `max_output`) so one request cannot blow a batch or a cache.
 
-CLI:  python -m eval.trace burst --base-rate 4 --duration-scale 0.24 --lengths alpaca --out eval/traces/burst.json
+CLI:  python -m runtime.serving.trace burst --base-rate 4 --duration-scale 0.24 --lengths alpaca --out burst.json
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-TRACE_DIR = Path(__file__).resolve().parent / "traces"
+
 MAX_REQUESTS = 100_000
 MAX_DURATION = 24 * 3600.0
 
