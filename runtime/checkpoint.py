@@ -24,13 +24,15 @@ SINGLE = "united.safetensors"
 INDEX = "united.safetensors.index.json"
 META = "united.json"
 MAX_SHARD_BYTES = 1024**3  # a shard is flushed once this much is pending (also bounds build memory)
-# Config keys that do not change the weights' meaning (dtype, paths, runtime choices) stay out of the hash.
-_VOLATILE = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "_experts_implementation",
-             "_attn_implementation", "architectures", "use_cache", "output_router_logits"}
+# Config keys that do not change the weights' meaning (dtype, paths, runtime choices, how the model is sharded) stay
+# out of the hash, so a checkpoint attaches to the same model loaded in another dtype or under TP / EP.
+VOLATILE_CONFIG_KEYS = frozenset({"_name_or_path", "transformers_version", "dtype", "torch_dtype",
+                                  "_experts_implementation", "_attn_implementation", "architectures", "use_cache",
+                                  "output_router_logits", "distributed_config", "tp_plan", "tp_size"})
 
 
 def config_hash(config) -> str:
-    d = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE and not k.startswith("_")}
+    d = {k: v for k, v in config.to_dict().items() if k not in VOLATILE_CONFIG_KEYS and not k.startswith("_")}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

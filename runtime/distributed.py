@@ -35,14 +35,12 @@ The original experts' local shards become views of the front of the local slabs 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
 from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import _VOLATILE, UnitedCheckpoint
+from .checkpoint import UnitedCheckpoint, config_hash
 from .discover import find_moe_layers
 from .errors import BrownoutError
 
@@ -270,13 +268,6 @@ def expert_parallel_config(size: int, implementation: str = "auto"):
     return DistributedConfig(tp_size=size, enable_expert_parallel=True)
 
 
-def _config_hash(config) -> str:
-    """unify.checkpoint.config_hash without the parallelism settings a sharded load adds to the config."""
-    d = {k: v for k, v in config.to_dict().items()
-         if k not in _VOLATILE and not k.startswith("_") and k not in ("distributed_config", "tp_plan", "tp_size")}
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if _is_dtensor(t) else t
 
@@ -341,7 +332,7 @@ def attach(model, united_dir, ratio=0.0, policy: str = "hot-cold", replicate="au
         raise BrownoutError(f"unknown brownout policy {policy!r}; policies: {', '.join(POLICIES)}")
     ck = UnitedCheckpoint(united_dir)
     # the probe reads experts 0 and -1 of the first and last united layer: `_full` gathers them (a collective)
-    BrownoutMoE._check_fingerprint(model, ck, moe, cfg_hash=_config_hash, full=_full)
+    BrownoutMoE._check_fingerprint(model, ck, moe, full=_full)
     loaded = {i: BrownoutMoE._check_layer(ck, i, moe[i]) for i in ck.layers}
     for i in loaded:
         if modes[i] is None:
