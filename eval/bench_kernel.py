@@ -1,9 +1,12 @@
 """Benchmark the fused two-tier MoE kernel against the physical limit, next to transformers' experts implementations.
 
-    python eval/bench_kernel.py check               # bf16/fp16 correctness on the GPU vs runtime.reference
-    python eval/bench_kernel.py tune OUT.json       # pick tile configs per (shape, T bucket) by measurement
-    python eval/bench_kernel.py bench OUTDIR        # the table: kernel_bench.json / .md / .png
-    python eval/bench_kernel.py profile OUT.json    # kernel breakdown of a call (profiler) and PDL off / on (+ .md)
+    python -m eval.bench_kernel check               # bf16/fp16 correctness on the GPU vs runtime.reference
+    python -m eval.bench_kernel tune [DIR [LOG]]    # pick tile configs per (shape, T bucket) by measurement
+    python -m eval.bench_kernel bench OUTDIR        # the table: kernel_bench.json / .md / .png
+    python -m eval.bench_kernel profile OUT.json    # kernel breakdown of a call (profiler) and PDL off / on (+ .md)
+
+`tune` writes the table of the GPU it runs on as DIR/<device name, spaces as underscores>.json, by default into
+runtime/kernels/configs/ where the kernel looks it up (`runtime.kernels.configs`).
 
 Limit of a call = max(bytes of the distinct slabs read / copy bandwidth, FLOPs / bf16 matmul rate), both ceilings
 measured in the same run (as ../shared/bench/anchor_moe_layer.py). Distinct slabs are counted from the remapped ids;
@@ -23,15 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from runtime import policy  # noqa: E402
-from runtime.kernels import fused_moe as fm  # noqa: E402
-from runtime.kernels.remap import remap as fused_remap  # noqa: E402
-from runtime.reference import slab_forward  # noqa: E402
+from runtime import policy
+from runtime.kernels import configs, pdl
+from runtime.kernels import fused_moe as fm
+from runtime.kernels.remap import remap as fused_remap
+from runtime.reference import slab_forward
 
 SHAPES = {  # name: (experts, top_k, hidden, intermediate)
     "mixtral-8x7b": (8, 2, 4096, 14336),
@@ -252,7 +253,7 @@ def check():
                         err = relerr(out, ref)
                         ok = same_ids and err < 1.5e-2 and bool(torch.isfinite(out).all())
                         row = {"dtype": str(dtype)[6:], "E": E, "k": k, "H": H, "I": I, "T": T, "ratio": ratio,
-                               "cfg": name, "pdl": fm.use_pdl(x.device), "relerr": err, "ids_match": same_ids}
+                               "cfg": name, "pdl": pdl.use_pdl(x.device), "relerr": err, "ids_match": same_ids}
                         if name == "default":  # remap + kernels replayed from a graph, as serving runs them
                             rm = remapper(idx, w, e2g, G, ratio)
                             g, gout = capture(lambda: fm.fused_moe(x, gu, dn, *rm(), config=cfg))
@@ -351,16 +352,16 @@ def profile_calls(out_path, points=None):
 
             try:
                 for mode in ("off", "on"):
-                    fm.PDL = mode
+                    pdl.MODE = mode
                     g, _ = capture(call)
                     row[f"pdl_{mode}_ms"] = time_graph(g)
                     del g
                 row["kernels_pdl_on"] = kernel_spans(call)
-                fm.PDL = "off"
+                pdl.MODE = "off"
                 row["kernels_pdl_off"] = kernel_spans(call)
             except Exception as exc:
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            fm.PDL = "auto"
+            pdl.MODE = "auto"
             rows.append(row)
             kon = row.get("kernels_pdl_on") or {}
             print(f"PROFILE {name} T={T} w{way} r{ratio}: limit {1e3 * limit_ms:.1f} us, pdl off "
@@ -420,16 +421,19 @@ def _dec(t):
     return (16,) + tuple(t[:2]) + (1,) + tuple(t[2:4])
 
 
-def tune(out_path, budget_s=300.0):
+def tune(out_dir=configs.CONFIG_DIR, budget_s=300.0):
     """Per shape and T bucket, one config for every ratio: each candidate is timed on the ratio-0 routing (way 2) and
     on the way-4 ratio-1 remap (few slabs, many rows each), and scored by the sum of its time / the best time on each.
     One config per bucket because a CUDA graph freezes the config it captured while the ratio it reads keeps moving.
-    Stages: gate/up tiles (with a default down), then down tiles, then the top-k sum mode."""
+    Stages: gate/up tiles (with a default down), then down tiles, then the top-k sum mode.
+    Writes out_dir/<this GPU's table name> (`configs.file_name`) after every shape; -> (its path, the tuning log)."""
     t_start = time.time()
+    device = torch.cuda.get_device_name()
+    out_path = Path(out_dir) / configs.file_name(device)
     gen = torch.Generator(device=dev)
     gen.manual_seed(0)
-    table = {"shapes": {}, "device": torch.cuda.get_device_name(), "pdl": fm.PDL,
-             "note": "chosen by eval/bench_kernel.py tune: one config per T bucket for all ratios"}
+    table = {"shapes": {}, "device": device, "pdl": pdl.MODE,
+             "note": "chosen by python -m eval.bench_kernel tune: one config per T bucket for all ratios"}
     log = []
     for name, (E, k, H, I) in SHAPES.items():
         gu0 = torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16) * 0.02
@@ -455,9 +459,11 @@ def tune(out_path, budget_s=300.0):
                   f"{time.time() - t_start:.0f}s)", flush=True)
         del sl
         torch.cuda.empty_cache()
-        Path(out_path).write_text(json.dumps(table, indent=1))  # after every shape: a cut-off run keeps its part
-    Path(out_path).write_text(json.dumps(table, indent=1))
-    return log
+        out_path.write_text(json.dumps(table, indent=1))  # after every shape: a cut-off run keeps its part
+    out_path.write_text(json.dumps(table, indent=1))
+    configs.reload()
+    print(f"TUNE wrote {out_path}", flush=True)
+    return out_path, log
 
 
 def res_of(res, cfg):
@@ -748,8 +754,8 @@ if __name__ == "__main__":
     elif cmd == "profile-md":  # the markdown of an earlier profile run's JSON
         write_profile_md(json.load(open(sys.argv[2])), Path(sys.argv[2]).with_suffix(".md"))
     elif cmd == "tune":
-        log = tune(sys.argv[2] if len(sys.argv) > 2 else "tile_configs.json",
-                   float(os.environ.get("TUNE_BUDGET_S", "300")))
+        _, log = tune(sys.argv[2] if len(sys.argv) > 2 else configs.CONFIG_DIR,
+                      float(os.environ.get("TUNE_BUDGET_S", "300")))
         if len(sys.argv) > 3:
             json.dump(log, open(sys.argv[3], "w"), indent=1)
     else:

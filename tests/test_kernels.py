@@ -173,9 +173,16 @@ def test_supported():
 
 
 def test_config_lookup():
+    # off a GPU ("cpu": no table of its own) the lookup runs the fallback table, the H100 one
+    from runtime.kernels import configs
+
+    tuned = configs.load(configs.FALLBACK_DEVICE)["shapes"]["2048,768,8"]
+    assert fm.device_name("cpu") == "cpu" and configs.table_for("cpu")[1]
+    assert fm.get_config(1, 2048, 768, 8, "cpu") == tuned["1"]
+    assert fm.get_config(3000, 2048, 768, 8, "cpu") == tuned["4096"]
     assert fm.get_config(1, 2048, 768, 8)["mode"] == "decode"
     assert fm.get_config(4096, 2048, 768, 8)["mode"] == "prefill"
-    assert fm.get_config(4096, 123, 45, 3)["mode"] == "prefill"  # unknown shape: default
+    assert fm.get_config(4096, 123, 45, 3) == fm.default_config(4096, 3)  # unknown shape: default
     assert fm.t_bucket(3) == 8 and fm.t_bucket(10**6) == 4096
 
 

@@ -1,11 +1,12 @@
-"""Triton kernels for the brownout experts forward (DESIGN.md section 6).
+"""Triton kernels for the brownout experts forward (docs/design.md §6).
 
 What the runtime calls on CUDA (check `supported(experts, dtype, device)` first, else keep the PyTorch path):
 
     ids, w = remap(top_k_index, top_k_weights, expert_to_group, num_groups, ratio, policy)   # 1 launch, no sync
     out = fused_moe.fused_moe(hidden_states, slabs["gate_up_proj"], slabs["down_proj"], ids, w)
 
-or both at once with `experts_forward(...)`.
+or both at once with `experts_forward(...)`. Tile configs: one table per GPU model in `configs` (package data);
+`configs.table_for(torch.cuda.get_device_name())` says which table a device runs.
 """
 # NB: `runtime.kernels.fused_moe` stays the module (runtime/experts_impl.py does `from .kernels import fused_moe as k`)
 from . import fused_moe  # noqa: F401

@@ -1,4 +1,4 @@
-"""Fused two-tier MoE experts forward in Triton (DESIGN.md section 6, issue 6).
+"""Fused two-tier MoE experts forward in Triton (docs/design.md §6).
 
 One call computes out[t] = sum_j weights[t, j] * Slab_{ids[t, j]}(x[t]) over S weight slabs (the layer's E original
 experts followed by its G united experts, concatenated), slab id S meaning "skip this slot". Layout: non-transposed,
@@ -21,19 +21,21 @@ Stages: gate/up GEMM with silu(g)*u in the epilogue -> [T*k, I] intermediate; do
 multiplied in -> either [T*k, H] per-slot rows then a sum over k (deterministic, "store"), or fp32 atomics into a
 [T, H] buffer then a cast ("atomic").
 
-Tile configs per (H, I, k) and T bucket live in tile_configs.json, one per bucket for every ratio (a CUDA graph freezes
-the config it captured while the ratio keeps moving); a config may take its weight tiles through TMA tensor
-descriptors ("tma"). On Hopper and newer every kernel launches with programmatic dependent launch (PDL): it may start
-while the previous kernel finishes and waits for it before its first access.
+Tile configs per (H, I, k) and T bucket live in a table per GPU model (`runtime.kernels.configs`), one per bucket for
+every ratio (a CUDA graph freezes the config it captured while the ratio keeps moving); a config may take its weight
+tiles through TMA tensor descriptors ("tma"). On Hopper and newer every kernel launches with programmatic dependent
+launch (`runtime.kernels.pdl`): it may start while the previous kernel finishes and waits for it before its first
+access.
 """
 from __future__ import annotations
 
 import functools
-import json
 import os
-from pathlib import Path
 
 import torch
+
+from . import configs
+from .pdl import launch_opts, pdl_start, use_pdl
 
 try:
     import triton
@@ -51,25 +53,15 @@ except ImportError:  # pragma: no cover - the CPU path does not need triton
     tl = None
     HAS_TRITON = HAS_TMA = False
 
-CONFIG_PATH = Path(__file__).with_name("tile_configs.json")
 T_BUCKETS = (1, 8, 32, 128, 512, 4096)
 
 if HAS_TRITON:
 
     @triton.jit
-    def _pdl_start(USE_PDL: tl.constexpr):
-        """Programmatic dependent launch (Hopper+): this grid may be launched while the previous kernel of the stream
-        still runs. Wait for it (and its memory) before touching anything, then let the next kernel launch early, so a
-        chain of small kernels in a CUDA graph overlaps each launch and ramp-up with the previous kernel's tail."""
-        if USE_PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-
-    @triton.jit
     def _align_rank_kernel(ids_ptr, counts_ptr, rank_ptr, sorted_ptr, num_slots, max_padded, S,
                            BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
         """Fill the padded sorted list with the sentinel (num_slots) and give every live slot its rank in its slab."""
-        _pdl_start(USE_PDL)
+        pdl_start(USE_PDL)
         pid = tl.program_id(0)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         tl.store(sorted_ptr + offs, tl.zeros([BLOCK], dtype=tl.int32) + num_slots, mask=offs < max_padded)
@@ -83,7 +75,7 @@ if HAS_TRITON:
     def _align_scatter_kernel(ids_ptr, counts_ptr, rank_ptr, sorted_ptr, block_slab_ptr, total_ptr, num_slots, S,
                               BLOCK_M: tl.constexpr, S_PAD: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
         """Exclusive scan of the BLOCK_M-padded counts (every program redoes it: S is small), then scatter."""
-        _pdl_start(USE_PDL)
+        pdl_start(USE_PDL)
         pid = tl.program_id(0)
         sl = tl.arange(0, S_PAD)
         c = tl.load(counts_ptr + sl, mask=sl < S, other=0)
@@ -149,7 +141,7 @@ if HAS_TRITON:
         """inter[slot, n] = silu(gate_s[n] . x[tok]) * (up_s[n] . x[tok]); N = I, K = H.
         TMA: the weight tiles come through a tensor descriptor over gate_up viewed [S * 2N, K] (the copy engine; rows
         past a half or the end are other rows or zeros, and only feed the masked-off columns)."""
-        _pdl_start(USE_PDL)  # the ids / alignment come from the kernel just before
+        pdl_start(USE_PDL)  # the ids / alignment come from the kernel just before
         pid = tl.program_id(0)
         num_n = tl.cdiv(N, BLOCK_N)
         s, slot, row_mask, pid_n, active = _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr, num_slots, S,
@@ -195,7 +187,7 @@ if HAS_TRITON:
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                      USE_PDL: tl.constexpr):
         """y[slot, n] = weights[slot] * (down_s[n] . inter[slot]); N = H, K = I. Store per slot, or atomically per token."""
-        _pdl_start(USE_PDL)  # waits for `inter`; nothing is read before (no stale-cache questions)
+        pdl_start(USE_PDL)  # waits for `inter`; nothing is read before (no stale-cache questions)
         pid = tl.program_id(0)
         num_n = tl.cdiv(N, BLOCK_N)
         s, slot, row_mask, pid_n, active = _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr, num_slots, S,
@@ -235,7 +227,7 @@ if HAS_TRITON:
     def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, N, S, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr,
                          USE_PDL: tl.constexpr):
         """out[t, n] = sum over the token's live slots j of y[t*k + j, n] (skipped slots were never written)."""
-        _pdl_start(USE_PDL)
+        pdl_start(USE_PDL)
         t = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = offs < N
@@ -260,16 +252,20 @@ _DEFAULTS = {
 DECODE_MAX_SLOTS = 64
 
 
-@functools.lru_cache(maxsize=1)
-def _table() -> dict:
-    try:
-        return json.loads(CONFIG_PATH.read_text())
-    except (OSError, ValueError):
-        return {}
+@functools.lru_cache(maxsize=None)
+def _device_name(device_type: str, index: int | None) -> str:
+    return torch.cuda.get_device_name(index) if device_type == "cuda" else device_type
 
 
-def reload_configs() -> None:
-    _table.cache_clear()
+def device_name(device=None) -> str:
+    """The name a tile config table is looked up by: the GPU model for a CUDA device ("NVIDIA H100 80GB HBM3"), else
+    the device type ("cpu", under the Triton interpreter). None: the current CUDA device, else "cpu"."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _device_name(device.type, device.index)
 
 
 def shape_key(H: int, I: int, k: int) -> str:
@@ -295,11 +291,13 @@ def default_config(T: int, k: int) -> dict:
     return _DEFAULTS["large"]
 
 
-def get_config(T: int, H: int, I: int, k: int) -> dict:
-    """The tuned config of (H, I, k) at T's bucket, else a default. Decode mode only while T*k <= DECODE_MAX_SLOTS.
+def get_config(T: int, H: int, I: int, k: int, device=None) -> dict:
+    """The tuned config of (H, I, k) at T's bucket in the table of `device`'s GPU model (`configs.load`), else a
+    default. Decode mode only while T*k <= DECODE_MAX_SLOTS.
     Not a function of the brownout ratio: a CUDA graph freezes the config it captured while the ratio it reads (from
     device memory) keeps moving, so the tuner picks one config per bucket that does well at every ratio."""
-    entry = _table().get("shapes", {}).get(shape_key(H, I, k), {}).get(str(t_bucket(T)))
+    table = configs.load(device_name(device))
+    entry = table["shapes"].get(shape_key(H, I, k), {}).get(str(t_bucket(T)))
     cfg = entry if entry is not None else default_config(T, k)
     if cfg["mode"] == "decode" and T * k > DECODE_MAX_SLOTS:  # decode rows are all the slots: keep M bounded
         cfg = _DEFAULTS["mid"] if T * k > 512 else _DEFAULTS["small"]
@@ -312,28 +310,6 @@ def get_config(T: int, H: int, I: int, k: int) -> dict:
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
-
-
-# Programmatic dependent launch: "auto" (Hopper and newer GPUs), "on" or "off". A module setting so a benchmark can
-# time both; the environment variable BROWNOUT_PDL sets it at import.
-PDL = os.environ.get("BROWNOUT_PDL", "auto")
-
-
-@functools.lru_cache(maxsize=None)
-def _pdl_capable(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
-def use_pdl(device: torch.device) -> bool:
-    """Whether our kernels on `device` launch with PDL (never under the Triton interpreter, which lacks it)."""
-    if PDL == "off" or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    return PDL == "on" or _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def launch_opts(pdl: bool) -> dict:
-    """Kernel arguments for a launch: the USE_PDL constexpr, plus Triton's launch_pdl option when on."""
-    return {"USE_PDL": True, "launch_pdl": True} if pdl else {"USE_PDL": False}
 
 
 def moe_align(ids_flat: torch.Tensor, num_slabs: int, block_m: int, pdl: bool = False):
@@ -379,7 +355,7 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
     out_dtype = x.dtype
     if T == 0:
         return torch.zeros(0, H, dtype=out_dtype, device=x.device)
-    cfg = config or get_config(T, H, I, k)
+    cfg = config or get_config(T, H, I, k, x.device)
     decode = cfg["mode"] == "decode"
     gm, gn, gk, ggm, gw, gs = cfg["gu"]
     dm, dn_, dk, dgm, dw, ds = cfg["dn"]

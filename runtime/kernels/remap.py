@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import policy as _policy
-from .fused_moe import launch_opts, use_pdl
+from .pdl import launch_opts, pdl_start, use_pdl
 
 try:
     import triton
@@ -25,13 +25,12 @@ except ImportError:  # pragma: no cover
     HAS_TRITON = False
 
 if HAS_TRITON:
-    from .fused_moe import _pdl_start
 
     @triton.jit
     def _remap_kernel(idx_ptr, w_ptr, e2g_ptr, ids_ptr, wout_ptr, T, E, G, keep_ptr,
                       K: tl.constexpr, KP: tl.constexpr, E_PAD: tl.constexpr, BT: tl.constexpr, DROP: tl.constexpr,
                       USE_PDL: tl.constexpr):
-        _pdl_start(USE_PDL)  # the router's top-k is the kernel before
+        pdl_start(USE_PDL)  # the router's top-k is the kernel before
         skip = E + G
         n = T * K
         er = tl.arange(0, E_PAD)
