@@ -1,12 +1,14 @@
 """`unify eval`: lm-eval accuracy of a model with united tiers attached, over brownout ratios and policies.
 
-lm-eval's `HFLM` wraps the already loaded model (so BrownoutMoE's ratio can change between runs without reloading);
-tasks come from lm-eval's registry plus `recipes/reference/tasks` (local YAML + JSONL, no download). Writes results.json, a
-markdown table (results.md) and a plot (results.png: metric versus ratio, one line per checkpoint and policy).
+lm-eval's `HFLM` wraps the already loaded model (so BrownoutMoE's ratio can change between runs without reloading).
+Tasks default to the model recipe's `tasks`, found in its `tasks_path` (shipped inside the package, no download);
+`--tasks` picks others from lm-eval's registry or from `--include-path`. Every checkpoint is attached and detached once
+before anything is evaluated, so a checkpoint of another model fails in seconds. The base model is evaluated once:
+ratio 0 with a united tier attached is the base model bit for bit, so its rows reuse that result.
+The report (results.json, results.md, results.png) is written by `unify.report`.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -14,25 +16,26 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-import recipes
-
 from runtime.errors import BrownoutError
-from .loading import resolve
-
-TASKS_DIR = recipes.HERE / "reference" / "tasks"
-# The metric each task is judged by (lower is better for perplexities); other tasks use acc if present.
-LOWER_IS_BETTER = ("perplexity", "bits_per_byte")
+from .loading import ModelRef, resolve
+from .report import row_stats, write_report
 
 
-def _main_metric(task_result: dict) -> tuple[str, float] | None:
+def _task_entry(result: dict, higher_is_better: dict) -> dict | None:
+    """lm-eval's result of one task -> the report entry of its main metric (see unify.report)."""
+    numbers = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     prefs = ["acc,none", "acc_norm,none", "word_perplexity,none", "exact_match,none"]
-    for p in prefs:
-        if p in task_result and isinstance(task_result[p], (int, float)):
-            return p.split(",")[0], float(task_result[p])
-    for k, v in task_result.items():
-        if isinstance(v, (int, float)) and not k.endswith("stderr,none") and k != "alias":
-            return k.split(",")[0], float(v)
-    return None
+    key = next((p for p in prefs if p in numbers), None)
+    if key is None:
+        key = next((k for k in numbers if "," in k and "_stderr," not in k), None)
+    if key is None:
+        return None
+    metric, flt = key.split(",", 1)
+    se = numbers.get(f"{metric}_stderr,{flt}")
+    hib = higher_is_better.get(metric)
+    return {"metric": metric, "value": float(numbers[key]),
+            "stderr": float(se) if se is not None and math.isfinite(se) else None,
+            "higher_is_better": None if hib is None else bool(hib), "all": numbers}
 
 
 def _parse_ratios(s: str) -> list[float]:
@@ -45,17 +48,39 @@ def _parse_ratios(s: str) -> list[float]:
     return rs
 
 
+def resolve_tasks(ref: ModelRef, tasks: list[str] | None, include_path: str | list[str] | None = None
+                  ) -> tuple[list[str], list[str]]:
+    """(lm-eval task names, task folders): the recipe's tasks unless `tasks` names others; the recipe's tasks_path
+    is always searched, `include_path` in addition."""
+    recipe = ref.recipe
+    extra = [include_path] if isinstance(include_path, (str, Path)) else list(include_path or [])
+    folders = ([str(recipe.tasks_path)] if recipe is not None and recipe.tasks_path is not None else [])
+    folders += [str(p) for p in extra]
+    if not tasks:
+        if recipe is None or not recipe.tasks:
+            raise BrownoutError(f"{ref.name} has no recipe tasks; name the lm-eval tasks to run with --tasks")
+        tasks = list(recipe.tasks)
+    return list(tasks), folders
+
+
 class Evaluator:
     """Holds one loaded model and its lm-eval wrapper; `run()` evaluates the model as it currently is."""
 
-    def __init__(self, model: str, tasks: list[str], include_path: str | None = None, limit: int | None = None,
-                 num_fewshot: int | None = None, batch_size: int = 8, device: str = "cpu", dtype: str = "float32"):
+    def __init__(self, model: str, tasks: list[str] | None = None, include_path: str | list[str] | None = None,
+                 limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 8, device: str = "cpu",
+                 dtype: str = "float32"):
         import lm_eval
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         ref = resolve(model)
+        tasks, folders = resolve_tasks(ref, tasks, include_path)
+        self.task_manager = TaskManager(include_path=folders or None)
+        unknown = [t for t in tasks if t not in self.task_manager.all_tasks]
+        if unknown:
+            local = sorted(t for t in self.task_manager.all_tasks if t.startswith("brownout"))
+            raise BrownoutError(f"unknown lm-eval tasks {unknown}" + (f"; local tasks: {', '.join(local)}" if local else ""))
         self.model_name = model
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(ref.path)
@@ -69,120 +94,76 @@ class Evaluator:
         max_length = getattr(self.model.config, "max_position_embeddings", None)
         self.lm = HFLM(pretrained=self.model, tokenizer=self.tokenizer, batch_size=batch_size, device=device,
                        max_length=max_length)
-        self.task_manager = TaskManager(include_path=str(include_path or TASKS_DIR))
-        unknown = [t for t in tasks if t not in self.task_manager.all_tasks]
-        if unknown:
-            raise BrownoutError(f"unknown lm-eval tasks {unknown}; local tasks: "
-                                f"{', '.join(t for t in self.task_manager.all_tasks if t.startswith('brownout'))}")
         self.tasks, self.limit, self.num_fewshot = tasks, limit, num_fewshot
+        self.n_shot: dict[str, int] = {}  # few-shot count lm-eval used per task (filled by run)
+        self.n_docs: dict[str, int] = {}  # documents evaluated per task (filled by run)
         self._lm_eval = lm_eval
 
     def run(self) -> dict[str, dict]:
+        """task -> report entry (metric, value, stderr, higher_is_better, all lm-eval numbers)."""
         res = self._lm_eval.simple_evaluate(model=self.lm, tasks=self.tasks, limit=self.limit,
                                             num_fewshot=self.num_fewshot, task_manager=self.task_manager,
                                             log_samples=False, verbosity="ERROR")
+        hib = res.get("higher_is_better", {})
+        self.n_shot = {t: int(n) for t, n in res.get("n-shot", {}).items() if t in res["results"]}
+        self.n_docs = {t: int(n["effective"]) for t, n in res.get("n-samples", {}).items() if "effective" in n}
         out = {}
         for task, r in res["results"].items():
-            m = _main_metric(r)
-            if m is not None:
-                out[task] = {"metric": m[0], "value": m[1],
-                             "all": {k: v for k, v in r.items() if isinstance(v, (int, float))}}
+            entry = _task_entry(r, hib.get(task, {}))
+            if entry is not None:
+                out[task] = entry
         return out
 
 
-def evaluate(ev: Evaluator, united: list[str], ratios: list[float], policies: list[str]) -> dict:
+def check_checkpoints(model, united: list[str]) -> None:
+    """Attach and detach each checkpoint: one from another model fails here, in seconds, with the runtime's one-line
+    error, before any evaluation."""
     from runtime import BrownoutMoE
 
+    for u in united:
+        BrownoutMoE.attach(model, u).detach()
+
+
+def evaluate(ev: Evaluator, united: list[str], ratios: list[float], policies: list[str]) -> dict:
+    """The base model once, then every checkpoint x policy x ratio; rows at ratio 0 reuse the base result."""
+    from runtime import BrownoutMoE
+    from runtime.checkpoint import UnitedCheckpoint
+
+    check_checkpoints(ev.model, united)
     t0 = time.time()
-    runs = [{"checkpoint": None, "policy": None, "ratio": 0.0}]
-    runs += [{"checkpoint": u, "policy": p, "ratio": r} for u in united for p in policies for r in ratios]
-    results = []
-    bar = tqdm(runs, desc="lm-eval runs")
-    current, bm = None, None
-    for run in bar:
-        bar.set_postfix_str(f"{Path(run['checkpoint']).name if run['checkpoint'] else 'base'} {run['policy'] or ''} r={run['ratio']:g}")
-        if run["checkpoint"] != current:
+    todo = [(u, p, r) for u in united for p in policies for r in ratios]
+    bar = tqdm(total=1 + sum(r != 0 for _, _, r in todo), desc="lm-eval runs")
+    bar.set_postfix_str("base")
+    base = ev.run()
+    bar.update()
+    runs = [{"checkpoint": None, "policy": None, "ratio": 0.0, "way": None, "grouping": None, "merge": None,
+             "tasks": base, "reuses_base": False, **row_stats(base, base, reuses_base=True)}]
+    for u in united:
+        meta = UnitedCheckpoint(u).meta
+        bm = None
+        try:
+            for p in policies:
+                for r in ratios:
+                    row = {"checkpoint": u, "policy": p, "ratio": r, "way": meta.get("way"),
+                           "grouping": meta.get("grouping"), "merge": meta.get("merge")}
+                    if r == 0:  # no token is cold at ratio 0, whatever the policy: the base model bit for bit
+                        runs.append({**row, "tasks": base, "reuses_base": True, **row_stats(base, base, True)})
+                        continue
+                    bar.set_postfix_str(f"{Path(u).name} {p} r={r:g}")
+                    if bm is None:
+                        bm = BrownoutMoE.attach(ev.model, u)
+                    bm.set_policy(p)
+                    bm.set_ratio(r)
+                    got = ev.run()
+                    bar.update()
+                    runs.append({**row, "tasks": got, "reuses_base": False, **row_stats(base, got)})
+        finally:
             if bm is not None:
                 bm.detach()
-                bm = None
-            if run["checkpoint"] is not None:
-                bm = BrownoutMoE.attach(ev.model, run["checkpoint"])
-            current = run["checkpoint"]
-        if bm is not None:
-            bm.set_policy(run["policy"])
-            bm.set_ratio(run["ratio"])
-        meta = bm.checkpoint.meta if bm is not None else {}
-        results.append({**run, "way": meta.get("way"), "grouping": meta.get("grouping"), "merge": meta.get("merge"),
-                        "tasks": ev.run()})
-    if bm is not None:
-        bm.detach()
-    base = results[0]["tasks"]
-    for r in results:
-        r["loss_pct"] = _loss_pct(base, r["tasks"])
+    bar.close()
     return {"model": ev.model_name, "tasks": ev.tasks, "limit": ev.limit, "num_fewshot": ev.num_fewshot,
-            "seconds": round(time.time() - t0, 1), "base": base, "runs": results}
-
-
-def _loss_pct(base: dict, got: dict) -> float | None:
-    """Mean relative accuracy loss (%) over the accuracy tasks (perplexity tasks are reported, not averaged)."""
-    losses = [100 * (base[t]["value"] - got[t]["value"]) / base[t]["value"] for t in base
-              if t in got and not base[t]["metric"].endswith(LOWER_IS_BETTER) and base[t]["value"] > 0]
-    return round(sum(losses) / len(losses), 3) if losses else None
-
-
-def _label(r: dict) -> str:
-    if r["checkpoint"] is None:
-        return "base"
-    return f"{r['grouping']}+{r['merge']} w{r['way']} {r['policy']}"
-
-
-def write_markdown(report: dict, path: Path) -> None:
-    tasks = list(report["base"])
-    lines = [f"# Accuracy versus brownout ratio: {report['model']}", "",
-             f"lm-eval tasks {', '.join(tasks)}; limit {report['limit']}; few-shot {report['num_fewshot']}. "
-             "Loss = mean relative accuracy loss over the accuracy tasks, against the base model.", "",
-             "| checkpoint | policy | ratio | " + " | ".join(f"{t} ({report['base'][t]['metric']})" for t in tasks) + " | loss % |",
-             "|---|---|---|" + "---|" * len(tasks) + "---|"]
-    for r in report["runs"]:
-        name = "base" if r["checkpoint"] is None else f"{r['grouping']}+{r['merge']} w{r['way']}"
-        vals = " | ".join(f"{r['tasks'][t]['value']:.4g}" if t in r["tasks"] else "-" for t in tasks)
-        lines.append(f"| {name} | {r['policy'] or '-'} | {r['ratio']:g} | {vals} | {r['loss_pct'] if r['loss_pct'] is not None else '-'} |")
-    path.write_text("\n".join(lines) + "\n")
-
-
-def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(report["base"])
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
-    lines: dict[str, list] = {}
-    for r in report["runs"][1:]:
-        lines.setdefault(_label(r), []).append(r)
-    for ax, t in zip(axes[0], tasks):
-        for label, rs in lines.items():
-            rs = sorted(rs, key=lambda r: r["ratio"])
-            ax.plot([r["ratio"] for r in rs], [r["tasks"][t]["value"] for r in rs], marker="o", label=label)
-        ax.axhline(report["base"][t]["value"], color="k", ls=":", lw=1, label="base")
-        ax.set_title(t)
-        ax.set_xlabel("brownout ratio")
-        ax.set_ylabel(report["base"][t]["metric"])
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_report(report: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.rename(out / "results.json")
-    write_markdown(report, out / "results.md")
-    plot(report, out / "results.png")
+            "n_shot": ev.n_shot, "n_docs": ev.n_docs, "seconds": round(time.time() - t0, 1), "base": base,
+            "runs": runs}
 
 
 def add_arguments(e) -> None:
@@ -191,10 +172,12 @@ def add_arguments(e) -> None:
     e.add_argument("--united", nargs="+", default=[], help="one or more united checkpoint directories")
     e.add_argument("--ratios", default="0,0.25,0.5,0.75,1", help="comma-separated brownout ratios")
     e.add_argument("--policies", default="hot-cold", help="comma-separated runtime policies (hot-cold, mass, drop)")
-    e.add_argument("--tasks", default="brownout_ppl,brownout_cont,brownout_cloze", help="comma-separated lm-eval tasks")
-    e.add_argument("--include-path", default=None, help="extra lm-eval task folder (default: the bundled recipes/reference/tasks)")
+    e.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval tasks (default: the model recipe's tasks; required without them)")
+    e.add_argument("--include-path", default=None,
+                   help="an lm-eval task folder searched in addition to the recipe's own tasks")
     e.add_argument("--limit", type=int, default=None, help="examples per task (quick runs)")
-    e.add_argument("--num-fewshot", type=int, default=None)
+    e.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", default="float32")
@@ -213,7 +196,7 @@ def run_eval_cli(args) -> int:
         from runtime.checkpoint import UnitedCheckpoint
 
         UnitedCheckpoint(u)  # fail early on a bad checkpoint, before loading the model
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     ev = Evaluator(args.model, tasks, args.include_path, args.limit, args.num_fewshot, args.batch_size, args.device, args.dtype)
     report = evaluate(ev, args.united, ratios, policies)
     out = Path(args.out)
