@@ -1,23 +1,23 @@
-"""The accuracy study on the bundled reference model (issue 5): every way x grouping x merge, brownout ratio sweep
-with the paper's hot-cold policy, then the `mass` and `drop` policies for the paper's method and the best one.
+"""The accuracy study on the bundled reference model: every way x grouping x merge, brownout ratio sweep with the
+paper's hot-cold policy, then the `mass` and `drop` policies for the paper's method and the best one.
 
-    python eval/study.py --out eval/results [--ways 2,4,8] [--limit N] [--calib-tokens 8192] [--steps 100]
+    python -m eval.study --out eval/results [--ways 2,4,8] [--limit N] [--calib-tokens 8192] [--steps 100]
                          [--device cuda --dtype bfloat16]   (or: bash eval/study_parallel.sh OUT ...)
 
 Accuracy = lm-eval (HFLM around the loaded model, BrownoutMoE attached) on the local multiple-choice tasks;
-loss = mean relative accuracy loss over those tasks against the model without brownout (%). Resumable: finished
-runs are kept in study.json and skipped; checkpoints are cached under --cache.
+loss = mean relative accuracy loss over those tasks against the model without brownout (%), ± its standard error
+(unify.report). Resumable: finished runs are kept in study.json and skipped; checkpoints are cached under --cache.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
+from unify.report import is_accuracy, loss_pct, loss_pct_stderr, stderr_of
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 PAPER = ("consecutive", "distill")
 
@@ -58,7 +58,7 @@ def main():
     from runtime import BrownoutMoE
     from unify import grouping, merge
     from unify.build import BuildOptions, build
-    from unify.evaluate import Evaluator, _loss_pct
+    from unify.evaluate import Evaluator
 
     cache = Path(a.cache)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +112,7 @@ def main():
                 t = time.time()
                 res = ev.run()
                 row = {"way": way, "grouping": g, "merge": m, "policy": policy, "ratio": r, "tasks": res,
-                       "loss_pct": _loss_pct(base, res), "seconds": round(time.time() - t, 1)}
+                       "loss_pct": loss_pct(base, res), "loss_pct_stderr": loss_pct_stderr(base, res), "seconds": round(time.time() - t, 1)}
                 state["runs"].append(row)
                 done.add((way, g, m, policy, r))
                 print(json.dumps({k: v for k, v in row.items() if k != "tasks"}), flush=True)
@@ -186,10 +186,17 @@ def _stderr_line(base) -> str:
     """lm-eval's standard error of each accuracy task, as a share of its accuracy: differences below ~2x are noise."""
     parts = []
     for t, v in base.items():
-        se = v.get("all", {}).get(f"{v['metric']}_stderr,none")
-        if se is not None and not v["metric"].endswith("perplexity") and v["value"] > 0:
+        se = stderr_of(v)
+        if se is not None and is_accuracy(v) and v["value"] > 0:
             parts.append(f"{t} ±{100 * se / v['value']:.1f}%")
     return ("One standard error of the base accuracy, relative: " + ", ".join(parts) + ".") if parts else ""
+
+
+def _loss_cell(base, run) -> str:
+    if run is None or run["loss_pct"] is None:
+        return "-"
+    se = run["loss_pct_stderr"] if "loss_pct_stderr" in run else loss_pct_stderr(base, run["tasks"])
+    return f"{run['loss_pct']:.2f}" + (f" ± {se:.2f}" if se is not None else "")
 
 
 def write_md(state, path, ratios):
@@ -198,7 +205,8 @@ def write_md(state, path, ratios):
     L = ["# Accuracy study on the reference model", "",
          "Base model (no brownout): " + ", ".join(f"{t} {v['metric']} {v['value']:.4f}" for t, v in base.items()) +
          f"; lm-eval limit {state['settings']['limit']} per task. Cells: mean relative accuracy loss (%) over the tasks "
-         "(negative = better than base); policy hot-cold unless named. " + _stderr_line(base), ""]
+         "(negative = better than base), ± its standard error where known; policy hot-cold unless named. "
+         + _stderr_line(base), ""]
     for way in ways:
         L += [f"## {way}-way", "", "| grouping + merge | policy | " + " | ".join(f"r={r:g}" for r in ratios) + " | monotone |",
               "|---|---|" + "---|" * len(ratios) + "---|"]
@@ -208,9 +216,9 @@ def write_md(state, path, ratios):
             vals = [_loss(state, way, g, m, p, r) for r in ratios]
             mono = all(b is not None and a is not None and b >= a - 1e-9 for a, b in zip(vals, vals[1:]))
             tag = " (paper)" if (g, m) == PAPER else ""
-            L.append(f"| {g} + {m}{tag} | {p} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in vals) +
-                     f" | {'yes' if mono else 'no'} |")
-        ppl = [t for t, v in base.items() if v["metric"].endswith("perplexity")]
+            cells = [_loss_cell(base, _run(state, way, g, m, p, r)) for r in ratios]
+            L.append(f"| {g} + {m}{tag} | {p} | " + " | ".join(cells) + f" | {'yes' if mono else 'no'} |")
+        ppl = [t for t, v in base.items() if not is_accuracy(v)]
         if ppl:
             t = ppl[0]
             L += ["", f"{t} {base[t]['metric']} (base {base[t]['value']:.2f}):", "",
