@@ -1,24 +1,24 @@
-"""Brownout across 2 GPUs (issue 8): decode tokens/s and MoE-layer time versus ratio under transformers' tensor
+"""Brownout across 2 GPUs: decode tokens/s and MoE-layer time versus ratio under transformers' tensor
 parallelism and expert parallelism, side by side with 1 GPU, on a Qwen1.5-MoE-A2.7B-shaped model (random weights).
 
-    python eval/bench_distributed.py                      # all phases on a 2-GPU machine (about 6-8 minutes)
-    python eval/bench_distributed.py --phases prepare,single
-    python eval/bench_distributed.py --phases tp,ep,report
-    python eval/bench_distributed.py --shape tiny --out /tmp/x   # CPU smoke test of this script (gloo, 2 processes)
+    python -m eval.bench_distributed                      # all phases on a 2-GPU machine (about 6-8 minutes)
+    python -m eval.bench_distributed --phases prepare,single
+    python -m eval.bench_distributed --phases tp,ep,report
+    python -m eval.bench_distributed --shape tiny --out /tmp/x   # CPU smoke test of this script (gloo, 2 processes)
 
 Phases (each a fresh process, so every run loads the same saved checkpoint):
   prepare  random model (router scaled x30 so routing is skewed like a trained model) -> save_pretrained, and its
            united tier (`unify build`: consecutive grouping, average merge, way 4, every layer) into --work
   single   1 GPU:   from_pretrained(device_map="cuda") + BrownoutMoE.attach
-  tp       2 GPUs:  torchrun, from_pretrained(tp_plan="auto") + runtime.distributed.attach (experts sharded on I
+  tp       2 GPUs:  torchrun, from_pretrained(tp_plan="auto") + BrownoutMoE.attach (experts sharded on I
            where the model's TP plan shards them: transformers 5.24's Qwen2-MoE plan does, 5.17's leaves them whole
            on every rank; the JSON's "experts" says which)
   ep       2 GPUs:  torchrun, from_pretrained(distributed_config=expert_parallel_config(2)) (experts sharded by
            expert; 5.24: AutoEP -> all-reduce dispatch at inference, 5.17: enable_expert_parallel with an ep_router)
-           + runtime.distributed.attach
+           + BrownoutMoE.attach
   report   eval/results/distributed_bench.{json,md,png}
 
-The 2-H100 run in eval/results: `python eval/bench_distributed.py --ratios 0 0.5 1` (about 5 minutes).
+The figures in eval/results: `python -m eval.bench_distributed --ratios 0 0.5 1` (about 5 minutes on 2 H100).
 
 Decode: `model.generate` greedy with KV cache, no CUDA graphs (so transformers' per-step launch overhead is in it),
 batches 1 and 32, ratios 0..1. MoE-layer time: CUDA events around every fused experts module call (routing remap,
@@ -36,9 +36,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
 SHAPES = {
     # Qwen1.5-MoE-A2.7B: 24 layers, 60 experts top-4, H 2048, expert I 1408, shared expert 5632 (14.3B params, bf16 28.6 GB)
@@ -50,6 +49,7 @@ SHAPES = {
                  intermediate_size=64, vocab_size=128),
 }
 RATIOS = [0.0, 0.25, 0.5, 0.75, 1.0]
+MODULE = "eval.bench_distributed"  # each phase runs as `python -m` from the repository root
 
 
 def _dev():
@@ -126,7 +126,7 @@ def worker(args):
     else:
         torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM
-    from runtime.distributed import attach, expert_parallel_config
+    from runtime import BrownoutMoE, expert_parallel_config
     from runtime.discover import find_moe_layers
 
     work = Path(args.work)
@@ -141,7 +141,7 @@ def worker(args):
             work / "model", dtype=dtype, distributed_config=expert_parallel_config(world))
     model.eval()
     load_s = time.time() - t0
-    bm = attach(model, work / "united")
+    bm = BrownoutMoE.attach(model, work / "united")
     layers = find_moe_layers(model)
     timer = ExpertsTimer([l.experts for l in layers])
     vocab = model.config.vocab_size
@@ -149,18 +149,18 @@ def worker(args):
     barrier = (lambda: torch.distributed.barrier()) if dist else (lambda: None)
     rows = []
     # ratio 0 runs the model's own experts implementation (transformers' grouped_mm): what a user has without
-    # brownout. On a GPU, 1 GPU and TP also time ratio 0 on the brownout kernel (path "kernel"), the path that r > 0
-    # runs, so the ratio's own effect is visible apart from the change of implementation. (EP's ratio 0 is always
-    # transformers' EP forward.)
+    # brownout. Where the layers run the triton backend (1 GPU and TP), ratio 0 is also timed on the kernel in
+    # graph-safe mode (path "kernel"), the path r > 0 runs, so the ratio's own effect is visible apart from the change
+    # of implementation. (EP runs grouped_mm over its local slabs; its ratio 0 is transformers' EP forward.)
     points = [(r, "auto") for r in args.ratios]
-    if torch.cuda.is_available() and kind != "ep" and 0.0 in args.ratios:
+    if bm.backend == "triton" and 0.0 in args.ratios:
         points.insert(1, (0.0, "kernel"))
     for b in args.batches:
         g = torch.Generator().manual_seed(b)
         ids = torch.randint(0, vocab, (b, args.prompt), generator=g).to(_dev())
         for r, path in points:
             bm.set_ratio(r)
-            bm.set_path(path)
+            bm.set_graph_safe(path == "kernel")
             with torch.no_grad():
                 model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
                 sync()
@@ -188,14 +188,14 @@ def worker(args):
     res = {"kind": kind, "world": world, "load_s": round(load_s, 1), "torch": torch.__version__,
            "transformers": transformers.__version__,
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-           "extra_MiB_per_rank": round(bm.extra_bytes() / 2**20, 1),
-           # how the experts ended up: "tp"/"ep"/"ep-router" (runtime.distributed), or "replicated" where the loaded
+           "extra_MiB_per_rank": round(bm.extra_bytes() / 2**20, 1), "backend": bm.backend,
+           # how the experts ended up: "tp"/"ep"/"ep-router" (runtime.placement), or "replicated" where the loaded
            # model's plan left the experts whole on every rank (transformers 5.17's Qwen2-MoE TP plan does)
-           "experts": sorted(set(getattr(bm, "mode", {}).values())) or (["replicated"] if dist else ["whole"]),
+           "experts": sorted(set(bm.mode.values()) - {"local"}) or (["replicated"] if dist else ["whole"]),
            "max_mem_GiB_per_rank": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
            "rows": rows}
     if kind == "ep":
-        pls = list(getattr(bm, "placement", {}).values())
+        pls = list(bm.placement.values())
         res["ep_members_on_owner"] = round(sum(p.members_on_owner() for p in pls) / max(1, len(pls)), 3)
         res["ep_united_per_rank"] = [len(l) for l in pls[0].local] if pls else None
     if rank == 0:
@@ -224,8 +224,8 @@ def report(args):
          f"layer. torch {full['torch']}, transformers {full['transformers']}. `model.generate`, greedy, no CUDA "
          "graphs. MoE ms/step: fused experts modules (incl. the TP all-reduce / EP dispatch), summed over layers, per "
          "decode step, rank 0 (CUDA events: GPU time between a module's first and last kernel, idle gaps included). "
-         "Ratio 0 is the model's own experts implementation; `0 (kernel)` is ratio 0 on the brownout kernel, the path "
-         "r > 0 runs.", ""]
+         "Ratio 0 is the model's own experts implementation; `0 (kernel)` is ratio 0 on the triton backend in "
+         "graph-safe mode, the path r > 0 runs.", ""]
     for k in kinds:
         r = res[k]
         extra = f", EP members on owner rank {r.get('ep_members_on_owner')}, united per rank {r.get('ep_united_per_rank')}" if k == "ep" else ""
@@ -307,14 +307,17 @@ def main():
         t0 = time.time()
         rc = 0
         if phase == "prepare":  # a process of its own: the random model it builds must not hold GPU memory later
-            rc = subprocess.run([sys.executable, __file__, "--phases", "_prepare", *common], env=env).returncode
+            rc = subprocess.run([sys.executable, "-m", MODULE, "--phases", "_prepare", *common], env=env,
+                                cwd=ROOT).returncode
         elif phase == "_prepare":
             prepare(args)
         elif phase == "single":
-            rc = subprocess.run([sys.executable, __file__, "--worker", "single", *common], env=env).returncode
+            rc = subprocess.run([sys.executable, "-m", MODULE, "--worker", "single", *common], env=env,
+                                cwd=ROOT).returncode
         elif phase in ("tp", "ep"):
-            rc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-                            __file__, "--worker", phase, *common], env=env).returncode
+            rc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 f"--nproc_per_node={args.nproc}", "-m", MODULE, "--worker", phase, *common], env=env,
+                                cwd=ROOT).returncode
         elif phase == "report":
             report(args)
         else:

@@ -1,13 +1,14 @@
-"""GPU benchmark of the runtime (issue 4): MoE-layer time versus brownout ratio through `BrownoutMoE`'s experts
+"""GPU benchmark of the runtime: MoE-layer time versus brownout ratio through `BrownoutMoE`'s experts
 implementation, and decode tokens/s of a whole Qwen1.5-MoE-A2.7B-shaped model (random weights) versus ratio.
 
-    python eval/bench_runtime.py OUTDIR [--quick]
+    python -m eval.bench_runtime OUTDIR [--quick]
 
 Layer time: a real transformers experts module (MixtralExperts, transformers' fused layout) carrying brownout state
 with random united slabs (consecutive groups), called exactly as the model calls it; each (shape, T, way, ratio)
 point is captured in a CUDA graph and replayed with a 256 MiB L2 flush before every replay (median of 25), the
-same method as eval/bench_kernel.py. Ratio 0 is the model's own implementation (transformers' grouped_mm), which is
-what `brownout` runs at ratio 0. Also given: distinct slabs read (from the remapped ids) and the physical limit
+same method as eval/bench_kernel.py. Ratio 0 is timed twice: the model's own implementation (transformers'
+grouped_mm), which is what `brownout` runs at ratio 0, and the triton backend in graph-safe mode (the same weights
+read; the fair base for what brownout saves). Also given: distinct slabs read (from the remapped ids) and the physical limit
 max(bytes of those slabs / copy bandwidth, FLOPs / bf16 matmul rate), measured in the same run.
 
 Decode: `model.generate` (greedy, KV cache, no CUDA graphs, so it includes transformers' per-step launch overhead)
@@ -21,15 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "eval"))
+import torch
 
-import torch  # noqa: E402
-
-from bench_kernel import SHAPES, capture, measure_limits, routing, time_graph  # noqa: E402
-from runtime.experts_impl import LayerState, brownout_experts_forward  # noqa: E402
-from runtime.policy import remap, slabs_read  # noqa: E402
+from eval.bench_kernel import SHAPES, capture, measure_limits, routing, time_graph
+from runtime.backends import BACKENDS
+from runtime.experts_impl import LayerState, brownout_experts_forward, clear_state, set_state
+from runtime.policy import remap, slabs_read
+from runtime.ratio import Ratio
 
 RATIOS = [0.0, 0.25, 0.5, 0.75, 1.0]
 WAYS = [2, 4]
@@ -54,15 +53,17 @@ def layer_bench(bw, flops, tokens, ratios, ways):
             slabs = {"gate_up_proj": torch.cat([ex.gate_up_proj.data, torch.randn(G, 2 * I, H, device=dev, dtype=torch.bfloat16) * 0.02]),
                      "down_proj": torch.cat([ex.down_proj.data, torch.randn(G, H, I, device=dev, dtype=torch.bfloat16) * 0.02])}
             st = LayerState(layer=0, num_experts=E, num_groups=G, expert_to_group=torch.arange(E, device=dev) // way,
-                            slabs=slabs, prev_impl="grouped_mm")
-            ex._brownout = st
+                            slabs=slabs, prev_impl="grouped_mm", ratio=Ratio(0.0, dev), policy="hot-cold",
+                            backend=BACKENDS["triton"])
+            set_state(ex, st)
             for T in tokens:
                 x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
                 idx, w = routing(T, E, k, gen)
-                # ratio 0 twice: the model's own grouped_mm (what `brownout` runs at ratio 0) and the brownout
-                # kernel forced at ratio 0 (same weights read; the fair base for what brownout saves)
+                # ratio 0 twice: the model's own grouped_mm (what `brownout` runs at ratio 0) and the triton
+                # backend in graph-safe mode, which runs ratio 0 too (same weights read)
                 for r, path in [(0.0, "model")] + [(r, "kernel") for r in ratios]:
-                    st.ratio, st.path = r, ("auto" if path == "model" else "kernel")
+                    st.ratio.set(r)
+                    st.graph_safe = path == "kernel"
                     a = remap(idx, w, st.expert_to_group, G, r)
                     live = int((a.ids < E + G).sum())
                     touched = int(slabs_read(a.ids, E + G))
@@ -75,7 +76,7 @@ def layer_bench(bw, flops, tokens, ratios, ways):
                     rows.append(row)
                     print(json.dumps(row), flush=True)
             del slabs, st
-            ex.__dict__.pop("_brownout", None)
+            clear_state(ex)
             torch.cuda.empty_cache()
         del ex
         torch.cuda.empty_cache()
@@ -102,13 +103,13 @@ def decode_bench(ratios, batches, new_tokens=24, prompt=16):
     t0 = time.time()
     build(model, BuildOptions(out=str(out), way=4, grouping="consecutive", merge="average", skip_layers=[], progress=False))
     print(f"united tier built in {time.time() - t0:.1f}s", flush=True)
-    bm = BrownoutMoE.attach(model, out)
+    bm = BrownoutMoE.attach(model, out, backend="triton")
     rows = []
     for b in batches:
         ids = torch.randint(0, cfg.vocab_size, (b, prompt), device=dev)
         for r, path in [(0.0, "model")] + [(r, "kernel") for r in ratios]:
             bm.set_ratio(r)
-            bm.set_path("auto" if path == "model" else "kernel")
+            bm.set_graph_safe(path == "kernel")  # graph-safe: ratio 0 on the kernel too
             model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
             torch.cuda.synchronize()
             t = time.perf_counter()
@@ -132,8 +133,8 @@ def write_md(res, path):
          f"Copy bandwidth {res['copy_bw_TBps']:.2f} TB/s, bf16 matmul {res['bf16_TFLOPs']:.0f} TFLOP/s (same run).", "",
          "## MoE-layer time (ms, CUDA graph, L2 flushed) versus brownout ratio; in brackets % of the physical limit", "",
          "`r=0 model` is what `brownout` runs at ratio 0: the model's own implementation (transformers' grouped_mm), "
-         "bit for bit the unmodified model. The other columns are the brownout kernel (at r=0 forced with "
-         "`set_path('kernel')`). `r=1 / ideal`: time at r=1 over the kernel's time at r=0, divided by the same "
+         "bit for bit the unmodified model. The other columns are the triton backend (at r=0 in graph-safe mode, "
+         "`set_graph_safe(True)`). `r=1 / ideal`: time at r=1 over the kernel's time at r=0, divided by the same "
          "ratio of physical limits (1.0 = brownout turns every weight byte not read into time saved).", ""]
     rows = res["layer"]
     cols = ["r=0 model"] + [f"r={r:g}" for r in sorted({r["ratio"] for r in rows})]

@@ -1,8 +1,14 @@
 """Online half of Brownout: attach united experts to a transformers MoE model and turn the brownout ratio.
 
     bm = BrownoutMoE.attach(model, "out/mixtral-w2"); bm.set_ratio(0.5); model.generate(...)
+
+A model sharded by transformers' expert parallelism is loaded with `distributed_config=expert_parallel_config(n)`
+and attached the same way, on every rank.
 """
 from .attach import BrownoutMoE
-from .policy import POLICIES, remap
+from .backends import BACKENDS
+from .placement import expert_parallel_config
+from .policy import POLICIES, check_policy, remap
+from .ratio import check_ratio
 
-__all__ = ["BrownoutMoE", "POLICIES", "remap"]
+__all__ = ["BrownoutMoE", "expert_parallel_config", "BACKENDS", "POLICIES", "check_policy", "check_ratio", "remap"]

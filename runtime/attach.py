@@ -1,179 +1,241 @@
-"""BrownoutMoE: attach a united-expert checkpoint to a loaded transformers MoE model and turn the ratio knob."""
-from __future__ import annotations
+"""BrownoutMoE: attach a united-expert checkpoint to a loaded transformers MoE model and turn the ratio knob.
 
-import math
-from numbers import Real
+    bm = BrownoutMoE.attach(model, "out/mixtral-w2")     # the same call on every rank of a TP / EP model
+    bm.set_ratio(0.5); model.generate(...)
+
+Attach validates everything first (checkpoint fingerprint, per-layer shapes, ratio, policy, backend, placement), so
+a bad input leaves the model as it was; then each united layer gets its slabs, placed by the strategy chosen for how
+the model is sharded (runtime.placement), and a compute backend chosen once (runtime.backends). Semantics: docs/design.md
+§4; ratio 0 is the unmodified model bit for bit unless graph-safe mode is on.
+"""
+from __future__ import annotations
 
 import torch
 
+from .backends import AUTO, choose_backend, check_backend_name
 from .checkpoint import UnitedCheckpoint, config_hash, fingerprint_tensors, probe_matches, weight_probe
 from .discover import MoELayer, find_moe_layers
 from .errors import BrownoutError
+from .experts_impl import NAME, LayerState, clear_state, leave_alone, set_state
+from .placement import EPPlacement, Placement, choose_placement, full_tensor
+from .placement.base import local_tensor
+from .placement.expert_parallel import check_replicate
+from .policy import check_policy
+from .ratio import Ratio, check_ratio
 
-from . import experts_impl
-from .experts_impl import LayerState
-from .policy import POLICIES
+
+def check_fingerprint(model, ck: UnitedCheckpoint, moe: dict[int, MoELayer]) -> None:
+    """Config hash and weight probe against the checkpoint's. On a sharded model the probe gathers experts 0 and -1
+    of the first and last united layer (a collective: every rank calls attach)."""
+    bm = ck.meta["base_model"]
+    if bm.get("config_hash") != config_hash(model.config):
+        raise BrownoutError(f"{ck.path} was built from another model ({bm.get('name')}, {bm.get('model_type')}): config differs")
+    missing = [i for i in ck.layers if i not in moe]
+    if missing:
+        raise BrownoutError(f"{ck.path} has united experts for layers {missing}, which are not MoE layers of this model")
+    first = full_tensor(moe[ck.layers[0]].experts.gate_up_proj)
+    last = first if ck.layers[-1] == ck.layers[0] else full_tensor(moe[ck.layers[-1]].experts.gate_up_proj)
+    if not probe_matches(bm.get("weight_probe", []), weight_probe(fingerprint_tensors(first, last))):
+        raise BrownoutError(f"{ck.path} was built from another model ({bm.get('name')}): expert weights differ")
 
 
-def _check_ratio(r) -> float:
-    if isinstance(r, bool) or not isinstance(r, Real) or math.isnan(float(r)) or not 0.0 <= float(r) <= 1.0:
-        raise BrownoutError(f"brownout ratio must be a number in [0, 1], got {r!r}")
-    return float(r)
+def check_layer(ck: UnitedCheckpoint, i: int, layer: MoELayer) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Layer i's united tensors (native keys) and its expert_to_group, checked against the model's layer."""
+    t = ck.tensors(i)
+    e2g = t["expert_to_group"]
+    G = int(e2g.max()) + 1 if e2g.numel() else 0
+    if e2g.shape != (layer.num_experts,) or e2g.min() < 0 or sorted(set(e2g.tolist())) != list(range(G)):
+        raise BrownoutError(f"{ck.path}: layer {i} expert_to_group is not a grouping of {layer.num_experts} experts")
+    for k in layer.layout.native_keys():
+        want = (G,) + tuple(getattr(layer.experts, k).shape[1:])
+        if k not in t or tuple(t[k].shape) != want:
+            got = tuple(t[k].shape) if k in t else "missing"
+            raise BrownoutError(f"{ck.path}: layer {i} {k} has shape {got}, expected {want}")
+        if not torch.isfinite(t[k]).all():
+            raise BrownoutError(f"{ck.path}: layer {i} {k} has NaN or inf values")
+    return {k: t[k] for k in layer.layout.native_keys()}, e2g
+
+
+def _layer_backend(name: str, layer: MoELayer, placement: Placement):
+    p = local_tensor(layer.experts.gate_up_proj)
+    return choose_backend(name, layer.experts, p.dtype, p.device, placement.refused_backends)
 
 
 class BrownoutMoE:
-    """Handle on a model with a united tier attached. Create with `BrownoutMoE.attach(model, united_dir)`."""
+    """Handle on a model with a united tier attached. Create with `BrownoutMoE.attach(model, united_dir)`.
 
-    def __init__(self, model, checkpoint: UnitedCheckpoint, layers: dict[int, MoELayer], states: dict[int, LayerState],
-                 configs: list[tuple], prev_impl: dict[int, str | None]):
-        self.model, self.checkpoint = model, checkpoint
-        self._moe, self.layers, self._configs, self._prev_impl = layers, states, configs, prev_impl
-        self._attached = True
+    `layers[i]`: the LayerState of united layer i; `mode[i]`: how its experts are placed (local, tp, ep, ep-router);
+    `placement[i]`: under expert parallelism, where its united experts live (EPPlacement); `strategy`: the placement.
+    """
+
+    def __init__(self, model, checkpoint: UnitedCheckpoint, moe: dict[int, MoELayer], states: dict[int, LayerState],
+                 strategy: Placement, configs: list[tuple]):
+        self.model, self.checkpoint, self.strategy = model, checkpoint, strategy
+        self.moe, self.layers, self.configs = moe, states, configs
+        self.mode: dict[int, str] = {i: strategy.mode(i) for i in states}
+        self.placement: dict[int, EPPlacement] = dict(getattr(strategy, "placements", {}))
+        self.attached = True
 
     # -- attach / detach -----------------------------------------------------------------------------------------
     @classmethod
-    def attach(cls, model, united_dir, ratio=0.0, policy: str = "hot-cold") -> "BrownoutMoE":
+    def attach(cls, model, united_dir, ratio=0.0, policy: str = "hot-cold", backend: str = AUTO,
+               replicate="auto") -> "BrownoutMoE":
         """Load the united tier onto the model's devices and dtype and switch its MoE layers to `brownout`.
 
-        Everything is checked before the model is touched: a bad checkpoint leaves the model as it was.
+        backend: "auto", "reference", "grouped" or "triton" (runtime.backends). replicate: under expert parallelism,
+        how many tied united experts may be copied to every rank ("auto", "none", "all" or a budget; see
+        runtime.placement.expert_parallel.place_united). On a TP / EP model call it on every rank with the same
+        arguments. Everything is checked before the model is touched.
         """
         if getattr(model, "_brownout_attached", False):
             raise BrownoutError("this model already has a united tier attached; detach it first")
-        from .distributed import sharding_mode  # lazy: distributed imports this module
-
-        if any(sharding_mode(l.experts) for l in find_moe_layers(model)):  # tensor / expert parallel (torchrun)
-            from .distributed import attach as attach_sharded
-
-            return attach_sharded(model, united_dir, ratio=ratio, policy=policy)
-        ratio = _check_ratio(ratio)
-        if policy not in POLICIES:
-            raise BrownoutError(f"unknown brownout policy {policy!r}; policies: {', '.join(POLICIES)}")
+        ratio, policy = check_ratio(ratio), check_policy(policy)
+        check_backend_name(backend)
+        check_replicate(replicate)
         ck = UnitedCheckpoint(united_dir)
         moe = {l.index: l for l in find_moe_layers(model)}
-        cls._check_fingerprint(model, ck, moe)
-        loaded: dict[int, dict[str, torch.Tensor]] = {}
+        check_fingerprint(model, ck, moe)
+        strategy = choose_placement([moe[i] for i in ck.layers], replicate)
+        plans = {}
         for i in ck.layers:
-            loaded[i] = cls._check_layer(ck, i, moe[i])
-        # -- validated: now modify the model -----------------------------------------------------------------------
-        states, configs, prev = {}, {}, {}
-        for i, t in loaded.items():
-            ex = moe[i].experts
-            configs.setdefault(id(ex.config), (ex.config, ex.config._experts_implementation))
-            prev[i] = ex.config._experts_implementation
-            e2g = t.pop("expert_to_group")
-            slabs = {}
-            for k, united in t.items():
-                p = getattr(ex, k)
-                cat = torch.cat([p.data, united.to(p.device, p.dtype)])
-                p.data = cat[: p.shape[0]]  # the original parameter now views the front of the slabs: no copy kept
-                slabs[k] = cat
-            states[i] = LayerState(layer=i, num_experts=moe[i].num_experts, num_groups=int(e2g.max()) + 1,
-                                   expert_to_group=e2g.to(ex.gate_up_proj.device), slabs=slabs, prev_impl=prev[i],
-                                   ratio=ratio, policy=policy)
-            ex._brownout = states[i]
+            united, e2g = check_layer(ck, i, moe[i])
+            strategy.check(moe[i], united, e2g)
+            plans[i] = (united, e2g, _layer_backend(backend, moe[i], strategy))
+        # -- validated: now modify the model, one layer at a time (a layer's slabs replace its originals' storage) --
+        states, configs = {}, {}
+        try:
+            for i, (united, e2g, chosen) in plans.items():
+                ex = moe[i].experts
+                slabs = strategy.build(moe[i], united, e2g)
+                dev = slabs["gate_up_proj"].device
+                prev = ex.config._experts_implementation
+                configs.setdefault(id(ex.config), (ex.config, prev))
+                st = LayerState(layer=i, num_experts=moe[i].num_experts, num_groups=int(e2g.max()) + 1,
+                                expert_to_group=e2g.to(dev), slabs=slabs, prev_impl=prev, ratio=Ratio(ratio, dev),
+                                policy=policy, backend=chosen)
+                states[i] = st
+                strategy.install(moe[i], st)
+                set_state(ex, st)
+        except BaseException:
+            for i, st in states.items():  # put back the layers done so far
+                strategy.uninstall(moe[i], st)
+                clear_state(moe[i].experts)
+            raise
         for l in moe.values():  # left-alone layers keep their own implementation under the shared config
             if l.index not in states:
-                l.experts._brownout_prev_impl = l.experts.config._experts_implementation
+                leave_alone(l.experts, l.experts.config._experts_implementation)
         for c, _ in configs.values():
-            c._experts_implementation = experts_impl.NAME
+            c._experts_implementation = NAME
         model._brownout_attached = True
-        return cls(model, ck, moe, states, list(configs.values()), prev)
-
-    @staticmethod
-    def _check_fingerprint(model, ck: UnitedCheckpoint, moe: dict[int, MoELayer], cfg_hash=config_hash,
-                           full=lambda t: t) -> None:
-        """Config hash and weight probe against the checkpoint's. A sharded model passes its own `cfg_hash` (which
-        ignores the parallel settings) and `full` (gathers a sharded experts tensor)."""
-        bm = ck.meta["base_model"]
-        if bm.get("config_hash") != cfg_hash(model.config):
-            raise BrownoutError(f"{ck.path} was built from another model ({bm.get('name')}, {bm.get('model_type')}): config differs")
-        missing = [i for i in ck.layers if i not in moe]
-        if missing:
-            raise BrownoutError(f"{ck.path} has united experts for layers {missing}, which are not MoE layers of this model")
-        first = full(moe[ck.layers[0]].experts.gate_up_proj)
-        last = first if ck.layers[-1] == ck.layers[0] else full(moe[ck.layers[-1]].experts.gate_up_proj)
-        if not probe_matches(bm.get("weight_probe", []), weight_probe(fingerprint_tensors(first, last))):
-            raise BrownoutError(f"{ck.path} was built from another model ({bm.get('name')}): expert weights differ")
-
-    @staticmethod
-    def _check_layer(ck: UnitedCheckpoint, i: int, layer: MoELayer) -> dict[str, torch.Tensor]:
-        t = ck.tensors(i)
-        e2g = t["expert_to_group"]
-        G = int(e2g.max()) + 1 if e2g.numel() else 0
-        if e2g.shape != (layer.num_experts,) or e2g.min() < 0 or sorted(set(e2g.tolist())) != list(range(G)):
-            raise BrownoutError(f"{ck.path}: layer {i} expert_to_group is not a grouping of {layer.num_experts} experts")
-        for k in layer.layout.native_keys():
-            want = (G,) + tuple(getattr(layer.experts, k).shape[1:])
-            if k not in t or tuple(t[k].shape) != want:
-                got = tuple(t[k].shape) if k in t else "missing"
-                raise BrownoutError(f"{ck.path}: layer {i} {k} has shape {got}, expected {want}")
-            if not torch.isfinite(t[k]).all():
-                raise BrownoutError(f"{ck.path}: layer {i} {k} has NaN or inf values")
-        return {k: t[k] for k in layer.layout.native_keys()} | {"expert_to_group": e2g}
+        return cls(model, ck, moe, states, strategy, list(configs.values()))
 
     def detach(self) -> None:
-        """Restore the model exactly: original implementation, original tensors, no united tier."""
-        if not self._attached:
+        """Restore the model exactly: original implementation, original tensors and forwards, no united tier."""
+        if not self.attached:
             return
         for i, st in self.layers.items():
-            ex = self._moe[i].experts
-            for k in st.slabs:
-                p = getattr(ex, k)
-                p.data = p.data.clone()  # drop the view so the concatenated slabs can be freed
+            self.strategy.uninstall(self.moe[i], st)
             st.slabs.clear()
-            del ex._brownout
-        for l in self._moe.values():
-            l.experts.__dict__.pop("_brownout_prev_impl", None)
-        for c, prev in self._configs:
+        for l in self.moe.values():
+            clear_state(l.experts)
+        for c, prev in self.configs:
             c._experts_implementation = prev
         self.model._brownout_attached = False
-        self._attached = False
+        self.attached = False
 
-    # -- the knob ------------------------------------------------------------------------------------------------
+    # -- the knobs -----------------------------------------------------------------------------------------------
     def set_ratio(self, ratio) -> None:
-        """A global ratio, or {layer: ratio} for some layers (others keep theirs). Free to change between calls."""
+        """A global ratio, or {layer: ratio} for some layers (others keep theirs), or a list with one per united
+        layer. Free to change between calls; every value is checked before any is set."""
         if isinstance(ratio, dict):
             bad = [k for k in ratio if k not in self.layers]
             if bad:
                 raise BrownoutError(f"layers {bad} have no united experts; united layers: {sorted(self.layers)}")
-            new = {k: _check_ratio(v) for k, v in ratio.items()}
+            new = {k: check_ratio(v) for k, v in ratio.items()}
         elif isinstance(ratio, (list, tuple)):
             if len(ratio) != len(self.layers):
                 raise BrownoutError(f"a ratio list needs one value per united layer ({len(self.layers)}), got {len(ratio)}")
-            new = {k: _check_ratio(v) for k, v in zip(sorted(self.layers), ratio)}
+            new = {k: check_ratio(v) for k, v in zip(sorted(self.layers), ratio)}
         else:
-            r = _check_ratio(ratio)
+            r = check_ratio(ratio)
             new = {k: r for k in self.layers}
         for k, v in new.items():
-            self.layers[k].ratio = v
+            self.layers[k].ratio.set(v)
 
     def set_policy(self, policy: str) -> None:
-        if policy not in POLICIES:
-            raise BrownoutError(f"unknown brownout policy {policy!r}; policies: {', '.join(POLICIES)}")
+        policy = check_policy(policy)
+        if self.graph_safe:
+            self._require_graph_safe({i: (st.backend, policy) for i, st in self.layers.items()})
         for st in self.layers.values():
             st.policy = policy
 
-    def set_path(self, path: str) -> None:
-        """Force a compute path (auto, reference, grouped, kernel): for tests and benchmarks. A forced path runs at
-        ratio 0 too (same semantics, but not bit for bit the model's own implementation, which `auto` runs there)."""
+    def set_backend(self, name: str) -> None:
+        """Compute backend of every united layer: "auto", "reference", "grouped" or "triton" (runtime.backends).
+        Chosen here, once; an unknown or unsupported name raises BrownoutError and changes nothing."""
+        check_backend_name(name)
+        chosen = {i: _layer_backend(name, self.moe[i], self.strategy) for i in self.layers}
+        if self.graph_safe:
+            self._require_graph_safe({i: (b, self.layers[i].policy) for i, b in chosen.items()})
+        for i, b in chosen.items():
+            self.layers[i].backend = b
+
+    def set_path(self, name: str) -> None:
+        """Older name of `set_backend`, which also takes "kernel" for triton."""
+        self.set_backend({"kernel": "triton"}.get(name, name))
+
+    def set_graph_safe(self, on: bool) -> None:
+        """On: ratio 0 runs through the backend as well (the same semantics, though not bit for bit the model's own
+        implementation), so a CUDA graph captured at any ratio follows later `set_ratio` calls. Needs a backend that
+        reads the ratio from device memory on every united layer (triton, policy hot-cold or drop). Off (the default):
+        ratio 0 is the model's own implementation, bit for bit."""
+        on = bool(on)
+        if on:
+            self._require_graph_safe({i: (st.backend, st.policy) for i, st in self.layers.items()})
         for st in self.layers.values():
-            st.path = path
+            st.graph_safe = on
+
+    def _require_graph_safe(self, plan: dict) -> None:
+        for i, (b, policy) in sorted(plan.items()):
+            if not b.graph_safe(policy):
+                why = f"policy {policy!r} (a PyTorch remap)" if b.graph_safe_policies else f"backend {b.name!r}"
+                raise BrownoutError(f"graph-safe mode needs every united layer to read the ratio from device memory "
+                                    f"(backend triton, policy hot-cold or drop); on layer {i}, {why} reads it on the host")
+
+    @property
+    def graph_safe(self) -> bool:
+        return bool(self.layers) and all(st.graph_safe for st in self.layers.values())
+
+    @property
+    def backends(self) -> dict[int, str]:
+        return {i: st.backend.name for i, st in self.layers.items()}
+
+    @property
+    def backend(self) -> str:
+        """The backend every united layer runs ("mixed" if "auto" chose differently per layer: see `backends`)."""
+        names = set(self.backends.values())
+        return names.pop() if len(names) == 1 else "mixed"
+
+    @property
+    def policy(self) -> str:
+        return next(iter(self.layers.values())).policy
 
     @property
     def ratio(self) -> dict[int, float]:
-        return {k: st.ratio for k, st in self.layers.items()}
+        return {k: st.ratio.value for k, st in self.layers.items()}
 
     def extra_bytes(self) -> int:
-        return sum(t[st.num_experts:].numel() * t.element_size() for st in self.layers.values() for t in st.slabs.values())
+        """Bytes of united tier this process holds (EP padding included)."""
+        return sum(self.strategy.extra_bytes(self.moe[i], st) for i, st in self.layers.items())
 
     def summary(self) -> str:
         m = self.checkpoint.meta
         lines = [f"BrownoutMoE: {self.checkpoint.path} on {m['base_model']['name']}",
-                 f"  method: grouping={m['grouping']} merge={m['merge']} way={m['way']}; policy={next(iter(self.layers.values())).policy}",
+                 f"  method: grouping={m['grouping']} merge={m['merge']} way={m['way']}; policy={self.policy}; "
+                 f"backend={self.backend}; placement={self.strategy.name}",
                  f"  united tier: {self.extra_bytes() / 2**20:.1f} MiB extra over {len(self.layers)} layers"]
         for i, st in sorted(self.layers.items()):
-            lines.append(f"  layer {i:3d}: {st.num_experts} experts -> {st.num_groups} united, ratio {st.ratio:g}")
-        left = sorted(set(self._moe) - set(self.layers))
+            lines.append(f"  layer {i:3d}: {st.num_experts} experts -> {st.num_groups} united, ratio {st.ratio.value:g}")
+        left = sorted(set(self.moe) - set(self.layers))
         if left:
             lines.append(f"  left alone (originals only): layers {left}")
         return "\n".join(lines)

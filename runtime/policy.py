@@ -1,4 +1,4 @@
-"""Brownout policies: which top-k assignments of one MoE call go to united experts (DESIGN.md section 4).
+"""Brownout policies: which top-k assignments of one MoE call go to united experts (docs/design.md §4).
 
 Everything here is tensor ops on the routing's device with static shapes and no host synchronisation, so the same
 code runs inside a CUDA graph. The output is a *remapped routing* over the concatenated slabs
@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import BrownoutError
+
 POLICIES = ("hot-cold", "mass", "drop")
 # hot-cold: the paper's Algorithm 1. Experts sorted by assignment count in this call; the hot set is the shortest
 #           prefix reaching (1 - r) of the assignments (the expert that crosses the line stays hot); cold experts
@@ -18,6 +20,13 @@ POLICIES = ("hot-cold", "mass", "drop")
 #           an expert that many tokens pick with tiny weights contributes little output, so it is cheaper (in
 #           accuracy) to send it to its united expert than an expert picked less often but with large weights.
 # drop:     the paper's "full brownout" baseline: cold assignments (count ranking) are skipped, nothing replaces them.
+
+
+def check_policy(policy) -> str:
+    """`policy` if it names a brownout policy, else BrownoutError listing them."""
+    if policy not in POLICIES:
+        raise BrownoutError(f"unknown brownout policy {policy!r}; policies: {', '.join(POLICIES)}")
+    return policy
 
 
 @dataclass
@@ -55,9 +64,8 @@ def remap(
     ratio: float,
     policy: str = "hot-cold",
 ) -> Assignment:
-    """Apply a brownout policy to one call's routing (DESIGN.md section 4)."""
-    if policy not in POLICIES:
-        raise ValueError(f"unknown brownout policy {policy!r}; policies: {', '.join(POLICIES)}")
+    """Apply a brownout policy to one call's routing (docs/design.md §4)."""
+    check_policy(policy)
     num_experts = expert_to_group.numel()
     skip = num_experts + num_groups
     idx = top_k_index.long()

@@ -1,5 +1,6 @@
-"""The plain-PyTorch experts computation over concatenated [originals; united] slabs: the CPU path and the reference
-every GPU path is tested against. Layout flags come from the experts module (transformers' use_experts_implementation).
+"""The plain-PyTorch experts computation over concatenated [originals; united] slabs: the `reference` backend
+(runtime.backends), which runs on any device, dtype and layout and which every other backend is tested against.
+Layout flags come from the experts module (transformers' use_experts_implementation).
 """
 from __future__ import annotations
 

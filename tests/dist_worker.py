@@ -25,7 +25,8 @@ def worker(rank: int, world: int, port: int, work: str, paths: list[str], modes:
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    from runtime.distributed import attach, expert_parallel_config
+    from runtime import BrownoutMoE, expert_parallel_config
+    from runtime.errors import BrownoutError
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     ref = torch.load(os.path.join(work, "ref.pt"))
@@ -45,8 +46,8 @@ def worker(rank: int, world: int, port: int, work: str, paths: list[str], modes:
                 base = model(x).logits
                 for replicate in {"tp": ("auto",), "ep": ("none", "all"), "a2a": ("none", "all")}[mode]:
                     tag = f"{mode}/{replicate}"
-                    bm = attach(model, udir, replicate=replicate)
-                    r = {"kind": type(bm).__name__, "mode": sorted(set(getattr(bm, "mode", {}).values()))}
+                    bm = BrownoutMoE.attach(model, udir, replicate=replicate)
+                    r = {"kind": type(bm).__name__, "mode": sorted(set(bm.mode.values())), "backend": bm.backend}
                     out = model(x).logits
                     r["ratio0_equal_sharded"] = bool(torch.equal(out, base))
                     r["ratio0_err_single"] = float((out - ref["ref0"]).abs().max())
@@ -59,9 +60,14 @@ def worker(rank: int, world: int, port: int, work: str, paths: list[str], modes:
                         r[f"{policy}{ratio}_differs_from_base"] = not torch.equal(out, base)
                     bm.set_policy("hot-cold")
                     bm.set_ratio(1.0)
-                    bm.set_path("grouped")  # transformers' grouped_mm over the local slabs (the GPU path's fallback)
+                    bm.set_backend("grouped")  # transformers' grouped_mm over the local slabs
                     r["grouped1.0_err"] = float((model(x).logits - ref["ratio1.0"]).abs().max())
-                    bm.set_path("auto")
+                    try:  # the fused kernel is refused under EP whatever the device; under TP only where unsupported
+                        bm.set_backend("triton")
+                        r["triton"] = "accepted"
+                    except BrownoutError as e:
+                        r["triton"] = str(e)
+                    bm.set_backend("auto")
                     if mode != "tp":
                         r["owner"] = {i: p.owner for i, p in bm.placement.items()}
                     bm.set_policy("hot-cold")

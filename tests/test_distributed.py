@@ -1,4 +1,4 @@
-"""Brownout under transformers' tensor and expert parallelism: 2 gloo processes on CPU (issue 8).
+"""Brownout under transformers' tensor and expert parallelism: 2 gloo processes on CPU.
 
 The sharded models are transformers' own: `from_pretrained(tp_plan="auto")` (experts sharded on I, moe_tp_experts
 all-reduce) and `DistributedConfig(tp_size=2, ep_size=2)` (experts sharded by expert; dispatch by AutoEP -> all-reduce,
@@ -9,7 +9,8 @@ worker checks, against the single-process model and single-process BrownoutMoE c
   ratio 1, 0.5, drop -> allclose to the single-process brownout result at the same ratio/policy;
   detach   -> bit for bit the sharded model again.
 With BROWNOUT_OLD_TRANSFORMERS set (.ci/run sets it), the same checks also run on transformers 5.17, whose expert
-parallelism is `enable_expert_parallel` with an `ep_router` (runtime.distributed's "ep-router" mode; no all-to-all).
+parallelism is `enable_expert_parallel` with an `ep_router` (runtime.placement.expert_parallel's "ep-router" mode; no
+all-to-all).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 
 from conftest import FAST, make_tiny
 from dist_worker import CASES, worker
-from runtime.distributed import EPPlacement, ep_ids, place_united, token_ranks
+from runtime.placement import EPPlacement, ep_ids, place_united, token_ranks
 
 FAMILY = "qwen3_moe"
 # the oldest transformers we support, installed with `pip install --target` (.ci/run does): its expert parallelism
@@ -43,8 +44,10 @@ def test_place_united_majority_owner_balance_and_replicas():
     assert pl.owner == [0, -1, 1, -1] and pl.local == [[0, 1, 3], [1, 2, 3]] and pl.members_on_owner() == 1.0
     pl = place_united(e2g, 2, replicate="all")
     assert pl.owner == [-1] * 4 and pl.local_slabs == 8
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="split evenly"):
         place_united([0, 0, 1], 2)
+    with pytest.raises(ValueError, match="replicate"):
+        place_united(e2g, 2, replicate="some")
 
 
 def test_ep_ids_translate_every_slab_to_its_rank():
@@ -132,7 +135,9 @@ def test_sharded_brownout_matches_single_process(distributed_reports, tag):
         mode = "ep-router"
     for rank, rep in enumerate(reports):
         r = rep[tag]
-        assert r["kind"] == "DistributedBrownoutMoE" and r["mode"] == [mode], r
+        assert r["kind"] == "BrownoutMoE" and r["mode"] == [mode], r
+        assert r["backend"] == "reference", r  # "auto" on CPU; the fused kernel is refused under EP
+        assert ("expert-parallel" in r["triton"]) == (mode != "tp"), r
         assert r["ratio0_equal_sharded"], f"rank {rank}: ratio 0 is not the sharded model bit for bit"
         assert r["ratio0_err_single"] < 1e-5, r
         for policy, ratio in CASES:

@@ -8,7 +8,9 @@ import torch
 
 from conftest import FAMILIES, FAST, load, make_tiny
 from runtime import BrownoutMoE
-from runtime.policy import remap
+from runtime.experts_impl import state_of
+from runtime.policy import check_policy, remap
+from runtime.ratio import Ratio, check_ratio
 from unify.build import BuildOptions, build
 from runtime.checkpoint import UnitedCheckpoint
 from runtime.discover import find_moe_layers
@@ -68,7 +70,7 @@ def test_ratio0_identical_ratio1_united_detach_exact(tiny_dir, united, family):
         assert torch.equal(model(x).logits, ref)
         bm.detach()
         assert torch.equal(model(x).logits, ref)
-        assert all(not hasattr(l.experts, "_brownout") for l in find_moe_layers(model))
+        assert all(state_of(l.experts) is None for l in find_moe_layers(model))
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "gpt_oss"])
@@ -91,7 +93,7 @@ def test_generate_same_tokens_at_ratio0(tiny_dir, united, family):
 
 # -- Algorithm 1 on crafted routings -------------------------------------------------------------------------------
 def algorithm1(idx: list[list[int]], e2g: list[int], r: float, drop=False):
-    """A direct, loop-by-loop reading of DESIGN.md section 4, independent of runtime.policy."""
+    """A direct, loop-by-loop reading of docs/design.md §4, independent of runtime.policy."""
     E = len(e2g)
     count = [0] * E
     for row in idx:
@@ -173,56 +175,148 @@ def test_mass_policy_ranks_by_weight():
     assert 0 not in mass.hot.nonzero().flatten().tolist()  # least mass
 
 
-def test_reference_and_grouped_paths_agree(tiny_dir, united):
+def test_reference_and_grouped_backends_agree(tiny_dir, united):
     model = load(tiny_dir("qwen3_moe"))
     x = _inputs(model)
-    bm = BrownoutMoE.attach(model, united("qwen3_moe"), ratio=0.5)
+    bm = BrownoutMoE.attach(model, united("qwen3_moe"), ratio=0.5, backend="reference")
+    assert bm.backend == "reference"
     with torch.no_grad():
-        bm.set_path("reference")
         a = model(x).logits
-        bm.set_path("grouped")
+        bm.set_backend("grouped")
+        assert bm.backend == "grouped"
         b = model(x).logits
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    bm.set_path("reference")  # the older name still works
+    assert bm.backend == "reference"
     bm.detach()
 
 
-def test_forced_path_at_ratio_zero_matches_model(tiny_dir, united):
-    """A forced path runs at ratio 0 (benchmarks time the kernel there): every expert stays hot, so the logits are
-    the model's within float rounding, while `auto` runs the model's own implementation."""
+def test_auto_backend_on_cpu_is_reference(tiny_dir, united):
+    """"auto" never picks the Triton interpreter: on CPU it is the reference backend, chosen once at attach."""
+    model = load(tiny_dir("qwen3_moe"))
+    bm = BrownoutMoE.attach(model, united("qwen3_moe"))
+    assert bm.backends == {i: "reference" for i in bm.layers}
+    bm.detach()
+
+
+def test_unknown_and_unsupported_backends_refused(tiny_dir, united, monkeypatch):
+    model = load(tiny_dir("qwen3_moe"))
+    with pytest.raises(ValueError, match="unknown compute backend 'kernl'.*reference, grouped, triton"):
+        BrownoutMoE.attach(model, united("qwen3_moe"), backend="kernl")
+    bm = BrownoutMoE.attach(model, united("qwen3_moe"), backend="grouped")
+    for bad in ("kernl", "Triton", None):
+        with pytest.raises(ValueError, match="unknown compute backend"):
+            bm.set_backend(bad)
+    with pytest.raises(ValueError, match="unknown compute backend 'kernl'"):
+        bm.set_path("kernl")
+    # without the Triton interpreter the fused kernel runs on CUDA only
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BrownoutError, match="'triton' is not supported here"):
+        bm.set_backend("triton")
+    with pytest.raises(BrownoutError, match="'triton' is not supported here"):
+        bm.set_path("kernel")
+    assert bm.backend == "grouped"  # a refused choice changes nothing
+    bm.detach()
+
+
+def test_graph_safe_refused_where_the_ratio_is_read_on_the_host(tiny_dir, united):
+    model = load(tiny_dir("qwen3_moe"))
+    bm = BrownoutMoE.attach(model, united("qwen3_moe"), backend="reference")
+    with pytest.raises(BrownoutError, match="graph-safe.*backend 'reference' reads it on the host"):
+        bm.set_graph_safe(True)
+    assert not bm.graph_safe
+    bm.set_backend("triton")  # the interpreter here
+    bm.set_policy("mass")
+    with pytest.raises(BrownoutError, match="policy 'mass'"):
+        bm.set_graph_safe(True)
+    bm.set_policy("hot-cold")
+    bm.set_graph_safe(True)
+    assert bm.graph_safe
+    with pytest.raises(BrownoutError, match="graph-safe"):
+        bm.set_backend("grouped")  # would silently freeze the ratio of a captured graph
+    with pytest.raises(BrownoutError, match="graph-safe"):
+        bm.set_policy("mass")
+    assert bm.backend == "triton" and bm.policy == "hot-cold"
+    bm.set_graph_safe(False)
+    bm.detach()
+
+
+def test_graph_safe_ratio_zero_runs_the_backend(tiny_dir, united, monkeypatch):
+    """Graph-safe mode runs ratio 0 through the fused kernel (Triton interpreter here): every expert stays hot, so the
+    logits are the model's within float rounding. Off again, ratio 0 is the model's own implementation bit for bit."""
+    from runtime import kernels
+
+    calls = []
+    fused = kernels.fused_moe.fused_moe
+    monkeypatch.setattr(kernels.fused_moe, "fused_moe", lambda *a, **k: calls.append(1) or fused(*a, **k))
     model = load(tiny_dir("qwen3_moe"))
     x = _inputs(model)
     with torch.no_grad():
         want = model(x).logits
-        bm = BrownoutMoE.attach(model, united("qwen3_moe"))
-        for path in ("reference", "grouped"):
-            bm.set_path(path)
-            torch.testing.assert_close(model(x).logits, want, rtol=1e-4, atol=1e-4)
-        bm.set_path("auto")
+        bm = BrownoutMoE.attach(model, united("qwen3_moe"), backend="triton")
+        assert torch.equal(model(x).logits, want) and not calls
+        bm.set_graph_safe(True)
+        torch.testing.assert_close(model(x).logits, want, rtol=1e-4, atol=1e-4)
+        assert len(calls) == len(bm.layers)
+        bm.set_graph_safe(False)
         assert torch.equal(model(x).logits, want)
     bm.detach()
 
 
 def test_kernel_path_follows_the_ratio_in_device_memory(tiny_dir, united):
-    """The fused kernel path (Triton interpreter here) computes what the reference path does, and set_ratio rewrites
+    """The triton backend (Triton interpreter here) computes what the reference backend does, and set_ratio rewrites
     the same device scalar the kernel reads, so a CUDA graph captured once serves every later ratio."""
     from runtime.kernels import fused_moe as fm
 
     model = load(tiny_dir("qwen3_moe"))
     x = _inputs(model)
     bm = BrownoutMoE.attach(model, united("qwen3_moe"))
-    experts = [m for m in model.modules() if getattr(m, "_brownout", None) is not None]
+    experts = [m for m in model.modules() if state_of(m) is not None]
     assert experts and all(fm.supported(e, torch.float32, "cpu") for e in experts)
-    ptrs = [e._brownout.keep.data_ptr() for e in experts]
+    ptrs = [state_of(e).ratio.keep.data_ptr() for e in experts]
     with torch.no_grad():
         for r in (0.5, 1.0, 0.25):
             bm.set_ratio(r)
-            assert [e._brownout.keep.data_ptr() for e in experts] == ptrs  # written in place
-            assert all(float(e._brownout.keep) == pytest.approx(1 - r) for e in experts)
-            bm.set_path("reference")
+            assert [state_of(e).ratio.keep.data_ptr() for e in experts] == ptrs  # written in place
+            assert all(float(state_of(e).ratio.keep) == pytest.approx(1 - r) for e in experts)
+            bm.set_backend("reference")
             want = model(x).logits
             bm.set_path("kernel")
+            assert bm.backend == "triton"
             torch.testing.assert_close(model(x).logits, want, rtol=1e-4, atol=1e-4)
     bm.detach()
+
+
+def test_ratio_object_writes_the_device_scalar_in_place():
+    r = Ratio(0.25)
+    keep, ptr = r.keep, r.keep.data_ptr()
+    assert r.value == 0.25 and keep.dtype == torch.float32 and float(keep) == 0.75
+    r.set(0.6)
+    assert r.keep is keep and r.keep.data_ptr() == ptr
+    assert r.value == 0.6 and float(r) == 0.6 and float(keep) == pytest.approx(0.4)
+    assert keep.item() == torch.tensor(1.0 - 0.6, dtype=torch.float32).item()  # rounded like policy.hot_set rounds it
+    with pytest.raises(BrownoutError):
+        r.set(1.5)
+    assert r.value == 0.6 and float(keep) == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), float("inf"), "0.5", None, True])
+def test_check_ratio_rejects(bad):
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        check_ratio(bad)
+
+
+def test_check_ratio_and_policy_accept():
+    assert check_ratio(0) == 0.0 and isinstance(check_ratio(1), float)
+    assert [check_policy(p) for p in ("hot-cold", "mass", "drop")] == ["hot-cold", "mass", "drop"]
+
+
+@pytest.mark.parametrize("bad", ["hotcold", "", None, "Drop"])
+def test_check_policy_rejects(bad):
+    with pytest.raises(BrownoutError, match="unknown brownout policy"):
+        check_policy(bad)
+    with pytest.raises(ValueError, match="unknown brownout policy"):
+        remap(torch.tensor([[0, 1]]), torch.ones(1, 2), torch.tensor([0, 0]), 1, 0.5, bad)
 
 
 def test_per_layer_ratio_and_summary(tiny_dir, united):
@@ -234,7 +328,7 @@ def test_per_layer_ratio_and_summary(tiny_dir, united):
     assert bm.ratio == {0: 0.1, 1: 0.2, 2: 0.3}
     s = bm.summary()
     assert "4 united" in s and "ratio 0.2" in s and "MiB extra" in s
-    assert bm.extra_bytes() == sum(t[8:].numel() * 4 for st in bm.layers.values() for t in st.slabs.values())
+    assert bm.extra_bytes() == sum(t[8:].numel() * 4 for st in bm.layers.values() for t in st.slabs.values()) > 0
     bm.detach()
 
 
@@ -263,7 +357,7 @@ def test_bad_layer_map(tiny_dir, united):
 def _unchanged(model, x, ref):
     with torch.no_grad():
         assert torch.equal(model(x).logits, ref)
-    assert all(not hasattr(l.experts, "_brownout") for l in find_moe_layers(model))
+    assert all(state_of(l.experts) is None for l in find_moe_layers(model))
     assert model.config._experts_implementation != "brownout"
 
 
