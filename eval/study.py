@@ -32,7 +32,7 @@ def main():
                     help="accuracy tasks are averaged into the loss; perplexity tasks are reported beside it")
     ap.add_argument("--limit", type=int, default=0, help="documents per task (0 = all)")
     ap.add_argument("--calib-tokens", type=int, default=8192)
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=100, help="Adam steps of the distill merges")
     ap.add_argument("--groupings", default=None)
     ap.add_argument("--merges", default=None)
     ap.add_argument("--threads", type=int, default=2)
@@ -79,8 +79,9 @@ def main():
         d = cache / f"w{way}-{g}-{m}"
         if not (d / "united.json").exists():
             t = time.time()
+            steps = {"steps": a.steps} if "steps" in merge.get(m).param_types() else None  # the distill merges
             build("reference", BuildOptions(out=str(d), way=way, grouping=g, merge=m, calib_tokens=a.calib_tokens,
-                                            steps=a.steps, overwrite=True, progress=False,
+                                            merge_params=steps, overwrite=True, progress=False,
                                             device=a.build_device))
             print(f"built {d.name} in {time.time() - t:.0f}s", flush=True)
         return d
