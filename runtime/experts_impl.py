@@ -21,7 +21,7 @@ _STATE = "_brownout"  # attribute on a united layer's experts module: its LayerS
 _LEFT_ALONE = "_brownout_prev_impl"  # attribute on a left-alone experts module: the implementation it keeps
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field-wise comparison of tensors
 class LayerState:
     """Brownout state of one united MoE layer."""
 
