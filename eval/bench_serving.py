@@ -1,16 +1,17 @@
-"""GPU serving benchmark: SLO-aware brownout on a Qwen1.5-MoE-A2.7B-shaped model (random weights), DESIGN.md section 7.
+"""GPU serving benchmark: SLO-aware brownout on a Qwen1.5-MoE-A2.7B-shaped model (random weights), docs/design.md §7.
 
 One process: build the model on the GPU (bf16, transformers' grouped_mm experts; `--routing uniform` by default, see
 `uniform_routing`), build or reuse its united checkpoint (way 4, consecutive grouping, weight averaging; the recipe's
-skip layers), attach `BrownoutMoE`, start one continuous-batching engine for every run, then
+skip layers), attach `BrownoutMoE`, start one continuous-batching engine for every run (`runtime.serving.BrownoutServer`), then
 
   profile      time single forwards on a (tokens x ratio) grid: the start-up table of the model-predictive
                controller. With --cuda-graphs (the intended mode) they are replayed from CUDA graphs on the brownout
                kernel, which is then the path at every ratio, 0 included. Without, eager, and the faster ratio-0
                path (the model's own grouped_mm, or the kernel at r = 1e-6) is the baseline (--zero-path auto)
-  calibrate    (1) saturation runs at r = 0 and r = 1 (`--sat-seconds` each, the batch kept full with a shallow
-               queue: `--sat-queue`): service rates mu0, mu1 in req/s; (2) the burst rates: after-burst rate = clamp((1 + mu1/mu0)/2, 1.05, 1.6) x
-               mu0 (over ratio 0's capacity, under ratio 1's where it can be), before-burst rate = half that;
+  calibrate    (1) saturation runs at r = 0 and r = 1 (`runtime.serving.measure_saturation`, `--sat-seconds` each,
+               the batch kept full with a shallow queue: `--sat-queue`): service rates mu0, mu1 in req/s; (2) the
+               burst rates: after-burst rate = clamp((1 + mu1/mu0)/2, 1.05, 1.6) x mu0 (over ratio 0's capacity,
+               under ratio 1's where it can be), before-burst rate = half that;
                (3) a ratio-0 run at the before-burst rate; the SLOs are `--slo-factor` x its p90 TTFT and p90
                inter-token time (so ratio 0 meets them before the burst, by construction)
   burst        the paper's burst test (250 s, the rate doubles at 75 s) compressed by --duration-scale
@@ -37,27 +38,23 @@ Two device calls (10 minutes each at most); the second reuses the first's calibr
 
 `--rehearse` serves the burst trace once, untimed, before the timed runs: the engine captures a CUDA graph the
 first time it meets a (query, KV) padding, which stalls that step by about two eager forwards; without it the
-first timed run pays for the captures (our third H100 call: 8 captures, a 1.3 s stall at the height of the burst).
+first timed run pays for the captures (on an H100, 8 captures made a 1.3 s stall at the height of the burst).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from runtime.serving import (BrownoutServer, FixedRatio, LatencyProfile, ServeConfig, burst_test, capacity,
+                             make_controller, measure_saturation, poisson, saturation_trace, summarize, timeline)
 
-from runtime.serving.trace import Request, Trace, burst_test, poisson  # noqa: E402
-from runtime.serving.controller import FixedRatio, LatencyProfile, make_controller  # noqa: E402
-from runtime.serving import BrownoutServer, ServeConfig, capacity, summarize, timeline  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "eval" / "results"
 QWEN15_MOE = dict(vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
@@ -196,8 +193,18 @@ def profile(model, bm, tokens, ratios, reps: int, dev: str, vocab: int) -> tuple
 @torch.no_grad()
 def profile_graphed(model, bm, tokens, ratios, reps: int, vocab: int) -> list:
     """(tokens, ratio, seconds) points of single forwards replayed from one CUDA graph per token count, as the
-    engine runs them with --cuda-graphs (the kernel path, whose ratio is a device scalar the graph reads, so one
-    capture serves every ratio). Median of `reps` replays timed with CUDA events, after warm-up replays."""
+    engine runs them with --cuda-graphs (graph-safe mode: the kernel at every ratio, its ratio a device scalar the
+    graph reads, so one capture serves every ratio). Median of `reps` replays timed with CUDA events, after warm-up
+    replays."""
+    before = bm.graph_safe
+    bm.set_graph_safe(True)
+    try:
+        return _replay_points(model, bm, tokens, ratios, reps, vocab)
+    finally:
+        bm.set_graph_safe(before)
+
+
+def _replay_points(model, bm, tokens, ratios, reps: int, vocab: int) -> list:
     g = torch.Generator(device="cpu").manual_seed(0)
     pts = []
     for n in tokens:
@@ -240,52 +247,13 @@ def serve(srv: BrownoutServer, trace, ctl, scfg: ServeConfig):
     return srv.run(trace, controller=ctl)
 
 
-def sat_trace(n: int, lengths: str, seed: int, max_prompt: int, max_output: int) -> Trace:
-    tr = poisson(1e4, 1.0, lengths=lengths, seed=seed, max_requests=n, max_prompt=max_prompt, max_output=max_output)
-    return Trace([Request(i, 0.0005 * i, r.prompt_len, r.output_len) for i, r in enumerate(tr.requests)], tr.meta)
-
-
-def service_rate(res, t_from: float, t_to: float = math.inf, mean_out: float = 1.0) -> dict:
-    """Decode tokens per second over the steps that start in [t_from, t_to) (and req/s at `mean_out` tokens each)."""
-    steps = [s for s in res.steps if t_from <= s.t0 < t_to]
-    if not steps:
-        return {"tok_s": float("nan"), "req_s": float("nan")}
-    span = steps[-1].t1 - steps[0].t0
-    toks = sum(s.decode_tokens for s in steps)
-    return {"tok_s": toks / span, "req_s": toks / span / mean_out,
-            "step_p50": float(np.median([s.step_s for s in steps])), "batch_mean": float(np.mean([s.requests for s in steps]))}
-
-
-def calibrate(srv, args, scfg, mean_out: float) -> dict:
+def calibrate(srv, args, scfg) -> dict:
     cal = {}
-    n_sat = 4 * scfg.max_batch
+    srv.cfg = scfg  # the saturation runs change only the driver's settings of the bench's own
     for r in (0.0, 1.0):
-        if args.sat_queue > 0:
-            # the batch kept full with a shallow queue: arrivals far above any service rate, the driver admitting
-            # at most `sat_queue` waiting requests and rejecting the rest. transformers' scheduler spends host time
-            # per waiting request on every step, so a deep queue (everything queued at t = 0, as our first H100
-            # calls did) understates the rate the engine serves in operation: ratio 0 then held 1.3x that "mu0"
-            # under Poisson load
-            tr = poisson(args.sat_rate, args.sat_seconds, lengths=args.lengths, seed=11,
-                         max_requests=int(args.sat_rate * args.sat_seconds) + 100, max_prompt=args.max_prompt,
-                         max_output=args.max_output)
-            c = ServeConfig(**{**scfg.__dict__, "max_queue": args.sat_queue, "drain_timeout_s": 1.0,
-                               "record_steps": True})
-            window = (min(1.0, args.sat_seconds / 4), args.sat_seconds)
-        else:  # everything queued at t = 0
-            tr = sat_trace(n_sat, args.lengths, 11, args.max_prompt, args.max_output)
-            c = ServeConfig(**{**scfg.__dict__, "max_queue": n_sat, "drain_timeout_s": args.sat_seconds,
-                               "record_steps": True})
-            window = (min(1.0, args.sat_seconds / 4), math.inf)
-        res = serve(srv, tr, FixedRatio(r), c)
-        cal[f"sat_r{r:g}"] = service_rate(res, *window, mean_out=mean_out)
-        if args.sat_queue > 0:  # the measurement holds only while requests wait on (nearly) every step
-            st = [x for x in res.steps if window[0] <= x.t0 < window[1]]
-            dry = sum(x.waiting == 0 for x in st) / max(1, len(st))
-            cal[f"sat_r{r:g}"]["dry_steps"] = dry
-            if dry > 0.1:
-                log(f"WARNING: the queue ran dry on {100 * dry:.0f}% of the saturation steps at r={r:g}: raise "
-                    "--sat-rate, or this understates the service rate")
+        cal[f"sat_r{r:g}"] = measure_saturation(srv, r, seconds=args.sat_seconds, queue=args.sat_queue,
+                                                rate=args.sat_rate, lengths=args.lengths, max_prompt=args.max_prompt,
+                                                max_output=args.max_output)
         log(f"saturation r={r:g}: {cal[f'sat_r{r:g}']}")
     cal["sat_queue"] = args.sat_queue
     mu0, mu1 = cal["sat_r0"]["req_s"], cal["sat_r1"]["req_s"]
@@ -525,15 +493,15 @@ def main(argv=None) -> None:
     ap.add_argument("--max-output", type=int, default=256)
     ap.add_argument("--slo-factor", type=float, default=2.0,
                     help="SLOs = this x ratio 0's p90 TTFT / inter-token time at the before-burst rate. 2 puts them "
-                         "at ~3-5 engine steps, as the paper's 0.25 s / 0.15 s were for its steps; the first H100 "
-                         "run used 1.25 (~2-3 steps), where any queueing is a miss")
+                         "at ~3-5 engine steps, as the paper's 0.25 s / 0.15 s were for its steps; at 1.25 (~2-3 steps) "
+                         "any queueing is a miss")
     ap.add_argument("--slo-prefill", type=float, default=None, help="fix the TTFT SLO (s) instead of calibrating")
     ap.add_argument("--slo-decode", type=float, default=None, help="fix the TPOT SLO (s) instead of calibrating")
     ap.add_argument("--sat-seconds", type=float, default=6.0)
     ap.add_argument("--sat-queue", type=int, default=16,
                     help="calibration: keep the batch full with at most this many requests waiting (arrivals at "
-                         "--sat-rate, the excess rejected); 0: queue everything at t = 0 (our H100 calls up to "
-                         "2026-11-25, which understated the service rate)")
+                         "--sat-rate, the excess rejected); 0: queue everything at t = 0 (understates the service "
+                         "rate: the scheduler spends host time per waiting request)")
     ap.add_argument("--sat-rate", type=float, default=120.0,
                     help="calibration arrivals, req/s (with --sat-queue): well above the service rate, not so far "
                          "that rejecting the excess competes with the engine for the host (on the CPU smoke test "
@@ -544,7 +512,7 @@ def main(argv=None) -> None:
     ap.add_argument("--routing", choices=["uniform", "model"], default="uniform",
                     help="uniform: each router's top-k replaced by uniform random choices (see uniform_routing: a "
                          "random model's own routing collapses onto few experts with depth); model: the random "
-                         "routers as they are (the first two H100 calls)")
+                         "routers as they are")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="transformers' continuous-batching CUDA graphs on. Brownout layers then run the fused kernel "
                          "at every ratio (0 included: the ratio-0 baseline is the same kernel), which reads the ratio "
@@ -563,7 +531,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-batch-tokens", type=int, default=1024)
     ap.add_argument("--drain-seconds", type=float, default=30.0,
                     help="after the last arrival, wait this long; what is left is cancelled (and its tokens count as "
-                         "misses). The first H100 run used 10 s, which cut ~12 long requests per run")
+                         "misses; at 10 s about 12 long requests per run were cut on an H100)")
     ap.add_argument("--poisson-drain-seconds", type=float, default=10.0,
                     help="drain after a Poisson point's last arrival (what is left then counts as missed tokens)")
     ap.add_argument("--cache", default=str(ROOT / ".bench_cache"))
@@ -607,8 +575,8 @@ def main(argv=None) -> None:
             f"{distinct_experts(model, 64, vocab)}")
     udir = united_tier(model, cache, args.tiny, skip)
     bm = BrownoutMoE.attach(model, udir)
-    if args.cuda_graphs:  # a graph captured at ratio 0 on the `auto` path would keep the model's own experts
-        bm.set_path("kernel")
+    if args.cuda_graphs:  # the fused kernel; the server puts it in graph-safe mode, so it runs at ratio 0 as well
+        bm.set_backend("triton")
     log(bm.summary().splitlines()[2])
 
     tokens = [1, 8, 16, 32, 64, 128, 256, 512, 1024] if not args.tiny else [1, 8, 32, 64]
@@ -642,37 +610,42 @@ def main(argv=None) -> None:
         faster = sum(zero["kernel_eps"][n] < zero["prev_impl"][n] for n in ks)
         zero_path = "kernel_eps" if faster > len(ks) / 2 else "prev_impl"
     log(f"ratio-0 baseline path: {zero_path}")
+    handle = bm
     if zero_path == "kernel_eps":  # the same fused kernel at every ratio: r = 0 -> 1e-6 (every expert stays hot)
         for i, n in enumerate(prof.tokens):  # the profile's r = 0 column is then the kernel's
             prof.lat[i][0] = float(zero["kernel_eps"][str(n)])
-
-        def setter(r):
-            bm.set_ratio(EPS if r == 0.0 else r)
-    else:
-        setter = bm.set_ratio
+        handle = KernelAtZero(bm)
 
     scfg = ServeConfig(max_batch=64, max_batch_tokens=args.max_batch_tokens, max_queue=args.max_queue,
                        queue_timeout_s=30.0, request_timeout_s=60.0, drain_timeout_s=args.drain_seconds,
                        num_blocks=64 if args.tiny else None, page_size=32 if args.tiny else 256,
                        max_memory_percent=None if args.tiny else 0.4, seed=args.seed,
                        use_cuda_graph=args.cuda_graphs, kv_padding_tokens=args.kv_padding)
-    sample = poisson(1e4, 1.0, lengths=args.lengths, seed=99, max_requests=5000, max_prompt=args.max_prompt,
-                     max_output=args.max_output)
-    mean_out = float(np.mean([r.output_len for r in sample.requests]))
-    srv = BrownoutServer(model, setter, None, scfg)
+    srv = BrownoutServer(handle, None, scfg)
     srv.start()  # one engine for every run below: same batching, same cache, CUDA graphs captured once
     try:
-        _phases(args, srv, scfg, prof, pdoc, zero, zero_path, mean_out, cache, out, prev, device_name, skip, t_all)
+        _phases(args, srv, scfg, prof, pdoc, zero, zero_path, cache, out, prev, device_name, skip, t_all)
     finally:
         srv.close()
 
 
-def _phases(args, srv, scfg, prof, pdoc, zero, zero_path, mean_out, cache, out, prev, device_name, skip, t_all):
+class KernelAtZero:
+    """The serving handle of the eager `kernel_eps` baseline: ratio 0 is sent as 1e-6, so the fused kernel runs at
+    every ratio with every expert hot at 0 (for CUDA graphs the server uses graph-safe mode instead)."""
+
+    def __init__(self, bm):
+        self.bm, self.model = bm, bm.model
+
+    def set_ratio(self, r: float) -> None:
+        self.bm.set_ratio(EPS if r == 0.0 else r)
+
+
+def _phases(args, srv, scfg, prof, pdoc, zero, zero_path, cache, out, prev, device_name, skip, t_all):
     if args.cuda_graphs:  # capture the engine's graphs (one per padded batch size) before anything is timed
         t = time.time()
-        tr = sat_trace(3 * scfg.max_batch, args.lengths, 7, args.max_prompt, args.max_output)
-        # let it run to the end (kernel compilation and captures make the first steps take seconds; the second
-        # H100 call cut it after 6 s with no step done, and the first timed run paid for the captures)
+        tr = saturation_trace(3 * scfg.max_batch, args.lengths, 7, args.max_prompt, args.max_output)
+        # let it run to the end: kernel compilation and captures make the first steps take seconds, and a warm-up
+        # cut short leaves the captures to the first timed run
         res = serve(srv, tr, FixedRatio(0.0), ServeConfig(**{**scfg.__dict__, "max_queue": len(tr),
                                                                 "drain_timeout_s": 120.0,
                                                                 "request_timeout_s": 150.0}))
@@ -688,7 +661,7 @@ def _phases(args, srv, scfg, prof, pdoc, zero, zero_path, mean_out, cache, out, 
         cal = json.loads(cal_file.read_text())
         log(f"reusing calibration: {cal['mu0']:.2f} req/s, SLOs {cal['slo_prefill']:.3f}/{cal['slo_decode']:.3f}")
     else:
-        cal = calibrate(srv, args, scfg, mean_out)
+        cal = calibrate(srv, args, scfg)
         cal_file.write_text(json.dumps(cal))
         if args.stop_if_no_gain and not cal["mu1"] > 1.02 * cal["mu0"]:
             log(f"ratio 1 serves {cal['mu1']:.2f} req/s, ratio 0 {cal['mu0']:.2f}: no gain to control, stopping "
@@ -722,8 +695,8 @@ def _phases(args, srv, scfg, prof, pdoc, zero, zero_path, mean_out, cache, out, 
         doc["burst"] = {"trace": tr.meta, "runs": kept, "skipped": []}
         if args.rehearse and specs:
             # one untimed pass of the same trace at ratio 0: the engine captures the graphs of the shapes this trace
-            # makes (KV grains the short warm-up never reached). Our third H100 call's first timed run captured 8
-            # mid-run, a 1.3 s stall at the height of the burst that its queue never recovered from
+            # makes (KV grains the short warm-up never reached); captured mid-run instead, 8 of them made a 1.3 s
+            # stall at the height of an H100 burst that its queue never recovered from
             t = time.time()
             res = serve(srv, tr, FixedRatio(0.0), scfg)
             log(f"rehearsal of the burst trace at ratio 0 (untimed): {time.time() - t:.0f} s, "

@@ -1,8 +1,8 @@
 """Where a forward's GPU time goes: kernel time by category, per (tokens, ratio), on the serving benchmark's model.
 
 Builds the Qwen1.5-MoE-A2.7B-shaped model of `eval/bench_serving.py` (random weights, bf16) with its united tier
-(way 4, weight average), runs the brownout kernel path at every ratio (`set_path("kernel")`, as the serving
-benchmark does with CUDA graphs), and records `--reps` eager forwards per point with torch.profiler. Each kernel's
+(way 4, weight average), runs the brownout kernel at every ratio (the triton backend in graph-safe mode, as the
+serving benchmark's engine does with CUDA graphs), and records `--reps` eager forwards per point with torch.profiler. Each kernel's
 GPU time is summed by category:
 
   brownout    our Triton kernels (remap, routing alignment, gate/up, down, top-k sum)
@@ -24,17 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from eval.bench_serving import build_model, distinct_experts, profile_graphed, uniform_routing, united_tier
+from runtime.serving import BrownoutServer, FixedRatio, ServeConfig, saturation_trace
 
-from eval.bench_serving import build_model, distinct_experts, profile_graphed, uniform_routing, united_tier  # noqa: E402,E501
+ROOT = Path(__file__).resolve().parents[1]
 
 CATEGORIES = [  # first match wins
     ("brownout", re.compile(r"_remap_kernel|_align_|_gate_up_kernel|_down_kernel|_topk_sum_kernel")),
@@ -99,21 +97,17 @@ def engine_steps(model, bm, ratios, seconds: float, graphs: bool = True, kv_padd
     time is what brownout's share is taken of."""
     from torch.profiler import ProfilerActivity, profile
 
-    from eval.bench_serving import sat_trace
-    from runtime.serving.controller import FixedRatio
-    from runtime.serving import BrownoutServer, ServeConfig
-
     cfg = ServeConfig(max_batch=64, max_batch_tokens=1024, max_queue=512, drain_timeout_s=seconds,
                       max_memory_percent=0.4, use_cuda_graph=graphs, kv_padding_tokens=kv_padding)
     out = []
-    with BrownoutServer(model, bm.set_ratio, None, cfg) as srv:
+    with BrownoutServer(bm, None, cfg) as srv:
         t = time.perf_counter()
-        srv.run(sat_trace(256, "alpaca", 7, 512, 256), controller=FixedRatio(0.0))  # warm-up: captures, not profiled
+        srv.run(saturation_trace(256, "alpaca", 7, 512, 256), controller=FixedRatio(0.0))  # warm-up: captures, not profiled
         warm_s = time.perf_counter() - t
         for r in ratios:
             acts = [ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]  # CPU: a dry run
             with profile(activities=acts) as prof:
-                res = srv.run(sat_trace(256, "alpaca", 11, 512, 256), controller=FixedRatio(r))
+                res = srv.run(saturation_trace(256, "alpaca", 11, 512, 256), controller=FixedRatio(r))
             steps = res.steps
             n = max(1, len(steps))
             by_name = kernels_by_name(prof)
@@ -183,7 +177,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ratios", default="0,1")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--routing", choices=["uniform", "model"], default="uniform",
-                    help="as in eval/bench_serving.py (the first H100 profile ran with `model`)")
+                    help="as in eval/bench_serving.py")
     ap.add_argument("--engine-seconds", type=float, default=0.0,
                     help="also profile continuous-batching steps at saturation for this long per ratio (0: skip)")
     ap.add_argument("--engine-eager", action="store_true", help="profile the engine with its CUDA graphs off")
@@ -205,7 +199,8 @@ def main(argv=None) -> None:
         uniform_routing(model)
     spread = distinct_experts(model, 64, vocab)
     bm = BrownoutMoE.attach(model, united_tier(model, Path(args.cache), False, [0, 1, -2, -1]))
-    bm.set_path("kernel")
+    bm.set_backend("triton")
+    bm.set_graph_safe(True)  # the kernel at every ratio, 0 included, in the eager forwards profiled here too
     tokens = [int(x) for x in args.tokens.split(",")]
     ratios = [float(x) for x in args.ratios.split(",")]
     graphed = {(n, r): v for n, r, v in profile_graphed(model, bm, tokens, ratios, 10, vocab)}

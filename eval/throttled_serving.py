@@ -20,14 +20,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from runtime.serving import (BrownoutServer, FixedRatio, Request, ServeConfig, Trace, burst_test, make_controller,
+                             measure_capacity, summarize, timeline)
 
-from runtime.serving.trace import Request, Trace, burst_test  # noqa: E402
-from eval.bench_serving import service_rate  # noqa: E402
-from runtime.serving.controller import FixedRatio, make_controller  # noqa: E402
-from runtime.serving import BrownoutServer, ServeConfig, summarize, timeline  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIGS = ["fixed:0", "fixed:0.5", "fixed:1", "salc", "salc:0.5", "mpc:noload", "mpc"]
 
@@ -42,15 +38,20 @@ def tiny_model():
     return Qwen2MoeForCausalLM(cfg).eval()
 
 
-def throttle(model, step_ms: float, gain: float):
-    """-> set_ratio callable; each forward of `model` then sleeps step_ms * (1 - gain * ratio) first."""
-    state = {"r": 0.0}
-    model.model.register_forward_pre_hook(lambda mod, args: time.sleep(1e-3 * step_ms * (1 - gain * state["r"])))
+class Throttled:
+    """A serving handle (what `BrownoutServer` takes in place of a `BrownoutMoE`) whose ratio sets a speed law: each
+    forward of `model` first sleeps step_ms * (1 - gain * ratio). The law reads the ratio at every forward, so it
+    follows `set_ratio` in either graph-safe mode (there are no graphs on the CPU)."""
 
-    def set_ratio(r: float) -> None:
-        state["r"] = float(r)
+    def __init__(self, model, step_ms: float, gain: float):
+        self.model, self.ratio, self.graph_safe = model, 0.0, False
+        model.model.register_forward_pre_hook(lambda mod, args: time.sleep(1e-3 * step_ms * (1 - gain * self.ratio)))
 
-    return set_ratio
+    def set_ratio(self, r: float) -> None:
+        self.ratio = float(r)
+
+    def set_graph_safe(self, on: bool) -> None:
+        self.graph_safe = bool(on)
 
 
 def make_trace(base_rate: float, duration_scale: float, seed: int, prompt: int, output: int) -> Trace:
@@ -60,20 +61,17 @@ def make_trace(base_rate: float, duration_scale: float, seed: int, prompt: int, 
 
 
 def run(configs, base_rate=4.5, duration_scale=0.05, step_ms=30.0, gain=0.6, slo_prefill=0.25, slo_decode=0.1,
-        seed=3, output=30, log=print) -> dict:
-    model = tiny_model()
-    set_ratio = throttle(model, step_ms, gain)
+        seed=3, output=30, sat_seconds=3.0, log=print) -> dict:
+    handle = Throttled(tiny_model(), step_ms, gain)
     tr = make_trace(base_rate, duration_scale, seed, 8, output)
     b = tr.meta["burst_at"]
     cfg = ServeConfig(max_batch=8, max_batch_tokens=128, num_blocks=64, page_size=32, max_memory_percent=None,
                       drain_timeout_s=10.0)
     runs = []
-    with torch.no_grad(), BrownoutServer(model, set_ratio, None, cfg) as srv:
+    with torch.no_grad(), BrownoutServer(handle, None, cfg) as srv:
         srv.run(Trace(tr.requests[:10], tr.meta), controller=FixedRatio(0.0))  # warm-up
-        # the engine's saturated output-token rates at ratios 0 and 1, measured as bench_serving calibrates them:
-        # the MPC's load term (everything queued at t = 0)
-        sat = Trace([Request(i, 0.0, 8, output) for i in range(4 * cfg.max_batch)], {})
-        capacity = {r: service_rate(srv.run(sat, controller=FixedRatio(r)), 0.0, mean_out=output)["tok_s"] for r in (0.0, 1.0)}
+        # the engine's saturated output-token rates at ratios 0 and 1: the MPC's load term
+        capacity = measure_capacity(srv, seconds=sat_seconds, max_prompt=8, max_output=output)
         log(f"  saturated output tokens/s: ratio 0 {capacity[0.0]:.0f}, ratio 1 {capacity[1.0]:.0f}")
         for spec in configs:
             res = srv.run(tr, controller=make_controller(spec, slo_prefill, slo_decode, capacity=capacity))

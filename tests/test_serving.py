@@ -1,13 +1,19 @@
-"""Trace generator statistics: burstiness, the burst test's doubling, length presets, determinism, JSON round trip."""
-import sys
-from pathlib import Path
+"""runtime.serving: trace statistics (burstiness, the burst test's doubling, length presets, determinism, JSON round
+trip), BrownoutServer end to end on a tiny CPU model (records, engine reuse, overload, timeouts, graph-safe mode),
+service-rate calibration, and the benchmark scripts' helpers."""
+import math
+import time
 
 import numpy as np
 import pytest
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `eval` is a plain folder, not an installed package
-
-from runtime.serving.trace import Trace, burst_test, bursty, poisson, sample_lengths  # noqa: E402
+from runtime.errors import BrownoutError
+from runtime.serving import (SALC, BrownoutServer, FixedRatio, Request, ServeConfig, ServeResult, Trace, burst_test,
+                             bursty, capacity, make_controller, measure_capacity, measure_saturation, poisson,
+                             service_rate, summarize, timeline)
+from runtime.serving.server import StepRecord
+from runtime.serving.trace import sample_lengths
 
 
 def test_poisson_rate_and_cv():
@@ -77,21 +83,36 @@ def test_length_presets():
 
 
 # ----------------------------------------------------------------------------- end to end, tiny model on CPU
-import math  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-
-from runtime.serving.trace import Request  # noqa: E402
-from runtime.serving.controller import SALC, FixedRatio  # noqa: E402
-from runtime.serving import BrownoutServer, ServeConfig, capacity, summarize, timeline  # noqa: E402
-
-
 @pytest.fixture(scope="module")
 def tiny_model():
     from eval.throttled_serving import tiny_model as build
 
     return build()
+
+
+class Handle:
+    """A stand-in for BrownoutMoE with the serving protocol: records every ratio and graph-safe switch it is given
+    (`events`), and may fail on ratios above 0 (`fail_above_zero`) or refuse graph-safe mode (`refuse_graph_safe`)."""
+
+    def __init__(self, model, graph_safe=False, fail_above_zero=False, refuse_graph_safe=False):
+        self.model, self.graph_safe = model, graph_safe
+        self.fail_above_zero, self.refuse_graph_safe = fail_above_zero, refuse_graph_safe
+        self.events: list = []
+
+    @property
+    def ratios(self) -> list[float]:
+        return [x for x in self.events if not isinstance(x, tuple)]
+
+    def set_ratio(self, r: float) -> None:
+        self.events.append(r)
+        if self.fail_above_zero and r > 0:
+            raise RuntimeError("runtime exploded")
+
+    def set_graph_safe(self, on: bool) -> None:
+        if self.refuse_graph_safe and on:
+            raise BrownoutError("graph-safe mode needs a backend that reads the ratio from device memory")
+        self.events.append(("graph_safe", on))
+        self.graph_safe = on
 
 
 def _trace(spec):
@@ -105,10 +126,10 @@ def _cfg(**kw):
 
 
 def test_serve_records_complete(tiny_model):
-    calls = []
+    h = Handle(tiny_model)
     ctl = SALC(0.25, 0.15, interval=0.05, window=0.05)
     tr = _trace([(0.0, 5, 4), (0.01, 12, 6), (0.02, 3, 1), (0.05, 20, 5), (0.1, 7, 3)])
-    res = BrownoutServer(tiny_model, calls.append, ctl, _cfg()).run(tr)
+    res = BrownoutServer(h, ctl, _cfg()).run(tr)
     assert res.errors == []
     for r in res.requests:
         assert r.status == "ok", r
@@ -117,7 +138,9 @@ def test_serve_records_complete(tiny_model):
     assert sum(s.prefill_tokens for s in res.steps) == sum(r.prompt_len for r in tr.requests)
     assert any(s.decode_tokens > 0 and s.prefill_tokens == 0 for s in res.steps)
     assert all(0.0 <= s.ratio <= 1.0 and s.step_s > 0 for s in res.steps)
+    calls = h.ratios
     assert calls and calls[0] == 0.0 and calls[-1] == 0.0  # reset to 0 before and after the run
+    assert h.events == calls  # graphs off: graph-safe mode untouched
     m = summarize(res, 1e6, 1e6)
     assert m["violation_all"] == 0.0 and m["status"] == {"ok": 5}
     assert m["ttft"]["p50"] > 0 and m["tpot"]["p99"] >= m["tpot"]["p50"]
@@ -130,9 +153,9 @@ def test_serve_records_complete(tiny_model):
 def test_engine_is_kept_between_runs(tiny_model):
     """Inside `with server:` one engine serves several runs (the bench relies on it to capture CUDA graphs once):
     each run's records are complete, its controller is the one passed, and the engine stops at exit."""
-    calls = []
+    h = Handle(tiny_model)
     tr = _trace([(0.0, 5, 4), (0.01, 9, 3), (0.03, 4, 2)])
-    with BrownoutServer(tiny_model, calls.append, None, _cfg()) as srv:
+    with BrownoutServer(h, None, _cfg()) as srv:
         mgr = srv._mgr
         a = srv.run(tr, controller=FixedRatio(0.5))
         b = srv.run(tr, controller=FixedRatio(1.0))
@@ -142,7 +165,7 @@ def test_engine_is_kept_between_runs(tiny_model):
         assert res.errors == [] and [q.status for q in res.requests] == ["ok"] * 3
         assert [len(q.token_times) for q in res.requests] == [4, 3, 2]
         assert {s.ratio for s in res.steps} == {r}
-    assert 0.5 in calls and 1.0 in calls and calls[-1] == 0.0
+    assert 0.5 in h.ratios and 1.0 in h.ratios and h.ratios[-1] == 0.0
 
 
 def test_engine_recovers_after_cancelling_a_full_cache(tiny_model):
@@ -152,7 +175,7 @@ def test_engine_recovers_after_cancelling_a_full_cache(tiny_model):
     cfg = _cfg(num_blocks=16, drain_timeout_s=0.3)
     full = _trace([(0.0005 * i, 24, 200) for i in range(48)])
     small = _trace([(0.01 * i, 6, 3) for i in range(5)])
-    with BrownoutServer(tiny_model, None, None, cfg) as srv:
+    with BrownoutServer(Handle(tiny_model), None, cfg) as srv:
         for _ in range(3):
             srv.cfg = cfg
             a = srv.run(full)
@@ -168,7 +191,7 @@ def test_overload_rejects_cleanly(tiny_model):
     # (28 rejected on one CI run)
     tr = _trace([(0.0, 8, 3) for i in range(40)])
     t = time.time()
-    res = BrownoutServer(tiny_model, None, FixedRatio(0.5), _cfg(max_batch=2, max_queue=4)).run(tr)
+    res = BrownoutServer(Handle(tiny_model), FixedRatio(0.5), _cfg(max_batch=2, max_queue=4)).run(tr)
     assert time.time() - t < 90
     st = [r.status for r in res.requests]
     assert set(st) <= {"ok", "rejected"} and st.count("rejected") >= 30 and st.count("ok") >= 4
@@ -181,20 +204,118 @@ def test_overload_rejects_cleanly(tiny_model):
 
 def test_timeouts_and_engine_failure_do_not_hang(tiny_model):
     tr = _trace([(0.0, 4, 900), (0.0, 4, 900), (0.3, 4, 2)])
-    res = BrownoutServer(tiny_model, None, None, _cfg(request_timeout_s=0.5, queue_timeout_s=0.5)).run(tr)
+    res = BrownoutServer(Handle(tiny_model), None, _cfg(request_timeout_s=0.5, queue_timeout_s=0.5)).run(tr)
     st = [r.status for r in res.requests]
     assert st[:2] == ["timeout", "timeout"] and st[2] in ("ok", "timeout")
     assert 0 < len(res.requests[0].token_times) < 900
 
-    def broken(r):
-        if r > 0:
-            raise RuntimeError("runtime exploded")
-
     tr = _trace([(0.0, 4, 5), (0.0, 4, 5), (0.5, 4, 5)])
     t = time.time()
-    res = BrownoutServer(tiny_model, broken, FixedRatio(1.0), _cfg()).run(tr)
+    res = BrownoutServer(Handle(tiny_model, fail_above_zero=True), FixedRatio(1.0), _cfg()).run(tr)
     assert time.time() - t < 60
     assert all(r.status in ("failed", "rejected") for r in res.requests), [r.status for r in res.requests]
+
+
+def test_server_takes_a_handle_not_a_model(tiny_model):
+    with pytest.raises(BrownoutError, match="BrownoutMoE handle"):
+        BrownoutServer(tiny_model, FixedRatio(0.0), _cfg())
+
+
+@pytest.mark.parametrize("before", [False, True])
+def test_cuda_graphs_switch_the_handle_to_graph_safe_mode_by_themselves(tiny_model, before):
+    """With `use_cuda_graph=True` the server puts the handle in graph-safe mode before the engine starts (before any
+    ratio reaches the model) and puts back the mode it found when the engine stops; no call by the user. (On the
+    CPU transformers then serves without graphs; the switch does not depend on that.)"""
+    h = Handle(tiny_model, graph_safe=before)
+    tr = _trace([(0.0, 5, 3), (0.01, 6, 2)])
+    with BrownoutServer(h, FixedRatio(0.5), _cfg(use_cuda_graph=True)) as srv:
+        assert h.graph_safe is True and h.events == [("graph_safe", True), 0.0]
+        a = srv.run(tr)
+        b = srv.run(tr)
+        assert h.graph_safe is True  # one switch for every run of the engine
+    for res in (a, b):
+        assert res.errors == [] and [q.status for q in res.requests] == ["ok", "ok"]
+    assert {s.ratio for s in a.steps} == {0.5} and 0.5 in h.ratios
+    assert [e for e in h.events if isinstance(e, tuple)] == [("graph_safe", True), ("graph_safe", before)]
+    assert h.events[-1] == ("graph_safe", before) and h.graph_safe is before
+    # a bare run starts and stops its own engine: the same switch around it
+    h.events.clear()
+    res = BrownoutServer(h, FixedRatio(1.0), _cfg(use_cuda_graph=True)).run(tr)
+    assert res.errors == [] and h.events[0] == ("graph_safe", True) and h.events[-1] == ("graph_safe", before)
+    assert 1.0 in h.ratios
+
+
+def test_cuda_graphs_with_a_handle_that_cannot_follow_the_ratio_start_nothing(tiny_model):
+    """Where graph-safe mode is refused (or the handle has no such mode), starting with graphs on fails with a
+    one-line BrownoutError before any engine exists, instead of serving a ratio frozen into the graphs."""
+    h = Handle(tiny_model, refuse_graph_safe=True)
+    srv = BrownoutServer(h, FixedRatio(1.0), _cfg(use_cuda_graph=True))
+    with pytest.raises(BrownoutError) as e:
+        srv.run(_trace([(0.0, 5, 3)]))
+    assert "\n" not in str(e.value) and srv._mgr is None and h.events == [] and h.graph_safe is False
+
+    class RatioOnly:
+        model = tiny_model
+        set_ratio = staticmethod(lambda r: None)
+
+    srv = BrownoutServer(RatioOnly(), None, _cfg(use_cuda_graph=True))
+    with pytest.raises(BrownoutError, match="set_graph_safe"):
+        srv.start()
+    assert srv._mgr is None
+    BrownoutServer(RatioOnly(), None, _cfg()).run(_trace([(0.0, 5, 2)]))  # graphs off: no graph-safe mode needed
+
+
+def test_real_handle_refuses_graphs_on_the_cpu(tiny_dir, tmp_path):
+    """A BrownoutMoE on the CPU cannot follow the ratio from device memory: the server's start fails with its
+    one-line BrownoutError (raised by set_graph_safe, before transformers' engine is created)."""
+    from conftest import FAMILIES, load
+    from runtime import BrownoutMoE
+    from unify.build import BuildOptions, build
+
+    if not hasattr(BrownoutMoE, "set_graph_safe"):
+        pytest.skip("this BrownoutMoE has no set_graph_safe yet")
+    family = "qwen2_moe" if "qwen2_moe" in FAMILIES else FAMILIES[0]
+    model = load(tiny_dir(family))
+    out = build(tiny_dir(family), BuildOptions(out=str(tmp_path / "u"), way=2, grouping="consecutive",
+                                               merge="average", progress=False, skip_layers=[]))
+    bm = BrownoutMoE.attach(model, out)
+    srv = BrownoutServer(bm, None, _cfg(use_cuda_graph=True))
+    with pytest.raises(BrownoutError) as e:
+        srv.start()
+    assert "\n" not in str(e.value) and srv._mgr is None and bm.graph_safe is False
+
+
+# ----------------------------------------------------------------------------- service-rate calibration
+def test_service_rate_counts_decode_tokens_over_the_window():
+    steps = [StepRecord(t0=0.1 * i, t1=0.1 * i + 0.08, step_s=0.08, prefill_tokens=4 * (i == 0), decode_tokens=8,
+                        requests=8, ratio=0.0) for i in range(20)]
+    res = ServeResult([], steps, 2.0, {}, "fixed:0")
+    r = service_rate(res, 0.5, 1.5, mean_out=4.0)  # steps starting at 0.5 .. 1.4: 10 steps over 0.98 s
+    assert r["tok_s"] == pytest.approx(80 / 0.98) and r["req_s"] == pytest.approx(r["tok_s"] / 4)
+    assert r["step_p50"] == pytest.approx(0.08) and r["batch_mean"] == 8
+    assert math.isnan(service_rate(res, 5.0)["tok_s"])
+
+
+def test_measure_capacity_on_the_engine():
+    """On the throttled engine (each step sleeps 30 ms x (1 - 0.6 ratio)), ratio 1 serves more tokens per second
+    than ratio 0; the driver settings are put back after the measurement, the engine keeps serving."""
+    from eval.throttled_serving import Throttled, tiny_model as build
+
+    h = Throttled(build(), 30.0, 0.6)
+    cfg = _cfg(max_batch=8)
+    with BrownoutServer(h, None, cfg) as srv:
+        sat = measure_saturation(srv, 0.0, seconds=1.5, max_prompt=8, max_output=16)
+        assert srv.cfg is cfg
+        assert set(sat) >= {"tok_s", "req_s", "step_p50", "batch_mean", "dry_steps"} and 0 <= sat["dry_steps"] <= 1
+        assert sat["batch_mean"] > 4  # the batch was kept (nearly) full
+        cap = measure_capacity(srv, seconds=1.5, max_prompt=8, max_output=16)
+        assert set(cap) == {0.0, 1.0} and cap[1.0] > 1.3 * cap[0.0] > 0
+        ctl = make_controller("mpc", 0.25, 0.1, capacity=cap)
+        assert ctl.token_time(1.0) < ctl.token_time(0.0)
+        res = srv.run(_trace([(0.0, 5, 3)]))
+        assert [q.status for q in res.requests] == ["ok"]
+    with pytest.raises(BrownoutError):
+        measure_saturation(srv, 0.0, seconds=0)
 
 
 def test_capacity_interpolation():

@@ -1,4 +1,4 @@
-"""SLO-aware brownout controllers (DESIGN.md section 7).
+"""SLO-aware brownout controllers (docs/design.md §7).
 
 A controller reads per-step latencies from the serving loop and says which brownout ratio the next step should run
 at. The model has one ratio knob per forward; like the paper we keep separate state for prefill (judged against the
@@ -32,6 +32,8 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
+from ..errors import BrownoutError
+
 KINDS = ("prefill", "decode")
 
 __all__ = ["KINDS", "Controller", "FixedRatio", "SALC", "PIController", "ModelPredictive", "LatencyProfile",
@@ -50,7 +52,7 @@ def _ok(x) -> bool:
 
 def _check_kind(kind: str) -> str:
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        raise BrownoutError(f"kind must be one of {KINDS}, got {kind!r}")
     return kind
 
 
@@ -108,7 +110,7 @@ class Controller:
 
     def __init__(self, slo_prefill: float = 0.25, slo_decode: float = 0.15):
         if not (slo_prefill > 0 and slo_decode > 0):
-            raise ValueError("SLOs must be positive")
+            raise BrownoutError("SLOs must be positive")
         self.slo = {"prefill": float(slo_prefill), "decode": float(slo_decode)}
 
     def observe(self, kind: str, latency_s: float, now: float, batch_tokens: int = 0, ratio: float | None = None,
@@ -298,11 +300,11 @@ class LatencyProfile:
 
     def __post_init__(self):
         if len(self.tokens) < 1 or len(self.ratios) < 1:
-            raise ValueError("profile needs at least one token count and one ratio")
+            raise BrownoutError("profile needs at least one token count and one ratio")
         if sorted(self.tokens) != list(self.tokens) or sorted(self.ratios) != list(self.ratios):
-            raise ValueError("profile grids must be ascending")
+            raise BrownoutError("profile grids must be ascending")
         if len(self.lat) != len(self.tokens) or any(len(row) != len(self.ratios) for row in self.lat):
-            raise ValueError("profile table shape must be [len(tokens)][len(ratios)]")
+            raise BrownoutError("profile table shape must be [len(tokens)][len(ratios)]")
         self.lat = [[float(x) for x in row] for row in self.lat]
         self._tg = [float(t) for t in self.tokens]
 
@@ -321,7 +323,7 @@ class LatencyProfile:
             for r in ratios:
                 v = cells.get((t, r))
                 if not v:
-                    raise ValueError(f"profile point (tokens={t}, ratio={r}) is missing")
+                    raise BrownoutError(f"profile point (tokens={t}, ratio={r}) is missing")
                 row.append(quantile(v, 0.5))
             lat.append(row)
         return cls(tokens, ratios, lat, alpha)
@@ -366,9 +368,8 @@ class ModelPredictive(Controller):
     forward time (loop overhead, attention on long contexts, ...), set by the first observation and then averaged,
     fast upwards (kappa_up) and slowly downwards (kappa_alpha). The controller takes the smallest r on `grid`
     with kappa * P(tokens, r) <= beta_kind * SLO * (1 - margin); if none fits, the smallest ratio within 2% of the
-    fastest prediction (never r = 1 blindly: where the brownout path is slower than the original one, as it was on
-    our first GPU run, it stays at 0). So small batches run at r = 0 and the accuracy price is paid only on the
-    steps where it buys time.
+    fastest prediction (never r = 1 blindly: where the brownout path is slower than the original one, it stays
+    at 0). So small batches run at r = 0 and the accuracy price is paid only on the steps where it buys time.
 
     Outer loop (every `period` s): beta_kind in [beta_min, 1] is trimmed by the p90 of the SLO latency over the last
     `window` s: above (1 - margin/2) SLO -> beta *= 0.85 (more brownout); below (1 - 2 margin) SLO -> beta += 0.05.
@@ -378,17 +379,18 @@ class ModelPredictive(Controller):
     So the age a of the oldest request still waiting to be scheduled (`observe_queue`) sets a floor on the ratio,
     proportional between `queue_lo` * TTFT SLO (floor 0) and `queue_hi` * TTFT SLO (floor 1): the ratio rises on
     the step at which a queue forms, before any first token is late. The floor holds for decode steps as well:
-    under continuous batching a full batch admits the queue only as decode steps finish requests (our second H100
-    run applied it to prompt-carrying steps only, and the queue grew behind full batches of decode steps at r = 0).
+    under continuous batching a full batch admits the queue only as decode steps finish requests (applied to
+    prompt-carrying steps only, the queue grows behind full batches of decode steps at r = 0).
 
     Load term (optional, each step; needs `capacity`, the engine's saturated decode-token rate at two or more
     ratios, measured at start-up): the output tokens asked for by the requests admitted over the last
     `load_window` s are the offered load (`observe_arrival`). The floor is the smallest ratio whose capacity covers
     it with a `load_margin` (time per token interpolated linearly in r); it is refreshed with the queue floor, on
-    each `observe_queue` (the server calls it before every step). This is what the queue term alone lacks: on our H100
-    burst run (v3) the queue floor sent the ratio to 1, the queue drained, the ratio fell back to 0 within a
-    fraction of a second, and since ratio 0 could not carry the after-burst rate the queue formed again (a
-    relaxation cycle, 17.5% of first tokens late).
+    each `observe_queue` (the server calls it before every step). This is what the queue term alone lacks: after a
+    burst the queue floor sends the ratio to 1, the queue drains, the ratio falls back to 0 within a fraction of a
+    second, and when ratio 0 cannot carry the after-burst rate the queue forms again (a relaxation cycle that leaves
+    many first tokens late). `runtime.serving.calibration.measure_capacity` measures `capacity` on the running
+    engine.
 
     Hysteresis: the ratio rises at once; it falls only when the lower ratio's prediction is under the budget by a
     further `hysteresis` fraction, and by at most `max_fall` per step.
@@ -409,16 +411,16 @@ class ModelPredictive(Controller):
         super().__init__(slo_prefill, slo_decode)
         self.capacity = sorted((float(r), float(c)) for r, c in (capacity or {}).items())
         if self.capacity and (len(self.capacity) < 2 or any(c <= 0 or not 0 <= r <= 1 for r, c in self.capacity)):
-            raise ValueError("capacity needs positive token rates at two or more ratios in [0, 1]")
+            raise BrownoutError("capacity needs positive token rates at two or more ratios in [0, 1]")
         # ratios and seconds per output token at saturation, for token_time (computed once, read every step)
         self._cap_r, self._cap_t = [r for r, _ in self.capacity], [1.0 / c for _, c in self.capacity]
         if not load_window > 0 or load_margin < 0:
-            raise ValueError("need load_window > 0 and load_margin >= 0")
+            raise BrownoutError("need load_window > 0 and load_margin >= 0")
         self.load_window, self.load_margin = float(load_window), float(load_margin)
         self._arrivals = Window(load_window, maxlen=100_000)  # (time, output tokens), appended by the driver thread
         self._arr_lock = threading.Lock()
         if not 0 <= queue_lo < queue_hi:
-            raise ValueError("need 0 <= queue_lo < queue_hi")
+            raise BrownoutError("need 0 <= queue_lo < queue_hi")
         self.queue_lo, self.queue_hi = queue_lo, queue_hi
         if isinstance(profile, LatencyProfile):
             profile = {k: profile for k in KINDS}
@@ -563,4 +565,4 @@ def make_controller(spec: str, slo_prefill: float, slo_decode: float, profile=No
                             capacity=capacity if spec == "mpc" else None, **kw)
         c.name = spec
         return c
-    raise ValueError(f"unknown controller {spec!r}: fixed:<r> | salc[:<interval s>] | pi | mpc | mpc:noload")
+    raise BrownoutError(f"unknown controller {spec!r}: fixed:<r> | salc[:<interval s>] | pi | mpc | mpc:noload")

@@ -1,27 +1,40 @@
-"""Serve a request trace on transformers' continuous batching, with a per-step brownout hook (DESIGN.md section 7).
+"""Serve a request trace on transformers' continuous batching, with a per-step brownout hook (docs/design.md §7).
+
+    bm = BrownoutMoE.attach(model, united_dir)
+    with BrownoutServer(bm, config=ServeConfig(use_cuda_graph=True)) as srv:
+        srv.controller = make_controller("mpc", 0.25, 0.15, capacity=measure_capacity(srv))
+        res = srv.run(burst_test(base_rate=4.0, duration_scale=0.24))
+    summarize(res, 0.25, 0.15)
+
+The handle. `BrownoutServer` takes a `runtime.BrownoutMoE`, or any object with the same serving protocol:
+`.model` (the transformers model to serve), `.set_ratio(float)` (called before a step whose ratio differs from the
+last one), and, only when `ServeConfig.use_cuda_graph` is on, `.graph_safe` (bool) and `.set_graph_safe(bool)`.
 
 How it hooks transformers 5 (generation/continuous_batching): `model.init_continuous_batching(...)` returns a
 `ContinuousBatchingManager` whose background thread loops `prepare_next_batch()` -> `self._generation_step()` ->
-`update_batch()`. `_generation_step` is looked up on the manager instance each iteration, so we replace it on the
-instance with a wrapper. When the wrapper runs, the batch is already scheduled: `batch_processor.inputs_and_outputs
-.requests_in_batch` lists the requests with their query lengths, and a request with no generated token yet is
-prefilling. The wrapper (1) classifies the step (prefill tokens, decode tokens; transformers mixes both in one step),
-(2) asks the controller for the ratio and calls `set_ratio(r)` before the forward, (3) runs the original step, which
-in synchronous mode (we force `use_async_batching=False`) ends with the device-to-host copy of the sampled tokens,
-so the wall time around it is the step's latency, and (4) feeds the controller. Nothing in transformers is copied or
-forked; requests go in through the public `add_request` and come back through `get_result`.
+`update_batch()`. `_generation_step` is looked up on the manager instance each iteration, so the server replaces it
+on the instance with a wrapper. When the wrapper runs, the batch is already scheduled: `batch_processor
+.inputs_and_outputs.requests_in_batch` lists the requests with their query lengths, and a request with no generated
+token yet is prefilling. The wrapper (1) classifies the step (prefill tokens, decode tokens; transformers mixes both
+in one step), (2) asks the controller for the ratio and calls `set_ratio(r)` before the forward, (3) runs the
+original step, which in synchronous mode (`use_async_batching=False`, forced) ends with the device-to-host copy of
+the sampled tokens, so the wall time around it is the step's latency, and (4) feeds the controller. Nothing in
+transformers is copied or forked; requests go in through the public `add_request` and come back through
+`get_result`.
 
-Limits of the hook: with CUDA graphs on (`use_cuda_graph=True`), what a graph captured is replayed, so the brownout
-layers must run the fused kernel at every ratio (`bm.set_path("kernel")`; on `auto`, a graph captured at ratio 0
-would keep the model's own experts): its remap reads the ratio from a device scalar that `set_ratio` rewrites in
-place (policies hot-cold and drop; `mass` runs a PyTorch remap whose ratio a graph freezes). With async batching
-on, the step's forward overlaps the next step's preparation and per-step timing is meaningless, so it stays off.
+CUDA graphs (`use_cuda_graph=True`): a captured graph replays what it captured, so the server switches the handle to
+graph-safe mode when the engine starts (`set_graph_safe(True)`: the brownout layers run their backend at every
+ratio, 0 included, and read the ratio from a device scalar that `set_ratio` rewrites in place, so graphs captured
+at any ratio follow the controller) and restores the previous mode when the engine stops. Where the backend cannot
+follow the ratio from device memory (the CPU, a policy whose remap a graph freezes), `set_graph_safe` raises a
+BrownoutError and the engine does not start. With async batching the step's forward would overlap the next step's
+preparation and per-step timing would be meaningless, so it stays off.
 
-Engine lifetime: inside `with server:` one manager serves every `run` (the bench's configs share its batching, cache
-and captured graphs); each run installs its own hook through a dispatcher, uses request ids unique to the run, and
-first waits until the previous run's cancelled requests are gone. A bare `run` starts and stops its own manager.
-After a ratio change the hook synchronises the current stream: transformers replays on its own compute stream, which
-does not wait for the one the ratio scalar was written on.
+Engine lifetime: inside `with server:` one manager serves every `run` (runs share its batching, cache and captured
+graphs); each run installs its own hook through a dispatcher, uses request ids unique to the run, and first waits
+until the previous run's cancelled requests are gone. A bare `run` starts and stops its own manager. After a ratio
+change the hook synchronises the current stream: transformers replays on its own compute stream, which does not
+wait for the one the ratio scalar was written on.
 
 Clock: real time. Requests are submitted by a driver (the caller's thread) when the trace's arrival time comes, on
 `time.perf_counter`; latencies are measured from the arrival time in the trace, so the driver's own lateness counts
@@ -47,6 +60,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import BrownoutError
 from .controller import Controller, FixedRatio, quantile
 
 log = logging.getLogger(__name__)
@@ -117,22 +131,28 @@ class ServeResult:
 class BrownoutServer:
     """Serve traces on one model with transformers' continuous batching and a brownout controller.
 
-    `set_ratio` is any callable taking a float (the real one: `BrownoutMoE.attach(model, dir).set_ratio`).
+    `bm`: a `runtime.BrownoutMoE` handle, or any object with `.model` and `.set_ratio(float)` (plus `.graph_safe` and
+    `.set_graph_safe(bool)` when `config.use_cuda_graph` is on; see the module docstring). `controller`: the default
+    for runs that pass none (fixed ratio 0 if None); it may be replaced between runs (`server.controller = ...`).
     """
 
-    def __init__(self, model, set_ratio: Callable[[float], None] | None = None, controller: Controller | None = None,
-                 config: ServeConfig | None = None, vocab_size: int | None = None):
-        self.model = model
-        self.set_ratio = set_ratio or (lambda r: None)
+    def __init__(self, bm, controller: Controller | None = None, config: ServeConfig | None = None,
+                 vocab_size: int | None = None):
+        if not callable(getattr(bm, "set_ratio", None)) or getattr(bm, "model", None) is None:
+            raise BrownoutError(f"BrownoutServer takes a BrownoutMoE handle (an object with .model and .set_ratio), "
+                                f"got {type(bm).__name__}")
+        self.bm = bm
+        self.model = bm.model
         self.controller = controller or FixedRatio(0.0)
         self.cfg = config or ServeConfig()
-        self.vocab_size = vocab_size or model.config.get_text_config().vocab_size
+        self.vocab_size = vocab_size or self.model.config.get_text_config().vocab_size
         self._last_ratio: float | None = None
         self._mgr = None  # the running engine, kept between runs inside `with server:` (one set of CUDA graphs)
         self._orig_step = None
         self._hook: Callable[[], None] | None = None
         self._runs = 0
-        self._cuda = next(model.parameters()).device.type == "cuda"
+        self._graph_safe_before: bool | None = None  # the handle's mode before start switched it (None: untouched)
+        self._cuda = next(self.model.parameters()).device.type == "cuda"
 
     def __enter__(self) -> "BrownoutServer":
         self.start()
@@ -168,7 +188,7 @@ class BrownoutServer:
 
     def _apply_ratio(self, r: float) -> None:
         if r != self._last_ratio:
-            self.set_ratio(r)
+            self.bm.set_ratio(r)
             self._last_ratio = r
             if self._cuda:
                 # the runtime writes the ratio into a device scalar on this thread's stream; transformers runs (and
@@ -178,22 +198,44 @@ class BrownoutServer:
                 torch.cuda.current_stream().synchronize()
 
     def start(self) -> None:
-        """Start the engine (transformers' continuous-batching manager) once; runs reuse it until `close`."""
+        """Start the engine (transformers' continuous-batching manager) once; runs reuse it until `close`. With CUDA
+        graphs on, the handle is switched to graph-safe mode first (a BrownoutError from it stops the start)."""
         if self._mgr is not None:
             return
-        self._apply_ratio(0.0)
-        mgr = self._manager()
-        self._orig_step = mgr._generation_step
+        if self.cfg.use_cuda_graph:
+            self._enter_graph_safe()
+        try:
+            self._last_ratio = None  # the handle's ratio may have been turned outside the server
+            self._apply_ratio(0.0)
+            mgr = self._manager()
+            self._orig_step = mgr._generation_step
 
-        def dispatch():  # the per-run hook, or the plain step between runs
-            (self._hook or self._orig_step)()
+            def dispatch():  # the per-run hook, or the plain step between runs
+                (self._hook or self._orig_step)()
 
-        mgr._generation_step = dispatch
-        mgr.start()
+            mgr._generation_step = dispatch
+            mgr.start()
+        except BaseException:
+            self._leave_graph_safe()
+            raise
         self._mgr = mgr
 
+    def _enter_graph_safe(self) -> None:
+        if not callable(getattr(self.bm, "set_graph_safe", None)):
+            raise BrownoutError(f"use_cuda_graph needs a handle with set_graph_safe (a captured graph would freeze "
+                                f"the ratio); {type(self.bm).__name__} has none")
+        before = bool(self.bm.graph_safe)
+        self.bm.set_graph_safe(True)
+        self._graph_safe_before = before
+
+    def _leave_graph_safe(self) -> None:
+        before, self._graph_safe_before = self._graph_safe_before, None
+        if before is not None:
+            self.bm.set_graph_safe(before)
+
     def close(self, errors: list[str] | None = None) -> None:
-        """Stop the engine (hard stop if it does not exit in 10 s) and set the ratio back to 0."""
+        """Stop the engine (hard stop if it does not exit in 10 s), set the ratio back to 0 and the handle's
+        graph-safe mode back to what it was before `start`."""
         mgr, self._mgr = self._mgr, None
         if mgr is None:
             return
@@ -209,12 +251,15 @@ class BrownoutServer:
                 mgr.destroy()
             except Exception as e:  # pragma: no cover - best effort clean-up
                 errors.append(f"destroy: {e!r}")
-            self._apply_ratio(0.0)
+            try:
+                self._apply_ratio(0.0)
+            finally:
+                self._leave_graph_safe()
 
     def _reopen_admission(self) -> None:
         """Work around a transformers continuous-batching stall (seen on 5.24): when the cache fills, the scheduler
         offloads and sets `block_new_requests`, which only a request *finishing* clears. If the active requests are
-        cancelled instead (our timeouts), it stays set with an empty cache and the engine never schedules again.
+        cancelled instead (the driver's timeouts), it stays set with an empty cache and the engine never schedules again.
         With nothing active there is nothing to protect, so clear it (a bool, written from the driver thread)."""
         sch = getattr(getattr(self._mgr, "batch_processor", None), "scheduler", None)
         if sch is not None and getattr(sch, "block_new_requests", False) and not getattr(sch, "active_requests", 1):
@@ -263,7 +308,7 @@ class BrownoutServer:
     # ------------------------------------------------------------------ serving
     def run(self, trace, prompts: list[list[int]] | None = None, on_progress: Callable[[float], None] | None = None,
             controller: Controller | None = None) -> ServeResult:
-        """Serve `trace` (eval.trace.Trace) in real time and return the records. Prompts are random token ids
+        """Serve `trace` (runtime.serving.trace.Trace) in real time and return the records. Prompts are random token ids
         (seeded) unless given. `controller` replaces the server's for this run (and is reset first). Inside
         `with server:` the engine (and its CUDA graphs) stays up between runs; otherwise each run starts and stops
         one."""
@@ -283,8 +328,10 @@ class BrownoutServer:
         last_tok: dict[str, float] = {}  # engine thread: time of each request's last token (perf_counter)
         hook_times: dict[str, list[float]] = {}  # engine thread: per-request token times (s from start)
         own_engine = self._mgr is None
-        self._apply_ratio(0.0)
-        self.start()
+        self.start()  # a new engine starts at ratio 0 (after the switch to graph-safe mode, if graphs are on)
+        if not own_engine:
+            self._last_ratio = None
+            self._apply_ratio(0.0)
         if not own_engine and not self._wait_idle():
             errors.append("engine still busy with the previous run's requests after 30 s")
         mgr = self._mgr

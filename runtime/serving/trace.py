@@ -1,4 +1,4 @@
-"""Request traces for the serving benchmark: bursty, the paper's burst test, Poisson. Seeded, bounded, saved as JSON.
+"""Request traces for serving runs: bursty, the paper's burst test, Poisson. Seeded, bounded, saved as JSON.
 
 A trace is a list of requests (arrival time in seconds from the start, prompt length, output length) plus the
 parameters that made it. Lengths come from a lognormal per preset:
@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import BrownoutError
 
 MAX_REQUESTS = 100_000
 MAX_DURATION = 24 * 3600.0
@@ -82,7 +83,7 @@ class Trace:
     def load(cls, path: str | Path) -> "Trace":
         doc = json.loads(Path(path).read_text())
         if doc.get("format") != "brownout-trace/1":
-            raise ValueError(f"{path}: not a brownout trace (format {doc.get('format')!r})")
+            raise BrownoutError(f"{path}: not a brownout trace (format {doc.get('format')!r})")
         reqs = [Request(i, float(t), int(p), int(o)) for i, (t, p, o) in enumerate(doc["requests"])]
         return cls(reqs, doc.get("meta", {}))
 
@@ -109,16 +110,16 @@ def sample_lengths(rng: np.random.Generator, n: int, preset: str = "alpaca", max
         pick = rng.random(n) < 0.5
         return np.where(pick, s[0], a[0]), np.where(pick, s[1], a[1])
     if preset not in LENGTH_PRESETS:
-        raise ValueError(f"unknown length preset {preset!r}: {', '.join([*LENGTH_PRESETS, 'mix'])}")
+        raise BrownoutError(f"unknown length preset {preset!r}: {', '.join([*LENGTH_PRESETS, 'mix'])}")
     p = LENGTH_PRESETS[preset]
     return (_lognormal(rng, *p["prompt"], n, 2, max_prompt), _lognormal(rng, *p["output"], n, 1, max_output))
 
 
 def _check_bounds(duration: float, max_requests: int) -> None:
     if not (0 < duration <= MAX_DURATION):
-        raise ValueError(f"duration must be in (0, {MAX_DURATION}] s")
+        raise BrownoutError(f"duration must be in (0, {MAX_DURATION}] s")
     if not (0 < max_requests <= MAX_REQUESTS):
-        raise ValueError(f"max_requests must be in (0, {MAX_REQUESTS}]")
+        raise BrownoutError(f"max_requests must be in (0, {MAX_REQUESTS}]")
 
 
 def _arrivals(rng, rate_fn, duration: float, cv: float, max_requests: int) -> list[float]:
@@ -130,7 +131,7 @@ def _arrivals(rng, rate_fn, duration: float, cv: float, max_requests: int) -> li
     while len(out) < max_requests:
         lam = rate_fn(t)
         if lam <= 0:
-            raise ValueError("rate must be positive")
+            raise BrownoutError("rate must be positive")
         t += rng.gamma(shape, 1.0 / (lam * shape))
         if t >= duration:
             break
@@ -162,7 +163,7 @@ def bursty(rate: float, duration: float, cv: float = 2.0, burst_factor: float = 
     `burst_len` s every `burst_every` s (first one after `burst_every`) at `burst_factor` x the rate."""
     _check_bounds(duration, max_requests)
     if cv <= 0:
-        raise ValueError("cv must be positive")
+        raise BrownoutError("cv must be positive")
     rng = np.random.default_rng(seed)
 
     def rate_fn(t: float) -> float:
@@ -182,7 +183,7 @@ def burst_test(base_rate: float, duration_scale: float = 1.0, duration: float = 
     `burst_at` (75) s. `duration_scale` compresses both times (0.24 -> 60 s with the burst at 18 s); cv = 1 is
     Poisson within each phase, cv > 1 adds Gamma clumping."""
     if duration_scale <= 0:
-        raise ValueError("duration_scale must be positive")
+        raise BrownoutError("duration_scale must be positive")
     d, b = duration * duration_scale, burst_at * duration_scale
     _check_bounds(d, max_requests)
     rng = np.random.default_rng(seed)

@@ -1,0 +1,125 @@
+"""Service rates of a running engine: the `capacity` that `make_controller("mpc", ..., capacity=...)` needs.
+
+    with BrownoutServer(bm, config=ServeConfig(...)) as srv:
+        cap = measure_capacity(srv)        # {0.0: tok/s, 1.0: tok/s}, measured on this engine
+        srv.controller = make_controller("mpc", 0.25, 0.15, capacity=cap)
+
+A ratio's saturated service rate is the decode-token rate the engine sustains with its batch kept full. It is
+measured on the server's own engine (same batching, cache and CUDA graphs as the runs it will control), at a fixed
+ratio, by one of two loads:
+
+  queue > 0 (default)  Poisson arrivals at `rate` req/s for `seconds`, far above any service rate; the driver
+                       admits at most `queue` waiting requests and rejects the rest. The rate is taken over the steps
+                       from min(1, seconds / 4) s to `seconds` (start-up and drain left out). transformers' scheduler
+                       spends host time per waiting request on every step, so a deep queue understates the rate the
+                       engine serves in operation; a shallow one keeps the batch full at the operating cost. The
+                       measurement holds only while requests wait on (nearly) every step: when the queue ran dry on
+                       more than `DRY_SHARE` of the steps, a warning says so.
+  queue = 0            4 x max_batch requests queued at t = 0 (0.5 ms apart), served to the end (at most `seconds`
+                       after the last arrival), the rate taken from min(1, seconds / 4) s on.
+
+Everything here is a real-time run of `BrownoutServer.run`; it takes about `seconds` + 1 s per ratio.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+
+import numpy as np
+
+from ..errors import BrownoutError
+from .controller import FixedRatio
+from .trace import Request, Trace, poisson
+
+log = logging.getLogger(__name__)
+
+DRY_SHARE = 0.1  # share of saturation steps with nobody waiting above which the rate is likely understated
+
+__all__ = ["DRY_SHARE", "measure_capacity", "measure_saturation", "mean_output_len", "saturation_trace",
+           "service_rate"]
+
+
+def saturation_trace(n: int, lengths: str = "alpaca", seed: int = 0, max_prompt: int = 512,
+                     max_output: int = 256) -> Trace:
+    """`n` requests arriving 0.5 ms apart from t = 0 (lengths from the `lengths` preset): a queue at once."""
+    tr = poisson(1e4, 1.0, lengths=lengths, seed=seed, max_requests=n, max_prompt=max_prompt, max_output=max_output)
+    return Trace([Request(i, 0.0005 * i, r.prompt_len, r.output_len) for i, r in enumerate(tr.requests)], tr.meta)
+
+
+def mean_output_len(lengths: str = "alpaca", max_prompt: int = 512, max_output: int = 256) -> float:
+    """Mean output length of the `lengths` preset after capping (5000 draws, fixed seed): tokens per request."""
+    sample = poisson(1e4, 1.0, lengths=lengths, seed=99, max_requests=5000, max_prompt=max_prompt,
+                     max_output=max_output)
+    return float(np.mean([r.output_len for r in sample.requests]))
+
+
+def service_rate(res, t_from: float, t_to: float = math.inf, mean_out: float = 1.0) -> dict:
+    """Decode tokens per second over the steps of a `ServeResult` that start in [t_from, t_to), and requests per
+    second at `mean_out` output tokens each: {"tok_s", "req_s", "step_p50" (s), "batch_mean"} (NaN rates if no step
+    started in the window)."""
+    steps = [s for s in res.steps if t_from <= s.t0 < t_to]
+    if not steps:
+        return {"tok_s": float("nan"), "req_s": float("nan")}
+    span = steps[-1].t1 - steps[0].t0
+    toks = sum(s.decode_tokens for s in steps)
+    return {"tok_s": toks / span, "req_s": toks / span / mean_out,
+            "step_p50": float(np.median([s.step_s for s in steps])),
+            "batch_mean": float(np.mean([s.requests for s in steps]))}
+
+
+def measure_saturation(server, ratio: float, *, seconds: float = 6.0, queue: int = 16, rate: float = 120.0,
+                       lengths: str = "alpaca", max_prompt: int = 512, max_output: int = 256,
+                       mean_out: float | None = None, seed: int = 11) -> dict:
+    """The saturated service rate of `server`'s engine at a fixed `ratio` (see the module docstring for the loads):
+    `service_rate`'s dict, plus "dry_steps" (share of the window's steps with nobody waiting) when `queue` > 0.
+    `rate` must be well above the service rate, but not so far that rejecting the excess competes with the engine
+    for the host. `mean_out` (default: `mean_output_len` of the preset) converts tokens/s to requests/s.
+
+    Only the driver's settings of `server.cfg` (queue bound, drain, step records) are changed for the run, then put
+    back; inside `with server:` the running engine is measured, otherwise one is started for the run."""
+    if not seconds > 0 or queue < 0 or not rate > 0:
+        raise BrownoutError(f"saturation needs seconds > 0, queue >= 0 and rate > 0, got {seconds}, {queue}, {rate}")
+    cfg = server.cfg
+    if queue > 0:
+        tr = poisson(rate, seconds, lengths=lengths, seed=seed, max_requests=int(rate * seconds) + 100,
+                     max_prompt=max_prompt, max_output=max_output)
+        run_cfg = replace(cfg, max_queue=queue, drain_timeout_s=1.0, record_steps=True)
+        window = (min(1.0, seconds / 4), seconds)
+    else:
+        n = 4 * cfg.max_batch
+        tr = saturation_trace(n, lengths, seed, max_prompt, max_output)
+        run_cfg = replace(cfg, max_queue=n, drain_timeout_s=seconds, record_steps=True)
+        window = (min(1.0, seconds / 4), math.inf)
+    if mean_out is None:
+        mean_out = mean_output_len(lengths, max_prompt, max_output)
+    server.cfg = run_cfg
+    try:
+        res = server.run(tr, controller=FixedRatio(ratio))
+    finally:
+        server.cfg = cfg
+    out = service_rate(res, *window, mean_out=mean_out)
+    if queue > 0:
+        st = [x for x in res.steps if window[0] <= x.t0 < window[1]]
+        dry = sum(x.waiting == 0 for x in st) / max(1, len(st))
+        out["dry_steps"] = dry
+        if dry > DRY_SHARE:
+            log.warning("the queue ran dry on %.0f%% of the saturation steps at ratio %g: raise the arrival rate "
+                        "(rate=%g req/s), or this understates the service rate", 100 * dry, ratio, rate)
+    if res.errors:
+        log.warning("saturation run at ratio %g: %s", ratio, "; ".join(res.errors))
+    return out
+
+
+def measure_capacity(server, ratios=(0.0, 1.0), **kw) -> dict[float, float]:
+    """{ratio: saturated decode tokens per second} of `server`'s engine, one `measure_saturation` run per ratio
+    (keywords as there): the `capacity` of `make_controller("mpc", ...)`. Raises BrownoutError if a ratio served no
+    decode step in its window (a load too short or an engine that failed)."""
+    cap = {}
+    for r in ratios:
+        tok_s = measure_saturation(server, float(r), **kw)["tok_s"]
+        if not (math.isfinite(tok_s) and tok_s > 0):
+            raise BrownoutError(f"no decode tokens served in the saturation window at ratio {r:g}: lengthen "
+                                f"`seconds` or check the engine")
+        cap[float(r)] = tok_s
+    return cap
