@@ -1,23 +1,65 @@
-"""The united-expert checkpoint (DESIGN.md section 3): `united.safetensors` (+ shards) and `united.json`.
+"""The united-expert checkpoint (docs/design.md §3): `united.safetensors` (+ shards) and `united.json`. Never pickle.
 
-Writing goes to a hidden temporary directory beside the target that is renamed into place only when everything is
-written, so an interrupted or failed build never leaves something that looks like a checkpoint. Never pickle.
+Writing (`CheckpointWriter`) goes to a hidden temporary directory `.<name>.tmp-<pid>` beside the target, put in place
+only when everything is written, so an interrupted or failed build never leaves something that looks like a checkpoint.
+
+- One writer per target: a lock file `.<name>.lock` beside it, held from the writer's creation to commit/abort, locked
+  with flock(2) and holding the writer's PID (for the message). A lock rather than an exclusive rename alone: the
+  rename settles only the last step, so two builds would both do the whole work and, with overwrite, both pass their
+  checks and replace each other; with the lock the second build is refused at once, before any work, and the
+  check-then-replace at commit runs under it. flock rather than O_CREAT|O_EXCL: the kernel drops it when the holder
+  dies, even by SIGKILL, so a stale lock is taken over without guessing from a PID (PIDs are reused) and without a
+  race between two processes taking over the same stale file. The file is removed while still locked; a process that
+  locked a file already removed sees that its inode is no longer at the path and tries again. Without fcntl
+  (Windows), O_CREAT|O_EXCL with a dead-PID takeover stands in.
+- Placement: renameat2(RENAME_NOREPLACE) puts the new checkpoint in place only if nothing appeared there meanwhile;
+  with overwrite, renameat2(RENAME_EXCHANGE) swaps the previous checkpoint out in one step, so a reader sees the old
+  one or the new one, never a mix and never nothing. Where renameat2 is missing (not Linux, some file systems) a
+  check then a rename (two renames for a swap) stand in; the lock still excludes our own builds.
+- Overwrite replaces only a previous united checkpoint: a directory holding a readable united.json and nothing but
+  our own files. Anything else (other files, a regular file, a symbolic link) is refused and left untouched.
+- SIGTERM / SIGHUP while a writer is open remove its temporary directory and lock, then go on to the previous handler
+  (by default the process dies of the signal: exit status 143 for SIGTERM). The handler is installed from the main
+  thread only and the previous one is restored when the last open writer closes. SIGKILL cannot be caught: the next
+  writer to the same target removes `.<name>.tmp-<pid>` and `.<name>.old-<pid>` whose PID is dead.
+
+Reading (`UnitedCheckpoint`) checks the manifest against the tensors on open: every layer on both sides, group lists
+against expert_to_group, num_groups and way against the tensors' leading dimensions and the expert count, the same
+shapes in every layer. That needs only the file headers and expert_to_group (a few bytes per layer). With
+`verify=True` (the default) it also recomputes the sha256 of every tensor file, recorded in the manifest at commit:
+this reads every byte once, about 0.5 s per GB on one core (sha256 runs near 2 GB/s), so ~10 s for a 20 GB
+checkpoint, more when the files are not in the page cache and the disk is slower. `verify=False` skips only that.
 """
 from __future__ import annotations
 
+import atexit
+import ctypes
+import errno
+import fnmatch
+import functools
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
+import stat
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .version import __version__
 from .errors import BrownoutError
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 FORMAT_VERSION = 1
 SINGLE = "united.safetensors"
@@ -67,24 +109,329 @@ def all_finite(t: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(s).all()) for s in (t if t.dim() > 1 else [t]))
 
 
+def file_sha256(path: str | Path, chunk: int = 8 << 20) -> str:
+    """sha256 of a file, read in chunks (a checkpoint file can be many GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _why(e: OSError) -> str:
+    return e.strerror or str(e)
+
+
+def _is_own_file(name: str) -> bool:
+    """A name a united checkpoint may hold: the manifest, the shard index and the tensor files."""
+    return name in (META, INDEX) or fnmatch.fnmatchcase(name, "united*.safetensors")
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """Why the directory `path` is not a previous united checkpoint (None when it is one and holds nothing else)."""
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as e:
+        return _why(e)
+    if META not in names:
+        return f"no {META}"
+    try:
+        manifest = json.loads((path / META).read_text())
+    except (OSError, ValueError):
+        return f"its {META} is unreadable"
+    if not isinstance(manifest, dict) or "format_version" not in manifest:
+        return f"its {META} is not a united-checkpoint manifest"
+    for n in names:
+        if not _is_own_file(n):
+            return f"it also holds {n!r}"
+        try:
+            if not stat.S_ISREG(os.lstat(path / n).st_mode):
+                return f"its {n} is not a regular file"
+        except OSError as e:
+            return f"{n}: {_why(e)}"
+    return None
+
+
+def _file_on_path(path: Path) -> Path:
+    """The nearest existing ancestor of `path` (a file when lstat says ENOTDIR)."""
+    for p in path.parents:
+        if os.path.lexists(p):
+            return p
+    return path
+
+
+def check_output(out: str | Path, overwrite: bool) -> None:
+    """Refuse, in one line and touching nothing, an output path this build may not write: a symbolic link, a file, a
+    directory that is not a previous united checkpoint, or (without `overwrite`) a previous checkpoint."""
+    path = Path(out)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise BrownoutError(f"cannot write {out}: {_file_on_path(path)} is a file, not a directory") from None
+    except OSError as e:
+        raise BrownoutError(f"cannot write {out}: {_why(e)}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise BrownoutError(f"{out} is a symbolic link; give the directory itself (nothing was replaced)")
+    if not stat.S_ISDIR(st.st_mode):
+        raise BrownoutError(f"{out} is an existing file, not a united checkpoint; choose another path (nothing was replaced)")
+    problem = _not_a_checkpoint(path)
+    if problem:
+        raise BrownoutError(f"output directory {out} exists and is not a united checkpoint ({problem}); choose another "
+                            "path (--overwrite replaces only a previous united checkpoint)")
+    if not overwrite:
+        raise BrownoutError(f"output directory {out} holds a united checkpoint; pass --overwrite to replace it")
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) sends CTRL_C_EVENT there: never call it, never take a PID for dead
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def remove_stale(out: str | Path) -> list[Path]:
+    """Remove `.<name>.tmp-<pid>` / `.<name>.old-<pid>` directories beside `out` whose writer (PID) is dead."""
+    target = Path(os.path.abspath(out))
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)")
+    removed = []
+    try:
+        names = os.listdir(target.parent)
+    except OSError:
+        return removed
+    for n in sorted(names):
+        m = pattern.fullmatch(n)
+        p = target.parent / n
+        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        if stat.S_ISDIR(os.lstat(p).st_mode):  # ours are always directories; leave anything else alone
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+# -- the lock ---------------------------------------------------------------------------------------------------------
+def _busy(out, holder: str | None) -> str:
+    who = f"pid {holder}" if holder else "another process"
+    return f"another build ({who}) is writing {out}; wait for it to finish or choose another path"
+
+
+def _acquire_lock(path: Path, out) -> int:
+    """The open, flock-ed lock file (PID inside). Raises BrownoutError when a live writer holds it."""
+    if fcntl is None:
+        return _acquire_exclusive_file(path, out)
+    for _ in range(50):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise BrownoutError(_busy(out, holder)) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            here = os.stat(path)
+        except FileNotFoundError:
+            here = None
+        mine = os.fstat(fd)
+        if here is not None and (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)  # its holder removed it while we opened it: lock the one now at the path
+    raise BrownoutError(_busy(out, None))
+
+
+def _acquire_exclusive_file(path: Path, out) -> int:
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                holder = int(path.read_text().strip())
+            except (OSError, ValueError):
+                raise BrownoutError(_busy(out, None)) from None
+            if _pid_alive(holder):
+                raise BrownoutError(_busy(out, str(holder))) from None
+            path.unlink(missing_ok=True)  # its writer is dead
+            continue
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+    raise BrownoutError(_busy(out, None))
+
+
+def _release_lock(path: Path, fd: int) -> None:
+    if fcntl is None:  # Windows removes no open file
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        return
+    try:
+        os.unlink(path)  # while still locked: see the module docstring
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# -- atomic placement -------------------------------------------------------------------------------------------------
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+_AT_FDCWD = -100
+
+
+@functools.lru_cache(maxsize=None)
+def _renameat2_fn():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # libc older than glibc 2.28
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """True when done; False where the C library, kernel or file system lacks it (the caller falls back)."""
+    fn = _renameat2_fn()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(dst))
+
+
+# -- signals: open writers clean up on SIGTERM / SIGHUP ---------------------------------------------------------------
+_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+_open_writers: list[CheckpointWriter] = []
+_previous_handlers: dict[int, object] = {}
+_deferred_signals: list[int] = []
+_placing = [0]  # > 0 while a commit swaps directories: a signal then waits until the swap is done
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _register(writer: CheckpointWriter) -> None:
+    _open_writers.append(writer)
+    if _previous_handlers or not _in_main_thread():
+        return
+    for s in _SIGNALS:
+        prev = signal.getsignal(s)
+        if prev is not signal.SIG_IGN:  # an ignored signal stays ignored
+            _previous_handlers[s] = prev
+            signal.signal(s, _on_signal)
+
+
+def _unregister(writer: CheckpointWriter) -> None:
+    if writer in _open_writers:
+        _open_writers.remove(writer)
+    if not _open_writers and _previous_handlers and _in_main_thread():
+        for s, prev in _previous_handlers.items():
+            signal.signal(s, prev if prev is not None else signal.SIG_DFL)  # None: set outside Python
+        _previous_handlers.clear()
+
+
+def _on_signal(signum, frame) -> None:
+    if _placing[0]:
+        _deferred_signals.append(signum)
+        return
+    prev = _previous_handlers.get(signum, signal.SIG_DFL)
+    for w in list(_open_writers):
+        w.abort()
+    if callable(prev):
+        prev(signum, frame)
+        return
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)  # die of it, as without us
+
+
+@contextmanager
+def _signals_deferred():
+    _placing[0] += 1
+    try:
+        yield
+    finally:
+        _placing[0] -= 1
+
+
+def _deliver_deferred() -> None:
+    while _deferred_signals and not _placing[0]:
+        signal.raise_signal(_deferred_signals.pop(0))
+
+
+@atexit.register
+def _abort_open_writers() -> None:
+    for w in list(_open_writers):
+        w.abort()
+
+
 class CheckpointWriter:
-    """Collects per-layer united tensors and writes them as shards into a temporary directory; `commit` renames it."""
+    """Collects per-layer united tensors, writes them as shards into a temporary directory and puts it in place at
+    `commit`. Holds the target's lock from its creation to `commit` / `abort`; also a context manager (aborts unless
+    committed)."""
 
     def __init__(self, out: str | Path, overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES):
         self.out = Path(out)
-        if self.out.exists() and not overwrite:
-            raise BrownoutError(f"output directory {self.out} exists; pass --overwrite to replace it")
-        self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True)
         self.overwrite = overwrite
         self.max_shard_bytes = max_shard_bytes
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: list[list[str]] = []
+        self._closed = True  # until the lock is ours
+        self._pid = os.getpid()  # a forked child inherits this object, not its files: it must not remove them
+        target = self._target = Path(os.path.abspath(out))
+        if target.parent == target:
+            raise BrownoutError(f"cannot write a checkpoint at {out}")
+        self.tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+        self.lock_path = target.parent / f".{target.name}.lock"
+        check_output(out, overwrite)  # the common refusals, before touching anything
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = _acquire_lock(self.lock_path, out)
+        except NotADirectoryError:
+            raise BrownoutError(f"cannot write {out}: {_file_on_path(target)} is a file, not a directory") from None
+        except OSError as e:
+            raise BrownoutError(f"cannot write {out}: {_why(e)}") from None
+        self._closed = False
+        try:
+            check_output(out, overwrite)  # again, now that no other build of ours can change it
+            self.removed_stale = remove_stale(target)
+            if os.path.lexists(self.tmp):  # left by an earlier process that had our PID
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir()
+        except BaseException as e:
+            self.abort()
+            if isinstance(e, OSError):
+                raise BrownoutError(f"cannot write {out}: {_why(e)}") from None
+            raise
+        _register(self)
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.abort()
+        return False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BrownoutError(f"the checkpoint writer for {self.out} is closed (committed or aborted)")
 
     def add_layer(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
+        self._check_open()
         for k, v in tensors.items():
             t = v.detach().to("cpu").contiguous()
             if not all_finite(t):
@@ -98,45 +445,106 @@ class CheckpointWriter:
         if not self._pending:
             return
         idx = len(self._shards)
-        save_file(self._pending, str(self.tmp / f"shard-{idx:05d}.safetensors"), metadata={"format": "pt"})
+        try:
+            save_file(self._pending, str(self.tmp / f"shard-{idx:05d}.safetensors"), metadata={"format": "pt"})
+        except OSError as e:
+            raise BrownoutError(f"cannot write {self.out}: {_why(e)}") from None
         self._shards.append(sorted(self._pending))
         self._pending, self._pending_bytes = {}, 0
 
-    def commit(self, meta: dict) -> Path:
-        self._flush()
+    def _name_files(self) -> list[str]:
+        """Rename the shards to their final names (and write the index); returns the files to checksum."""
         n = len(self._shards)
         if n == 0:
             raise BrownoutError("no MoE layer was merged: nothing to write")
         if n == 1:
             (self.tmp / "shard-00000.safetensors").rename(self.tmp / SINGLE)
-        else:
-            weight_map = {}
-            for i, keys in enumerate(self._shards):
-                name = f"united-{i + 1:05d}-of-{n:05d}.safetensors"
-                (self.tmp / f"shard-{i:05d}.safetensors").rename(self.tmp / name)
-                weight_map.update({k: name for k in keys})
-            (self.tmp / INDEX).write_text(json.dumps({"weight_map": weight_map}, indent=1))
-        meta = {"format_version": FORMAT_VERSION, "tool_version": __version__, "command": " ".join(sys.argv), **meta}
-        (self.tmp / META).write_text(json.dumps(meta, indent=1))
-        if self.out.exists():  # only reachable with overwrite=True
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-            self.out.rename(old)
-            self.tmp.rename(self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            self.tmp.rename(self.out)
+            return [SINGLE]
+        weight_map = {}
+        for i, keys in enumerate(self._shards):
+            name = f"united-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.tmp / f"shard-{i:05d}.safetensors").rename(self.tmp / name)
+            weight_map.update({k: name for k in keys})
+        (self.tmp / INDEX).write_text(json.dumps({"weight_map": weight_map}, indent=1))
+        return sorted(set(weight_map.values())) + [INDEX]
+
+    def commit(self, meta: dict) -> Path:
+        """Write the manifest (with a sha256 per file) and put the checkpoint in place; on any failure nothing is
+        left behind and a previous checkpoint stays as it was."""
+        self._check_open()
+        try:
+            self._flush()
+            files = {n: {"sha256": file_sha256(self.tmp / n), "bytes": (self.tmp / n).stat().st_size}
+                     for n in self._name_files()}
+            meta = {"format_version": FORMAT_VERSION, "tool_version": __version__, "command": " ".join(sys.argv),
+                    **meta, "files": files}
+            (self.tmp / META).write_text(json.dumps(meta, indent=1))
+            with _signals_deferred():
+                self._place()
+        except BaseException as e:
+            self.abort()
+            if isinstance(e, OSError):
+                raise BrownoutError(f"cannot write {self.out}: {_why(e)}") from None
+            raise
+        self._close()
+        _deliver_deferred()
         return self.out
 
+    def _place(self) -> None:
+        target, appeared = self._target, f"{self.out} appeared while this build ran; nothing was replaced"
+        if os.path.lexists(target):
+            if not self.overwrite:
+                raise BrownoutError(appeared)
+            check_output(self.out, overwrite=True)  # still a previous checkpoint and nothing else
+            if _renameat2(self.tmp, target, RENAME_EXCHANGE):
+                shutil.rmtree(self.tmp, ignore_errors=True)  # it now holds the previous checkpoint
+                return
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.rename(target, old)
+            try:
+                os.rename(self.tmp, target)
+            except OSError:
+                os.rename(old, target)  # put the previous checkpoint back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+            return
+        try:
+            done = _renameat2(self.tmp, target, RENAME_NOREPLACE)
+        except FileExistsError:
+            raise BrownoutError(appeared) from None
+        if not done:
+            if os.path.lexists(target):
+                raise BrownoutError(appeared)
+            os.rename(self.tmp, target)
+
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        """Remove the temporary directory and release the lock (idempotent)."""
+        if self._closed:
+            return
+        if os.getpid() == self._pid:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        self._close()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        _unregister(self)
+        if os.getpid() == self._pid:
+            _release_lock(self.lock_path, self._lock)
+
+
+def _layers_text(layers: list[int]) -> str:
+    return ", ".join(map(str, layers))
 
 
 class UnitedCheckpoint:
-    """Read side: metadata plus lazy access to one layer's tensors. Validates files on open."""
+    """Read side: metadata plus lazy access to one layer's tensors. On open, checks the files, the manifest against
+    the tensors and (with `verify`) each file's sha256 against the manifest; see the module docstring for the cost."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, verify: bool = True):
         self.path = Path(path)
-        meta_file = self.path / META
+        meta_file = self._meta_file = self.path / META
         if not self.path.is_dir():
             raise BrownoutError(f"united checkpoint {self.path} does not exist or is not a directory")
         if not meta_file.is_file():
@@ -145,30 +553,125 @@ class UnitedCheckpoint:
             self.meta = json.loads(meta_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BrownoutError(f"{meta_file} is corrupt: {e}") from None
+        if not isinstance(self.meta, dict):
+            raise BrownoutError(f"{meta_file} is corrupt: not a JSON object")
         if self.meta.get("format_version") != FORMAT_VERSION:
             raise BrownoutError(f"{meta_file}: unsupported format version {self.meta.get('format_version')!r}")
         if (self.path / INDEX).is_file():
-            self.weight_map = json.loads((self.path / INDEX).read_text())["weight_map"]
+            try:
+                self.weight_map = json.loads((self.path / INDEX).read_text())["weight_map"]
+                assert isinstance(self.weight_map, dict)
+            except (ValueError, KeyError, TypeError, AssertionError):
+                raise BrownoutError(f"{self.path / INDEX} is corrupt") from None
         elif (self.path / SINGLE).is_file():
             self.weight_map = None
         else:
             raise BrownoutError(f"{self.path}: {SINGLE} is missing")
-        self._keys = self._all_keys()
+        self._keys, self._shapes = self._read_headers()
+        if verify:
+            self._verify_checksums()
+        self._check_against_tensors()
 
     def _files(self) -> list[Path]:
         if self.weight_map is None:
             return [self.path / SINGLE]
         return [self.path / f for f in sorted(set(self.weight_map.values()))]
 
-    def _all_keys(self) -> dict[str, Path]:
-        keys = {}
+    def _read_headers(self) -> tuple[dict[str, Path], dict[str, tuple[int, ...]]]:
+        keys, shapes = {}, {}
         for f in self._files():
             try:
                 with safe_open(str(f), "pt") as s:
-                    keys.update({k: f for k in s.keys()})
-            except (SafetensorError, OSError, Exception) as e:  # truncated or garbage files surface here
+                    for k in s.keys():
+                        keys[k], shapes[k] = f, tuple(s.get_slice(k).get_shape())
+            except Exception as e:  # missing, truncated or garbage files surface here
                 raise BrownoutError(f"{f} is missing or corrupt: {str(e).splitlines()[0][:160]}") from None
-        return keys
+        if self.weight_map is not None:
+            wrong = sorted(k for k in set(keys) | set(self.weight_map) if k not in keys or keys[k].name != self.weight_map.get(k))
+            if wrong:
+                raise BrownoutError(f"{self.path / INDEX} does not match the shard files (first: {wrong[0]})")
+        return keys, shapes
+
+    def _verify_checksums(self) -> None:
+        files = self.meta.get("files")
+        if not isinstance(files, dict) or not files:
+            raise BrownoutError(f"{self._meta_file} records no checksums of its tensor files (written by an older "
+                                "brownout); rebuild it, or open it with verify=False")
+        used = {f.name for f in self._files()} | ({INDEX} if self.weight_map is not None else set())
+        for name in sorted(used | set(files)):
+            f = self.path / name
+            entry = files.get(name)
+            want = entry.get("sha256") if isinstance(entry, dict) else None
+            if not _is_own_file(name) or want is None:
+                raise BrownoutError(f"{self._meta_file} records no checksum for {name}")
+            if not f.is_file():
+                raise BrownoutError(f"{f} is missing")
+            if file_sha256(f) != want:
+                raise BrownoutError(f"{f} does not match the sha256 in {META}: the file was changed or replaced after "
+                                    "the build")
+
+    def _check_against_tensors(self) -> None:
+        """Each mismatch between manifest and tensors named in one line (summary() and `unify inspect` read the
+        manifest; the runtime runs the tensors: they must describe the same checkpoint)."""
+        mf, m = self._meta_file, self.meta
+        try:
+            listed = {int(k): v for k, v in m["layers"].items()}
+            way, G, E = int(m["way"]), int(m["num_groups"]), int(m["base_model"]["num_experts"])
+            groups = {i: [sorted(int(e) for e in g) for g in v["groups"]] for i, v in listed.items()}
+            skip = {int(i) for i in m.get("skip_layers") or []}
+            moe_layers = m["base_model"].get("moe_layers")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise BrownoutError(f"{mf} is malformed ({type(e).__name__}: {e})") from None
+        held: dict[int, dict[str, tuple[int, ...]]] = {}
+        for k, shape in self._shapes.items():
+            parts = k.split(".")
+            if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit():
+                raise BrownoutError(f"{self._keys[k]} holds {k!r}, which is not a united-expert tensor")
+            held.setdefault(int(parts[1]), {})[parts[2]] = shape
+        extra, missing = sorted(set(held) - set(listed)), sorted(set(listed) - set(held))
+        if extra:
+            raise BrownoutError(f"{mf} lists no layer {_layers_text(extra)}, but the tensor files hold united experts "
+                                f"for {'it' if len(extra) == 1 else 'them'}")
+        if missing:
+            raise BrownoutError(f"{mf} lists layer {_layers_text(missing)}, but the tensor files hold no tensors for "
+                                f"{'it' if len(missing) == 1 else 'them'}")
+        if not listed:
+            raise BrownoutError(f"{mf} lists no layers")
+        if way * G != E:
+            raise BrownoutError(f"{mf} says way {way} with {G} groups, but {E} experts ({way} x {G} != {E})")
+        if skip & set(listed):
+            raise BrownoutError(f"{mf} lists layer {_layers_text(sorted(skip & set(listed)))} both as united and in skip_layers")
+        if moe_layers is not None and set(listed) - set(moe_layers):
+            raise BrownoutError(f"{mf} lists layer {_layers_text(sorted(set(listed) - set(moe_layers)))}, which is not "
+                                "among base_model.moe_layers")
+        first = min(held)
+        for i in sorted(held):
+            shapes = held[i]
+            lacking = [k for k in ("gate_up_proj", "down_proj", "expert_to_group") if k not in shapes]
+            if lacking:
+                raise BrownoutError(f"{self.path}: layer {i} is incomplete (no {', '.join(lacking)})")
+            for k in sorted(set(shapes) | set(held[first])):
+                if shapes.get(k) != held[first].get(k):
+                    raise BrownoutError(f"{self.path}: layer {i} {k} has shape {shapes.get(k)}, but layer {first} has "
+                                        f"{held[first].get(k)}")
+            for k, s in sorted(shapes.items()):
+                if k != "expert_to_group" and (not s or s[0] != G):
+                    raise BrownoutError(f"{mf} says {G} groups, but layer {i} {k} holds {s[0] if s else 0}")
+            if shapes["expert_to_group"] != (E,):
+                raise BrownoutError(f"{mf} says {E} experts, but layer {i} expert_to_group has shape {shapes['expert_to_group']}")
+            if len(groups[i]) != G:
+                raise BrownoutError(f"{mf} says {G} groups, but lists {len(groups[i])} for layer {i}")
+            if sorted(e for g in groups[i] for e in g) != list(range(E)):
+                raise BrownoutError(f"{mf}: the groups of layer {i} are not a partition of its {E} experts")
+            e2g = self._read(i, "expert_to_group")
+            if e2g.is_floating_point():
+                raise BrownoutError(f"{self.path}: layer {i} expert_to_group is not an integer tensor")
+            e2g = e2g.tolist()
+            for g, members in enumerate(groups[i]):
+                actual = [e for e in range(E) if e2g[e] == g]
+                if members != actual:
+                    raise BrownoutError(f"{mf}: layer {i} group {g} lists experts {members}, but the tensors' "
+                                        f"expert_to_group puts {actual} in it")
 
     @property
     def layers(self) -> list[int]:
@@ -177,16 +680,18 @@ class UnitedCheckpoint:
     def layer_meta(self, layer: int) -> dict:
         return self.meta["layers"][str(layer)]
 
+    def _read(self, layer: int, name: str) -> torch.Tensor:
+        k = f"layers.{layer}.{name}"
+        f = self._keys[k]
+        try:
+            with safe_open(str(f), "pt") as s:
+                return s.get_tensor(k)
+        except Exception as e:
+            raise BrownoutError(f"{f}: cannot read {k}: {str(e).splitlines()[0][:160]}") from None
+
     def tensors(self, layer: int) -> dict[str, torch.Tensor]:
         prefix = f"layers.{layer}."
-        out = {}
-        for k, f in self._keys.items():
-            if k.startswith(prefix):
-                try:
-                    with safe_open(str(f), "pt") as s:
-                        out[k[len(prefix):]] = s.get_tensor(k)
-                except Exception as e:
-                    raise BrownoutError(f"{f}: cannot read {k}: {str(e).splitlines()[0][:160]}") from None
+        out = {k[len(prefix):]: self._read(layer, k[len(prefix):]) for k in self._keys if k.startswith(prefix)}
         if "expert_to_group" not in out or "gate_up_proj" not in out or "down_proj" not in out:
             raise BrownoutError(f"{self.path}: layer {layer} is incomplete (needs gate_up_proj, down_proj, expert_to_group)")
         return out
