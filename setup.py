@@ -22,6 +22,8 @@ setup(
             "*.yaml",
             "*.txt",  # the default calibration text
             "reference/calib.txt",
+            "reference/README.md",  # what the bundled model is, and the licenses of its training corpus
+            "reference/SOURCES.md",
             "reference/model/*",  # the bundled model: weights, config, tokenizer
             "reference/tasks/*.yaml",  # its lm-eval tasks: YAML, data, and the tasks' helper module
             "reference/tasks/*.jsonl",
