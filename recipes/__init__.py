@@ -1,8 +1,9 @@
 """Model families described as data: one YAML file per family, loaded into a typed `Recipe`.
 
 A recipe names where the model comes from (hub id or a path inside this package), the decoder layers the paper's
-rule leaves alone, the build defaults (`way`, `grouping`, `merge`) that `unify build` applies when the user gives
-none, on-disk renames for shard streaming, evaluation tasks, and a tiny config for tests and demos. `reference/`
+rule leaves alone, the build defaults (`way`, `grouping`, `merge`) that `unify.build.build` (and so `unify build`)
+applies when the request gives none, on-disk renames for shard streaming, evaluation tasks, and a tiny config for
+tests and demos. `reference/`
 holds the bundled small model. This package is data plus its loader: it imports nothing else of ours.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ class Recipe:
     model_type: str
     hub_id: str | None = None
     path: Path | None = None  # a model bundled inside this package (absolute once loaded)
-    skip_layers: tuple[int, ...] = ()  # decoder layers left alone; negative = from the end
+    skip_layers: tuple[int, ...] = ()  # decoder layers left alone on a full-size model; negative = from the end
     defaults: BuildDefaults = field(default_factory=BuildDefaults)
     disk_renames: tuple[tuple[str, str], ...] = ()  # (on-disk substring, in-memory substring)
     calib: Path | None = None  # the recipe's own calibration text (absolute once loaded)
@@ -68,6 +69,12 @@ def load(name: str) -> Recipe:
     bad = sorted(set(defaults) - {"way", "grouping", "merge"})
     if bad:
         raise RecipeError(f"{path}: unknown defaults {bad}; allowed: way, grouping, merge")
+    way = defaults.get("way")
+    if way is not None and (not isinstance(way, int) or isinstance(way, bool) or way < 1):
+        raise RecipeError(f"{path}: defaults.way must be a positive integer, not {way!r}")
+    for key in ("grouping", "merge"):
+        if defaults.get(key) is not None and not isinstance(defaults[key], str):
+            raise RecipeError(f"{path}: defaults.{key} must be a method name, not {defaults[key]!r}")
     return Recipe(
         name=data.get("name", name), model_type=data["model_type"], hub_id=data.get("hub_id"), path=here(data.get("path")),
         skip_layers=tuple(int(i) for i in data.get("skip_layers") or ()), defaults=BuildDefaults(**defaults),
@@ -82,8 +89,3 @@ def tiny_config(name: str, **overrides):
 
     r = load(name)
     return AutoConfig.for_model(r.model_type, **{**r.tiny, **overrides})
-
-
-def resolve_skip_layers(spec, num_layers: int) -> set[int]:
-    """Negative entries count from the end, like Python indices; entries out of range are dropped."""
-    return {i % num_layers for i in spec if -num_layers <= i < num_layers}

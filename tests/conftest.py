@@ -56,4 +56,5 @@ def load(path: str):
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
-FAST = dict(calib_tokens=1024, seq_len=64, samples_per_layer=512, steps=5, progress=False, skip_layers=[])
+# small calibration, no progress bars, every MoE layer united; the methods are each test's own choice
+FAST = dict(calib_tokens=1024, seq_len=64, samples_per_layer=512, progress=False, skip_layers=[])

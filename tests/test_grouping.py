@@ -4,16 +4,41 @@ import torch
 
 from unify import grouping
 from runtime.errors import BrownoutError
-from test_merge import E, glu, make_calib, make_canon
+from test_merge import E, N, glu, make_calib, make_canon
 
 METHODS = ["consecutive", "frequency", "similarity"]
 
 
 def test_registry():
     assert grouping.names() == sorted(METHODS)
-    assert grouping.NEEDS_DATA == {"frequency", "similarity"}
+    assert {n for n in METHODS if grouping.get(n).needs_data} == {"frequency", "similarity"}
     with pytest.raises(BrownoutError, match="methods: consecutive, frequency, similarity"):
         grouping.get("nope")
+    assert grouping.get("consecutive").describe_params() == "no parameters"
+    with pytest.raises(BrownoutError, match="unknown grouping parameter 'sample_rows'; .*no parameters"):
+        grouping.get("consecutive").make_params({"sample_rows": "8"})
+    with pytest.raises(BrownoutError, match=r"sample_rows=0 must be >= 1; .*sample_rows=512 \(int\)"):
+        grouping.get("similarity").make_params({"sample_rows": "0"})
+
+
+@pytest.mark.parametrize("method", ["frequency", "similarity"])
+def test_sample_rows_param(method, monkeypatch):
+    """sample_rows bounds the tokens the experts are compared on, and a small sample still finds the pairs."""
+    seen = []
+    real = grouping.output
+
+    def spy(w, x, glu):
+        seen.append(x.shape[0])
+        return real(w, x, glu)
+
+    monkeypatch.setattr(grouping, "output", spy)
+    entry = grouping.get(method)
+    calib = make_calib(probs=[8, 7, 6, 1, 5, 1, 1, 1])
+    assert entry.fn(near_duplicate_pairs(), calib, glu, 4, 0, entry.make_params({"sample_rows": "64"})) == PAIRS
+    assert set(seen) == {64}
+    seen.clear()
+    entry.fn(near_duplicate_pairs(), calib, glu, 4, 0)  # the default, 512, is more than the 256 tokens there are
+    assert set(seen) == {N}
 
 
 def test_partition_sizes():
@@ -42,7 +67,7 @@ def test_check_partition():
 @pytest.mark.parametrize("method", METHODS)
 def test_equal_partitions_deterministic(method, bias):
     canon, calib = make_canon(bias), make_calib()
-    fn = grouping.get(method)
+    fn = grouping.get(method).fn
     for num_groups in grouping.partition_sizes(E):
         groups = fn(canon, calib, glu, num_groups, 0)
         assert len(groups) == num_groups and all(len(g) == E // num_groups for g in groups)
@@ -53,7 +78,7 @@ def test_equal_partitions_deterministic(method, bias):
 
 
 def test_consecutive():
-    assert grouping.get("consecutive")(make_canon(False), None, glu, 2, 0) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert grouping.get("consecutive").fn(make_canon(False), None, glu, 2, 0) == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 PAIRS = [[0, 5], [1, 3], [2, 7], [4, 6]]
@@ -73,9 +98,9 @@ def near_duplicate_pairs(noise=1e-2):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_similarity_recovers_near_duplicates(seed):
     canon = near_duplicate_pairs()
-    assert grouping.get("similarity")(canon, make_calib(), glu, 4, seed) == PAIRS
+    assert grouping.get("similarity").fn(canon, make_calib(), glu, 4, seed) == PAIRS
     # and with larger groups, pairs stay together
-    halves = grouping.get("similarity")(canon, make_calib(), glu, 2, seed)
+    halves = grouping.get("similarity").fn(canon, make_calib(), glu, 2, seed)
     assert all(any(set(p) <= set(g) for g in halves) for p in PAIRS)
 
 
@@ -84,10 +109,10 @@ def test_frequency_recovers_near_duplicates():
     # the first member of every pair is the most used, so the centres are 0, 1, 2, 4
     calib = make_calib(probs=[8, 7, 6, 1, 5, 1, 1, 1])
     assert sorted(torch.argsort(-calib.freq)[:4].tolist()) == [0, 1, 2, 4]
-    assert grouping.get("frequency")(canon, calib, glu, 4, 0) == PAIRS
+    assert grouping.get("frequency").fn(canon, calib, glu, 4, 0) == PAIRS
 
 
 @pytest.mark.parametrize("method", ["frequency", "similarity"])
 def test_data_methods_need_calibration(method):
     with pytest.raises(BrownoutError, match="needs calibration"):
-        grouping.get(method)(make_canon(False), None, glu, 4, 0)
+        grouping.get(method).fn(make_canon(False), None, glu, 4, 0)

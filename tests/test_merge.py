@@ -1,4 +1,5 @@
-"""Merge methods on synthetic experts: exactness on easy groups, and that data-driven methods earn their cost."""
+"""Merge methods on synthetic experts: exactness on easy groups, that data-driven methods earn their cost, and the
+typed parameters every method declares."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,8 +45,21 @@ def stack(canon, members):
     return {k: v[members].clone() for k, v in canon.items()}
 
 
-def ctx_for(members, calib, **kw):
-    return MergeContext(members=list(members), glu=glu, calib=calib, **kw)
+def ctx_for(members, calib, method: str | None = None, **params):
+    """A context for `method` with these parameters (the method's defaults for the rest)."""
+    typed = merge.get(method).make_params(params) if method else None
+    return MergeContext(members=list(members), glu=glu, calib=calib, params=typed)
+
+
+def run(method, w, members, calib, **params):
+    """(united, the context's report) of `method` on the stacked group w."""
+    ctx = ctx_for(members, calib, method, **params)
+    return merge.get(method).fn(w, ctx), ctx.report
+
+
+def short(method: str) -> dict:
+    """Few steps for the training merges, nothing for the others."""
+    return {"steps": 20} if "steps" in merge.get(method).param_types() else {}
 
 
 def routed_error(united, w, members, calib) -> float:
@@ -70,10 +84,35 @@ BIAS = pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 
 def test_registry():
     assert set(merge.names()) >= {"average", "frequency", "activation", "distill", "distill-routed"}
-    assert merge.NEEDS_DATA >= {"frequency", "activation", "distill", "distill-routed"}
-    assert "average" not in merge.NEEDS_DATA
+    assert {n for n in merge.names() if merge.get(n).needs_data} >= {"frequency", "activation", "distill",
+                                                                     "distill-routed"}
+    assert not merge.get("average").needs_data
     with pytest.raises(BrownoutError, match="methods: .*average"):
         merge.get("nope")
+
+
+def test_params_are_typed_and_checked():
+    from unify.merge.distill import DistillParams
+
+    distill = merge.get("distill")
+    assert distill.make_params(None) == DistillParams(steps=200, lr=1e-3, init="activation", holdout=0.2)
+    # text from the command line and Python values give the same parameters
+    text = distill.make_params({"steps": "300", "lr": "1e-2", "init": "average", "holdout": "0"})
+    assert text == distill.make_params({"steps": 300, "lr": 0.01, "init": "average", "holdout": 0})
+    assert text.steps == 300 and text.holdout == 0.0 and isinstance(text.holdout, float)
+    assert merge.get("activation").make_params({"align": "false"}).align is False
+    bad = [({"stepz": "3"}, "unknown merge parameter 'stepz'"), ({"steps": "1.5"}, "steps='1.5': expected int"),
+           ({"init": "median"}, "expected activation|average|frequency"), ({"lr": "-1"}, "lr=-1.0 must be > 0"),
+           ({"holdout": 1}, "holdout=1.0 must be in [0, 1)"), ({"steps": True}, "expected int")]
+    for given, needle in bad:
+        with pytest.raises(BrownoutError) as e:
+            distill.make_params(given)
+        msg = str(e.value)
+        assert needle in msg and "\n" not in msg, msg
+        assert "steps=200 (int), lr=0.001 (float), init=activation (activation|average|frequency)" in msg, msg
+    with pytest.raises(BrownoutError, match="takes: no parameters"):
+        merge.get("average").make_params({"steps": 3})
+    assert merge.get("average").make_params({}) == merge.get("average").params()
 
 
 @BIAS
@@ -84,7 +123,7 @@ def test_consecutive_average_is_exact_mean(bias):
     groups = consecutive(canon, None, glu, 4, 0)
     assert groups == [[0, 1], [2, 3], [4, 5], [6, 7]]
     for g in groups:
-        united = merge.get("average")(stack(canon, g), ctx_for(g, None))
+        united, _ = run("average", stack(canon, g), g, None)
         assert_expert_close(united, {k: (v[g[0]] + v[g[1]]) / 2 for k, v in canon.items()}, atol=1e-6)
 
 
@@ -94,7 +133,7 @@ def test_identical_experts_merge_back(method, bias):
     canon, calib = make_canon(bias), make_calib()
     members = [0, 2, 5, 7]
     w = {k: v[3].expand(len(members), *v.shape[1:]).clone() for k, v in canon.items()}
-    united = merge.get(method)(w, ctx_for(members, calib, steps=20))
+    united, _ = run(method, w, members, calib, **short(method))
     assert_expert_close(united, expert(canon, 3))
 
 
@@ -118,11 +157,22 @@ def test_activation_recovers_neuron_permutations(bias):
     w = permuted_copies(canon, 2, len(members))
     order = [centre] + [k for k in range(len(members)) if k != centre]
     w = {k: v[torch.argsort(torch.tensor(order))] for k, v in w.items()}  # the unpermuted copy sits at the centre
-    united = merge.get("activation")(w, ctx_for(members, calib))
+    united, _ = run("activation", w, members, calib)
     assert_expert_close(united, expert(canon, 2))
     # while plain averaging of the same function blurs it
-    avg = merge.get("average")(w, ctx_for(members, calib))
+    avg, _ = run("average", w, members, calib)
     assert routed_error(avg, w, members, calib) > 1e-3
+
+
+def test_activation_params_switch_its_steps_off():
+    canon, calib = make_canon(True, seed=3), make_calib()
+    members = [2, 5, 6, 7]
+    w = stack(canon, members)
+    plain, report = run("activation", w, members, calib, align=False, refit=False)
+    assert_expert_close(plain, run("frequency", w, members, calib)[0], atol=1e-6)  # no alignment, no refit
+    assert "ridge" not in report
+    full, report = run("activation", w, members, calib)
+    assert "ridge" in report and routed_error(full, w, members, calib) < routed_error(plain, w, members, calib)
 
 
 @BIAS
@@ -130,26 +180,24 @@ def test_activation_beats_average_on_calibration_error(bias):
     canon, calib = make_canon(bias, seed=3), make_calib()
     for members in ([0, 1], [2, 5, 6, 7]):
         w = stack(canon, members)
-        err = {m: routed_error(merge.get(m)(w, ctx_for(members, calib)), w, members, calib)
+        err = {m: routed_error(run(m, w, members, calib)[0], w, members, calib)
                for m in ("average", "frequency", "activation")}
         assert err["activation"] < 0.9 * min(err["average"], err["frequency"]), err
 
 
 @BIAS
 @pytest.mark.parametrize("method", ["distill", "distill-routed"])
-@pytest.mark.parametrize("init", ["activation", "average"])
+@pytest.mark.parametrize("init", ["activation", "average", "frequency"])
 def test_distill_lowers_its_loss(method, init, bias):
     # related members (one expert plus noise), as grouping makes them: something a student can learn and generalise
     base, noise, calib = make_canon(bias, seed=4, n=1), make_canon(bias, seed=5), make_calib(n_rows=1024)
     members = [1, 2, 6, 7]
     w = {k: base[k] + 0.5 * noise[k][members] for k in base}
-    ctx = ctx_for(members, calib, steps=60, lr=1e-2, params={"init": init})
-    united = merge.get(method)(w, ctx)
-    p = ctx.params
-    assert p["init"] == init and p["val_rows"] > 0 and not p["all_rows"]
+    united, p = run(method, w, members, calib, steps=60, lr=1e-2, init=init)
+    assert ("ridge" in p) == (init == "activation") and p["val_rows"] > 0 and not p["all_rows"]
     assert p["loss_final"] < p["loss_init"] and p["val_final"] < p["val_init"] and p["best_step"] > 0, p
     assert all(v.device.type == "cpu" and v.dtype == torch.float32 for v in united.values())
-    again = merge.get(method)(w, ctx_for(members, calib, steps=60, lr=1e-2, params={"init": init}))
+    again, _ = run(method, w, members, calib, steps=60, lr=1e-2, init=init)
     assert_expert_close(united, again, atol=0)  # deterministic for a seed
 
 
@@ -160,7 +208,7 @@ def test_distill_routed_favours_the_used_member():
     w = stack(canon, members)
     errs = {}
     for method in ("distill", "distill-routed"):
-        u = merge.get(method)(w, ctx_for(members, calib, steps=100, lr=1e-2))
+        u, _ = run(method, w, members, calib, steps=100, lr=1e-2)
         xm, _ = calib.routed(0)
         errs[method] = float((output(u, xm, glu) - output(expert(w, 0), xm, glu)).square().mean())
     assert errs["distill-routed"] < errs["distill"], errs
@@ -173,24 +221,23 @@ def test_few_routed_rows_fall_back_to_all_rows(bias):
     members = [6, 7]
     w = stack(canon, members)
     for method in ("frequency", "activation", "distill", "distill-routed"):
-        ctx = ctx_for(members, calib, steps=20)
-        united = merge.get(method)(w, ctx)
+        united, report = run(method, w, members, calib, **short(method))
         assert all(torch.isfinite(v).all() for v in united.values()), method
-    assert ctx.params["all_rows"] and ctx.params["rows"] == N
+    assert report["all_rows"] and report["rows"] == N
 
 
 @pytest.mark.parametrize("method", ["frequency", "activation", "distill", "distill-routed"])
 def test_data_methods_need_calibration(method):
     canon = make_canon(False)
     with pytest.raises(BrownoutError, match="calibration"):
-        merge.get(method)(stack(canon, [0, 1]), ctx_for([0, 1], None))
+        run(method, stack(canon, [0, 1]), [0, 1], None)
 
 
 def test_frequency_weights():
     canon, calib = make_canon(True), make_calib()
     members = [0, 7]
     f = calib.freq[members] / calib.freq[members].sum()
-    united = merge.get("frequency")(stack(canon, members), ctx_for(members, calib))
+    united, _ = run("frequency", stack(canon, members), members, calib)
     assert_expert_close(united, {k: f[0] * v[0] + f[1] * v[7] for k, v in canon.items()}, atol=1e-6)
 
 

@@ -1,95 +1,162 @@
-"""`unify build`: load -> calibrate -> group -> merge -> write, one decoder layer at a time."""
+"""`unify build`: load -> calibrate -> group -> merge -> write, one decoder layer at a time.
+
+`build(model, BuildOptions(...))` is the whole command; the CLI only forwards its flags, so one request gives the same
+checkpoint from Python and from the shell. What a request leaves open comes from the model's recipe
+(`resolve_options`, `choose_skipped_layers`), and the resolved request is recorded in united.json.
+"""
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 import recipes
-
-from . import grouping as grouping_mod
-from . import merge as merge_mod
-from .calibration import MoEProbe, capture_layer_inputs, decoder_layers, load_texts, tokenize
 from runtime.checkpoint import CheckpointWriter, all_finite, config_hash, weight_probe
 from runtime.discover import find_moe_layers
 from runtime.errors import BrownoutError
 from runtime.layout import glu_of, native_of
-from .loading import InMemorySource, ShardSource, load_config, resolve
+
+from .calibration import MoEProbe, capture_layer_inputs, decoder_layers, load_texts, tokenize
+from .grouping import GROUPINGS, check_partition
+from .loading import InMemorySource, ShardSource, load_config, recipe_for_model_type, resolve
+from .merge import MERGES, MergeContext
+from .registry import Method
 
 
 @dataclass
 class BuildOptions:
     out: str
-    way: int | None = None
-    groups: int | None = None
-    grouping: str = "consecutive"
-    merge: str = "average"
-    calib: str | None = None  # text file, local dataset or dataset name; None = the bundled sample
+    way: int | None = None  # experts per group; with neither way nor groups, the recipe's default way
+    groups: int | None = None  # groups per layer, instead of way
+    grouping: str | None = None  # None = the recipe's, else consecutive
+    merge: str | None = None  # None = the recipe's, else average
+    grouping_params: Any = None  # the grouping's parameters: {field: value or its text}, or its dataclass
+    merge_params: Any = None  # the merge's, e.g. {"steps": 300, "init": "average"} for distill
+    calib: str | None = None  # text file, local dataset or dataset name; None = the recipe's, else the bundled sample
     calib_split: str = "train"
     calib_column: str = "text"
     calib_tokens: int = 16384
     seq_len: int = 512
     batch_size: int = 8
     samples_per_layer: int = 4096  # tokens kept per MoE layer for activation-guided methods
-    steps: int = 200  # distillation steps
-    lr: float = 1e-3
     device: str = "cpu"
     seed: int = 0
     overwrite: bool = False
-    skip_layers: list[int] | None = None  # None = the recipe's
+    skip_layers: list[int] | None = None  # None = the recipe's, by the outside-in rule; a list is applied as given
     progress: bool = True
 
 
-def _layer_prefix(layers_name: str, i: int) -> str:
-    return f"{layers_name}.{i}"
+def resolve_options(opts: BuildOptions, recipe: recipes.Recipe | None) -> BuildOptions:
+    """`opts` with what it leaves open filled from the recipe's defaults (else consecutive / average), the method
+    names checked, and the methods' parameters as their typed dataclasses."""
+    defaults = recipe.defaults if recipe is not None else recipes.BuildDefaults()
+    grouping = GROUPINGS.get(opts.grouping or defaults.grouping or "consecutive")
+    merge = MERGES.get(opts.merge or defaults.merge or "average")
+    way = opts.way
+    if way is None and opts.groups is None:
+        way = defaults.way
+        if way is None:
+            raise BrownoutError("give exactly one of --way K (experts per group) and --groups N (groups per layer); "
+                                "this model's recipe has no default way")
+    calib = opts.calib
+    if calib is None and recipe is not None and recipe.calib is not None:
+        calib = str(recipe.calib)  # the recipe's own calibration sample
+    return replace(opts, way=way, grouping=grouping.name, merge=merge.name, calib=calib,
+                   grouping_params=grouping.make_params(opts.grouping_params),
+                   merge_params=merge.make_params(opts.merge_params))
 
 
-def _needs_data(opts: BuildOptions) -> bool:
-    return opts.merge in merge_mod.NEEDS_DATA or opts.grouping in grouping_mod.NEEDS_DATA
+def choose_skipped_layers(requested, num_layers: int, moe_layers: list[int], from_recipe: bool) -> list[int]:
+    """The decoder layers left alone. Negative entries count from the end, like Python indices.
+
+    A recipe's list is written for full-size models (the paper leaves the first two and last two layers alone); on a
+    model with few layers it would leave nothing to unite. So it is applied from the outside in (0, -1, 1, -2, ...)
+    and stops before it would leave fewer than half of the MoE layers united (and at least one); entries beyond the
+    model's depth are dropped. A list the user gives is applied as given: an entry out of range, or a list that
+    leaves no MoE layer, is an error."""
+    requested = [int(i) for i in requested]
+    if not from_recipe:
+        bad = [i for i in requested if not -num_layers <= i < num_layers]
+        if bad:
+            raise BrownoutError(f"--skip-layers {bad[0]} is out of range: the model has {num_layers} decoder layers "
+                                f"(valid: {-num_layers}..{num_layers - 1})")
+        skip = sorted({i % num_layers for i in requested})
+        if set(moe_layers) <= set(skip):
+            raise BrownoutError(f"--skip-layers {','.join(map(str, requested))} leaves every MoE layer alone "
+                                f"(MoE layers: {', '.join(map(str, moe_layers))}); nothing to build")
+        return skip
+    resolved = {i % num_layers for i in requested if -num_layers <= i < num_layers}
+    keep_at_least = max(1, math.ceil(len(moe_layers) / 2))
+    skip: set[int] = set()
+    for i in sorted(resolved, key=lambda i: (min(i, num_layers - 1 - i), i)):  # outside in, front first
+        if len(set(moe_layers) - skip - {i}) < keep_at_least:
+            break
+        skip.add(i)
+    return sorted(skip)
+
+
+def _check_names(opts: BuildOptions) -> None:
+    """Refuse unknown method names before any model is fetched or loaded."""
+    if opts.grouping is not None:
+        GROUPINGS.get(opts.grouping)
+    if opts.merge is not None:
+        MERGES.get(opts.merge)
+
+
+def _needs_data(plan: BuildOptions) -> bool:
+    return GROUPINGS.get(plan.grouping).needs_data or MERGES.get(plan.merge).needs_data
 
 
 @torch.no_grad()
 def build(model: str | torch.nn.Module, opts: BuildOptions) -> Path:
-    """Build a united-expert checkpoint for `model` (recipe name, directory, hub id or an already loaded model)."""
+    """Build a united-expert checkpoint for `model` (recipe name, directory, hub id or an already loaded model).
+    A directory, hub id or loaded model gets the recipe of its model_type, when there is one."""
     t0 = time.time()
-    merge_fn = merge_mod.get(opts.merge)  # validate names before any heavy work
-    group_fn = grouping_mod.get(opts.grouping)
+    _check_names(opts)
     if isinstance(model, torch.nn.Module):
-        source, model_path, recipe, base = InMemorySource(model), None, None, getattr(model, "name_or_path", "") or "<in-memory>"
         config = model.config
+        recipe = recipe_for_model_type(getattr(config, "model_type", None))
+        plan = resolve_options(opts, recipe)
+        source, model_path = InMemorySource(model), None
+        base = getattr(model, "name_or_path", "") or "<in-memory>"
     else:
         ref = resolve(model)
-        config = load_config(ref)
+        config, recipe = load_config(ref), ref.recipe
+        plan = resolve_options(opts, recipe)
         # compute in float32 when layers run on calibration data; data-free builds keep the checkpoint's dtype
-        dtype = torch.float32 if _needs_data(opts) else None
-        source, model_path, recipe, base = ShardSource(ref, config, dtype), ref.path, ref.recipe, str(model)
+        dtype = torch.float32 if _needs_data(plan) else None
+        source, model_path, base = ShardSource(ref, config, dtype), ref.path, str(model)
     net = source.model
     moe = {l.index: l for l in find_moe_layers(net)}
     num_experts = {l.num_experts for l in moe.values()}
     if len(num_experts) != 1:
         raise BrownoutError(f"MoE layers have different expert counts {sorted(num_experts)}; not supported")
     E = num_experts.pop()
-    num_groups = grouping_mod.check_partition(E, way=opts.way, groups=opts.groups)
+    num_groups = check_partition(E, way=plan.way, groups=plan.groups)
     layers_name, layer_list = decoder_layers(net)
-    skip_spec = opts.skip_layers if opts.skip_layers is not None else (recipe.skip_layers if recipe else [])
-    skip = recipes.resolve_skip_layers(skip_spec, len(layer_list))
-    todo = [i for i in sorted(moe) if i not in skip]
-    if not todo:
-        raise BrownoutError(f"every MoE layer is left alone (skip_layers={skip_spec}); nothing to build")
+    from_recipe = plan.skip_layers is None
+    requested = list(recipe.skip_layers if recipe is not None else ()) if from_recipe else list(plan.skip_layers)
+    skip = choose_skipped_layers(requested, len(layer_list), sorted(moe), from_recipe)
+    todo = [i for i in sorted(moe) if i not in skip]  # never empty: choose_skipped_layers keeps one at least
 
-    writer = CheckpointWriter(opts.out, overwrite=opts.overwrite)
+    writer = CheckpointWriter(plan.out, overwrite=plan.overwrite)
     try:
-        meta_layers, probe = _walk(net, source, model_path, config, moe, todo, layers_name, layer_list,
-                                            num_groups, group_fn, merge_fn, writer, opts)
+        meta_layers, probe = _walk(source, model_path, config, moe, todo, layers_name, layer_list, num_groups,
+                                   writer, plan)
         meta = {
             "base_model": {"name": base, "model_type": config.model_type, "config_hash": config_hash(config),
                            "weight_probe": probe, "num_experts": E,
                            "moe_layers": sorted(moe)},
-            "way": E // num_groups, "num_groups": num_groups, "grouping": opts.grouping, "merge": opts.merge,
-            "skip_layers": sorted(skip), "options": {k: v for k, v in asdict(opts).items() if k not in ("progress",)},
+            "recipe": recipe.name if recipe is not None else None,
+            "way": E // num_groups, "num_groups": num_groups, "grouping": plan.grouping, "merge": plan.merge,
+            "skip_layers": skip,
+            "skip_layers_requested": requested, "skip_layers_from": "recipe" if from_recipe else "options",
+            "options": {k: v for k, v in asdict(plan).items() if k not in ("progress",)},
             "layers": meta_layers, "build_seconds": round(time.time() - t0, 2),
         }
         return writer.commit(meta)
@@ -98,11 +165,10 @@ def build(model: str | torch.nn.Module, opts: BuildOptions) -> Path:
         raise
 
 
-def _walk(net, source, model_path, config, moe, todo, layers_name, layer_list, num_groups, group_fn, merge_fn, writer, opts):
-    need_data = _needs_data(opts)
-    calib_src = opts.calib
-    if calib_src is None and getattr(source, "ref", None) is not None and source.ref.recipe and source.ref.recipe.calib:
-        calib_src = str(source.ref.recipe.calib)  # the recipe's own calibration sample
+def _walk(source, model_path, config, moe, todo, layers_name, layer_list, num_groups, writer, plan: BuildOptions):
+    grouping, merge = GROUPINGS.get(plan.grouping), MERGES.get(plan.merge)
+    need_data = grouping.needs_data or merge.needs_data
+    net = source.model
     first, last = todo[0], todo[-1]
     probes: dict[int, list[float]] = {}  # fingerprint values, taken while the layer is in memory
     meta_layers: dict[str, dict] = {}
@@ -110,15 +176,15 @@ def _walk(net, source, model_path, config, moe, todo, layers_name, layer_list, n
     _materialize_outside(source, net, layers_name)
 
     if need_data:
-        texts = load_texts(calib_src, opts.calib_split, opts.calib_column)
-        batches = tokenize(texts, model_path, config.vocab_size, opts.calib_tokens, opts.seq_len)
-        hidden, layer_args = capture_layer_inputs(net, batches, opts.batch_size, "cpu")
+        texts = load_texts(plan.calib, plan.calib_split, plan.calib_column)
+        batches = tokenize(texts, model_path, config.vocab_size, plan.calib_tokens, plan.seq_len)
+        hidden, layer_args = capture_layer_inputs(net, batches, plan.batch_size, "cpu")
         total_tokens = batches.numel()
-    bar = tqdm(range(len(layer_list)), desc="layers", disable=not opts.progress)
+    bar = tqdm(range(len(layer_list)), desc="layers", disable=not plan.progress)
     for i in bar:
         if not need_data and i not in todo:
             continue
-        prefix = _layer_prefix(layers_name, i)
+        prefix = f"{layers_name}.{i}"
         source.materialize(prefix)
         layer = layer_list[i]
         probe = None
@@ -129,7 +195,8 @@ def _walk(net, source, model_path, config, moe, todo, layers_name, layer_list, n
                 probes[i] = weight_probe([gu[0], gu[-1]])
                 del gu  # a name left bound here would keep this layer's experts alive through the next layers
             if i in todo and need_data:
-                probe = MoEProbe(moe[i].experts, moe[i].num_experts, opts.samples_per_layer, total_tokens, opts.seed + i)
+                probe = MoEProbe(moe[i].experts, moe[i].num_experts, plan.samples_per_layer, total_tokens,
+                                 plan.seed + i)
         if need_data:
             with torch.no_grad():
                 for b, (args, kwargs) in enumerate(layer_args[i]):
@@ -138,7 +205,7 @@ def _walk(net, source, model_path, config, moe, todo, layers_name, layer_list, n
         calib = probe.result() if probe is not None else None
         if i in todo:
             bar.set_postfix_str(f"merging layer {i}")
-            meta_layers[str(i)] = _merge_layer(moe[i], calib, num_groups, group_fn, opts.grouping, merge_fn, writer, i, opts)
+            meta_layers[str(i)] = _merge_layer(moe[i], source, calib, num_groups, grouping, merge, writer, i, plan)
         source.release(prefix)
         if need_data and i + 1 < len(layer_list) and not all(torch.isfinite(h).all() for h in hidden):
             raise BrownoutError(f"NaN or inf in the activations after layer {i}")
@@ -167,38 +234,38 @@ def _check_finite(layer, i: int) -> None:
             raise BrownoutError(f"layer {i}: NaN or inf in the expert weights ({k})")
 
 
-def _merge_layer(layer, calib, num_groups, group_fn, grouping, merge_fn, writer, i, opts) -> dict:
+def _merge_layer(layer, source, calib, num_groups, grouping: Method, merge: Method, writer, i, plan) -> dict:
     """Group and merge one layer. Weights stay in the model's dtype; only what a step needs is upcast to float32
     (the whole layer for data-driven grouping, one group at a time for merging), to keep peak memory near a layer."""
     layout, E = layer.layout, layer.num_experts
     native = native_of(layer.experts, layout)
     glu = glu_of(layer.experts, layout)
-    if grouping in grouping_mod.NEEDS_DATA:
+    if grouping.needs_data:
         canon_all = layout.to_canonical(native)  # views in the layer's dtype; grouping upcasts one expert at a time
     else:  # data-free groupings only need the expert count
         canon_all = {"gate": torch.empty(E, 0, 0)}
-    groups = group_fn(canon_all, calib, glu, num_groups, opts.seed)
+    groups = grouping.fn(canon_all, calib, glu, num_groups, plan.seed, plan.grouping_params)
     del canon_all
-    dtype = getattr(layer.experts, "_disk_dtype", layer.experts.gate_up_proj.dtype)  # the checkpoint's own dtype
+    dtype = source.stored_dtype(f"{layer.name}.gate_up_proj")  # the checkpoint's own dtype
     # The united tier is filled group by group straight into its final dtype and layout: no float32 copy of it
     out = {k: torch.empty((len(groups),) + tuple(v.shape[1:]), dtype=dtype) for k, v in native.items()}
     canon_out = layout.to_canonical(out)  # writable views into `out`
-    params = []
-    for g, members in enumerate(tqdm(groups, desc=f"layer {i} groups", leave=False, disable=not opts.progress)):
+    reports = []
+    for g, members in enumerate(tqdm(groups, desc=f"layer {i} groups", leave=False, disable=not plan.progress)):
         w = {k: v.contiguous() for k, v in layout.to_canonical({k: v[members].float() for k, v in native.items()}).items()}
-        ctx = merge_mod.MergeContext(members=list(members), glu=glu, calib=calib, steps=opts.steps, lr=opts.lr,
-                                     device=opts.device, seed=opts.seed + 1000 * i + g)
+        ctx = MergeContext(members=list(members), glu=glu, calib=calib, params=plan.merge_params, device=plan.device,
+                           seed=plan.seed + 1000 * i + g)
         with torch.enable_grad():  # training-based merges need autograd; the rest of the build runs without it
-            united = merge_fn(w, ctx)
+            united = merge.fn(w, ctx)
         for k, v in united.items():
             canon_out[k][g].copy_(v)
-        params.append(ctx.params)
+        reports.append(ctx.report)
     e2g = torch.empty(E, dtype=torch.int64)
     for g, members in enumerate(groups):
         e2g[list(members)] = g
     out["expert_to_group"] = e2g
     writer.add_layer(i, out)
-    info = {"groups": [list(map(int, m)) for m in groups], "merge_params": [_jsonable(p) for p in params]}
+    info = {"groups": [list(map(int, m)) for m in groups], "merge_report": [_jsonable(r) for r in reports]}
     if calib is not None:
         info["calibration"] = calib.to_json()
     return info

@@ -1,4 +1,8 @@
-"""The `unify` command: build, inspect and evaluate united-expert checkpoints."""
+"""The `unify` command (also `python -m unify`): build, inspect and evaluate united-expert checkpoints.
+
+`unify build` only turns its flags into `unify.build.BuildOptions`; the recipe defaults, method parameters and skipped
+layers are resolved by `unify.build.build`, so Python callers get the same checkpoint for the same request.
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,29 +15,62 @@ EXAMPLES_BUILD = """examples:
   unify build --model mixtral --groups 4 --out out/mixtral-g4          # recipe name (needs the hub or its cache)
   unify build --model ./Mixtral-8x7B-v0.1 --way 2 --out out/mx-w2      # a local directory
   unify build --model reference --way 4 --grouping frequency --merge distill-routed --out out/ref-w4
-  unify build --model ./m --way 2 --merge distill --steps 300 --device cuda --calib my.txt --out out/m-distill
+  unify build --model ./m --way 2 --merge distill --merge-param init=average --steps 300 --device cuda \\
+      --calib my.txt --out out/m-distill
 """
 
 
+def _method_params_help() -> str:
+    from .grouping import GROUPINGS
+    from .merge import MERGES
+
+    lines = ["method parameters (--grouping-param / --merge-param KEY=VALUE, repeatable; defaults shown):"]
+    for registry in (GROUPINGS, MERGES):
+        for name in registry.names():
+            params = registry.get(name).param_lines() or ["no parameters"]
+            head = f"  {registry.kind} {name}"
+            lines += [f"{head:26s}{params[0]}"] + [f"{'':26s}{p}" for p in params[1:]]
+    return "\n".join(lines) + "\n"
+
+
+def _key_values(items: list[str] | None, flag: str) -> dict[str, str]:
+    """['k=v', ...] -> {k: v}; the values stay text, converted by the method's parameter types."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise BrownoutError(f"{flag} {item!r}: expected KEY=VALUE")
+        if key.strip() in out:
+            raise BrownoutError(f"{flag} {key.strip()} is given twice")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def _parser() -> argparse.ArgumentParser:
-    from . import grouping, merge
+    from .grouping import GROUPINGS
+    from .merge import MERGES
 
     p = argparse.ArgumentParser(prog="unify", description="Brownout's offline tool: combine the experts of each MoE "
                                 "layer into fewer united experts, and evaluate the result.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    b = sub.add_parser("build", help="build a united-expert checkpoint", epilog=EXAMPLES_BUILD,
+    b = sub.add_parser("build", help="build a united-expert checkpoint",
+                       epilog=EXAMPLES_BUILD + "\n" + _method_params_help(),
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Calibrate, group and merge the experts of every MoE layer, layer by layer from "
                        "the safetensors shards, and write united.safetensors + united.json to --out.")
     b.add_argument("--model", required=True, help="recipe name (see `unify inspect --recipes`), local model directory or hub id")
-    size = b.add_argument_group("group size (give exactly one)")
+    size = b.add_argument_group("group size (at most one; default: the recipe's way)")
     size.add_argument("--way", type=int, help="K experts per group (the paper's K-way)")
     size.add_argument("--groups", type=int, help="N groups per layer")
-    b.add_argument("--grouping", default=None, choices=grouping.names(),
+    b.add_argument("--grouping", default=None, choices=GROUPINGS.names(),
                    help="which experts share a united expert (default: the recipe's, else consecutive)")
-    b.add_argument("--merge", default=None, choices=merge.names(),
+    b.add_argument("--merge", default=None, choices=MERGES.names(),
                    help="how a group becomes one expert (default: the recipe's, else average)")
+    b.add_argument("--grouping-param", action="append", metavar="KEY=VALUE",
+                   help="a parameter of the grouping method (repeatable; listed below)")
+    b.add_argument("--merge-param", action="append", metavar="KEY=VALUE",
+                   help="a parameter of the merge method (repeatable; listed below)")
     b.add_argument("--out", required=True, help="output directory (written atomically)")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     c = b.add_argument_group("calibration")
@@ -44,11 +81,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seq-len", type=int, default=512)
     c.add_argument("--samples-per-layer", type=int, default=4096, help="tokens kept per layer for activation methods")
     t = b.add_argument_group("training-based merges (distill, distill-routed)")
-    t.add_argument("--steps", type=int, default=200)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--device", default="cpu", help="device for calibration and merging, e.g. cuda")
-    b.add_argument("--skip-layers", type=lambda s: [int(x) for x in s.split(",") if x.strip()], default=None,
-                   help="comma-separated decoder layers to leave alone (negative = from the end; default: the recipe's)")
+    t.add_argument("--steps", type=int, help="shortcut for --merge-param steps=N")
+    t.add_argument("--lr", type=float, help="shortcut for --merge-param lr=X")
+    b.add_argument("--device", default="cpu", help="device for calibration and merging, e.g. cuda")
+    b.add_argument("--skip-layers", type=_layer_list, default=None,
+                   help="comma-separated decoder layers to leave alone, applied as given (negative = from the end; "
+                   "'' = none). Default: the recipe's list, from the outside in, keeping at least half the MoE "
+                   "layers united")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -86,24 +125,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
+
+
 def _build(args) -> int:
     from .build import BuildOptions, build
-    from .loading import resolve
 
-    defaults = {}
-    try:
-        recipe = resolve(args.model).recipe if "/" not in args.model else None
-        defaults = {k: v for k, v in vars(recipe.defaults).items() if v is not None} if recipe else {}
-    except BrownoutError:
-        defaults = {}
+    merge_params: dict = _key_values(args.merge_param, "--merge-param")
+    for key, value in (("steps", args.steps), ("lr", args.lr)):  # shortcuts for the training merges' parameters
+        if value is not None:
+            if key in merge_params:
+                raise BrownoutError(f"--{key} and --merge-param {key}=... both given; give one")
+            merge_params[key] = value
     opts = BuildOptions(
-        out=args.out, way=args.way, groups=args.groups,
-        grouping=args.grouping or defaults.get("grouping", "consecutive"),
-        merge=args.merge or defaults.get("merge", "average"),
+        out=args.out, way=args.way, groups=args.groups, grouping=args.grouping, merge=args.merge,
+        grouping_params=_key_values(args.grouping_param, "--grouping-param"), merge_params=merge_params,
         calib=args.calib, calib_split=args.calib_split, calib_column=args.calib_column, calib_tokens=args.calib_tokens,
-        seq_len=args.seq_len, samples_per_layer=args.samples_per_layer, steps=args.steps, lr=args.lr,
-        device=args.device, seed=args.seed, overwrite=args.overwrite, skip_layers=args.skip_layers,
-        progress=not args.quiet,
+        seq_len=args.seq_len, samples_per_layer=args.samples_per_layer, device=args.device, seed=args.seed,
+        overwrite=args.overwrite, skip_layers=args.skip_layers, progress=not args.quiet,
     )
     out = build(args.model, opts)
     print(f"wrote {out}")
@@ -131,6 +174,11 @@ def _inspect(args) -> int:
         total += sum(t.numel() * t.element_size() for k, t in ck.tensors(layer).items() if k != "expert_to_group")
     print(f"base model : {bm['name']} ({bm['model_type']}, config {bm['config_hash']})")
     print(f"method     : grouping={m['grouping']} merge={m['merge']} way={m['way']} ({m['num_groups']} groups of {bm['num_experts']} experts)")
+    opts = m.get("options", {})
+    params = [f"{kind} {k}={str(v).lower() if isinstance(v, bool) else v}"
+              for kind in ("grouping", "merge") for k, v in (opts.get(f"{kind}_params") or {}).items()]
+    if params:
+        print(f"parameters : {', '.join(params)}")
     print(f"layers     : {len(ck.layers)} united, left alone: {m['skip_layers'] or 'none'}")
     print(f"size       : {total / 2**20:.2f} MiB of united experts")
     print(f"built by   : brownout {m['tool_version']} in {m['build_seconds']} s: {m['command']}")

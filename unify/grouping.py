@@ -1,36 +1,47 @@
 """Grouping methods: which experts of a layer share a united expert. Every method returns equal-size groups.
 
-A method is `fn(canon, calib, glu, num_groups, seed) -> groups`, where `canon` holds all E experts of the layer in
-the canonical layout (`unify.layout`, [E, ...] float32) and `groups` is a partition of range(E) into exactly
-`num_groups` groups of E // num_groups members, each sorted ascending, the groups sorted by their first member.
-The caller checks divisibility first (`check_partition`).
+A method is `fn(canon, calib, glu, num_groups, seed, params=None) -> groups`, where `canon` holds all E experts of
+the layer in the canonical layout (`runtime.layout`, [E, ...] float32), `params` is the method's parameter dataclass
+(None = its defaults) and `groups` is a partition of range(E) into exactly `num_groups` groups of E // num_groups
+members, each sorted ascending, the groups sorted by their first member. The caller checks divisibility first
+(`check_partition`). `GROUPINGS.get(name)` gives the method (`fn`, `needs_data`, `params`).
 
 - `consecutive` (the paper): expert i joins group i // way. Needs no data.
 - `frequency` (MC-SMoE style): the most used experts are the centres; every other expert joins the centre whose
   outputs on calibration tokens are most similar (cosine), each centre taking exactly way - 1 of them.
 - `similarity` (HC-SMoE style): average-linkage clustering of the experts' outputs on calibration tokens, then
   balanced k-means so that every group has the same size.
-Both data methods cost one forward of every expert on a few hundred calibration tokens plus an E x E assignment.
+Both data methods cost one forward of every expert on `sample_rows` calibration tokens (512) plus an E x E assignment.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .calib_data import LayerCalibration
 from runtime.errors import BrownoutError
 from runtime.layout import Glu, expert, output
+
+from .calib_data import LayerCalibration
 from .registry import Registry
 
-GroupFn = Callable[[dict[str, torch.Tensor], "LayerCalibration | None", Glu, int, int], list[list[int]]]
-_REGISTRY = Registry("grouping")
-GROUPINGS: dict[str, GroupFn] = _REGISTRY.methods
-NEEDS_DATA: set[str] = _REGISTRY.needs_data
-SAMPLE_ROWS = 512  # calibration tokens the data methods compare experts on
-register, get, names = _REGISTRY.register, _REGISTRY.get, _REGISTRY.names
+GroupFn = Callable[..., list[list[int]]]
+GROUPINGS = Registry("grouping")
+register, get, names = GROUPINGS.register, GROUPINGS.get, GROUPINGS.names
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    """The data methods compare experts by their outputs on a seeded sample of the layer's calibration tokens."""
+
+    sample_rows: int = field(default=512, metadata={"help": "calibration tokens the experts are compared on"})
+
+    def __post_init__(self):
+        if self.sample_rows < 1:
+            raise ValueError(f"sample_rows={self.sample_rows} must be >= 1")
 
 
 # -- partition sizes ------------------------------------------------------------------------------------------
@@ -61,18 +72,18 @@ def _num_experts(canon: dict[str, torch.Tensor]) -> int:
 
 # -- methods --------------------------------------------------------------------------------------------------
 @register("consecutive", needs_data=False)
-def consecutive(canon, calib, glu, num_groups, seed):
+def consecutive(canon, calib, glu, num_groups, seed, params=None):
     n = _num_experts(canon)
     way = n // num_groups
     return [list(range(g * way, (g + 1) * way)) for g in range(num_groups)]
 
 
-@register("frequency")
-def frequency(canon, calib, glu, num_groups, seed):
+@register("frequency", needs_data=True, params=SampleParams)
+def frequency(canon, calib, glu, num_groups, seed, params: SampleParams | None = None):
     n = _num_experts(canon)
     if num_groups in (1, n):
         return consecutive(canon, calib, glu, num_groups, seed)
-    gram = _output_gram(canon, _require(calib, "frequency"), glu, seed)
+    gram = _output_gram(canon, _require(calib, "frequency"), glu, seed, (params or SampleParams()).sample_rows)
     norm = gram.diagonal().clip(min=1e-30) ** 0.5
     cos = gram / np.outer(norm, norm)
     # stable sort: among equally used experts the lower id becomes the centre, so the result is reproducible
@@ -87,8 +98,8 @@ def frequency(canon, calib, glu, num_groups, seed):
     return _canonical(groups)
 
 
-@register("similarity")
-def similarity(canon, calib, glu, num_groups, seed):
+@register("similarity", needs_data=True, params=SampleParams)
+def similarity(canon, calib, glu, num_groups, seed, params: SampleParams | None = None):
     """Feature = an expert's outputs on a shared token sample, flattened (no pooling). Mean-pooling would call two
     experts alike when only their average output agrees; the flattened outputs' Euclidean distance is the error of
     letting one stand in for the other on those very tokens, which is what merging costs. No normalisation either:
@@ -98,7 +109,7 @@ def similarity(canon, calib, glu, num_groups, seed):
         return consecutive(canon, calib, glu, num_groups, seed)
     from sklearn.cluster import AgglomerativeClustering
 
-    gram = _output_gram(canon, _require(calib, "similarity"), glu, seed)
+    gram = _output_gram(canon, _require(calib, "similarity"), glu, seed, (params or SampleParams()).sample_rows)
     sq = np.diag(gram)
     dist = np.sqrt(np.clip(sq[:, None] + sq[None, :] - 2 * gram, 0, None))
     labels = AgglomerativeClustering(n_clusters=num_groups, metric="precomputed", linkage="average").fit_predict(dist)
@@ -133,12 +144,13 @@ def _require(calib: LayerCalibration | None, method: str) -> LayerCalibration:
 
 
 @torch.no_grad()
-def _output_gram(canon, calib: LayerCalibration, glu: Glu, seed: int, chunk_elems: int = 1 << 24) -> np.ndarray:
-    """Gram matrix [E, E] (float64) of the experts' flattened outputs on a seeded sample of calibration tokens,
+def _output_gram(canon, calib: LayerCalibration, glu: Glu, seed: int, sample_rows: int,
+                 chunk_elems: int = 1 << 24) -> np.ndarray:
+    """Gram matrix [E, E] (float64) of the experts' flattened outputs on a seeded sample of `sample_rows` tokens,
     accumulated over row chunks so that memory stays at ~chunk_elems floats whatever E, H and the sample size."""
     n, x = _num_experts(canon), calib.x
-    if x.shape[0] > SAMPLE_ROWS:
-        x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:SAMPLE_ROWS].sort().values]
+    if x.shape[0] > sample_rows:
+        x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:sample_rows].sort().values]
     x = x.to(device=canon["gate"].device, dtype=torch.float32)
     step = max(1, chunk_elems // (n * x.shape[1]))
     gram = torch.zeros(n, n, dtype=torch.float64)

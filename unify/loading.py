@@ -34,12 +34,13 @@ class ModelRef:
 
 
 def resolve(model: str) -> ModelRef:
-    """Recipe name, local directory or hub id -> local directory (no downloads without a network)."""
+    """Recipe name, local directory or hub id -> local directory (no downloads without a network), with its recipe:
+    the named one, else the family recipe of the directory's model_type (None when there is none)."""
     p = Path(model)
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise BrownoutError(f"{p} has no config.json: not a transformers model directory")
-        return ModelRef(p, _recipe_for_dir(p), model)
+        return ModelRef(p, recipe_for_model_type(_model_type_of(p)), model)
     recipe = None
     if "/" not in model:
         try:
@@ -51,7 +52,8 @@ def resolve(model: str) -> ModelRef:
         hub_id = recipe.hub_id
     else:
         hub_id = model
-    return ModelRef(_from_hub(hub_id), recipe, model)
+    path = _from_hub(hub_id)
+    return ModelRef(path, recipe or recipe_for_model_type(_model_type_of(path)), model)
 
 
 def _from_hub(hub_id: str) -> Path:
@@ -69,13 +71,20 @@ def _from_hub(hub_id: str) -> Path:
         ) from None
 
 
-def _recipe_for_dir(p: Path) -> recipes.Recipe | None:
+def _model_type_of(p: Path) -> str | None:
     try:
-        model_type = json.loads((p / "config.json").read_text()).get("model_type")
+        return json.loads((p / "config.json").read_text()).get("model_type")
     except (json.JSONDecodeError, OSError) as e:
         raise BrownoutError(f"{p / 'config.json'} is corrupt: {e}") from None
+
+
+def recipe_for_model_type(model_type: str | None) -> recipes.Recipe | None:
+    """The family recipe of a model_type (not a bundled model's own recipe), or None when there is none."""
     for n in recipes.names():
-        r = recipes.load(n)
+        try:
+            r = recipes.load(n)
+        except recipes.RecipeError as e:
+            raise BrownoutError(str(e)) from None
         if r.model_type == model_type and r.path is None:
             return r
     return None
@@ -95,6 +104,10 @@ class InMemorySource:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        """The dtype the parameter `name` is held in (the united tier is written in it)."""
+        return self.model.get_parameter(name).dtype
 
     def materialize(self, prefix: str) -> None:
         pass
@@ -121,6 +134,14 @@ class ShardSource:
         # calibration runs on the CPU, where transformers' grouped_mm falls back to a slow loop: use the eager experts
         self.model.config._experts_implementation = "eager"
         self._mem_of_disk = self._map_names()
+        self._stored: dict[str, torch.dtype] = {}  # in-memory parameter name -> its dtype on disk
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        """The on-disk dtype of the parameter `name`, once materialised (the united tier is written in it, whatever
+        dtype the layers are computed in)."""
+        if name not in self._stored:
+            raise BrownoutError(f"{name} has not been read from {self.ref.path} yet")
+        return self._stored[name]
 
     @staticmethod
     def _index(path: Path) -> dict[str, Path]:
@@ -175,7 +196,7 @@ class ShardSource:
             )
         if entries[0][1] == "copy":
             t = self._read(entries[0][0])
-            self._disk_dtype = t.dtype
+            self._stored[name] = t.dtype
             if self.dtype is not None and t.is_floating_point():
                 t = t.to(self.dtype)
         else:  # per-expert tensors on disk -> one fused tensor, filled one expert at a time (no extra layer copies)
@@ -184,7 +205,7 @@ class ShardSource:
                 raise BrownoutError(f"{name}: the checkpoint's experts do not match the config's {n}")
             layout = Layout.of(owner)
             first = self._read(entries[0][0])
-            self._disk_dtype = first.dtype
+            self._stored[name] = first.dtype
             t = torch.empty(like.shape, dtype=self.dtype or first.dtype)
             if name.endswith("down_proj"):
                 views = {"down": t.transpose(1, 2) if layout.is_transposed else t}
@@ -213,8 +234,6 @@ class ShardSource:
             if full not in self._mem_of_disk and self._tied(full):
                 continue
             value = self._tensor_for(full, p, owner)
-            if name.endswith("gate_up_proj"):  # united experts are written in the checkpoint's own dtype
-                owner._disk_dtype = self._disk_dtype
             set_module_tensor_to_device(self.model, full, "cpu", value=value)
         if not prefix or prefix.endswith("embed_tokens"):
             self.model.tie_weights()

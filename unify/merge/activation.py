@@ -12,17 +12,21 @@ routing weight (the united expert must stand in for m whatever the weight). With
 all calibration tokens are used and the target is the mean of all members' outputs (the paper's distillation
 objective, which needs no routing).
 
+Parameters (`ActivationParams`): align=false skips the neuron matching (a frequency-weighted mean of unaligned
+neurons), refit=false skips the ridge refit of the down projection; with both off this is the `frequency` merge.
+
 Cost: one forward of each member on the group's calibration tokens, one I x I assignment per member (O(I^3), well
 under a second at I = 4096), and one (I+1) x (I+1) eigendecomposition in float64. No training.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from runtime.errors import BrownoutError
 from runtime.layout import Glu, expert, hidden, output
-from . import MergeContext, register
+from .base import MergeContext, register
 from .average import member_weights, weighted_mean
 
 MIN_ROWS = 32  # fewer routed tokens than this say too little about a group: use every calibration token
@@ -30,12 +34,16 @@ RIDGE_GRID = [10.0 ** (e / 2) for e in range(-16, 5)]  # ridge lambdas tried, ti
 NEURON_KEYS = ("gate", "up", "gate_bias", "up_bias")  # tensors whose dim 0 (per member) indexes hidden neurons
 
 
+@dataclass(frozen=True)
+class ActivationParams:
+    align: bool = field(default=True, metadata={"help": "match every member's neurons to the centre's first"})
+    refit: bool = field(default=True, metadata={"help": "refit the down projection on calibration tokens"})
+
+
 def group_rows(ctx: MergeContext, method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """(x [N, H], routed [N, K] bool, routing weight [N, K] (0 where not routed), fallback) for the group's members.
     The rows routed to any member, or every calibration row (fallback=True) when those are fewer than MIN_ROWS."""
-    if ctx.calib is None:
-        raise BrownoutError(f"merge method {method!r} needs calibration data")
-    c = ctx.calib
+    c = ctx.require_calib(method)
     wts = torch.stack([(c.topk_w * (c.topk_idx == m)).sum(-1) for m in ctx.members], 1).float()
     hit = torch.stack([(c.topk_idx == m).any(-1) for m in ctx.members], 1)
     rows = hit.any(1)
@@ -118,13 +126,16 @@ def refit_down(united: dict[str, torch.Tensor], x, target, row_w, glu: Glu) -> t
     return out, rel
 
 
-@register("activation", needs_data=True)
+@register("activation", needs_data=True, params=ActivationParams)
 def activation(w: dict[str, torch.Tensor], ctx: MergeContext) -> dict[str, torch.Tensor]:
+    p = ctx.params_as(ActivationParams)
     x, hit, _, fallback = group_rows(ctx, "activation")
     x = x.to(w["gate"])
     weights = member_weights(ctx)
-    united = weighted_mean(align(w, int(weights.argmax()), x, ctx.glu), weights)  # argmax: first of equals
-    coef = torch.ones(hit.shape) if fallback else hit.float()
-    target, row_w, _ = mixture_targets(w, x, coef, ctx.glu)
-    united, ctx.params["ridge"] = refit_down(united, x, target, row_w, ctx.glu)
+    aligned = align(w, int(weights.argmax()), x, ctx.glu) if p.align else w  # argmax: first of equals
+    united = weighted_mean(aligned, weights)
+    if p.refit:
+        coef = torch.ones(hit.shape) if fallback else hit.float()
+        target, row_w, _ = mixture_targets(w, x, coef, ctx.glu)
+        united, ctx.report["ridge"] = refit_down(united, x, target, row_w, ctx.glu)
     return united

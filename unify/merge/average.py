@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import MergeContext, register
+from .base import MergeContext, register
 
 
 def weighted_mean(w: dict[str, torch.Tensor], weights: torch.Tensor) -> dict[str, torch.Tensor]:

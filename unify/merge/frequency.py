@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from runtime.errors import BrownoutError
-from . import MergeContext, register
+from .base import MergeContext, register
 from .average import member_weights, weighted_mean
 
 
 @register("frequency", needs_data=True)
 def frequency(w: dict[str, torch.Tensor], ctx: MergeContext) -> dict[str, torch.Tensor]:
-    if ctx.calib is None:
-        raise BrownoutError("merge method 'frequency' needs calibration data")
+    ctx.require_calib("frequency")
     return weighted_mean(w, member_weights(ctx))
