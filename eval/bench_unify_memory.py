@@ -1,13 +1,15 @@
 """Peak memory and time of `unify build` on a Mixtral-8x7B-width model (random weights, full width, few layers).
 
-    python eval/bench_unify_memory.py [--layers 2] [--workdir /tmp/mixtral-width] [--out eval/results]
+    python -m eval.bench_unify_memory [--layers 2] [--workdir /tmp/mixtral-width] [--out eval/results]
 
 A Mixtral config at full width (hidden 4096, 8 experts of 14336, top-2) but only `--layers` decoder layers and a small
 vocabulary is written with save_pretrained in bf16 (per-expert on-disk layout, 2.8 GB of experts per layer). Each build
 then runs in a fresh subprocess (so its peak RSS is its own, read from getrusage) for a data-free method and a
 calibrated one (similarity grouping: the layer walk, the token sample and every expert's outputs; frequency merge).
-`activation` is left out here: at I = 14336 its neuron matching and ridge refit are O(I^3) per member. Peak RSS is set against the size of one layer's experts: streaming should keep
-it near two layers' experts plus activations, whatever the number of layers.
+`activation` is left out here: at I = 14336 its neuron matching and ridge refit are O(I^3) per member. Every build
+names its methods and `--skip-layers ''` (every layer united), so the model's recipe defaults play no part. Peak RSS is
+set against the size of one layer's experts: streaming should keep it near two layers' experts plus activations,
+whatever the number of layers.
 """
 from __future__ import annotations
 
