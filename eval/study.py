@@ -104,9 +104,9 @@ def main():
         todo = [r for r in ratios if (way, g, m, policy, r) not in done]
         if not todo:
             return
-        bm = BrownoutMoE.attach(ev.model, ckpt(way, g, m), policy=policy)
-        if a.dtype == "float32":
-            bm.set_path("reference")  # the semantics-defining path; the fused kernel is bf16/fp16 only
+        # float32 runs the semantics-defining reference backend; the fused kernel is bf16/fp16 only
+        bm = BrownoutMoE.attach(ev.model, ckpt(way, g, m), policy=policy,
+                                backend="reference" if a.dtype == "float32" else "auto")
         try:
             for r in todo:
                 bm.set_ratio(r)

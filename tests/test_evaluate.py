@@ -110,8 +110,10 @@ def test_markdown(tmp_path):
         assert "within noise" not in far and "= base" not in far
         loss = far.split("|")[-3]
         assert "±" in loss and float(loss.split("±")[0]) > 40
-    rep.write_markdown(synthetic_report(num_fewshot=5), path)
-    assert "few-shot: 5" in path.read_text()
+    short = {**synthetic_report(num_fewshot=5), "n_docs": {"brownout_cont": 40, "brownout_cloze": 30, "brownout_ppl": 40}}
+    rep.write_markdown(short, path)
+    md = path.read_text()
+    assert "few-shot: 5" in md and "brownout_cloze 30" in md  # a task with fewer documents than the limit
 
 
 def test_plot_has_error_bars_and_honest_axes(tmp_path):
@@ -119,7 +121,9 @@ def test_plot_has_error_bars_and_honest_axes(tmp_path):
 
     fig = rep.figure(synthetic_report())
     cont, cloze, ppl = fig.axes
-    assert cont.get_ylim() == (0.0, 1.0) and cloze.get_ylim() == (0.0, 1.0)
+    for ax in (cont, cloze):  # the whole 0..1 scale, with a small margin
+        lo, hi = ax.get_ylim()
+        assert -0.05 < lo <= 0 and 1 <= hi < 1.05
     assert ppl.get_yscale() == "log"
     assert sum(isinstance(c, ErrorbarContainer) for c in cont.containers) == 2  # hot-cold and drop
     bars = next(c for c in cont.containers if isinstance(c, ErrorbarContainer))

@@ -186,12 +186,11 @@ def add_arguments(e) -> None:
 
 def run_eval_cli(args) -> int:
     ratios = _parse_ratios(args.ratios)
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    from runtime.policy import POLICIES
+    from runtime.policy import check_policy
 
-    bad = [p for p in policies if p not in POLICIES]
-    if bad:
-        raise BrownoutError(f"unknown policies {bad}; policies: {', '.join(POLICIES)}")
+    policies = [check_policy(p.strip()) for p in args.policies.split(",") if p.strip()]
+    if args.united and not policies:
+        raise BrownoutError("--policies names no policy")
     for u in args.united:
         from runtime.checkpoint import UnitedCheckpoint
 

@@ -107,10 +107,11 @@ def y_axis(values: list[float], errors: list[float | None], higher_is_better: bo
     return bottom, top * 1.05 if top > bottom else bottom + 1.0, False
 
 
-def _fmt(value: float, se: float | None) -> str:
+def _fmt(value: float, se: float | None, digits: int | None = None) -> str:
     if se is None:
-        return f"{value:.4g}"
-    digits = 3 if abs(value) < 10 else 1
+        return f"{value:.4g}" if digits is None else f"{value:.{digits}f}"
+    if digits is None:
+        digits = 3 if abs(value) < 10 else 1
     return f"{value:.{digits}f} ± {se:.{digits}f}"
 
 
@@ -133,11 +134,12 @@ def _fewshot_text(report: dict) -> str:
 
 
 def _limit_text(report: dict) -> str:
-    docs = report.get("n_docs") or {}
-    counted = f" ({', '.join(f'{t} {n}' for t, n in docs.items())} documents)" if docs else ""
-    if report.get("limit") is None:
-        return "none: every document" + counted
-    return f"{report['limit']} documents per task" + counted
+    docs, limit = report.get("n_docs") or {}, report.get("limit")
+    counted = f" ({', '.join(f'{t} {n}' for t, n in docs.items())} documents)"
+    if limit is None:
+        return "none: every document" + (counted if docs else "")
+    short = any(n != limit for n in docs.values())  # a task with fewer documents than the limit
+    return f"{limit} documents per task" + (counted if short else "")
 
 
 def _note(r: dict) -> str:
@@ -182,7 +184,7 @@ def write_markdown(report: dict, path: Path) -> None:
         elif r.get("reuses_base"):
             loss = "0"
         else:
-            loss = _fmt(stats["loss_pct"], stats["loss_pct_stderr"])
+            loss = _fmt(stats["loss_pct"], stats["loss_pct_stderr"], digits=1)
         name = "base" if r["checkpoint"] is None else _label(r)
         lines.append(f"| {name} | {policy} | {r['ratio']:g} | {vals} | {loss} | {_note({**r, **stats})} |")
     path.write_text("\n".join(lines) + "\n")
@@ -219,8 +221,14 @@ def figure(report: dict):
             ax.axhspan(b - se_b, b + se_b, color="k", alpha=0.08, lw=0)
         lo, hi, log = y_axis(values, errors, is_accuracy(base[t]))
         if log:
+            from matplotlib.ticker import LogFormatter
+
             ax.set_yscale("log")
-        ax.set_ylim(lo, hi)
+            ax.set_ylim(lo, hi)
+            for set_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                set_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))  # 200, not 2x10^2
+        else:  # a small margin, so points and error caps on the limits stay visible
+            ax.set_ylim(lo - 0.02 * (hi - lo), hi + 0.02 * (hi - lo))
         ax.set_title(t)
         ax.set_xlabel("brownout ratio")
         ax.set_ylabel(base[t]["metric"] + (" (log scale)" if log else ""))
