@@ -216,6 +216,18 @@ def test_timeouts_and_engine_failure_do_not_hang(tiny_model):
     assert all(r.status in ("failed", "rejected") for r in res.requests), [r.status for r in res.requests]
 
 
+def test_default_cache_on_the_cpu_is_sized_for_the_batch(tiny_model):
+    """With `num_blocks` None on the CPU, transformers would allocate a share of the machine's RAM as KV cache; the
+    server asks for room for the batch instead (16 MB here), so the run is served without the process growing."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    res = BrownoutServer(Handle(tiny_model), None, ServeConfig(page_size=32, max_batch_tokens=128)).run(
+        _trace([(0.0, 5, 3), (0.01, 6, 2)]))
+    assert res.errors == [] and [q.status for q in res.requests] == ["ok", "ok"]
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 512 * 1024
+
+
 def test_server_takes_a_handle_not_a_model(tiny_model):
     with pytest.raises(BrownoutError, match="BrownoutMoE handle"):
         BrownoutServer(tiny_model, FixedRatio(0.0), _cfg())

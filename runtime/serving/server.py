@@ -66,6 +66,9 @@ from .controller import Controller, FixedRatio, quantile
 log = logging.getLogger(__name__)
 
 OK, REJECTED, TIMEOUT, FAILED = "ok", "rejected", "timeout", "failed"
+# KV cache room per batch slot when the model is on the CPU and `num_blocks` is None: transformers would size the
+# cache from a share of the machine's RAM (gigabytes, slow to allocate), far more than a CPU run can serve
+CPU_CACHE_TOKENS_PER_REQUEST = 1024
 
 
 @dataclass
@@ -76,7 +79,9 @@ class ServeConfig:
     queue_timeout_s: float = 30.0
     request_timeout_s: float = 120.0
     drain_timeout_s: float = 60.0
-    num_blocks: int | None = None  # KV cache blocks (None: transformers sizes it from free memory)
+    # KV cache blocks of `page_size` tokens (None: on an accelerator transformers sizes it from free memory, up to
+    # `max_memory_percent`; on the CPU, max_batch x CPU_CACHE_TOKENS_PER_REQUEST tokens)
+    num_blocks: int | None = None
     page_size: int = 256
     max_memory_percent: float | None = 0.5
     use_cuda_graph: bool = False
@@ -167,9 +172,12 @@ class BrownoutServer:
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
         gc = GenerationConfig(max_new_tokens=16, do_sample=False, eos_token_id=-1, pad_token_id=0)
+        num_blocks = self.cfg.num_blocks
+        if num_blocks is None and next(self.model.parameters()).device.type == "cpu":
+            num_blocks = math.ceil(self.cfg.max_batch * CPU_CACHE_TOKENS_PER_REQUEST / self.cfg.page_size)
         kw = dict(max_requests_per_batch=self.cfg.max_batch, max_batch_tokens=self.cfg.max_batch_tokens,
                   use_async_batching=False, use_cuda_graph=self.cfg.use_cuda_graph, allow_block_sharing=False,
-                  page_size=self.cfg.page_size, num_blocks=self.cfg.num_blocks, seed=self.cfg.seed,
+                  page_size=self.cfg.page_size, num_blocks=num_blocks, seed=self.cfg.seed,
                   max_memory_percent=self.cfg.max_memory_percent)
         if self.cfg.q_padding_tokens:
             kw["q_padding_interval_size"] = self.cfg.q_padding_tokens
