@@ -1,5 +1,7 @@
 """Merge methods on synthetic experts: exactness on easy groups, that data-driven methods earn their cost, and the
 typed parameters every method declares."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -113,6 +115,11 @@ def test_params_are_typed_and_checked():
     with pytest.raises(BrownoutError, match="takes: no parameters"):
         merge.get("average").make_params({"steps": 3})
     assert merge.get("average").make_params({}) == merge.get("average").params()
+    for name in merge.names():  # every method's parameters are frozen: a build's request cannot change under it
+        p = merge.get(name).make_params(None)
+        for f in dataclasses.fields(p):
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                setattr(p, f.name, getattr(p, f.name))
 
 
 @BIAS

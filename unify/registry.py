@@ -110,8 +110,8 @@ class Registry:
         self.methods: dict[str, Method] = {}
 
     def register(self, name: str, *, needs_data: bool, params: type = NoParams):
-        if not (dataclasses.is_dataclass(params) and params.__dataclass_params__.frozen):
-            raise TypeError(f"{self.kind} method {name!r}: params must be a frozen dataclass")
+        if not isinstance(params, type) or not dataclasses.is_dataclass(params):
+            raise TypeError(f"{self.kind} method {name!r}: params must be a dataclass")
 
         def deco(fn):
             self.methods[name] = Method(self.kind, name, fn, needs_data, params)
