@@ -514,10 +514,10 @@ def main(argv=None) -> None:
                          "random model's own routing collapses onto few experts with depth); model: the random "
                          "routers as they are")
     ap.add_argument("--cuda-graphs", action="store_true",
-                    help="transformers' continuous-batching CUDA graphs on. Brownout layers then run the fused kernel "
-                         "at every ratio (0 included: the ratio-0 baseline is the same kernel), which reads the ratio "
-                         "from device memory, so the captured graphs follow the controller (the start-up profile is "
-                         "then timed from CUDA graphs too)")
+                    help="transformers' continuous-batching CUDA graphs on. The server puts the brownout layers in "
+                         "graph-safe mode: the triton kernel at every ratio (0 included: the ratio-0 baseline is the "
+                         "same kernel), reading the ratio from device memory, so the captured graphs follow the "
+                         "controller (the start-up profile is then timed from CUDA graphs too)")
     ap.add_argument("--stop-if-no-gain", action="store_true",
                     help="skip the burst and Poisson runs when calibration finds ratio 1 serving no faster than "
                          "ratio 0 (saves device time on a diagnostic call)")
