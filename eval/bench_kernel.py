@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -742,21 +741,34 @@ def plot(res, path):
     fig.savefig(path, dpi=110)
 
 
-if __name__ == "__main__":
-    cmd = sys.argv[1] if len(sys.argv) > 1 else "bench"
-    if cmd == "check":
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m eval.bench_kernel", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("cmd", nargs="?", default="bench", choices=["check", "tune", "bench", "profile", "profile-md"])
+    ap.add_argument("path", nargs="?", help="check: JSON out; tune: config folder; bench: result folder; "
+                    "profile: JSON out; profile-md: an earlier profile's JSON")
+    ap.add_argument("log", nargs="?", help="tune: where to write the tuning log (JSON)")
+    a = ap.parse_args(argv)
+    if a.cmd == "profile-md":  # the markdown of an earlier profile run's JSON
+        if not a.path:
+            ap.error("profile-md needs the JSON of a profile run")
+        write_profile_md(json.load(open(a.path)), Path(a.path).with_suffix(".md"))
+    elif a.cmd == "check":
         rows = check()
-        if len(sys.argv) > 2:
-            json.dump(rows, open(sys.argv[2], "w"), indent=1)
-    elif cmd == "profile":
-        out = sys.argv[2] if len(sys.argv) > 2 else "kernel_profile.json"
+        if a.path:
+            json.dump(rows, open(a.path, "w"), indent=1)
+    elif a.cmd == "profile":
+        out = a.path or "kernel_profile.json"
         write_profile_md(profile_calls(out), Path(out).with_suffix(".md"))
-    elif cmd == "profile-md":  # the markdown of an earlier profile run's JSON
-        write_profile_md(json.load(open(sys.argv[2])), Path(sys.argv[2]).with_suffix(".md"))
-    elif cmd == "tune":
-        _, log = tune(sys.argv[2] if len(sys.argv) > 2 else configs.CONFIG_DIR,
-                      float(os.environ.get("TUNE_BUDGET_S", "300")))
-        if len(sys.argv) > 3:
-            json.dump(log, open(sys.argv[3], "w"), indent=1)
+    elif a.cmd == "tune":
+        _, log = tune(a.path or configs.CONFIG_DIR, float(os.environ.get("TUNE_BUDGET_S", "300")))
+        if a.log:
+            json.dump(log, open(a.log, "w"), indent=1)
     else:
-        bench(sys.argv[2] if len(sys.argv) > 2 else "eval/results", float(os.environ.get("BENCH_BUDGET_S", "420")))
+        bench(a.path or "eval/results", float(os.environ.get("BENCH_BUDGET_S", "420")))
+
+
+if __name__ == "__main__":
+    main()

@@ -17,7 +17,6 @@ at batch 1 and 32 for ratios 0, 0.5, 1, with the united tier built by `unify bui
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -181,9 +180,16 @@ def plot(res, path):
     fig.savefig(path, dpi=110)
 
 
-def main():
-    outdir = Path(sys.argv[1] if len(sys.argv) > 1 else "eval/results")
-    quick = "--quick" in sys.argv
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m eval.bench_runtime", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("outdir", nargs="?", default="eval/results", help="where runtime_bench.json/.md/.png go")
+    ap.add_argument("--quick", action="store_true", help="layer timings at the three smallest T only")
+    ap.add_argument("--no-decode", action="store_true", help="skip the whole-model decode timing")
+    a = ap.parse_args(argv)
+    outdir, quick = Path(a.outdir), a.quick
     outdir.mkdir(parents=True, exist_ok=True)
     import transformers
 
@@ -193,7 +199,7 @@ def main():
     print(json.dumps(res), flush=True)
     res["layer"] = layer_bench(bw, flops, TOKENS[:3] if quick else TOKENS, RATIOS, WAYS)
     (outdir / "runtime_bench.json").write_text(json.dumps(res, indent=1))
-    if "--no-decode" not in sys.argv:
+    if not a.no_decode:
         res["decode"] = decode_bench([0.0, 0.5, 1.0], [1, 32])
     (outdir / "runtime_bench.json").write_text(json.dumps(res, indent=1))
     write_md(res, outdir / "runtime_bench.md")

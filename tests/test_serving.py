@@ -387,7 +387,7 @@ def test_controller_uses_brownout_on_the_real_engine():
     (1 - 0.6 ratio). After the burst, ratio 0 is overloaded and its first tokens queue; our controller must keep
     most of them within the SLO by raising the ratio, without pinning it at 1, and stay at 0 before the burst.
     Outputs of 30 tokens fill the batch with decode steps: a controller that raises the ratio only on steps carrying
-    prompts (our second H100 run) let 55-62% of first tokens miss here in our runs."""
+    prompts let 55-62% of first tokens miss here."""
     from eval.throttled_serving import run
 
     doc = run(["fixed:0", "mpc"], duration_scale=0.05, log=lambda *_: None)
