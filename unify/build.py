@@ -3,10 +3,15 @@
 `build(model, BuildOptions(...))` is the whole command; the CLI only forwards its flags, so one request gives the same
 checkpoint from Python and from the shell. What a request leaves open comes from the model's recipe
 (`resolve_options`, `choose_skipped_layers`), and the resolved request is recorded in united.json.
+A request is checked in two steps before any work: what it says on its own (`check_request`: ranges, methods and
+their parameters, device, calibration source, output path) before the model is fetched or loaded, then what needs the
+model's config (sequence length, skipped layers) before the model is built.
 """
 from __future__ import annotations
 
 import math
+import numbers
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -16,16 +21,20 @@ import torch
 from tqdm.auto import tqdm
 
 import recipes
-from runtime.checkpoint import CheckpointWriter, all_finite, config_hash, weight_probe
+from runtime.checkpoint import CheckpointWriter, all_finite, check_output, config_hash, weight_probe
 from runtime.discover import find_moe_layers
 from runtime.errors import BrownoutError
 from runtime.layout import glu_of, native_of
 
-from .calibration import MoEProbe, capture_layer_inputs, decoder_layers, load_texts, tokenize
+from .calibration import (MIN_CALIB_TOKENS, MoEProbe, capture_layer_inputs, check_calib_source, decoder_layers,
+                          iter_texts, tokenize)
 from .grouping import GROUPINGS, check_partition
 from .loading import InMemorySource, ShardSource, load_config, recipe_for_model_type, resolve
 from .merge import MERGES, MergeContext
 from .registry import Method
+
+
+DEFAULT_SEQ_LEN = 512
 
 
 @dataclass
@@ -40,8 +49,8 @@ class BuildOptions:
     calib: str | None = None  # text file, local dataset or dataset name; None = the recipe's, else the bundled sample
     calib_split: str = "train"
     calib_column: str = "text"
-    calib_tokens: int = 16384
-    seq_len: int = 512
+    calib_tokens: int = 16384  # at least MIN_CALIB_TOKENS
+    seq_len: int | None = None  # tokens per calibration sequence; None = DEFAULT_SEQ_LEN or the model's maximum if fewer
     batch_size: int = 8
     samples_per_layer: int = 4096  # tokens kept per MoE layer for activation-guided methods
     device: str = "cpu"
@@ -66,9 +75,11 @@ def resolve_options(opts: BuildOptions, recipe: recipes.Recipe | None) -> BuildO
     calib = opts.calib
     if calib is None and recipe is not None and recipe.calib is not None:
         calib = str(recipe.calib)  # the recipe's own calibration sample
+    grouping_params, merge_params = grouping.make_params(opts.grouping_params), merge.make_params(opts.merge_params)
+    _check_training_params("grouping", grouping_params)
+    _check_training_params("merge", merge_params)
     return replace(opts, way=way, grouping=grouping.name, merge=merge.name, calib=calib,
-                   grouping_params=grouping.make_params(opts.grouping_params),
-                   merge_params=merge.make_params(opts.merge_params))
+                   grouping_params=grouping_params, merge_params=merge_params)
 
 
 def choose_skipped_layers(requested, num_layers: int, moe_layers: list[int], from_recipe: bool) -> list[int]:
@@ -100,12 +111,101 @@ def choose_skipped_layers(requested, num_layers: int, moe_layers: list[int], fro
     return sorted(skip)
 
 
-def _check_names(opts: BuildOptions) -> None:
-    """Refuse unknown method names before any model is fetched or loaded."""
+def _check_training_params(kind: str, params: Any) -> None:
+    """Step counts and learning rates of training-based methods: at least one step, a finite positive rate."""
+    steps, lr = getattr(params, "steps", None), getattr(params, "lr", None)
+    if isinstance(steps, int) and steps < 1:
+        raise BrownoutError(f"{kind} parameter steps={steps} must be >= 1")
+    if isinstance(lr, float) and not (math.isfinite(lr) and lr > 0):
+        raise BrownoutError(f"{kind} parameter lr={lr} must be a finite number > 0")
+
+
+def _at_least(flag: str, value, low: int, why: str = "") -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+        raise BrownoutError(f"{flag} {value} is out of range: it must be an integer >= {low}{why}")
+
+
+def check_device(name: str) -> None:
+    """Refuse a device string torch does not know, or one this machine (or this build of torch) does not have."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise BrownoutError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this PyTorch is built without CUDA" if torch.version.cuda is None and torch.version.hip is None
+                   else "no CUDA GPU is visible")
+            raise BrownoutError(f"--device {name}: {why} (torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BrownoutError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices "
+                                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+        return
+    backend = getattr(torch, dev.type, None) if dev.type != "meta" else None
+    available = getattr(backend, "is_available", None)
+    if dev.type == "mps":
+        available = torch.backends.mps.is_available
+    if available is None or not available():
+        raise BrownoutError(f"--device {name}: no {dev.type} device is available here; use --device cpu")
+
+
+def _check_writable(out: str) -> None:
+    """Refuse an output whose nearest existing parent directory cannot be written (the build writes beside --out)."""
+    parent = Path(os.path.abspath(out)).parent
+    while not os.path.lexists(parent):
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BrownoutError(f"cannot write {out}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        read_only = hasattr(os, "statvfs") and os.statvfs(parent).f_flag & os.ST_RDONLY
+        raise BrownoutError(f"cannot write {out}: {parent} is " + ("on a read-only file system" if read_only
+                                                                    else "not writable (permission denied)"))
+
+
+def check_request(opts: BuildOptions) -> None:
+    """Everything about a request that can be judged without the model, refused in one line before any model is
+    fetched or loaded and before any text is read: value ranges, method names and explicit method parameters, the
+    device, the calibration source and the output path."""
     if opts.grouping is not None:
         GROUPINGS.get(opts.grouping)
     if opts.merge is not None:
         MERGES.get(opts.merge)
+    for flag, value in (("--way", opts.way), ("--groups", opts.groups)):
+        if value is not None:
+            _at_least(flag, value, 1)
+    _at_least("--calib-tokens", opts.calib_tokens, MIN_CALIB_TOKENS,
+              " (with fewer, many experts of a layer with dozens of them get no routed token at all)")
+    if opts.seq_len is not None:
+        _at_least("--seq-len", opts.seq_len, 1)
+    _at_least("--samples-per-layer", opts.samples_per_layer, 1)
+    _at_least("batch_size", opts.batch_size, 1)
+    for kind, registry, name, params in (("grouping", GROUPINGS, opts.grouping, opts.grouping_params),
+                                         ("merge", MERGES, opts.merge, opts.merge_params)):
+        if name is not None:  # the recipe's method is known later, once the model is resolved
+            _check_training_params(kind, registry.get(name).make_params(params))
+    check_device(opts.device)
+    check_calib_source(opts.calib)
+    check_output(opts.out, opts.overwrite)
+    _check_writable(opts.out)
+
+
+def _check_against_config(plan: BuildOptions, config) -> BuildOptions:
+    """`plan` with its sequence length resolved against the model's context, and the layers it names checked
+    against the model's depth; both known from the config alone, before the model is built."""
+    limit = getattr(config, "max_position_embeddings", None)
+    seq_len = plan.seq_len
+    if seq_len is None:
+        seq_len = min(DEFAULT_SEQ_LEN, limit) if isinstance(limit, int) and limit > 0 else DEFAULT_SEQ_LEN
+    elif isinstance(limit, int) and limit > 0 and seq_len > limit:
+        raise BrownoutError(f"--seq-len {seq_len} is out of range: the model takes at most {limit} positions")
+    n = getattr(config, "num_hidden_layers", None)
+    if plan.skip_layers is not None and isinstance(n, int):
+        bad = [i for i in plan.skip_layers if not -n <= int(i) < n]
+        if bad:
+            raise BrownoutError(f"--skip-layers {bad[0]} is out of range: the model has {n} decoder layers "
+                                f"(valid: {-n}..{n - 1})")
+    return replace(plan, seq_len=seq_len)
 
 
 def _needs_data(plan: BuildOptions) -> bool:
@@ -117,17 +217,17 @@ def build(model: str | torch.nn.Module, opts: BuildOptions) -> Path:
     """Build a united-expert checkpoint for `model` (recipe name, directory, hub id or an already loaded model).
     A directory, hub id or loaded model gets the recipe of its model_type, when there is one."""
     t0 = time.time()
-    _check_names(opts)
+    check_request(opts)
     if isinstance(model, torch.nn.Module):
         config = model.config
         recipe = recipe_for_model_type(getattr(config, "model_type", None))
-        plan = resolve_options(opts, recipe)
+        plan = _check_against_config(resolve_options(opts, recipe), config)
         source, model_path = InMemorySource(model), None
         base = getattr(model, "name_or_path", "") or "<in-memory>"
     else:
         ref = resolve(model)
         config, recipe = load_config(ref), ref.recipe
-        plan = resolve_options(opts, recipe)
+        plan = _check_against_config(resolve_options(opts, recipe), config)
         # compute in float32 when layers run on calibration data; data-free builds keep the checkpoint's dtype
         dtype = torch.float32 if _needs_data(plan) else None
         source, model_path, base = ShardSource(ref, config, dtype), ref.path, str(model)
@@ -176,8 +276,8 @@ def _walk(source, model_path, config, moe, todo, layers_name, layer_list, num_gr
     _materialize_outside(source, net, layers_name)
 
     if need_data:
-        texts = load_texts(plan.calib, plan.calib_split, plan.calib_column)
-        batches = tokenize(texts, model_path, config.vocab_size, plan.calib_tokens, plan.seq_len)
+        texts = iter_texts(plan.calib, plan.calib_split, plan.calib_column)  # read only as far as the budget needs
+        batches = tokenize(texts, model_path, config.vocab_size, plan.calib_tokens, plan.seq_len, plan.calib)
         hidden, layer_args = capture_layer_inputs(net, batches, plan.batch_size, "cpu")
         total_tokens = batches.numel()
     bar = tqdm(range(len(layer_list)), desc="layers", disable=not plan.progress)

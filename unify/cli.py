@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from runtime.errors import BrownoutError
@@ -46,12 +47,21 @@ def _key_values(items: list[str] | None, flag: str) -> dict[str, str]:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (the usage it would print first is in --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
+    from .build import DEFAULT_SEQ_LEN
+    from .calibration import MIN_CALIB_TOKENS
     from .grouping import GROUPINGS
     from .merge import MERGES
 
-    p = argparse.ArgumentParser(prog="unify", description="Brownout's offline tool: combine the experts of each MoE "
-                                "layer into fewer united experts, and evaluate the result.")
+    p = _Parser(prog="unify", description="Brownout's offline tool: combine the experts of each MoE layer into fewer "
+                "united experts, and evaluate the result.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     b = sub.add_parser("build", help="build a united-expert checkpoint",
@@ -61,8 +71,9 @@ def _parser() -> argparse.ArgumentParser:
                        "the safetensors shards, and write united.safetensors + united.json to --out.")
     b.add_argument("--model", required=True, help="recipe name (see `unify inspect --recipes`), local model directory or hub id")
     size = b.add_argument_group("group size (at most one; default: the recipe's way)")
-    size.add_argument("--way", type=int, help="K experts per group (the paper's K-way)")
-    size.add_argument("--groups", type=int, help="N groups per layer")
+    size.add_argument("--way", type=int, metavar="K", help="K experts per group (the paper's K-way), a divisor of the "
+                      "layer's expert count")
+    size.add_argument("--groups", type=int, metavar="N", help="N groups per layer, a divisor of the expert count")
     b.add_argument("--grouping", default=None, choices=GROUPINGS.names(),
                    help="which experts share a united expert (default: the recipe's, else consecutive)")
     b.add_argument("--merge", default=None, choices=MERGES.names(),
@@ -71,23 +82,33 @@ def _parser() -> argparse.ArgumentParser:
                    help="a parameter of the grouping method (repeatable; listed below)")
     b.add_argument("--merge-param", action="append", metavar="KEY=VALUE",
                    help="a parameter of the merge method (repeatable; listed below)")
-    b.add_argument("--out", required=True, help="output directory (written atomically)")
-    b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    b.add_argument("--out", required=True, help="output directory: must not exist, unless --overwrite; written "
+                   "beside it and put in place atomically")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it holds a previous united checkpoint (anything else is refused)")
     c = b.add_argument_group("calibration")
-    c.add_argument("--calib", help="text file, local dataset directory/file, or dataset name (default: bundled sample)")
-    c.add_argument("--calib-split", default="train")
-    c.add_argument("--calib-column", default="text")
-    c.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
-    c.add_argument("--seq-len", type=int, default=512)
-    c.add_argument("--samples-per-layer", type=int, default=4096, help="tokens kept per layer for activation methods")
+    c.add_argument("--calib", help="a UTF-8 text file (judged by its content, whatever its name), a local "
+                   ".json/.jsonl/.csv/.parquet file or dataset directory, or a hub dataset name (default: the "
+                   "recipe's sample, else the bundled one). Read only as far as --calib-tokens needs")
+    c.add_argument("--calib-split", default="train", help="dataset split (default train)")
+    c.add_argument("--calib-column", default="text", help="dataset column holding the text (default text)")
+    c.add_argument("--calib-tokens", type=int, default=16384, metavar="N",
+                   help=f"calibration tokens, >= {MIN_CALIB_TOKENS}: with fewer, many experts of a layer with dozens "
+                   "of them get no routed token at all (default 16384)")
+    c.add_argument("--seq-len", type=int, default=None, metavar="N",
+                   help=f"tokens per calibration sequence, 1 to the model's max positions (default {DEFAULT_SEQ_LEN}, "
+                   "or the model's max positions if fewer)")
+    c.add_argument("--samples-per-layer", type=int, default=4096, metavar="N",
+                   help="tokens kept per layer for activation-guided methods, >= 1 (default 4096)")
     t = b.add_argument_group("training-based merges (distill, distill-routed)")
-    t.add_argument("--steps", type=int, help="shortcut for --merge-param steps=N")
-    t.add_argument("--lr", type=float, help="shortcut for --merge-param lr=X")
-    b.add_argument("--device", default="cpu", help="device for calibration and merging, e.g. cuda")
+    t.add_argument("--steps", type=int, metavar="N", help="Adam steps, >= 1: shortcut for --merge-param steps=N")
+    t.add_argument("--lr", type=float, metavar="X", help="learning rate, > 0: shortcut for --merge-param lr=X")
+    b.add_argument("--device", default="cpu",
+                   help="device for merging: cpu, cuda or cuda:N (refused when this machine or torch has none)")
     b.add_argument("--skip-layers", type=_layer_list, default=None,
-                   help="comma-separated decoder layers to leave alone, applied as given (negative = from the end; "
-                   "'' = none). Default: the recipe's list, from the outside in, keeping at least half the MoE "
-                   "layers united")
+                   help="comma-separated decoder layers to leave alone, applied as given (each in -L..L-1 for L "
+                   "decoder layers; negative = from the end; '' = none). Default: the recipe's list, from the "
+                   "outside in, keeping at least half the MoE layers united")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -106,23 +127,47 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0, 2 for a user-facing failure (one line on stderr; argparse's own errors too), 130 for Ctrl-C.
+    Anything else is a bug and keeps its traceback."""
     try:
         args = _parser().parse_args(argv)
-        if args.cmd == "build":
-            return _build(args)
-        if args.cmd == "inspect":
-            return _inspect(args)
-        if args.cmd == "eval":
-            from .evaluate import run_eval_cli
-
-            return run_eval_cli(args)
+        rc = _run(args)
+        sys.stdout.flush()  # a reader that went away (`| head -1`) shows here, not in the interpreter's last flush
+        return rc
     except BrownoutError as e:
         print(f"unify: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("unify: interrupted; nothing was written", file=sys.stderr)
         return 130
-    return 0
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # some other pipe: a bug, not the reader leaving
+        # the reader has what it wanted: stop quietly, with stdout on devnull so the interpreter's flush is silent
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 2
+
+
+def _run(args) -> int:
+    if args.cmd == "build":
+        return _build(args)
+    if args.cmd == "inspect":
+        return _inspect(args)
+    from .evaluate import run_eval_cli
+
+    return run_eval_cli(args)
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has closed it."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows) or no real stdout: trust the exception
+        return True
 
 
 def _layer_list(text: str) -> list[int]:

@@ -33,14 +33,41 @@ class ModelRef:
     name: str  # what the user passed
 
 
+def looks_like_path(text: str) -> bool:
+    """Whether `text` can only mean a local path, never a recipe name or a hub id ("namespace/name"): it starts with
+    '/', '.' or '~', uses a separator a hub id does not (a backslash, a second '/', a trailing '/'), or its parent
+    exists."""
+    if not text or text.startswith(("/", ".", "~")) or text.endswith("/"):
+        return True
+    if any(sep in text for sep in {os.sep, os.altsep} - {None, "/"}):  # Windows' backslash
+        return True
+    return text.count("/") > 1 or ("/" in text and os.path.lexists(Path(text).parent))
+
+
+def missing_path_reason(path: str | Path, kind: str = "directory") -> str:
+    """'no such directory', naming the first part of `path` that is missing, for a one-line error."""
+    full = Path(os.path.abspath(Path(path).expanduser()))
+    for parent in full.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"no such {kind} ({parent} is a file)"
+            return f"no such {kind} ({full.relative_to(parent).parts[0]!r} is not in {parent})"
+    return f"no such {kind}"
+
+
 def resolve(model: str) -> ModelRef:
     """Recipe name, local directory or hub id -> local directory (no downloads without a network), with its recipe:
-    the named one, else the family recipe of the directory's model_type (None when there is none)."""
-    p = Path(model)
+    the named one, else the family recipe of the directory's model_type (None when there is none). Text that can
+    only be a path is never looked up on the hub: a missing one is reported as missing."""
+    p = Path(model).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise BrownoutError(f"{p} has no config.json: not a transformers model directory")
         return ModelRef(p, recipe_for_model_type(_model_type_of(p)), model)
+    if p.exists():
+        raise BrownoutError(f"--model {model} is a file; give the model's directory (the one holding config.json)")
+    if looks_like_path(model):
+        raise BrownoutError(f"--model {model}: {missing_path_reason(p)}")
     recipe = None
     if "/" not in model:
         try:
