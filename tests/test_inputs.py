@@ -215,6 +215,19 @@ def test_text_calibration_file_named_bin_is_read_locally(tiny_dir, work, monkeyp
     assert (work / "o" / "united.json").is_file()
 
 
+@pytest.mark.parametrize("content,words", [('{"text": "fine"}\n{not json\n', ["cannot read calibration data",
+                                                                            "JSON parse error"]),
+                                           ('{"body": "fine"}\n', ["has no column 'text'", "body"])],
+                         ids=["malformed", "no-text-column"])
+def test_bad_jsonl_calibration_file(tiny_dir, work, capsys, content, words):
+    """A local data file goes to `datasets`' own loader (never the hub); its failure is one line, not a log + error."""
+    (work / "calib.jsonl").write_text(content)
+    before = snapshot(work)
+    assert_refused(*run_cli(capsys, ["build", "--model", tiny_dir("mixtral"), "--way", "2", "--merge", "activation",
+                                     "--calib", "calib.jsonl", "--skip-layers", "", "--quiet", "--out", "o"]), *words)
+    assert snapshot(work) == before
+
+
 def test_too_few_tokens_after_tokenisation(tiny_dir, work, capsys):
     (work / "calib.txt").write_text("hi there")
     before = snapshot(work)

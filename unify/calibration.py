@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import os
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -126,21 +127,36 @@ def iter_texts(source: str | None, split: str = "train", column: str = "text") -
     if p.is_file() and p.suffix.lower() not in DATASET_FILES:
         yield from _text_file_pieces(p, source)
         return
-    ds = _dataset(source, p, split)
-    names = getattr(ds, "column_names", None)
-    if names is not None and column not in names:
-        raise BrownoutError(f"calibration data {source!r} has no column {column!r}; columns: {names}")
+    with _datasets_quiet():
+        ds = _dataset(source, p, split)
+        names = getattr(ds, "column_names", None)
+        if names is not None and column not in names:
+            raise BrownoutError(f"calibration data {source!r} has no column {column!r}; columns: {names}")
+        try:
+            for row in ds:
+                if column not in row:
+                    raise BrownoutError(f"calibration data {source!r} has no column {column!r}; columns: "
+                                        f"{sorted(row)}")
+                t = row[column]
+                if isinstance(t, str) and t.strip():
+                    yield t
+        except BrownoutError:
+            raise
+        except Exception as e:  # a malformed line of a streamed file surfaces while iterating
+            raise BrownoutError(f"cannot read calibration data {source!r}: {str(e).splitlines()[0][:200]}") from None
+
+
+@contextmanager
+def _datasets_quiet():
+    """`datasets` logs a failure before raising it; here the raised error is reported, in one line."""
+    from datasets.utils import logging as ds_logging
+
+    level = ds_logging.get_verbosity()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)
     try:
-        for row in ds:
-            if column not in row:
-                raise BrownoutError(f"calibration data {source!r} has no column {column!r}; columns: {sorted(row)}")
-            t = row[column]
-            if isinstance(t, str) and t.strip():
-                yield t
-    except BrownoutError:
-        raise
-    except Exception as e:  # a malformed line of a streamed file surfaces while iterating
-        raise BrownoutError(f"cannot read calibration data {source!r}: {str(e).splitlines()[0][:200]}") from None
+        yield
+    finally:
+        ds_logging.set_verbosity(level)
 
 
 def load_texts(source: str | None, split: str = "train", column: str = "text") -> list[str]:
