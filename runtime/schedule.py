@@ -29,6 +29,7 @@ Consequences:
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -128,8 +129,7 @@ class RatioSchedule:
             # Ratio 0 is the base model by definition; a larger ratio never reads more slabs (runtime.policy.remap
             # only moves experts from hot to cold), so a dip in the measured bytes is counting noise: smoothed away.
             loss = [v - loss[0] for v in loss]
-            run = 0.0
-            saved = [run := max(run, v - saved[0]) for v in saved]
+            saved = list(itertools.accumulate((v - saved[0] for v in saved), max))
             self.loss.append(loss)
             self.saved.append(saved)
         self._segments = self._build_segments()

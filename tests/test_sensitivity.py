@@ -186,3 +186,28 @@ def test_cli_writes_json_atomically(tiny, tmp_path, capsys):
     assert [p.name for p in out.parent.iterdir()] == ["S.json"]  # no temporary file left behind
     assert main(["--model", d, "--united", str(united), "--out", str(out), "--ratios", "0,0.5"]) == 2
     assert "include both 0 and 1" in capsys.readouterr().err
+
+
+def test_evaluate_schedule_rows(tiny):
+    """`unify eval --schedule`: one row per level, evaluated with the schedule's ratios set on the model."""
+    from runtime.experts_impl import state_of
+    from unify.sensitivity import evaluate_schedule
+
+    d, united, data = tiny
+    sched = RatioSchedule.from_dict(data)
+
+    class FakeEvaluator:  # what evaluate_schedule needs of unify.evaluate.Evaluator: .model and .run()
+        def __init__(self):
+            self.model, self.seen = load(d), []
+
+        def run(self):
+            st = [self.model.model.layers[i].mlp.experts for i in sched.layers]
+            self.seen.append([state_of(m).ratio.value if state_of(m) is not None else 0.0 for m in st])
+            return {"t": {"metric": "acc", "value": 0.5, "stderr": 0.01, "higher_is_better": True, "all": {}}}
+
+    ev = FakeEvaluator()
+    rows = evaluate_schedule(ev, united, sched, [0, 0.5, 1])
+    assert [r["ratio"] for r in rows] == [0, 0.5, 1] and {r["policy"] for r in rows} == {"hot-cold+schedule"}
+    assert rows[0]["reuses_base"] and not rows[1]["reuses_base"]
+    assert ev.seen[1:] == [pytest.approx(sched.at(0.5)), [1.0] * len(sched.layers)]  # [0]: the base run
+    assert rows[1]["layer_ratios"] == sched.at(0.5)
