@@ -355,8 +355,26 @@ def test_eval_refuses_a_checkpoint_of_another_model_before_evaluating(checkpoint
     assert snapshot(work) == before
 
 
-@pytest.mark.xfail(strict=True, reason="unify.evaluate loads the model (progress bar, lm-eval warnings on stderr) "
-                   "before it checks the checkpoints")
+@pytest.mark.parametrize("flags, words", [
+    (["--limit", "-1"], "--limit -1 is out of range"),
+    (["--batch-size", "0"], "--batch-size 0 is out of range"),
+    (["--num-fewshot", "-2"], "--num-fewshot -2 is out of range"),
+    (["--device", "bogus"], "--device 'bogus' is not a device"),
+    (["--dtype", "float8"], "invalid choice: 'float8'"),
+])
+def test_eval_bad_values_refused_before_the_model_loads(work, monkeypatch, capsys, flags, words):
+    from unify import evaluate
+
+    def must_not_load(*a, **k):
+        raise AssertionError("the model was loaded before the request was checked")
+
+    monkeypatch.setattr(evaluate, "Evaluator", must_not_load)
+    before = snapshot(work)
+    rc, err = run_cli(capsys, ["eval", "--model", "reference", "--tasks", "brownout_cont", "--out", "report", *flags])
+    assert_refused(rc, err, words)
+    assert snapshot(work) == before
+
+
 def test_eval_refuses_a_checkpoint_of_another_model_in_one_line(checkpoint, work, monkeypatch, capsys):
     rc, err = _eval_other_model(checkpoint, work, monkeypatch, capsys)
     assert_refused(rc, err, "mixtral-w2 was built from another model")

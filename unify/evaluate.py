@@ -20,6 +20,8 @@ from runtime.errors import BrownoutError
 from .loading import ModelRef, resolve
 from .report import row_stats, write_report
 
+DTYPES = ("float32", "bfloat16", "float16")
+
 
 def _task_entry(result: dict, higher_is_better: dict) -> dict | None:
     """lm-eval's result of one task -> the report entry of its main metric (see unify.report)."""
@@ -176,12 +178,40 @@ def add_arguments(e) -> None:
                    help="comma-separated lm-eval tasks (default: the model recipe's tasks; required without them)")
     e.add_argument("--include-path", default=None,
                    help="an lm-eval task folder searched in addition to the recipe's own tasks")
-    e.add_argument("--limit", type=int, default=None, help="examples per task (quick runs)")
-    e.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--dtype", default="float32")
+    e.add_argument("--limit", type=int, default=None, help="examples per task, >= 1 (quick runs; default: all)")
+    e.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples, >= 0 (default: each task's own)")
+    e.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size, >= 1 (default 8)")
+    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    e.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default float32)")
     e.add_argument("--out", required=True, help="report directory")
+
+
+def check_request(args) -> None:
+    """Everything `unify eval` can check before it loads a model or lm-eval: value ranges, device, dtype, the report
+    path, and each checkpoint's files and its base model's config against the model's config.json (the weight
+    fingerprint is checked once the model is loaded, by attaching)."""
+    from runtime.checkpoint import UnitedCheckpoint, config_hash
+
+    from .build import check_device
+    from .loading import load_config
+
+    for flag, value, low in (("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1),
+                             ("--num-fewshot", args.num_fewshot, 0)):
+        if value is not None and value < low:
+            raise BrownoutError(f"{flag} {value} is out of range: it must be an integer >= {low}")
+    if args.dtype not in DTYPES:
+        raise BrownoutError(f"--dtype {args.dtype!r} is not one of {', '.join(DTYPES)}")
+    check_device(args.device)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise BrownoutError(f"--out {out} is an existing file, not a report directory")
+    ref = resolve(args.model)
+    want = config_hash(load_config(ref))
+    for u in args.united:
+        base = UnitedCheckpoint(u).meta["base_model"]  # files, manifest and checksums
+        if base.get("config_hash") != want:
+            raise BrownoutError(f"{u} was built from another model ({base.get('name')}, {base.get('model_type')}): "
+                                f"config differs from {args.model}'s")
 
 
 def run_eval_cli(args) -> int:
@@ -191,10 +221,7 @@ def run_eval_cli(args) -> int:
     policies = [check_policy(p.strip()) for p in args.policies.split(",") if p.strip()]
     if args.united and not policies:
         raise BrownoutError("--policies names no policy")
-    for u in args.united:
-        from runtime.checkpoint import UnitedCheckpoint
-
-        UnitedCheckpoint(u)  # fail early on a bad checkpoint, before loading the model
+    check_request(args)  # before the model and lm-eval load: a wrong checkpoint fails in a second
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     ev = Evaluator(args.model, tasks, args.include_path, args.limit, args.num_fewshot, args.batch_size, args.device, args.dtype)
     report = evaluate(ev, args.united, ratios, policies)
