@@ -378,3 +378,12 @@ def test_eval_bad_values_refused_before_the_model_loads(work, monkeypatch, capsy
 def test_eval_refuses_a_checkpoint_of_another_model_in_one_line(checkpoint, work, monkeypatch, capsys):
     rc, err = _eval_other_model(checkpoint, work, monkeypatch, capsys)
     assert_refused(rc, err, "mixtral-w2 was built from another model")
+
+
+def test_eval_schedule_needs_one_checkpoint_and_an_existing_file(work, capsys):
+    rc, err = run_cli(capsys, ["eval", "--model", "reference", "--united", "a", "b", "--schedule", "s.json",
+                               "--tasks", "brownout_cont", "--out", "report"])
+    assert_refused(rc, err, "--schedule needs exactly one --united checkpoint")
+    rc, err = run_cli(capsys, ["eval", "--model", "reference", "--united", "a", "--schedule", "missing.json",
+                               "--tasks", "brownout_cont", "--out", "report"])
+    assert_refused(rc, err, "--schedule missing.json: no such file")

@@ -123,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     from .evaluate import add_arguments
 
     add_arguments(e)
+    from .sensitivity import add_parser as add_sensitivity_parser
+
+    add_sensitivity_parser(sub)
     return p
 
 
@@ -153,6 +156,10 @@ def _run(args) -> int:
         return _build(args)
     if args.cmd == "inspect":
         return _inspect(args)
+    if args.cmd == "sensitivity":
+        from .sensitivity import run_cli
+
+        return run_cli(args)
     from .evaluate import run_eval_cli
 
     return run_eval_cli(args)

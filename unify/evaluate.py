@@ -126,8 +126,11 @@ def check_checkpoints(model, united: list[str]) -> None:
         BrownoutMoE.attach(model, u).detach()
 
 
-def evaluate(ev: Evaluator, united: list[str], ratios: list[float], policies: list[str]) -> dict:
-    """The base model once, then every checkpoint x policy x ratio; rows at ratio 0 reuse the base result."""
+def evaluate(ev: Evaluator, united: list[str], ratios: list[float], policies: list[str],
+             schedule: str | None = None) -> dict:
+    """The base model once, then every checkpoint x policy x ratio; rows at ratio 0 reuse the base result.
+    `schedule` (a `unify sensitivity` file of the one checkpoint): also its per-layer ratios at each level in `ratios`,
+    with the first policy, as rows "<policy>+schedule" beside the uniform ratio's."""
     from runtime import BrownoutMoE
     from runtime.checkpoint import UnitedCheckpoint
 
@@ -162,6 +165,11 @@ def evaluate(ev: Evaluator, united: list[str], ratios: list[float], policies: li
         finally:
             if bm is not None:
                 bm.detach()
+    if schedule is not None:
+        from .sensitivity import evaluate_schedule
+
+        bar.set_postfix_str("schedule")
+        runs += evaluate_schedule(ev, united[0], schedule, ratios, policies[0], base)
     bar.close()
     return {"model": ev.model_name, "tasks": ev.tasks, "limit": ev.limit, "num_fewshot": ev.num_fewshot,
             "n_shot": ev.n_shot, "n_docs": ev.n_docs, "seconds": round(time.time() - t0, 1), "base": base,
@@ -183,6 +191,9 @@ def add_arguments(e) -> None:
     e.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size, >= 1 (default 8)")
     e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     e.add_argument("--dtype", default="float32", choices=DTYPES, help="model dtype (default float32)")
+    e.add_argument("--schedule", default=None,
+                   help="a `unify sensitivity` file of the one --united checkpoint: adds rows with its per-layer "
+                   "ratios at each --ratios level (same weight reads as the uniform ratio), beside the uniform rows")
     e.add_argument("--out", required=True, help="report directory")
 
 
@@ -221,10 +232,15 @@ def run_eval_cli(args) -> int:
     policies = [check_policy(p.strip()) for p in args.policies.split(",") if p.strip()]
     if args.united and not policies:
         raise BrownoutError("--policies names no policy")
+    if args.schedule is not None:
+        if len(args.united) != 1:
+            raise BrownoutError("--schedule needs exactly one --united checkpoint")
+        if not Path(args.schedule).is_file():
+            raise BrownoutError(f"--schedule {args.schedule}: no such file")
     check_request(args)  # before the model and lm-eval load: a wrong checkpoint fails in a second
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     ev = Evaluator(args.model, tasks, args.include_path, args.limit, args.num_fewshot, args.batch_size, args.device, args.dtype)
-    report = evaluate(ev, args.united, ratios, policies)
+    report = evaluate(ev, args.united, ratios, policies, schedule=args.schedule)
     out = Path(args.out)
     write_report(report, out)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
