@@ -208,18 +208,27 @@ def decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     raise BrownoutError(f"{type(model).__name__}: cannot find the decoder layer list")
 
 
-class _Recorder(torch.nn.Module):
-    """Stands in for a decoder layer: records its call and passes the hidden states through unchanged."""
+class LayerStandIn(torch.nn.Module):
+    """Base of modules put in a decoder layer's place for a pass: attribute reads it does not answer (a layer's
+    `attention_type`, which some models read to pick a mask) go to the layer it replaces."""
 
-    def __init__(self, layer: torch.nn.Module, sink: list):
+    def __init__(self, layer: torch.nn.Module):
         super().__init__()
-        self.layer, self.sink = layer, sink
+        self.layer = layer
 
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.layer, name)
+
+
+class _Recorder(LayerStandIn):
+    """Stands in for a decoder layer: records its call and passes the hidden states through unchanged."""
+
+    def __init__(self, layer: torch.nn.Module, sink: list):
+        super().__init__(layer)
+        self.sink = sink
 
     def forward(self, hidden_states, *args, **kwargs):
         self.sink.append((args, kwargs))

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from runtime.errors import BrownoutError
 from runtime.policy import check_policy, remap, slabs_read
 
-from .calibration import DEFAULT_CALIB, decoder_layers, load_texts, tokenize
+from .calibration import DEFAULT_CALIB, LayerStandIn, decoder_layers, load_texts, tokenize
 from .loading import resolve
 
 RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -59,21 +59,13 @@ def check_ratio_grid(ratios) -> list[float]:
     return grid
 
 
-class _Shortcut(torch.nn.Module):
+class _Shortcut(LayerStandIn):
     """Stands in for a decoder layer before the one measured: returns the recorded input of the next layer (or passes
-    the hidden states through), so the prefix is not recomputed. Attribute reads (a layer's `attention_type`, which
-    some models read to pick a mask) go to the layer it replaces."""
+    the hidden states through), so the prefix is not recomputed."""
 
     def __init__(self, layer: torch.nn.Module):
-        super().__init__()
-        self.layer = layer
+        super().__init__(layer)
         self.output: torch.Tensor | None = None
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.layer, name)
 
     def forward(self, hidden_states, *args, **kwargs):
         return hidden_states if self.output is None else self.output
