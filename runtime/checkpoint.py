@@ -32,34 +32,24 @@ checkpoint, more when the files are not in the page cache and the disk is slower
 """
 from __future__ import annotations
 
-import atexit
-import ctypes
-import errno
 import fnmatch
-import functools
 import hashlib
 import json
 import os
-import re
 import shutil
-import signal
 import stat
 import sys
-import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .version import __version__
 from .errors import BrownoutError
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
+from .exclusive_dir import (RENAME_EXCHANGE, RENAME_NOREPLACE, acquire_lock, deliver_deferred, nearest_existing,
+                            os_reason, register_writer, release_lock, remove_stale, renameat2, signals_deferred,
+                            unregister_writer)
+from .version import __version__
 
 FORMAT_VERSION = 1
 SINGLE = "united.safetensors"
@@ -118,10 +108,6 @@ def file_sha256(path: str | Path, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
-def _why(e: OSError) -> str:
-    return e.strerror or str(e)
-
-
 def _is_own_file(name: str) -> bool:
     """A name a united checkpoint may hold: the manifest, the shard index and the tensor files."""
     return name in (META, INDEX) or fnmatch.fnmatchcase(name, "united*.safetensors")
@@ -132,7 +118,7 @@ def _not_a_checkpoint(path: Path) -> str | None:
     try:
         names = sorted(os.listdir(path))
     except OSError as e:
-        return _why(e)
+        return os_reason(e)
     if META not in names:
         return f"no {META}"
     try:
@@ -148,16 +134,8 @@ def _not_a_checkpoint(path: Path) -> str | None:
             if not stat.S_ISREG(os.lstat(path / n).st_mode):
                 return f"its {n} is not a regular file"
         except OSError as e:
-            return f"{n}: {_why(e)}"
+            return f"{n}: {os_reason(e)}"
     return None
-
-
-def _file_on_path(path: Path) -> Path:
-    """The nearest existing ancestor of `path` (a file when lstat says ENOTDIR)."""
-    for p in path.parents:
-        if os.path.lexists(p):
-            return p
-    return path
 
 
 def check_output(out: str | Path, overwrite: bool) -> None:
@@ -169,9 +147,9 @@ def check_output(out: str | Path, overwrite: bool) -> None:
     except FileNotFoundError:
         return
     except NotADirectoryError:
-        raise BrownoutError(f"cannot write {out}: {_file_on_path(path)} is a file, not a directory") from None
+        raise BrownoutError(f"cannot write {out}: {nearest_existing(path)} is a file, not a directory") from None
     except OSError as e:
-        raise BrownoutError(f"cannot write {out}: {_why(e)}") from None
+        raise BrownoutError(f"cannot write {out}: {os_reason(e)}") from None
     if stat.S_ISLNK(st.st_mode):
         raise BrownoutError(f"{out} is a symbolic link; give the directory itself (nothing was replaced)")
     if not stat.S_ISDIR(st.st_mode):
@@ -182,200 +160,6 @@ def check_output(out: str | Path, overwrite: bool) -> None:
                             "path (--overwrite replaces only a previous united checkpoint)")
     if not overwrite:
         raise BrownoutError(f"output directory {out} holds a united checkpoint; pass --overwrite to replace it")
-
-
-def _pid_alive(pid: int) -> bool:
-    if os.name == "nt":  # os.kill(pid, 0) sends CTRL_C_EVENT there: never call it, never take a PID for dead
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: alive, another user's
-        return True
-    return True
-
-
-def remove_stale(out: str | Path) -> list[Path]:
-    """Remove `.<name>.tmp-<pid>` / `.<name>.old-<pid>` directories beside `out` whose writer (PID) is dead."""
-    target = Path(os.path.abspath(out))
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)")
-    removed = []
-    try:
-        names = os.listdir(target.parent)
-    except OSError:
-        return removed
-    for n in sorted(names):
-        m = pattern.fullmatch(n)
-        p = target.parent / n
-        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
-            continue
-        if stat.S_ISDIR(os.lstat(p).st_mode):  # ours are always directories; leave anything else alone
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    return removed
-
-
-# -- the lock ---------------------------------------------------------------------------------------------------------
-def _busy(out, holder: str | None) -> str:
-    who = f"pid {holder}" if holder else "another process"
-    return f"another build ({who}) is writing {out}; wait for it to finish or choose another path"
-
-
-def _acquire_lock(path: Path, out) -> int:
-    """The open, flock-ed lock file (PID inside). Raises BrownoutError when a live writer holds it."""
-    if fcntl is None:
-        return _acquire_exclusive_file(path, out)
-    for _ in range(50):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip()
-            os.close(fd)
-            raise BrownoutError(_busy(out, holder)) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        try:
-            here = os.stat(path)
-        except FileNotFoundError:
-            here = None
-        mine = os.fstat(fd)
-        if here is not None and (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino):
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-            return fd
-        os.close(fd)  # its holder removed it while we opened it: lock the one now at the path
-    raise BrownoutError(_busy(out, None))
-
-
-def _acquire_exclusive_file(path: Path, out) -> int:
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            try:
-                holder = int(path.read_text().strip())
-            except (OSError, ValueError):
-                raise BrownoutError(_busy(out, None)) from None
-            if _pid_alive(holder):
-                raise BrownoutError(_busy(out, str(holder))) from None
-            path.unlink(missing_ok=True)  # its writer is dead
-            continue
-        os.write(fd, f"{os.getpid()}\n".encode())
-        return fd
-    raise BrownoutError(_busy(out, None))
-
-
-def _release_lock(path: Path, fd: int) -> None:
-    if fcntl is None:  # Windows removes no open file
-        os.close(fd)
-        path.unlink(missing_ok=True)
-        return
-    try:
-        os.unlink(path)  # while still locked: see the module docstring
-    except FileNotFoundError:
-        pass
-    finally:
-        os.close(fd)
-
-
-# -- atomic placement -------------------------------------------------------------------------------------------------
-RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
-_AT_FDCWD = -100
-
-
-@functools.lru_cache(maxsize=None)
-def _renameat2_fn():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # libc older than glibc 2.28
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def _renameat2(src: Path, dst: Path, flags: int) -> bool:
-    """True when done; False where the C library, kernel or file system lacks it (the caller falls back)."""
-    fn = _renameat2_fn()
-    if fn is None:
-        return False
-    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(dst))
-
-
-# -- signals: open writers clean up on SIGTERM / SIGHUP ---------------------------------------------------------------
-_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
-_open_writers: list[CheckpointWriter] = []
-_previous_handlers: dict[int, object] = {}
-_deferred_signals: list[int] = []
-_placing = [0]  # > 0 while a commit swaps directories: a signal then waits until the swap is done
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-def _register(writer: CheckpointWriter) -> None:
-    _open_writers.append(writer)
-    if _previous_handlers or not _in_main_thread():
-        return
-    for s in _SIGNALS:
-        prev = signal.getsignal(s)
-        if prev is not signal.SIG_IGN:  # an ignored signal stays ignored
-            _previous_handlers[s] = prev
-            signal.signal(s, _on_signal)
-
-
-def _unregister(writer: CheckpointWriter) -> None:
-    if writer in _open_writers:
-        _open_writers.remove(writer)
-    if not _open_writers and _previous_handlers and _in_main_thread():
-        for s, prev in _previous_handlers.items():
-            signal.signal(s, prev if prev is not None else signal.SIG_DFL)  # None: set outside Python
-        _previous_handlers.clear()
-
-
-def _on_signal(signum, frame) -> None:
-    if _placing[0]:
-        _deferred_signals.append(signum)
-        return
-    prev = _previous_handlers.get(signum, signal.SIG_DFL)
-    for w in list(_open_writers):
-        w.abort()
-    if callable(prev):
-        prev(signum, frame)
-        return
-    signal.signal(signum, signal.SIG_DFL)
-    signal.raise_signal(signum)  # die of it, as without us
-
-
-@contextmanager
-def _signals_deferred():
-    _placing[0] += 1
-    try:
-        yield
-    finally:
-        _placing[0] -= 1
-
-
-def _deliver_deferred() -> None:
-    while _deferred_signals and not _placing[0]:
-        signal.raise_signal(_deferred_signals.pop(0))
-
-
-@atexit.register
-def _abort_open_writers() -> None:
-    for w in list(_open_writers):
-        w.abort()
 
 
 class CheckpointWriter:
@@ -400,11 +184,11 @@ class CheckpointWriter:
         check_output(out, overwrite)  # the common refusals, before touching anything
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            self._lock = _acquire_lock(self.lock_path, out)
+            self._lock = acquire_lock(self.lock_path, out)
         except NotADirectoryError:
-            raise BrownoutError(f"cannot write {out}: {_file_on_path(target)} is a file, not a directory") from None
+            raise BrownoutError(f"cannot write {out}: {nearest_existing(target)} is a file, not a directory") from None
         except OSError as e:
-            raise BrownoutError(f"cannot write {out}: {_why(e)}") from None
+            raise BrownoutError(f"cannot write {out}: {os_reason(e)}") from None
         self._closed = False
         try:
             check_output(out, overwrite)  # again, now that no other build of ours can change it
@@ -415,9 +199,9 @@ class CheckpointWriter:
         except BaseException as e:
             self.abort()
             if isinstance(e, OSError):
-                raise BrownoutError(f"cannot write {out}: {_why(e)}") from None
+                raise BrownoutError(f"cannot write {out}: {os_reason(e)}") from None
             raise
-        _register(self)
+        register_writer(self)
 
     def __enter__(self) -> CheckpointWriter:
         return self
@@ -448,7 +232,7 @@ class CheckpointWriter:
         try:
             save_file(self._pending, str(self.tmp / f"shard-{idx:05d}.safetensors"), metadata={"format": "pt"})
         except OSError as e:
-            raise BrownoutError(f"cannot write {self.out}: {_why(e)}") from None
+            raise BrownoutError(f"cannot write {self.out}: {os_reason(e)}") from None
         self._shards.append(sorted(self._pending))
         self._pending, self._pending_bytes = {}, 0
 
@@ -479,15 +263,15 @@ class CheckpointWriter:
             meta = {"format_version": FORMAT_VERSION, "tool_version": __version__, "command": " ".join(sys.argv),
                     **meta, "files": files}
             (self.tmp / META).write_text(json.dumps(meta, indent=1))
-            with _signals_deferred():
+            with signals_deferred():
                 self._place()
         except BaseException as e:
             self.abort()
             if isinstance(e, OSError):
-                raise BrownoutError(f"cannot write {self.out}: {_why(e)}") from None
+                raise BrownoutError(f"cannot write {self.out}: {os_reason(e)}") from None
             raise
         self._close()
-        _deliver_deferred()
+        deliver_deferred()
         return self.out
 
     def _place(self) -> None:
@@ -496,7 +280,7 @@ class CheckpointWriter:
             if not self.overwrite:
                 raise BrownoutError(appeared)
             check_output(self.out, overwrite=True)  # still a previous checkpoint and nothing else
-            if _renameat2(self.tmp, target, RENAME_EXCHANGE):
+            if renameat2(self.tmp, target, RENAME_EXCHANGE):
                 shutil.rmtree(self.tmp, ignore_errors=True)  # it now holds the previous checkpoint
                 return
             old = target.parent / f".{target.name}.old-{os.getpid()}"
@@ -509,7 +293,7 @@ class CheckpointWriter:
             shutil.rmtree(old, ignore_errors=True)
             return
         try:
-            done = _renameat2(self.tmp, target, RENAME_NOREPLACE)
+            done = renameat2(self.tmp, target, RENAME_NOREPLACE)
         except FileExistsError:
             raise BrownoutError(appeared) from None
         if not done:
@@ -529,9 +313,9 @@ class CheckpointWriter:
         if self._closed:
             return
         self._closed = True
-        _unregister(self)
+        unregister_writer(self)
         if os.getpid() == self._pid:
-            _release_lock(self.lock_path, self._lock)
+            release_lock(self.lock_path, self._lock)
 
 
 def _layers_text(layers: list[int]) -> str:

@@ -153,12 +153,12 @@ def test_a_second_writer_is_refused_while_the_first_is_open(tmp_path):
 
 @pytest.mark.parametrize("rename", ["renameat2", "fallback"])
 def test_an_output_that_appears_meanwhile(tmp_path, monkeypatch, rename):
-    import runtime.checkpoint as checkpoint
+    import runtime.exclusive_dir as exclusive_dir
 
     if rename == "fallback":  # as where renameat2 is missing: check, then rename (two renames for a swap)
-        monkeypatch.setattr(checkpoint, "_renameat2_fn", lambda: None)
+        monkeypatch.setattr(exclusive_dir, "_renameat2_fn", lambda: None)
     elif sys.platform.startswith("linux"):
-        assert checkpoint._renameat2_fn() is not None
+        assert exclusive_dir._renameat2_fn() is not None
     out = tmp_path / "out"
     w, meta = open_synthetic(out)
     out.mkdir()
