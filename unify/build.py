@@ -76,8 +76,6 @@ def resolve_options(opts: BuildOptions, recipe: recipes.Recipe | None) -> BuildO
     if calib is None and recipe is not None and recipe.calib is not None:
         calib = str(recipe.calib)  # the recipe's own calibration sample
     grouping_params, merge_params = grouping.make_params(opts.grouping_params), merge.make_params(opts.merge_params)
-    _check_training_params("grouping", grouping_params)
-    _check_training_params("merge", merge_params)
     return replace(opts, way=way, grouping=grouping.name, merge=merge.name, calib=calib,
                    grouping_params=grouping_params, merge_params=merge_params)
 
@@ -109,15 +107,6 @@ def choose_skipped_layers(requested, num_layers: int, moe_layers: list[int], fro
             break
         skip.add(i)
     return sorted(skip)
-
-
-def _check_training_params(kind: str, params: Any) -> None:
-    """Step counts and learning rates of training-based methods: at least one step, a finite positive rate."""
-    steps, lr = getattr(params, "steps", None), getattr(params, "lr", None)
-    if isinstance(steps, int) and steps < 1:
-        raise BrownoutError(f"{kind} parameter steps={steps} must be >= 1")
-    if isinstance(lr, float) and not (math.isfinite(lr) and lr > 0):
-        raise BrownoutError(f"{kind} parameter lr={lr} must be a finite number > 0")
 
 
 def _at_least(flag: str, value, low: int, why: str = "") -> None:
@@ -180,10 +169,10 @@ def check_request(opts: BuildOptions) -> None:
         _at_least("--seq-len", opts.seq_len, 1)
     _at_least("--samples-per-layer", opts.samples_per_layer, 1)
     _at_least("batch_size", opts.batch_size, 1)
-    for kind, registry, name, params in (("grouping", GROUPINGS, opts.grouping, opts.grouping_params),
-                                         ("merge", MERGES, opts.merge, opts.merge_params)):
+    for registry, name, params in ((GROUPINGS, opts.grouping, opts.grouping_params),
+                                   (MERGES, opts.merge, opts.merge_params)):
         if name is not None:  # the recipe's method is known later, once the model is resolved
-            _check_training_params(kind, registry.get(name).make_params(params))
+            registry.get(name).make_params(params)  # the parameter dataclass checks its own ranges
     check_device(opts.device)
     check_calib_source(opts.calib)
     check_output(opts.out, opts.overwrite)

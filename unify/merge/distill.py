@@ -18,6 +18,7 @@ error per output element with the loss's constant included, and best_step (0 = t
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -44,10 +45,10 @@ class DistillParams:
     holdout: float = field(default=0.2, metadata={"help": "share of the group's tokens held out to pick the step kept"})
 
     def __post_init__(self):
-        if self.steps < 0:
-            raise ValueError(f"steps={self.steps} must be >= 0")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr} must be > 0")
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps} must be >= 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr={self.lr} must be > 0 and finite")
         if not 0 <= self.holdout < 1:
             raise ValueError(f"holdout={self.holdout} must be in [0, 1)")
 
