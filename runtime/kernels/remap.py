@@ -104,8 +104,7 @@ def remap(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, expert_to_grou
     `keep` (optional): a float32 [1] device tensor holding 1 - ratio (`runtime.policy.keep_tensor`), read by the
     kernel at run time, so one captured CUDA graph serves every ratio written into it later. Then `ratio` only picks
     the fallbacks."""
-    if policy not in _policy.POLICIES:
-        raise ValueError(f"unknown brownout policy {policy!r}")
+    _policy.check_policy(policy)
     if keep is None and float(ratio) == 0.0:  # every active expert is hot: the identity (top-k ids are distinct)
         return top_k_index.long(), top_k_weights
     if policy == "mass" or not HAS_TRITON or top_k_index.numel() == 0:
