@@ -14,13 +14,20 @@ run the kernel on CPU, but only when asked for by name: it is a testing aid, far
 A backend is graph-safe for a policy when its remap reads the ratio from device memory (`Ratio.keep`), so a CUDA
 graph captured once follows later `set_ratio` calls: triton with hot-cold or drop. The others read the ratio on the
 host, and a captured graph would freeze it.
+
+Under torch.compile a backend calls its custom op (runtime.ops) instead, which reads the ratio from `Ratio.keep`
+too: a Python float would be baked into the compiled graph and guarded on, one recompilation per ratio. Reference and
+triton have one op for the whole forward, for the layouts `ops.expressible` accepts (others keep the Python path,
+where the reference computation breaks the graph); grouped puts the remap in an op and leaves transformers'
+grouped_mm, which torch.compile traces itself, to the compiler, for every layout. Eager calls keep the Python path:
+the same computation, without the dispatcher's few microseconds per call or a host read of the ratio.
 """
 from __future__ import annotations
 
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from . import kernels
+from . import kernels, ops
 from .errors import BrownoutError
 from .policy import remap
 from .reference import slab_forward
@@ -47,6 +54,7 @@ class Backend:
 
     name = ""
     graph_safe_policies: tuple[str, ...] = ()  # policies whose ratio this backend reads from device memory
+    op = None  # runtime.ops experts op computing the whole forward under torch.compile, for `ops.expressible` layouts
 
     def supported(self, experts: torch.nn.Module, dtype: torch.dtype, device) -> bool | str:
         """True, or a one-line reason why this backend cannot compute these experts in `dtype` on `device`."""
@@ -67,6 +75,9 @@ class Backend:
 
     def forward(self, experts: torch.nn.Module, state, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.op is not None and torch.compiler.is_compiling() and ops.expressible(experts):
+            return self.op(hidden_states, top_k_index, top_k_weights, state.expert_to_group, state.ratio.keep,
+                           state.slabs["gate_up_proj"], state.slabs["down_proj"], state.num_groups, state.policy)
         ids, weights = self.remap(state, top_k_index, top_k_weights)
         return self.run(experts, state.slabs, hidden_states, ids, weights)
 
@@ -76,6 +87,7 @@ class Backend:
 
 class ReferenceBackend(Backend):
     name = "reference"
+    op = ops.experts_reference
 
     def run(self, experts, slabs, hidden_states, ids, weights, sentinels=False):
         return slab_forward(experts, slabs, hidden_states, ids, weights)
@@ -88,6 +100,12 @@ class GroupedBackend(Backend):
         if "grouped_mm" not in ALL_EXPERTS_FUNCTIONS:
             return "this transformers has no grouped_mm experts implementation"
         return True
+
+    def remap(self, state, top_k_index, top_k_weights):
+        if torch.compiler.is_compiling():  # the ratio as a graph input, not a constant guarded on
+            return ops.remap(top_k_index, top_k_weights, state.expert_to_group, state.ratio.keep, state.num_groups,
+                             state.policy)
+        return super().remap(state, top_k_index, top_k_weights)
 
     def run(self, experts, slabs, hidden_states, ids, weights, sentinels=False):
         if not sentinels:
@@ -102,6 +120,7 @@ class GroupedBackend(Backend):
 class TritonBackend(Backend):
     name = "triton"
     graph_safe_policies = ("hot-cold", "drop")  # `mass` falls back to the PyTorch remap, which reads the ratio on the host
+    op = ops.experts_triton
 
     def supported(self, experts, dtype, device):
         if not kernels.HAS_TRITON:

@@ -5,6 +5,11 @@ Every family decorated with `use_experts_implementation` dispatches its experts 
 brownout state (left alone by the checkpoint) and layers at ratio 0 call the implementation the model had before, so
 ratio 0 is the unmodified model bit for bit (docs/design.md §4). In graph-safe mode ratio 0 runs the layer's backend
 too, so a CUDA graph captured at any ratio follows later ratios.
+
+Under torch.compile the backends read the ratio from device memory (runtime.ops). The one host read left is the
+ratio-0 test outside graph-safe mode, on a Python float the compiler guards on: a compiled model recompiles once per
+distinct ratio it meets there. Graph-safe mode skips that test, so a model compiled in it follows every `set_ratio`
+with one graph.
 """
 from __future__ import annotations
 
@@ -64,7 +69,7 @@ def previous_forward(module: torch.nn.Module, prev_impl: str | None):
 
 def brownout_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     st = state_of(self)
-    if st is None or (st.ratio.value == 0.0 and not st.graph_safe):
+    if st is None or (not st.graph_safe and st.ratio.value == 0.0):  # graph-safe first: no float for the compiler
         prev = st.prev_impl if st is not None else getattr(self, _LEFT_ALONE, None)
         return previous_forward(self, prev)(self, hidden_states, top_k_index, top_k_weights)
     return st.backend.forward(self, st, hidden_states, top_k_index, top_k_weights)
