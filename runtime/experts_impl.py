@@ -69,7 +69,7 @@ def previous_forward(module: torch.nn.Module, prev_impl: str | None):
 
 def brownout_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     st = state_of(self)
-    if st is None or (not st.graph_safe and st.ratio.value == 0.0):  # graph-safe first: no float for the compiler
+    if st is None or (not st.graph_safe and st.ratio.off):  # graph-safe first: no float for the compiler
         prev = st.prev_impl if st is not None else getattr(self, _LEFT_ALONE, None)
         return previous_forward(self, prev)(self, hidden_states, top_k_index, top_k_weights)
     return st.backend.forward(self, st, hidden_states, top_k_index, top_k_weights)

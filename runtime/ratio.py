@@ -28,6 +28,9 @@ class Ratio:
     def __init__(self, value=0.0, device="cpu"):
         self._value = check_ratio(value)
         self.keep = keep_tensor(self._value, device)
+        # a bool for the ratio-0 shortcut: a compiled model guards on it, so it recompiles only when the ratio crosses
+        # 0, not for every new value (as a guard on the float would)
+        self.off = self._value == 0.0
 
     @property
     def value(self) -> float:
@@ -37,6 +40,7 @@ class Ratio:
         """Check and store a new ratio, writing the device scalar in place (same memory a captured graph reads)."""
         self._value = check_ratio(value)
         self.keep.fill_(1.0 - self._value)
+        self.off = self._value == 0.0
 
     def __float__(self) -> float:
         return self._value

@@ -92,8 +92,12 @@ def test_outside_graph_safe_mode_ratio0_is_the_model_and_moving_off_it_compiles_
         bm.set_ratio(0.0)
         torch.testing.assert_close(run(x), ref, rtol=1e-5, atol=1e-5)
         assert rec.count(torch.ops.brownout.experts_reference.default) == 0  # the model's own implementation
-        bm.set_ratio(0.5)  # the ratio-0 test is a host float: one more graph, now through the op
+        bm.set_ratio(0.5)  # the ratio-0 shortcut is a host bool: one more graph, now through the op
         torch.testing.assert_close(run(x), want, rtol=1e-4, atol=1e-4)
+        want1 = _eager(model, x, bm, 1.0)
+        with torch._dynamo.config.patch(error_on_recompile=True):  # off 0, a new value is no new graph
+            bm.set_ratio(1.0)
+            torch.testing.assert_close(run(x), want1, rtol=1e-4, atol=1e-4)
     assert rec.count(torch.ops.brownout.experts_reference.default) == len(bm.layers)
     bm.detach()
 
