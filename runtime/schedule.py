@@ -26,6 +26,17 @@ Consequences:
   met exactly (in prediction), and its loss is predicted by its measured curve, which lies on or above the hull;
 - grid points above the hull (a ratio that costs more than mixing its neighbours would) are skipped;
 - at(0) is all zeros and at(1) all ones.
+
+**Joint anchors.** The layers' losses do not add up: browning several layers out together costs a different amount
+than the sum of their single-layer curves (on the reference model the uniform ratio costs less than the sum, and an
+allocation that browns a few layers out fully costs more). So `unify sensitivity` also searches, at a few levels
+(0.25, 0.5, 0.75 by default), for the allocation whose *joint* loss, measured on held-out calibration text, is the
+least at the uniform ratio's bytes, and stores those allocations as anchors. With anchors, `at(level)` between two
+neighbouring anchor levels a < level < b runs the same greedy, but with every layer held between its ratio at anchor
+a (below) and at anchor b (above): the anchors' measured choices are kept, the single-layer curves only decide the
+order in which layers move from one anchor to the next, the byte budget is still met exactly, and since the anchors
+are ordered layer by layer the schedule stays monotone in `level`. Files without anchors (format version 1) give the
+plain greedy over [0, 1].
 """
 from __future__ import annotations
 
@@ -37,6 +48,8 @@ from pathlib import Path
 
 from .errors import BrownoutError
 from .ratio import check_ratio
+
+FORMAT_VERSION = 2  # the newest sensitivity file this module reads; version 1 files have no joint anchors
 
 
 def _check_grid(ratios) -> list[float]:
@@ -98,10 +111,11 @@ class RatioSchedule:
         BrownoutServer(sched.bind(bm), controller)   # the controller turns the level
     """
 
-    def __init__(self, ratios, layers: dict[int, dict], read_ratios=None):
+    def __init__(self, ratios, layers: dict[int, dict], read_ratios=None, anchors: dict | None = None):
         """`ratios`: the grid (ascending, from 0 to 1); `layers`: {layer: {"nll_increase": [...], "saved_bytes": [...]}},
         one value per grid ratio, or with `read_ratios` (a finer grid holding every ratio of `ratios`) the bytes as
-        "read_saved_bytes", one per read ratio."""
+        "read_saved_bytes", one per read ratio. `anchors`: {level: one ratio per layer (sorted layer order)}, levels
+        in (0, 1), each anchor's ratios at least those of the anchor below (see "Joint anchors" above)."""
         grid = _check_grid(ratios)
         read_grid = grid if read_ratios is None else _check_grid(read_ratios)
         if not set(grid) <= set(read_grid):
@@ -132,7 +146,7 @@ class RatioSchedule:
             saved = list(itertools.accumulate((v - saved[0] for v in saved), max))
             self.loss.append(loss)
             self.saved.append(saved)
-        self._segments = self._build_segments()
+        self.anchors = self._check_anchors(anchors or {})
 
     # -- construction ---------------------------------------------------------------------------------------------
     @classmethod
@@ -140,11 +154,19 @@ class RatioSchedule:
         """From the dict `unify sensitivity` writes (keys `ratios` and `layers`)."""
         if not isinstance(data, dict) or "ratios" not in data or not isinstance(data.get("layers"), dict):
             raise BrownoutError("not a sensitivity file: expected keys 'ratios' and 'layers' (see `unify sensitivity`)")
+        version = data.get("version", 1)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise BrownoutError(f"sensitivity file version {version!r} is newer than this runtime reads "
+                                f"({FORMAT_VERSION}): upgrade brownout, or re-measure with this `unify sensitivity`")
         try:
             layers = {int(k): v for k, v in data["layers"].items()}
         except ValueError:
             raise BrownoutError("a sensitivity file's layers must be keyed by layer number") from None
-        return cls(data["ratios"], layers, data.get("read_ratios"))
+        joint = data.get("joint") or {}
+        levels, ratios = joint.get("levels", []), joint.get("ratios", [])
+        if not isinstance(levels, list) or not isinstance(ratios, list) or len(levels) != len(ratios):
+            raise BrownoutError("a sensitivity file's joint anchors need one ratio list per level")
+        return cls(data["ratios"], layers, data.get("read_ratios"), dict(zip(levels, ratios)))
 
     @classmethod
     def load(cls, path) -> "RatioSchedule":
@@ -157,10 +179,31 @@ class RatioSchedule:
             raise BrownoutError(f"cannot read sensitivity file {p}: {str(e).splitlines()[0][:160]}") from None
         return cls.from_dict(data)
 
-    def _build_segments(self) -> list[_Segment]:
+    def _check_anchors(self, anchors: dict) -> dict[float, list[float]]:
+        out: dict[float, list[float]] = {}
+        for level in sorted(anchors, key=float):
+            rs = anchors[level]
+            if not isinstance(rs, (list, tuple)) or len(rs) != len(self.layers):
+                raise BrownoutError(f"joint anchor at level {level}: need one ratio per layer ({len(self.layers)})")
+            lv = check_ratio(level)
+            if lv in (0.0, 1.0):
+                raise BrownoutError("joint anchor levels must lie strictly between 0 and 1")
+            out[lv] = [check_ratio(r) for r in rs]
+        prev = [0.0] * len(self.layers)
+        for lv, rs in out.items():
+            if any(r < p - 1e-9 for r, p in zip(rs, prev)):
+                raise BrownoutError(f"joint anchor at level {lv:g} lowers a layer's ratio below the anchor before it: "
+                                    "a schedule must be monotone in the level")
+            prev = rs
+        return out
+
+    def _segments(self, lower: list[float], upper: list[float]) -> list[_Segment]:
+        """Hull segments of every layer's curve restricted to [lower, upper], sorted by slope."""
         segs = []
         for li, (loss, saved) in enumerate(zip(self.loss, self.saved)):
-            pts = [(_interp(self.read_ratios, saved, r), l, i) for i, (r, l) in enumerate(zip(self.ratios, loss))]
+            lo, hi = lower[li], upper[li]
+            rs = [lo] + [r for r in self.ratios if lo < r < hi] + ([hi] if hi > lo else [])
+            pts = [(_interp(self.read_ratios, saved, r), _interp(self.ratios, loss, r), i) for i, r in enumerate(rs)]
             hull = lower_hull(pts)
             for o, (a, b) in enumerate(zip(hull, hull[1:])):
                 segs.append(_Segment((b[1] - a[1]) / (b[0] - a[0]), li, o, a[0], b[0]))
@@ -185,17 +228,36 @@ class RatioSchedule:
             return [0.0] * n
         if level == 1.0:
             return [1.0] * n
-        budget = self.saved_bytes(level)
-        target = [0.0] * n  # bytes each layer is to save
-        for seg in self._segments:
+        stops = [(0.0, [0.0] * n), *self.anchors.items(), (1.0, [1.0] * n)]
+        for (a, lower), (b, upper) in zip(stops, stops[1:]):
+            if level == a:
+                return list(lower)
+            if level < b:
+                return self.allocate(self.saved_bytes(level), lower, upper)
+        return [1.0] * n
+
+    def allocate(self, budget: float, lower=None, upper=None) -> list[float]:
+        """One ratio per layer, each in [lower, upper] (lists; default 0 and 1), that saves `budget` bytes with the least
+        summed single-layer loss (the greedy of the module docstring). A budget outside what the box can save is
+        clamped to it."""
+        n = len(self.layers)
+        lower = [0.0] * n if lower is None else [check_ratio(r) for r in lower]
+        upper = [1.0] * n if upper is None else [max(check_ratio(r), lo) for r, lo in zip(upper, lower)]
+        target = [_interp(self.read_ratios, s, lo) for s, lo in zip(self.saved, lower)]  # bytes each layer saves
+        budget -= sum(target)
+        for seg in self._segments(lower, upper):
             if budget <= 0:
                 break
             take = min(budget, seg.hi - seg.lo)
             target[seg.layer] = seg.lo + take
             budget -= take
-        return [self._ratio_saving(li, b) for li, b in enumerate(target)]
+        return [min(upper[li], max(lower[li], self.ratio_saving(li, b))) for li, b in enumerate(target)]
 
-    def _ratio_saving(self, li: int, want: float) -> float:
+    def layer_saved(self, li: int, ratio: float) -> float:
+        """Predicted bytes saved per forward by layer li (position in the sorted layer list) at `ratio`."""
+        return _interp(self.read_ratios, self.saved[li], ratio)
+
+    def ratio_saving(self, li: int, want: float) -> float:
         """The smallest ratio at which layer li's measured bytes curve reaches `want` bytes saved."""
         saved, grid = self.saved[li], self.read_ratios
         if want <= 0:
@@ -228,7 +290,7 @@ class RatioSchedule:
         return ScheduledBrownout(bm, self)
 
     def __repr__(self) -> str:
-        return f"RatioSchedule(layers={self.layers}, ratios={self.ratios})"
+        return f"RatioSchedule(layers={self.layers}, ratios={self.ratios}, anchors={list(self.anchors)})"
 
 
 class ScheduledBrownout:

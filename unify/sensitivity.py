@@ -21,6 +21,30 @@ starts at layer L: the inputs of every united layer are kept from the ratio-0 pa
 floats) and replayed, so the decoder layers before L are not run again. Work is therefore about
 tokens x (ratios - 1) x sum over L of (layers from L to the end + the LM head), i.e. quadratic in depth for a fixed
 head, and linear in tokens. Routing statistics come from the same ratio-0 pass and cost no forwards.
+
+**Joint anchors** (`joint`, docs/design.md §4). Single-layer curves do not add up, so at each level of
+`joint_levels` (0.25, 0.5, 0.75) the allocation is also searched with the *joint* held-out loss, every layer browned
+out at once, on the same held-out tokens:
+
+1. the reference is the uniform ratio `level`: its joint NLL and its measured weight reads (counted on the routing
+   of that joint pass, which shifts as earlier layers brown out);
+2. start candidates: the single-layer greedy (`RatioSchedule.allocate`) with every layer held within d of the level,
+   d in 0.25, 0.5, 1 (1: the plain greedy), each at the uniform ratio's predicted bytes; the one with the lowest
+   joint NLL whose measured reads are within `reads_tolerance` (1%) of the uniform ratio's is kept, unless the
+   uniform ratio itself is lower still (a tie goes to the candidate: what the joint loss cannot tell apart, the
+   single-layer curves decide);
+3. exchange rounds: around the kept point, each layer's joint NLL change when it alone saves `step` bytes more and
+   `step` bytes less (a finite difference with the other layers where they are, the context the single-layer
+   curves lack); the pairs (one layer down, one up: bytes unchanged in prediction) with the most negative sum are
+   measured jointly, best first, and the first that lowers the joint NLL with reads still within tolerance is taken; if
+   none is, the step halves.
+
+Levels are searched from the highest down, each held at or below the anchor above it, so the anchors are ordered
+layer by layer and the schedule stays monotone. Cost per level: 1 + 3 joint passes for the start, then per round
+up to 2 x layers probes (replayed from the probed layer, so about half a pass each) and up to 3 joint passes. On
+the reference model (8 layers, 16,384 tokens) one round came to 28 full passes for the three levels, two rounds to
+about 50, against about 18 pass-equivalents for the single-layer curves: the joint stage is the larger part, and
+like the single-layer stage it grows linearly in tokens and as layers x depth (the probes).
 """
 from __future__ import annotations
 
@@ -45,7 +69,13 @@ from .loading import resolve
 RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0)
 READ_STEPS = 40  # bytes saved are also counted on this finer grid: it costs no forwards, only remaps of the routing
 FORMAT = "brownout-sensitivity"
-VERSION = 1
+VERSION = 2  # 2: adds the joint anchors ("joint"); runtime.schedule reads 1 and 2
+JOINT_LEVELS = (0.25, 0.5, 0.75)
+DEVIATIONS = (0.25, 0.5, 1.0)  # start candidates: the greedy with every layer within this of the level (and uniform)
+JOINT_ROUNDS = 2  # exchange rounds per anchor level
+JOINT_STEP = 0.25  # first exchange step, as a share of a mean layer's bytes saved at ratio 1
+JOINT_TRIES = 3  # exchanges measured per round, best predicted first
+READS_TOLERANCE = 0.01  # an anchor's measured reads stay this close to the uniform ratio's (the target allows 2%)
 
 
 def check_ratio_grid(ratios) -> list[float]:
@@ -124,20 +154,25 @@ def _load_model(model: str, device: str, dtype: str):
 def sensitivity(model, united_dir, calib: str | None = None, calib_split: str = "train", calib_column: str = "text",
                 tokens: int = 8192, seq_len: int = 512, skip_tokens: int | None = None, ratios=RATIOS,
                 policy: str = "hot-cold", batch_size: int = 4, device: str = "cpu", dtype: str = "float32",
-                reuse_prefix: bool = True, progress: bool = True) -> dict:
+                reuse_prefix: bool = True, joint_levels=JOINT_LEVELS, joint_rounds: int = JOINT_ROUNDS,
+                reads_tolerance: float = READS_TOLERANCE, progress: bool = True) -> dict:
     """Per united layer and ratio: held-out NLL increase with only that layer browned out, and bytes saved per forward
     batch (see the module docstring). `model`: recipe name, model directory, or a loaded model (left as it was).
     `skip_tokens`: tokens of the calibration source to skip (None: the build's calib_tokens when the source is the
-    build's own, else 0). `reuse_prefix=False` runs every forward from the embeddings (for checking the replay)."""
+    build's own, else 0). `reuse_prefix=False` runs every forward from the embeddings (for checking the replay).
+    `joint_levels`: levels in (0, 1) at which to search the joint anchors (empty: none, a version-1-like file);
+    `joint_rounds`, `reads_tolerance`: see `joint_anchors`."""
     from runtime import BrownoutMoE
     from runtime.checkpoint import UnitedCheckpoint
 
     t0 = time.time()
     grid = check_ratio_grid(ratios)
+    joint_levels = _check_joint_levels(joint_levels)
     read_grid = sorted(set(grid) | {i / READ_STEPS for i in range(READ_STEPS + 1)})
     policy = check_policy(policy)
-    if tokens < 2 or seq_len < 2 or batch_size < 1:
-        raise BrownoutError("tokens and seq_len must be at least 2 and batch_size at least 1")
+    if tokens < 2 or seq_len < 2 or batch_size < 1 or joint_rounds < 0 or not reads_tolerance >= 0:
+        raise BrownoutError("tokens and seq_len must be at least 2, batch_size at least 1, joint_rounds and "
+                            "reads_tolerance at least 0")
     meta = UnitedCheckpoint(united_dir, verify=False).meta
     if isinstance(model, torch.nn.Module):
         net, model_path, name = model, None, getattr(model, "name_or_path", "") or "<in-memory>"
@@ -229,6 +264,17 @@ def sensitivity(model, united_dir, calib: str | None = None, calib_split: str = 
             }
             inputs[i].clear()  # this layer's replay inputs are no longer needed
         bar.close()
+        joint = None
+        if joint_levels:
+            from runtime.schedule import RatioSchedule
+
+            single = RatioSchedule(grid, {int(k): v for k, v in out_layers.items()}, read_grid)
+            probe = _JointProbe(net, bm, chunks, device, layer_list, united, n_pred)
+            try:
+                joint = joint_anchors(probe, single, joint_levels, base_total / n_pred, joint_rounds, reads_tolerance,
+                                      progress)
+            finally:
+                probe.close()
     finally:
         for j in range(len(originals)):
             layer_list[j] = originals[j]
@@ -236,7 +282,7 @@ def sensitivity(model, united_dir, calib: str | None = None, calib_split: str = 
     return {
         "format": FORMAT, "version": VERSION, "model": name, "united": str(united_dir),
         "way": meta.get("way"), "grouping": meta.get("grouping"), "merge": meta.get("merge"), "policy": policy,
-        "ratios": grid, "read_ratios": read_grid, "layers": out_layers,
+        "ratios": grid, "read_ratios": read_grid, "layers": out_layers, **({"joint": joint} if joint else {}),
         "held_out": {"source": str(source), "split": calib_split, "column": calib_column, "skip_tokens": skip_tokens,
                      "sequences": int(batches.shape[0]), "seq_len": int(batches.shape[1]),
                      "predicted_tokens": n_pred, "batch_size": batch_size},
@@ -244,6 +290,166 @@ def sensitivity(model, united_dir, calib: str | None = None, calib_split: str = 
         "read_unit": f"one forward batch of {batch_size} x {int(batches.shape[1])} tokens",
         "seconds": round(time.time() - t0, 1),
     }
+
+
+def _check_joint_levels(levels) -> list[float]:
+    try:
+        out = sorted({float(v) for v in levels})
+    except (TypeError, ValueError):
+        raise BrownoutError(f"joint levels must be numbers in (0, 1), got {levels!r}") from None
+    if any(not 0 < v < 1 for v in out):
+        raise BrownoutError(f"joint levels must lie strictly between 0 and 1, got {levels!r}")
+    return out
+
+
+class _JointProbe:
+    """Joint held-out NLL and measured expert-weight reads of one ratio per united layer. A measurement may record
+    every united layer's input (`record`), and a later one that changes only layers from position `start` on replays
+    from there: the layers before are skipped and their reads taken from the recorded one."""
+
+    def __init__(self, net, bm, chunks, device: str, layer_list, united: list[int], n_pred: int):
+        self.net, self.bm, self.chunks, self.device, self.n_pred = net, bm, chunks, device, n_pred
+        self.layer_list, self.originals, self.united = layer_list, list(layer_list), united
+        self.passes = 0.0  # work done, in full passes over the held-out tokens
+        self._reads: dict[int, list[float]] | None = None
+        self._inputs: dict[int, list[torch.Tensor]] | None = None
+        self.handles = []
+        for i in united:
+            st, experts = bm.layers[i], bm.moe[i].experts
+            per_slab = slab_bytes(experts, bm.moe[i].layout.native_keys())
+            self.handles.append(experts.register_forward_pre_hook(
+                lambda m, a, kw, i=i, st=st, per_slab=per_slab: self._count(i, st, per_slab, list(a) + list(kw.values())),
+                with_kwargs=True))
+            self.handles.append(layer_list[i].register_forward_pre_hook(
+                lambda m, a, kw, i=i: self._record(i, a[0] if a else kw["hidden_states"]), with_kwargs=True))
+
+    def _record(self, i: int, hidden: torch.Tensor) -> None:
+        if self._inputs is not None:
+            self._inputs[i].append(hidden.detach().clone())
+
+    def _count(self, i: int, st, per_slab: int, vals) -> None:
+        if self._reads is not None:
+            ids = remap(vals[1], vals[2], st.expert_to_group, st.num_groups, st.ratio.value, st.policy).ids
+            self._reads[i].append(float(slabs_read(ids, st.num_experts + st.num_groups)) * per_slab)
+
+    @torch.no_grad()
+    def measure(self, ratios: list[float], base: dict | None = None, start: int = 0, record: bool = False) -> dict:
+        """{"ratios", "nll" (mean token NLL), "reads" (bytes per forward batch), per-layer "layer_reads", and with
+        `record` the united layers' "inputs"}. `base`: a recorded measurement agreeing with `ratios` before position
+        `start` of the united layers."""
+        if base is None or "inputs" not in base:
+            start = 0
+        first = self.united[start]
+        self._reads = {i: [] for i in self.united[start:]}
+        self._inputs = {i: [] for i in self.united[start:]} if record else None
+        shortcuts = [_Shortcut(self.originals[j]) for j in range(first)] if start > 0 else []
+        for j, sc in enumerate(shortcuts):
+            self.layer_list[j] = sc
+        self.bm.set_ratio(list(ratios))
+        total = 0.0
+        try:
+            for b, ids in enumerate(self.chunks):
+                if shortcuts:
+                    shortcuts[-1].output = base["inputs"][first][b]
+                ids = ids.to(self.device)
+                total += float(token_nll(self.net(input_ids=ids, use_cache=False).logits, ids))
+        finally:
+            for j in range(len(shortcuts)):
+                self.layer_list[j] = self.originals[j]
+            reads, inputs = self._reads, self._inputs
+            self._reads = self._inputs = None
+        self.passes += (len(self.originals) - first + 1) / (len(self.originals) + 1)
+        layer_reads = {i: (sum(v) / len(v) if v else 0.0) for i, v in reads.items()}
+        for i in self.united[:start]:
+            layer_reads[i] = base["layer_reads"][i]
+        out = {"ratios": list(ratios), "nll": total / self.n_pred, "layer_reads": layer_reads,
+               "reads": sum(layer_reads.values())}
+        if record:
+            for i in self.united[:start]:
+                inputs[i] = base["inputs"][i]
+            out["inputs"] = inputs
+        return out
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.bm.set_ratio(0.0)
+
+
+def joint_anchors(probe: _JointProbe, single, levels: list[float], base_nll: float, rounds: int = JOINT_ROUNDS,
+                  reads_tolerance: float = READS_TOLERANCE, progress: bool = True) -> dict:
+    """Search one anchor per level with the joint held-out loss (module docstring, "Joint anchors"). `single`: the
+    RatioSchedule of the single-layer curves (no anchors); `base_nll`: the mean token NLL at ratio 0;
+    `reads_tolerance`: how far (a share) an anchor's measured reads may be from the uniform ratio's. Returns the
+    file's "joint" entry."""
+    n = len(single.layers)
+    upper = [1.0] * n
+    found = {}
+    bar = tqdm(total=len(levels), desc="joint anchors", unit="level", disable=not progress)
+    mean_full = sum(single.layer_saved(li, 1.0) for li in range(n)) / n
+    for level in sorted(levels, reverse=True):
+        budget = single.saved_bytes(level)
+        uniform = probe.measure([level] * n, record=True)
+        ok = lambda m: abs(m["reads"] / uniform["reads"] - 1) <= reads_tolerance if uniform["reads"] > 0 else True
+        fits = lambda rs: abs(single.saved_bytes(rs) - budget) <= 1e-3 * max(budget, 1.0)
+        best, tried = None, []
+        for d in DEVIATIONS:
+            lo = [min(max(0.0, level - d), u) for u in upper]
+            hi = [min(u, level + d) for u in upper]
+            rs = single.allocate(budget, lo, hi)
+            if not fits(rs) or any(rs == t for t in tried) or rs == [level] * n:
+                continue
+            tried.append(rs)
+            m = probe.measure(rs, record=True)
+            if ok(m) and (best is None or m["nll"] < best["nll"]):
+                best = m
+        if all(level <= u for u in upper) and (best is None or uniform["nll"] < best["nll"]):
+            best = uniform  # only when it is measurably better: on a tie the single-layer curves decide
+        if best is None:  # nothing kept the reads: the plain greedy under the anchor above
+            best = probe.measure(single.allocate(budget, None, upper), record=True)
+        start_nll = best["nll"]
+        step = JOINT_STEP * mean_full
+        for _ in range(rounds):
+            cur = best["ratios"]
+            down, up = {}, {}
+            for li in range(n):
+                have = single.layer_saved(li, cur[li])
+                for sign, sink, limit in ((-1, down, 0.0), (1, up, upper[li])):
+                    want = have + sign * step
+                    if (sign < 0 and want < 0) or (sign > 0 and want > single.layer_saved(li, limit)):
+                        continue
+                    r = min(upper[li], single.ratio_saving(li, want)) if sign > 0 else single.ratio_saving(li, want)
+                    if r == cur[li]:
+                        continue
+                    rs = cur[:li] + [r] + cur[li + 1:]
+                    sink[li] = (probe.measure(rs, best, li)["nll"] - best["nll"], r)
+            pairs = sorted((down[i][0] + up[j][0], i, j) for i in down for j in up if i != j)
+            moved = False
+            for pred, i, j in pairs[:JOINT_TRIES]:
+                if pred >= 0:
+                    break
+                rs = list(cur)
+                rs[i], rs[j] = down[i][1], up[j][1]
+                m = probe.measure(rs, best, min(i, j), record=True)
+                if m["nll"] < best["nll"] and ok(m):
+                    best, moved = m, True
+                    break
+            if not moved:
+                step /= 2
+        found[level] = {"ratios": [round(r, 6) for r in best["ratios"]], "nll_increase_joint": best["nll"],
+                        "uniform_nll_increase_joint": uniform["nll"], "start_nll_joint": start_nll,
+                        "reads": best["reads"], "uniform_reads": uniform["reads"]}
+        upper = best["ratios"]
+        bar.update()
+    bar.close()
+    lv = sorted(found)
+    return {"levels": lv, "ratios": [found[v]["ratios"] for v in lv],
+            "nll_increase": [round(found[v]["nll_increase_joint"] - base_nll, 7) for v in lv],
+            "uniform_nll_increase": [round(found[v]["uniform_nll_increase_joint"] - base_nll, 7) for v in lv],
+            "start_nll_increase": [round(found[v]["start_nll_joint"] - base_nll, 7) for v in lv],
+            "reads_vs_uniform": [round(found[v]["reads"] / found[v]["uniform_reads"] - 1, 5)
+                                 if found[v]["uniform_reads"] else 0.0 for v in lv],
+            "rounds": rounds, "reads_tolerance": reads_tolerance, "passes": round(probe.passes, 1)}
 
 
 def write_json(data: dict, path: str | Path) -> Path:
@@ -306,6 +512,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratios", default=",".join(f"{r:g}" for r in RATIOS),
                    help="comma-separated ratio grid, including 0 and 1 (default %(default)s)")
     p.add_argument("--policy", default="hot-cold", help="brownout policy (hot-cold, mass, drop)")
+    p.add_argument("--joint-levels", default=",".join(f"{v:g}" for v in JOINT_LEVELS),
+                   help="levels at which to search allocations with the joint held-out loss, stored as the "
+                   "schedule's anchors ('' for none; default %(default)s)")
+    p.add_argument("--joint-rounds", type=int, default=JOINT_ROUNDS,
+                   help="exchange rounds per joint level (default %(default)s; each about 2 x layers probes)")
+    p.add_argument("--joint-reads-tolerance", type=float, default=READS_TOLERANCE,
+                   help="an anchor's measured weight reads stay within this share of the uniform ratio's "
+                   "(default %(default)s)")
     c = p.add_argument_group("held-out text (the calibration source of `unify build`, past what the build read)")
     c.add_argument("--calib", help="text file, local dataset or dataset name (default: the checkpoint's calibration "
                    "source, else the recipe's, else the bundled sample)")
@@ -331,20 +545,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _parse_ratios(text: str) -> list[float]:
+def _parse_ratios(text: str, flag: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise BrownoutError(f"--ratios must be comma-separated numbers, got {text!r}") from None
+        raise BrownoutError(f"{flag} must be comma-separated numbers, got {text!r}") from None
 
 
 def run_cli(args) -> int:
     data = sensitivity(args.model, args.united, calib=args.calib, calib_split=args.calib_split,
                        calib_column=args.calib_column, tokens=args.tokens, seq_len=args.seq_len,
-                       skip_tokens=args.skip_tokens, ratios=_parse_ratios(args.ratios), policy=args.policy,
-                       batch_size=args.batch_size, device=args.device, dtype=args.dtype, progress=not args.quiet)
+                       skip_tokens=args.skip_tokens, ratios=_parse_ratios(args.ratios, "--ratios"), policy=args.policy,
+                       batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                       joint_levels=_parse_ratios(args.joint_levels, "--joint-levels"), joint_rounds=args.joint_rounds,
+                       reads_tolerance=args.joint_reads_tolerance, progress=not args.quiet)
     out = write_json(data, args.out)
-    print(f"wrote {out} ({len(data['layers'])} layers, {data['held_out']['predicted_tokens']} held-out tokens, "
+    joint = f", joint anchors at {data['joint']['levels']}" if "joint" in data else ""
+    print(f"wrote {out} ({len(data['layers'])} layers, {data['held_out']['predicted_tokens']} held-out tokens{joint}, "
           f"{data['seconds']} s)")
     return 0
 
