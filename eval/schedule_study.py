@@ -9,6 +9,10 @@ neither the build nor the sensitivity saw:
   counted on the routing of that very forward, in batches of the same shape the sensitivity counted);
 - `brownout_cont` and `brownout_cloze` accuracy through lm-eval (`--limit` documents each), with standard errors.
 
+The schedule is the one `unify sensitivity` writes by default: single-layer curves plus joint anchors searched on
+the calibration text (runtime.schedule, "Joint anchors"). Beside it, the plain single-layer greedy (the same file
+without its anchors) is evaluated for held-out NLL and reads only, to show what the joint search changed.
+
     python -m eval.schedule_study --out eval/results            # writes schedule_study.{json,md,png}
 
 Checkpoints and sensitivity files go to --work and are reused when present (delete them to rebuild).
@@ -125,13 +129,16 @@ def run(args) -> dict:
         sens_path = work / f"sensitivity-w{way}.json"
         if not sens_path.exists():
             write_json(sensitivity("reference", united, tokens=args.sens_tokens, seq_len=args.seq_len,
-                                   batch_size=args.batch_size, progress=False), sens_path)
+                                   batch_size=args.batch_size, joint_rounds=args.joint_rounds, progress=False),
+                       sens_path)
         sens = json.loads(sens_path.read_text())
         sched = RatioSchedule.from_dict(sens)
+        greedy = RatioSchedule.from_dict({k: v for k, v in sens.items() if k != "joint"})
         entry = {"united": str(united), "build_seconds": build_s, "sensitivity_seconds": sens["seconds"],
                  "sensitivity": {"base_nll": sens["base_nll"], "held_out": sens["held_out"],
                                  "layers": {k: {"nll_increase": v["nll_increase"], "saved_bytes": v["saved_bytes"]}
-                                            for k, v in sens["layers"].items()}},
+                                            for k, v in sens["layers"].items()},
+                                 "joint": sens.get("joint")},
                  "levels": []}
         bm = BrownoutMoE.attach(model, united)
         counter = ReadCounter(bm)
@@ -140,10 +147,14 @@ def run(args) -> dict:
             entry["base_read_bytes_per_batch"] = held_out_nll(model, batches, counter)["read_bytes_per_batch"]
             for level in levels:
                 row = {"level": level}
-                for kind in ("uniform", "schedule"):
-                    ratios = [level] * len(bm.layers) if kind == "uniform" else sched.at(level)
-                    if kind == "schedule" and ratios == row["uniform"]["ratios"]:
-                        row[kind] = {**row["uniform"], "same_as_uniform": True}
+                for kind in ("uniform", "schedule", "greedy"):
+                    if kind == "greedy" and not args.compare_greedy:
+                        continue
+                    ratios = {"uniform": [level] * len(bm.layers), "schedule": sched.at(level),
+                              "greedy": greedy.at(level)}[kind]
+                    same = next((k for k in ("uniform", "schedule") if k in row and ratios == row[k]["ratios"]), None)
+                    if same is not None:
+                        row[kind] = {**row[same], "same_as": same}
                         continue
                     bm.set_ratio(ratios)
                     res = held_out_nll(model, batches, counter)
@@ -151,7 +162,7 @@ def run(args) -> dict:
                     res["nll_increase"] = res["nll"] - base["nll"]
                     res["predicted_nll_increase"] = sched.predicted_loss(ratios)
                     res["predicted_saved_bytes"] = sched.saved_bytes(ratios)
-                    if args.limit != 0:
+                    if args.limit != 0 and kind != "greedy":
                         res["mc"] = mc_entry(ev.run())
                     row[kind] = res
                     print(f"way {way} level {level:g} {kind}: dNLL {res['nll_increase']:.4f} "
@@ -160,6 +171,11 @@ def run(args) -> dict:
                 u, s = row["uniform"], row["schedule"]
                 row["nll_increase_ratio"] = s["nll_increase"] / u["nll_increase"] if u["nll_increase"] > 0 else None
                 row["reads_diff"] = s["read_bytes_per_batch"] / u["read_bytes_per_batch"] - 1
+                if "greedy" in row:
+                    g = row["greedy"]
+                    row["greedy_nll_increase_ratio"] = (g["nll_increase"] / u["nll_increase"]
+                                                        if u["nll_increase"] > 0 else None)
+                    row["greedy_reads_diff"] = g["read_bytes_per_batch"] / u["read_bytes_per_batch"] - 1
                 entry["levels"].append(row)
         finally:
             counter.close()
@@ -195,26 +211,35 @@ def write_markdown(report: dict, path: Path) -> None:
              f"{report['target']['factor']}x the uniform ratio's at every way, reads within "
              f"{100 * report['target']['reads_tolerance']:.0f}%: **{'met' if report.get('target_met') else 'not met'}**",
              "",
-             "| way | level | ΔNLL uniform | ΔNLL schedule | schedule / uniform | predicted / predicted | reads uniform "
-             "(MB) | reads schedule vs uniform | ppl uniform | ppl schedule | cont uniform | cont schedule | cloze uniform | cloze schedule "
-             "| schedule's ratios |",
+             "| way | level | ΔNLL uniform | ΔNLL schedule | schedule / uniform | single-layer greedy / uniform "
+             "(its reads vs uniform) | reads uniform (MB) | reads schedule vs uniform | ppl uniform | ppl schedule | "
+             "cont uniform | cont schedule | cloze uniform | cloze schedule | schedule's ratios |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for way, e in report["per_way"].items():
         for r in e["levels"]:
             u, s = r["uniform"], r["schedule"]
-            q = r["nll_increase_ratio"]
-            pq = s["predicted_nll_increase"] / u["predicted_nll_increase"] if u["predicted_nll_increase"] > 0 else None
+            q, gq = r["nll_increase_ratio"], r.get("greedy_nll_increase_ratio")
+            greedy = "-" if gq is None else f"{gq:.2f} ({100 * r['greedy_reads_diff']:+.1f}%)"
             lines.append(
                 f"| {way} | {r['level']:g} | {u['nll_increase']:.4f} | {s['nll_increase']:.4f} | "
-                f"{'-' if q is None else f'{q:.2f}'}{' (same)' if s.get('same_as_uniform') else ''} | "
-                f"{'-' if pq is None else f'{pq:.2f}'} | "
+                f"{'-' if q is None else f'{q:.2f}'}{' (same)' if s.get('same_as') else ''} | {greedy} | "
                 f"{u['read_bytes_per_batch'] / 1e6:.2f} | {100 * r['reads_diff']:+.2f}% | {u['ppl']:.2f} | "
                 f"{s['ppl']:.2f} | {_acc(u, 'brownout_cont')} | {_acc(s, 'brownout_cont')} | "
                 f"{_acc(u, 'brownout_cloze')} | {_acc(s, 'brownout_cloze')} | "
                 f"{' '.join(f'{x:.2f}' for x in s['ratios'])} |")
-    lines += ["", "\"predicted / predicted\": the same ratio from the sensitivity curves alone (the sum of the layers' "
-              "single-layer NLL increases, measured on calibration text), which is what the schedule minimises.",
-              "", "Per-layer sensitivity (NLL increase with only that layer at ratio 1; at ratio 0.5 in brackets):", "",
+    lines += ["", "\"single-layer greedy\": the same sensitivity file without its joint anchors (the allocation that "
+              "minimises the sum of single-layer curves), held-out NLL and reads only.", "",
+              "Joint anchors, as `unify sensitivity` found them on the calibration text (ΔNLL there, joint):", "",
+              "| way | level | uniform | best start candidate | anchor | anchor / uniform | reads vs uniform | anchor ratios |",
+              "|---|---|---|---|---|---|---|---|"]
+    for way, e in report["per_way"].items():
+        j = e["sensitivity"].get("joint") or {}
+        for k, lv in enumerate(j.get("levels", [])):
+            uj, aj = j["uniform_nll_increase"][k], j["nll_increase"][k]
+            lines.append(f"| {way} | {lv:g} | {uj:.4f} | {j['start_nll_increase'][k]:.4f} | {aj:.4f} | "
+                         f"{aj / uj:.2f} | {100 * j['reads_vs_uniform'][k]:+.2f}% | "
+                         f"{' '.join(f'{x:.2f}' for x in j['ratios'][k])} |")
+    lines += ["", "Per-layer sensitivity (NLL increase with only that layer at ratio 1; at ratio 0.5 in brackets):", "",
               "| way | " + " | ".join(f"layer {k}" for k in next(iter(report["per_way"].values()))["sensitivity"]["layers"])
               + " |", "|---|" + "---|" * len(next(iter(report["per_way"].values()))["sensitivity"]["layers"])]
     for way, e in report["per_way"].items():
@@ -279,6 +304,9 @@ def main(argv=None) -> int:
     p.add_argument("--merge", default="distill-routed")
     p.add_argument("--levels", default="0.25,0.5,0.75,1")
     p.add_argument("--sens-tokens", type=int, default=16384, help="held-out calibration tokens for the sensitivity")
+    p.add_argument("--joint-rounds", type=int, default=2, help="exchange rounds per joint anchor (unify sensitivity)")
+    p.add_argument("--no-compare-greedy", dest="compare_greedy", action="store_false",
+                   help="skip the single-layer greedy's held-out NLL")
     p.add_argument("--ppl-tokens", type=int, default=10**9, help="brownout_ppl tokens evaluated (default: all)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4, help="sequences per forward: also the unit of weight reads")
