@@ -122,3 +122,19 @@ def output(w: dict[str, torch.Tensor], x: torch.Tensor, glu: Glu) -> torch.Tenso
     if "down_bias" in w:
         y = y + w["down_bias"]
     return y
+
+
+def is_plain_silu_layout(experts: torch.nn.Module) -> bool:
+    """The layout the fused kernel and the compiled ops compute: gate and up concatenated, not transposed, no bias, no
+    post-expert norm, transformers' default gate with SiLU."""
+    if getattr(experts, "is_transposed", False) or not getattr(experts, "is_concatenated", True):
+        return False
+    if getattr(experts, "has_bias", False) or not getattr(experts, "has_gate", True):
+        return False
+    if getattr(experts, "has_post_expert_norm", False):
+        return False
+    gate_fn = getattr(type(experts), "_apply_gate", None)
+    if getattr(gate_fn, "__name__", "") != "_default_apply_gate":
+        return False
+    act = getattr(experts, "act_fn", None)
+    return act is torch.nn.functional.silu or isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from . import kernels
+from .layout import is_plain_silu_layout
 from .policy import remap as policy_remap
 from .reference import slab_forward
 
@@ -38,20 +39,9 @@ _HOST_SYNC = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if
 LAYOUT = "concatenated gate/up, non-transposed, no bias, no post-expert norm, default SiLU gate"
 
 
-def _is_silu(act) -> bool:
-    return act is torch.nn.functional.silu or isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
-
-
 def expressible(experts: torch.nn.Module) -> bool:
     """True when the experts ops compute exactly what `experts` computes: the layout of `LAYOUT`."""
-    if getattr(experts, "is_transposed", False) or not getattr(experts, "is_concatenated", True):
-        return False
-    if getattr(experts, "has_bias", False) or not getattr(experts, "has_gate", True):
-        return False
-    if getattr(experts, "has_post_expert_norm", False):
-        return False
-    gate = getattr(type(experts), "_apply_gate", None)
-    return getattr(gate, "__name__", "") == "_default_apply_gate" and _is_silu(getattr(experts, "act_fn", None))
+    return is_plain_silu_layout(experts)
 
 
 class _SiluGate:

@@ -34,6 +34,7 @@ import os
 
 import torch
 
+from ..layout import is_plain_silu_layout
 from . import configs
 from .pdl import launch_opts, pdl_start, use_pdl
 
@@ -409,18 +410,6 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
     return out
 
 
-def _is_default_silu(experts: torch.nn.Module) -> bool:
-    gate_fn = getattr(type(experts), "_apply_gate", None)
-    if gate_fn is None or getattr(gate_fn, "__name__", "") != "_default_apply_gate":
-        return False
-    act = getattr(experts, "act_fn", None)
-    if act is None:
-        return False
-    if act is torch.nn.functional.silu or isinstance(act, torch.nn.SiLU):
-        return True
-    return type(act).__name__ == "SiLUActivation"
-
-
 def supported(experts: torch.nn.Module, dtype: torch.dtype, device) -> bool:
     """True when fused_moe computes exactly what the module's experts do: CUDA, bf16/fp16, non-transposed,
     concatenated gate/up, no bias, no post-expert norm, the default gate with SiLU. Else use the PyTorch path."""
@@ -432,10 +421,4 @@ def supported(experts: torch.nn.Module, dtype: torch.dtype, device) -> bool:
         return False
     if dtype not in (torch.bfloat16, torch.float16) and not (interp and dtype == torch.float32):
         return False
-    if getattr(experts, "is_transposed", False) or not getattr(experts, "is_concatenated", True):
-        return False
-    if getattr(experts, "has_bias", False) or not getattr(experts, "has_gate", True):
-        return False
-    if getattr(experts, "has_post_expert_norm", False):
-        return False
-    return _is_default_silu(experts)
+    return is_plain_silu_layout(experts)
