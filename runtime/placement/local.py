@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Placement
+from .base import Placement, local_tensor
 
 
 class LocalPlacement(Placement):
@@ -14,5 +14,10 @@ class LocalPlacement(Placement):
         slabs = {}
         for k, u in united.items():
             p = layer.experts._parameters[k]
-            slabs[k] = torch.cat([p.data, u.to(p.device, p.dtype)])
+            own = local_tensor(p).detach()
+            slabs[k] = torch.cat([own, self.place(p, u.to(own.device, own.dtype))])
         return slabs
+
+    def place(self, param: torch.Tensor, united: torch.Tensor) -> torch.Tensor:
+        """This process's part of one united tensor laid out like `param`: all of it, on one device."""
+        return united

@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import torch
 
-from .base import Placement, is_dtensor
+from .base import is_dtensor
+from .local import LocalPlacement
 
 
-class TensorParallelPlacement(Placement):
+class TensorParallelPlacement(LocalPlacement):
     name = "tp"
 
-    def build(self, layer, united, expert_to_group):
-        slabs = {}
-        for k, u in united.items():
-            p = layer.experts._parameters[k]
-            loc = p.to_local() if is_dtensor(p) else p.data
-            u = u.to(loc.device, loc.dtype)
-            if is_dtensor(p):
-                from torch.distributed.tensor import distribute_tensor
+    def place(self, param: torch.Tensor, united: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of the united tensor, cut exactly like `param`'s (no communication)."""
+        if not is_dtensor(param):
+            return united
+        from torch.distributed.tensor import distribute_tensor
 
-                u = distribute_tensor(u, p.device_mesh, p.placements, src_data_rank=None).to_local()
-            slabs[k] = torch.cat([loc, u])
-        return slabs
+        return distribute_tensor(united, param.device_mesh, param.placements, src_data_rank=None).to_local()
