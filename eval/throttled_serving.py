@@ -61,18 +61,27 @@ def make_trace(base_rate: float, duration_scale: float, seed: int, prompt: int, 
 
 
 def run(configs, base_rate=4.5, duration_scale=0.05, step_ms=30.0, gain=0.6, slo_prefill=0.25, slo_decode=0.1,
-        seed=3, output=30, sat_seconds=3.0, log=print) -> dict:
+        seed=3, output=30, sat_seconds=3.0, log=print, load: float | None = None) -> dict:
+    """Serve the burst trace under each controller of `configs`. `load`, if given, replaces `base_rate`: the rate
+    after the burst as a multiple of ratio 0's saturated rate measured on this machine, so the scenario overloads
+    ratio 0 by the same factor whatever the host adds to the law's sleep (a fixed rate sits near ratio 0's
+    capacity on one CPU and under it on a faster one)."""
+    if load is not None and not load > 0:
+        raise ValueError(f"load must be positive, got {load}")
     handle = Throttled(tiny_model(), step_ms, gain)
-    tr = make_trace(base_rate, duration_scale, seed, 8, output)
-    b = tr.meta["burst_at"]
     cfg = ServeConfig(max_batch=8, max_batch_tokens=128, num_blocks=64, page_size=32, max_memory_percent=None,
                       drain_timeout_s=10.0)
     runs = []
     with torch.no_grad(), BrownoutServer(handle, None, cfg) as srv:
-        srv.run(Trace(tr.requests[:10], tr.meta), controller=FixedRatio(0.0))  # warm-up
+        warm = make_trace(base_rate, duration_scale, seed, 8, output)
+        srv.run(Trace(warm.requests[:10], warm.meta), controller=FixedRatio(0.0))  # warm-up
         # the engine's saturated output-token rates at ratios 0 and 1: the MPC's load term
         capacity = measure_capacity(srv, seconds=sat_seconds, max_prompt=8, max_output=output)
         log(f"  saturated output tokens/s: ratio 0 {capacity[0.0]:.0f}, ratio 1 {capacity[1.0]:.0f}")
+        if load is not None:  # the burst doubles the base rate
+            base_rate = load * capacity[0.0] / output / 2
+        tr = make_trace(base_rate, duration_scale, seed, 8, output)
+        b = tr.meta["burst_at"]
         for spec in configs:
             res = srv.run(tr, controller=make_controller(spec, slo_prefill, slo_decode, capacity=capacity))
             r = {"config": spec, "all": summarize(res, slo_prefill, slo_decode),
@@ -114,6 +123,9 @@ def main(argv=None) -> None:
     ap.add_argument("--base-rate", type=float, default=4.5, help="req/s before the burst (twice that after)")
     ap.add_argument("--output", type=int, default=30, help="output tokens per request (30: batches of decode steps)")
     ap.add_argument("--duration-scale", type=float, default=0.05, help="of the paper's 250 s stream (0.05: 12.5 s)")
+    ap.add_argument("--load", type=float, default=None,
+                    help="rate after the burst as a multiple of ratio 0's measured saturated rate (replaces "
+                         "--base-rate)")
     ap.add_argument("--step-ms", type=float, default=30.0)
     ap.add_argument("--gain", type=float, default=0.6, help="step time saved at ratio 1 (share)")
     ap.add_argument("--out", default=str(ROOT / "eval" / "results"))
@@ -121,7 +133,7 @@ def main(argv=None) -> None:
     from eval.bench_serving import plot
 
     doc = run(args.configs.split(","), args.base_rate, args.duration_scale, args.step_ms, args.gain,
-              output=args.output)
+              output=args.output, load=args.load)
     doc["command"] = "python -m eval.throttled_serving " + " ".join(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

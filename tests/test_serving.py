@@ -382,16 +382,18 @@ def test_uniform_routing_replaces_the_routers_choice():
 
 def test_controller_uses_brownout_on_the_real_engine():
     """eval/throttled_serving.py: transformers' continuous batching on the CPU, each step sleeping 30 ms x
-    (1 - 0.6 ratio). After the burst, ratio 0 is overloaded and its first tokens queue; our controller must keep
+    (1 - 0.6 ratio). After the burst, ratio 0 is overloaded (1.4x its measured capacity) and its first tokens queue; our controller must keep
     most of them within the SLO by raising the ratio, without pinning it at 1, and stay at 0 before the burst.
     Outputs of 30 tokens fill the batch with decode steps: a controller that raises the ratio only on steps carrying
     prompts let 55-62% of first tokens miss here."""
     from eval.throttled_serving import run
 
-    doc = run(["fixed:0", "mpc"], duration_scale=0.05, log=lambda *_: None)
+    # the rate after the burst is 1.4x ratio 0's saturated rate measured on this host: a fixed rate sat at ratio 0's
+    # capacity on one CI machine (49% of first tokens late) and far above it on another (93%)
+    doc = run(["fixed:0", "mpc"], duration_scale=0.05, log=lambda *_: None, load=1.4)
     f0, mpc = doc["burst"]["runs"]
     assert f0["errors"] == [] and mpc["errors"] == []
-    assert f0["after"]["violation_prefill"] > 0.5  # the scenario really overloads ratio 0
-    assert mpc["after"]["violation_prefill"] < 0.4
+    assert f0["after"]["violation_prefill"] > 0.45  # the scenario really overloads ratio 0
+    assert mpc["after"]["violation_prefill"] < min(0.3, 0.5 * f0["after"]["violation_prefill"])
     assert 0.02 < mpc["all"]["mean_ratio_time"] < 0.6
     assert mpc["before"]["violation_prefill"] < 0.05 and mpc["before"]["mean_ratio_time"] < 0.05
