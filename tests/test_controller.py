@@ -279,3 +279,93 @@ def test_mpc_load_term_holds_the_ratio_the_offered_load_needs():
     th.join()
     with pytest.raises(ValueError):
         make_controller("mpc", 0.25, 0.15, capacity={0.0: 1000.0})
+
+
+def test_mpc_backlog_floor_is_the_smallest_ratio_that_reaches_the_queue_in_time():
+    """With a capacity, the queue floor predicts: with the batch full a slot frees every s = L x token_time(r) s on
+    average (L the mean output asked for), so the oldest waiting request (age a) starts after half a slot and the
+    last of n after n - 1/2. The floor is the smallest grid ratio with max(a + s/2, (n - 1/2) s) <= TTFT SLO x
+    (1 - margin); none waiting: 0."""
+    cap = {0.0: 1000.0, 1.0: 2500.0}
+    c = make_controller("mpc", 0.25, 0.15, capacity=cap)
+    t = 0.0
+    for _ in range(40):  # requests of 20 output tokens at 200 req/s: 4000 tok/s, over both capacities
+        t += 0.005
+        c.observe_arrival(t, 10, 20)
+    assert c.mean_output(t) == pytest.approx(20.0)
+    budget = 0.25 * (1 - c.margin)
+
+    def expect(age, n):
+        for r in c.grid:
+            s = 20 * c.token_time(r)
+            if max(age + 0.5 * s, (n - 0.5) * s) <= budget + 1e-12:
+                return r
+        return 1.0
+
+    floors = []
+    for age, n in ((0.0, 3), (0.05, 6), (0.15, 12), (0.2035, 4), (0.18, 20), (0.3, 2)):
+        c.observe_queue(age, n, t)
+        floors.append(c.queue_floor)
+        assert c.queue_floor == expect(age, n)
+    assert floors == pytest.approx([0.0, 0.0, 0.15, 0.2, 0.8, 1.0])  # worked by hand from the formula above
+    assert floors == sorted(floors)
+    assert c.ratio("decode", t, 64) >= c.queue_floor
+    c.observe_queue(0.3, 0, t)  # nobody waits: no floor from the queue
+    assert c.queue_floor == 0.0
+
+
+def test_mpc_offered_load_follows_a_burst_within_load_count_arrivals():
+    """The offered load is taken over the last `load_count` arrivals (within `load_window`): after a step from 10 to
+    40 req/s it reads the new rate once `load_count` arrivals of it came (0.8 s at 32), not a 2 s window later."""
+    c = make_controller("mpc", 0.25, 0.15, capacity={0.0: 1000.0, 1.0: 2500.0})
+    t = 0.0
+    for _ in range(30):
+        t += 0.1
+        c.observe_arrival(t, 1, 10)
+    assert c.offered_load(t) == pytest.approx(100.0, rel=0.05)
+    for _ in range(32):
+        t += 0.025
+        c.observe_arrival(t, 1, 10)
+    assert c.offered_load(t) == pytest.approx(400.0, rel=0.05)
+    assert c.offered_load(t + 10.0) == 0.0  # all out of the window
+    with pytest.raises(ValueError):
+        make_controller("mpc", 0.25, 0.15, capacity={0.0: 1000.0, 1.0: 2500.0}, load_count=1)
+
+
+def test_erlang_c_and_the_queueing_floor():
+    """Erlang C against closed forms (M/M/1: P(wait) = rho; M/M/2 at 1 erlang: 1/3), and the MPC's queueing model:
+    once the server binds the batch size, the load floor keeps the predicted share of first tokens waiting past the
+    TTFT budget under `queue_eps`, which takes more ratio than carrying the load alone (the 5%-margin rule)."""
+    from runtime.serving.controller import erlang_c
+
+    assert erlang_c(1, 0.7) == pytest.approx(0.7) and erlang_c(2, 1.0) == pytest.approx(1 / 3)
+    assert erlang_c(8, 8.0) == 1.0 and erlang_c(8, 0.0) == 0.0
+    assert erlang_c(64, 40.0) < erlang_c(64, 55.0) < erlang_c(64, 63.0) < 1.0
+    cap = {0.0: 200.0, 1.0: 500.0}  # tok/s: a step of 8 at r = 0 takes 40 ms, at r = 1 16 ms
+    plain = make_controller("mpc", 0.16, 0.09, capacity=cap)
+    queued = make_controller("mpc", 0.16, 0.09, capacity=cap)
+    queued.bind(8)
+    assert queued.slots == 8 and plain.slots is None
+    given = make_controller("mpc", 0.16, 0.09, capacity=cap, slots=4)
+    given.bind(8)
+    assert given.slots == 4  # an explicit batch size is kept
+    t = 0.0
+    for _ in range(64):  # 9 req/s of 25 tokens: 225 tok/s, over ratio 0's 200
+        t += 1 / 9
+        for c in (plain, queued):
+            c.observe_arrival(t, 8, 25)
+            c.observe_queue(0.0, 0, t)
+    assert 0.0 < plain.load_floor == queued.load_floor  # nobody waited yet: the model is not armed
+    for c in (plain, queued):
+        c.observe_queue(0.01, 1, t)  # one request waits, but ratio 0 reaches it in time: still not armed
+    assert plain.load_floor == queued.load_floor
+    for c in (plain, queued):
+        c.observe_queue(0.12, 3, t)  # a queue ratio 0 would not reach in time: armed for load_window s
+    assert 0.0 < plain.load_floor < queued.load_floor <= 1.0
+    r = queued.load_floor
+    tokens, _, n, span = queued._recent(t)
+    lam = n / span
+    assert tokens / n == 25.0 and lam == pytest.approx(9.0, rel=0.06)
+    assert queued.late_share(r, lam, 25.0, 0.0) <= queued.queue_eps
+    assert queued.late_share(r - 0.05, lam, 25.0, 0.0) > queued.queue_eps  # the smallest grid ratio that fits
+    assert queued.late_share(0.0, lam, 25.0, 0.0) == 1.0  # over capacity: the queue grows without bound

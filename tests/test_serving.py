@@ -397,3 +397,18 @@ def test_controller_uses_brownout_on_the_real_engine():
     assert mpc["after"]["violation_prefill"] < min(0.3, 0.5 * f0["after"]["violation_prefill"])
     assert 0.02 < mpc["all"]["mean_ratio_time"] < 0.6
     assert mpc["before"]["violation_prefill"] < 0.05 and mpc["before"]["mean_ratio_time"] < 0.05
+
+
+def test_ramp_and_spike_traces():
+    from runtime.serving import ramp, spike
+
+    r = ramp(2.0, 20.0, 60.0, seed=3)
+    assert r.rate(0, 10) == pytest.approx(3.5, rel=0.35) and r.rate(50, 60) == pytest.approx(18.5, rel=0.2)
+    assert r.meta["kind"] == "ramp" and r.duration == 60.0
+    s = spike(4.0, 5.0, 80.0, at=20.0, length=20.0, seed=3)
+    assert s.rate(20, 40) == pytest.approx(20.0, rel=0.15) and s.rate(40, 80) == pytest.approx(4.0, rel=0.25)
+    assert ramp(2.0, 20.0, 60.0, seed=3).arrivals().tolist() == r.arrivals().tolist()  # seeded
+    for bad in (lambda: ramp(0.0, 1.0, 10.0), lambda: spike(1.0, 2.0, 10.0, at=11.0, length=1.0),
+                lambda: spike(1.0, 2.0, 10.0, at=1.0, length=0.0)):
+        with pytest.raises(BrownoutError):
+            bad()

@@ -36,7 +36,7 @@ from ..errors import BrownoutError
 
 KINDS = ("prefill", "decode")
 
-__all__ = ["KINDS", "Controller", "FixedRatio", "SALC", "PIController", "ModelPredictive", "LatencyProfile",
+__all__ = ["KINDS", "Controller", "FixedRatio", "SALC", "PIController", "ModelPredictive", "LatencyProfile", "erlang_c",
            "make_controller"]
 
 
@@ -75,6 +75,19 @@ def _bracket(grid: list[float], x: float) -> tuple[int, int, float]:
         return len(grid) - 1, len(grid) - 1, 0.0
     i = bisect.bisect_right(grid, x) - 1
     return i, i + 1, (x - grid[i]) / (grid[i + 1] - grid[i])
+
+
+def erlang_c(c: int, a: float) -> float:
+    """Erlang's C formula: the probability that an arrival waits in an M/M/c queue offered `a` erlangs (1 if a >= c).
+    Through the Erlang B recursion, O(c) and stable for any c."""
+    if a <= 0:
+        return 0.0
+    if a >= c:
+        return 1.0
+    b = 1.0
+    for k in range(1, c + 1):
+        b = a * b / (k + a * b)
+    return c * b / (c - a * (1.0 - b))
 
 
 class Window:
@@ -160,6 +173,9 @@ class Controller:
 
     def reset(self) -> None:
         pass
+
+    def bind(self, max_batch: int) -> None:
+        """Told by the server before a run: the engine's batch size (requests per step). Default: unused."""
 
     def snapshot(self) -> dict:
         return {"name": self.name, "ratio": {k: self.ratio(k) for k in KINDS}}
@@ -376,17 +392,25 @@ class ModelPredictive(Controller):
     This is what sees what no step model can: queueing delay in the time to first token.
 
     Queue term (each step): the step model cannot see queueing, and observed TTFTs arrive one queueing delay late.
-    So the age a of the oldest request still waiting to be scheduled (`observe_queue`) sets a floor on the ratio,
-    proportional between `queue_lo` * TTFT SLO (floor 0) and `queue_hi` * TTFT SLO (floor 1): the ratio rises on
-    the step at which a queue forms, before any first token is late. The floor holds for decode steps as well:
-    under continuous batching a full batch admits the queue only as decode steps finish requests (applied to
-    prompt-carrying steps only, the queue grows behind full batches of decode steps at r = 0).
+    So the queue before each step (`observe_queue`: the age of the oldest waiting request and how many wait) sets a
+    floor on the ratio. With `capacity` it is predictive (`_backlog_floor`): the smallest ratio at which the
+    engine, freeing a slot every L x token_time(r) s on average, reaches the oldest and the last waiting request
+    within the TTFT budget. Without, it is proportional to the oldest age, between `queue_lo` * TTFT SLO (floor 0) and
+    `queue_hi` * TTFT SLO (floor 1). Either way the ratio rises on the step at which a queue forms, before any first
+    token is late. The floor holds for decode steps as well: under continuous batching a full batch admits the queue
+    only as decode steps finish requests (applied to prompt-carrying steps only, the queue grows behind full batches
+    of decode steps at r = 0).
 
     Load term (optional, each step; needs `capacity`, the engine's saturated decode-token rate at two or more
-    ratios, measured at start-up): the output tokens asked for by the requests admitted over the last
-    `load_window` s are the offered load (`observe_arrival`). The floor is the smallest ratio whose capacity covers
-    it with a `load_margin` (time per token interpolated linearly in r); it is refreshed with the queue floor, on
-    each `observe_queue` (the server calls it before every step). This is what the queue term alone lacks: after a
+    ratios, measured at start-up): the output tokens asked for by the last `load_count` requests admitted (at most
+    `load_window` s back), over the time they took to come, are the offered load (`observe_arrival`). The floor is the smallest ratio whose capacity covers
+    it with a `load_margin` (time per token interpolated linearly in r) and, once the batch size is known (`slots`,
+    which the server passes through `bind`), at which an M/M/c queueing model (`late_share`: Erlang C with the
+    Allen-Cunneen correction for the output lengths' spread) predicts at most `queue_eps` of first tokens waiting
+    past the TTFT budget, from the first step at which the queue's backlog floor is above 0 until `load_window` s
+    after the last: carrying the load is not enough when the SLO is a few steps long, as at 0.9 utilisation
+    the queue alone makes a fifth of first tokens late. It is refreshed with the queue floor, on each
+    `observe_queue` (the server calls it before every step). This is what the queue term alone lacks: after a
     burst the queue floor sends the ratio to 1, the queue drains, the ratio falls back to 0 within a fraction of a
     second, and when ratio 0 cannot carry the after-burst rate the queue forms again (a relaxation cycle that leaves
     many first tokens late). `runtime.serving.calibration.measure_capacity` measures `capacity` on the running
@@ -407,7 +431,8 @@ class ModelPredictive(Controller):
                  hysteresis: float = 0.08, max_fall: float = 0.1, window: float = 1.0, period: float = 0.25,
                  beta_min: float = 0.2, grid_steps: int = 20, kappa_alpha: float = 0.05, kappa_up: float = 0.3,
                  learn: bool = True, queue_lo: float = 0.25, queue_hi: float = 0.6, maxlen: int = 1024,
-                 capacity: dict[float, float] | None = None, load_window: float = 2.0, load_margin: float = 0.05):
+                 capacity: dict[float, float] | None = None, load_window: float = 2.0, load_margin: float = 0.05,
+                 load_count: int = 32, slots: int | None = None, queue_eps: float = 0.05):
         super().__init__(slo_prefill, slo_decode)
         self.capacity = sorted((float(r), float(c)) for r, c in (capacity or {}).items())
         if self.capacity and (len(self.capacity) < 2 or any(c <= 0 or not 0 <= r <= 1 for r, c in self.capacity)):
@@ -416,7 +441,12 @@ class ModelPredictive(Controller):
         self._cap_r, self._cap_t = [r for r, _ in self.capacity], [1.0 / c for _, c in self.capacity]
         if not load_window > 0 or load_margin < 0:
             raise BrownoutError("need load_window > 0 and load_margin >= 0")
-        self.load_window, self.load_margin = float(load_window), float(load_margin)
+        if load_count < 2:
+            raise BrownoutError("need load_count >= 2")
+        self.load_window, self.load_margin, self.load_count = float(load_window), float(load_margin), int(load_count)
+        if slots is not None and slots < 1 or not 0 < queue_eps < 1:
+            raise BrownoutError("need slots >= 1 (or None) and 0 < queue_eps < 1")
+        self.slots, self.queue_eps, self._slots_given = slots, float(queue_eps), slots is not None
         self._arrivals = Window(load_window, maxlen=100_000)  # (time, output tokens), appended by the driver thread
         self._arr_lock = threading.Lock()
         if not 0 <= queue_lo < queue_hi:
@@ -440,6 +470,7 @@ class ModelPredictive(Controller):
         self.last_tokens = {k: 1 for k in KINDS}
         self.queue_floor = 0.0
         self.load_floor = 0.0
+        self._armed_until = -math.inf
         for w in self.win.values():
             w.clear()
         with self._arr_lock:
@@ -447,7 +478,14 @@ class ModelPredictive(Controller):
 
     def _observe_queue(self, age, waiting, now) -> None:
         slo = self.slo["prefill"]
-        self.queue_floor = _clamp01((age / slo - self.queue_lo) / (self.queue_hi - self.queue_lo)) if waiting else 0.0
+        if not waiting:
+            self.queue_floor = 0.0
+        elif self.capacity:
+            self.queue_floor = self._backlog_floor(age, waiting, now)
+            if self.queue_floor > 0:  # a queue that ratio 0 would not reach in time arms the queueing model
+                self._armed_until = now + self.load_window
+        else:
+            self.queue_floor = _clamp01((age / slo - self.queue_lo) / (self.queue_hi - self.queue_lo))
         if self.capacity:
             self.load_floor = self._load_floor(now)
 
@@ -455,26 +493,104 @@ class ModelPredictive(Controller):
         with self._arr_lock:
             self._arrivals.add(now, output_tokens)
 
-    def offered_load(self, now: float) -> float:
-        """Output tokens per second asked for by the requests admitted in the last `load_window` seconds."""
+    def _recent(self, now: float) -> tuple[float, float, int, float]:
+        """(output tokens, their sum of squares, requests, span in s) of the recent arrivals: the last `load_count`
+        of those admitted in the last `load_window` s, over the time since the one before them, or, if that reads
+        less, the whole window. The count follows a burst within `load_count` arrivals at any rate; the window keeps
+        the estimate up for `load_window` s after the rate falls, so one quiet gap does not drop the ratio."""
         with self._arr_lock:
             self._arrivals.prune(now)
-            tokens = sum(t for _, t in self._arrivals.buf)
-        return tokens / self.load_window
+            buf = self._arrivals.buf
+            all_tokens = sum(t for _, t in buf)
+            if len(buf) > self.load_count:  # indexing near a deque's end is O(1)
+                start = buf[-self.load_count - 1][0]
+                recent = [buf[-i][1] for i in range(1, self.load_count + 1)]
+            else:
+                start, recent = now - self.load_window, [t for _, t in buf]
+        span = max(now - start, 1e-3)
+        if all_tokens / self.load_window > sum(recent) / span:  # the longer view reads more: take it
+            with self._arr_lock:
+                recent, span = [t for _, t in self._arrivals.buf], self.load_window
+        return float(sum(recent)), float(sum(t * t for t in recent)), len(recent), span
+
+    def offered_load(self, now: float) -> float:
+        """Output tokens per second asked for by the recently admitted requests (see `_recent`)."""
+        tokens, _, _, span = self._recent(now)
+        return tokens / span
+
+    def mean_output(self, now: float) -> float:
+        """Mean output tokens asked for by the recently admitted requests (1 if none came)."""
+        tokens, _, n, _ = self._recent(now)
+        return tokens / n if n else 1.0
+
+    def _backlog_floor(self, age: float, waiting: int, now: float) -> float:
+        """The smallest ratio at which the queue is predicted to reach its first tokens within the TTFT budget.
+
+        With the batch full, a slot frees as a running request ends, i.e. every s(r) = L x token_time(r) seconds on
+        average for a mean output of L tokens. The oldest waiting request (age a) then starts after half such an
+        interval on average (the residual of evenly spread departures), the k-th after k - 1/2 of them; the last,
+        of `waiting`, has an age of about 0. Ages in between are spread between these, so the two ends bound the
+        queue: max(a + s(r) / 2, (waiting - 1/2) x s(r)) <= SLO x (1 - margin)."""
+        budget = self.slo["prefill"] * (1 - self.margin)
+        per_req = self.mean_output(now)
+        for r in self.grid:
+            s = per_req * self.token_time(r)
+            if max(age + 0.5 * s, (waiting - 0.5) * s) <= budget:
+                return r
+        return 1.0
 
     def token_time(self, r: float) -> float:
         """Seconds per output token at saturation at ratio r (linear in r between the measured ratios)."""
         i, j, a = _bracket(self._cap_r, r)
         return (1 - a) * self._cap_t[i] + a * self._cap_t[j]
 
+    def bind(self, max_batch: int) -> None:
+        if not self._slots_given and max_batch and max_batch > 0:
+            self.slots = int(max_batch)
+
+    def late_share(self, r: float, lam: float, mean_out: float, cs2: float) -> float:
+        """Predicted share of arrivals whose wait for a batch slot leaves too little of the TTFT budget, at ratio r.
+
+        The batch is `slots` servers; a request holds one for L steps of a full batch, D = L x slots x
+        token_time(r) s. An M/M/c queue (Erlang C) offered lam x D erlangs gives P(wait > x) =
+        C x exp(-(c/D - lam) x); the exponent is divided by (1 + cs2) / 2 (Allen-Cunneen: Poisson arrivals, service
+        times of squared variation cs2, the output lengths'), and x is the TTFT budget less one full step, the
+        prompt's own. 1 where the queue is unstable or one step alone spends the budget."""
+        t = self.token_time(r)
+        if lam * mean_out * t * (1 + self.load_margin) >= 1.0:
+            return 1.0
+        c = self.slots
+        step = c * t
+        x = self.slo["prefill"] * (1 - self.margin) - step
+        if x <= 0:
+            return 1.0
+        d = mean_out * step
+        return erlang_c(c, lam * d) * math.exp(-(c / d - lam) * x * 2.0 / (1.0 + cs2))
+
     def _load_floor(self, now: float) -> float:
-        need = self.offered_load(now) * (1 + self.load_margin)
-        if need <= 0:
+        """The smallest grid ratio whose saturated token rate carries the offered load with `load_margin` and, once
+        the batch size is known (`slots`, from the server's `bind`) and the queue threatened the TTFT budget (a
+        backlog floor above 0) in the last `load_window` s, whose predicted late share (`late_share`) is at most `queue_eps`. The model is armed by a queue because
+        it is a steady-state bound that overstates waiting at moderate load (M/M/c waits more often than a batch of
+        similar-length requests does): unarmed, it would spend ratio before any request ever waits."""
+        tokens, sq, n, span = self._recent(now)
+        if n == 0 or tokens <= 0:
             return 0.0
-        for r in self.grid:
-            if need * self.token_time(r) <= 1.0:
-                return r
-        return 1.0
+        lam, mean_out = n / span, tokens / n
+        cs2 = max(0.0, sq / n / (mean_out * mean_out) - 1.0)
+        if not self.slots or now >= self._armed_until:  # no queue of late: carrying the load is enough
+            need = lam * mean_out * (1 + self.load_margin)
+            return next((r for r in self.grid if need * self.token_time(r) <= 1.0), 1.0)
+        ok = lambda r: self.late_share(r, lam, mean_out, cs2) <= self.queue_eps  # noqa: E731
+        if self._cap_t[-1] <= self._cap_t[0]:  # brownout is faster: the share falls with r, bisect the grid
+            lo, hi = 0, len(self.grid) - 1
+            if not ok(self.grid[hi]):
+                return 1.0
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if ok(self.grid[mid]) else (mid + 1, hi)
+            return self.grid[lo]
+        return next((r for r in self.grid if ok(r)), 1.0)
 
     def _observe(self, kind, latency, now, tokens, ratio, step_s) -> None:
         self.win[kind].add(now, latency)

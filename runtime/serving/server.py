@@ -323,6 +323,8 @@ class BrownoutServer:
         cfg = self.cfg
         ctl = controller or self.controller
         ctl.reset()
+        if hasattr(ctl, "bind"):  # the engine's batch size: the MPC's queueing model needs it
+            ctl.bind(self.cfg.max_batch)
         rng = np.random.default_rng(cfg.seed)
         reqs = trace.requests
         if prompts is None:

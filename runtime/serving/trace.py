@@ -1,4 +1,5 @@
-"""Request traces for serving runs: bursty, the paper's burst test, Poisson. Seeded, bounded, saved as JSON.
+"""Request traces for serving runs: bursty, the paper's burst test, Poisson, a ramp, a spike. Seeded, bounded, saved
+as JSON.
 
 A trace is a list of requests (arrival time in seconds from the start, prompt length, output length) plus the
 parameters that made it. Lengths come from a lognormal per preset:
@@ -191,6 +192,32 @@ def burst_test(base_rate: float, duration_scale: float = 1.0, duration: float = 
     return _build(rng, times, lengths, max_prompt, max_output,
                   {"kind": "burst_test", "base_rate": base_rate, "factor": factor, "duration": d, "burst_at": b,
                    "duration_scale": duration_scale, "cv": cv, "seed": seed})
+
+
+def ramp(rate0: float, rate1: float, duration: float, lengths: str = "alpaca", seed: int = 0,
+         max_requests: int = 10_000, max_prompt: int = 1024, max_output: int = 1024) -> Trace:
+    """A slow ramp: Poisson arrivals whose rate moves linearly from `rate0` to `rate1` req/s over `duration` s."""
+    _check_bounds(duration, max_requests)
+    if not (rate0 > 0 and rate1 > 0):
+        raise BrownoutError("ramp rates must be positive")
+    rng = np.random.default_rng(seed)
+    times = _arrivals(rng, lambda t: rate0 + (rate1 - rate0) * min(1.0, t / duration), duration, 1.0, max_requests)
+    return _build(rng, times, lengths, max_prompt, max_output,
+                  {"kind": "ramp", "rate0": rate0, "rate1": rate1, "duration": duration, "seed": seed})
+
+
+def spike(base_rate: float, factor: float, duration: float, at: float, length: float, lengths: str = "alpaca",
+          seed: int = 0, max_requests: int = 10_000, max_prompt: int = 1024, max_output: int = 1024) -> Trace:
+    """A short spike: Poisson at `base_rate` req/s, `factor` x that for `length` s from `at` s."""
+    _check_bounds(duration, max_requests)
+    if not (base_rate > 0 and factor > 0 and length > 0 and 0 <= at < duration):
+        raise BrownoutError("spike needs base_rate, factor, length > 0 and 0 <= at < duration")
+    rng = np.random.default_rng(seed)
+    times = _arrivals(rng, lambda t: base_rate * (factor if at <= t < at + length else 1.0), duration, 1.0,
+                      max_requests)
+    return _build(rng, times, lengths, max_prompt, max_output,
+                  {"kind": "spike", "base_rate": base_rate, "factor": factor, "duration": duration, "at": at,
+                   "length": length, "seed": seed})
 
 
 def main(argv=None) -> None:

@@ -1,0 +1,400 @@
+"""Robustness matrix: does a controller hold the SLO, with no constant retuned, on traces it was not shaped on?
+
+One engine, one calibration, then a matrix of seeded traces whose rates are set from the engine's measured service
+rates (mu0 at ratio 0, mu1 at ratio 1, requests/s):
+
+    burst1.5 / burst2 / burst3   the paper's burst shape (the rate rises at 30% of the stream) from 0.6 mu0 to
+                                 1.5x, 2x and 3x that
+    ramp                         Poisson whose rate moves linearly from 0.5 mu0 to (mu0 + mu1) / 2 + 0.5 (mu1 - mu0)
+                                 (the load change: the moment it passes mu0)
+    spike                        Poisson at 0.6 mu0 with 3x that for 8% of the stream from 40%
+    poisson                      Poisson at (mu0 + mu1) / 2: between ratio 0's and ratio 1's capacity (the "load
+                                 change" is the first 20%: a cold start)
+
+each served by the fixed ratios 0, 0.25, 0.5, 0.75 and 1 (the hindsight baselines), the paper's rule (SALC, its
+5 s / 2 s clock scaled by the stream's compression, as the burst benchmark does) and ours (`mpc`, the library's
+defaults). Per trace and config: first-token and later-token SLO violations before and after the load change,
+mean ratio, goodput, p50/p90/p99 TTFT and TPOT, and the verdict of issue 18's target:
+
+    where some fixed ratio keeps both violation rates <= 5% over the trace, ours must too, with a mean ratio no more
+    than 0.1 above the smallest such ratio; where none can, ours must be no worse than ratio 1 (its larger
+    violation share, of first or of later tokens, at most 1 point above ratio 1's).
+
+Engines:
+    --engine throttled   CPU, no GPU: transformers' continuous batching serving a tiny Qwen2-MoE whose every step
+                         sleeps step_ms x (1 - gain x ratio) (eval/throttled_serving.py). `--laws 30:0.6,12:0.3`
+                         runs the whole matrix once per law: stand-ins for machines whose brownout buys more or less,
+                         with nothing retuned between them. About 10 minutes per law.
+    --engine gpu         the serving benchmark's setup (eval/bench_serving.py): Qwen1.5-MoE-A2.7B shape, random bf16
+                         weights, a 4-way united tier, the fused kernel in CUDA graphs on every side.
+
+The SLOs are calibrated the same way on every engine: `--slo-factor` x the p90 TTFT and TPOT of a ratio-0 run at
+half mu0. mpc gets the capacity measured here (the library's `measure_capacity`) and, on the GPU, the graph-replayed
+step profile; no controller constant is set here.
+
+    python -m eval.robustness --engine throttled --laws 30:0.6,12:0.3        # eval/results/robustness_cpu.*
+    python -m eval.robustness --engine gpu --duration 6 --rehearse --time-budget 360   # one device call
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime.serving import (BrownoutServer, FixedRatio, LatencyProfile, ServeConfig, burst_test, make_controller,
+                             measure_saturation, poisson, ramp, saturation_trace, spike, summarize, timeline)
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "eval" / "results"
+FIXED = [0.0, 0.25, 0.5, 0.75, 1.0]
+TRACES = ["burst1.5", "burst2", "burst3", "ramp", "spike", "poisson"]
+OK_SHARE = 0.05  # the target's violation bound
+RATIO_SLACK = 0.1  # ours may spend this much more mean ratio than the smallest fixed ratio that holds
+NO_WORSE = 0.01  # "no worse than ratio 1": at most this much more of all tokens late
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------ traces
+def make_traces(names, mu0: float, mu1: float, duration: float, seed: int, lengths: str, max_prompt: int,
+                max_output: int) -> dict:
+    """{name: (trace, change_at)} with rates set from the measured service rates (module docstring)."""
+    kw = dict(lengths=lengths, max_prompt=max_prompt, max_output=max_output)
+    base, mid = 0.6 * mu0, 0.5 * (mu0 + mu1)
+    out = {}
+    for i, name in enumerate(names):
+        s = seed * 100 + i
+        if name.startswith("burst"):
+            f = float(name[len("burst"):])
+            tr = burst_test(base, duration_scale=duration / 250.0, factor=f, seed=s, **kw)
+            out[name] = (tr, tr.meta["burst_at"])
+        elif name == "ramp":
+            r0, r1 = 0.5 * mu0, mid + 0.5 * (mu1 - mu0)
+            tr = ramp(r0, r1, duration, seed=s, **kw)
+            out[name] = (tr, duration * (mu0 - r0) / (r1 - r0))
+        elif name == "spike":
+            tr = spike(base, 3.0, duration, 0.4 * duration, 0.08 * duration, seed=s, **kw)
+            out[name] = (tr, 0.4 * duration)
+        elif name == "poisson":
+            tr = poisson(mid, duration, seed=s, **kw)
+            out[name] = (tr, 0.2 * duration)
+        else:
+            raise SystemExit(f"unknown trace {name!r}: one of {TRACES}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ verdict
+def worst(m: dict) -> float:
+    """The larger of the first-token and later-token violation shares (1 where a kind has no token)."""
+    return max(1.0 if v is None else v for v in (m["violation_prefill"], m["violation_decode"]))
+
+
+def verdict(runs: dict) -> dict:
+    """Issue 18's target on one trace. `runs`: {config: metrics dict with "all"}."""
+    fixed = sorted((float(c.split(":")[1]), m) for c, m in runs.items() if c.startswith("fixed:"))
+    holding = [r for r, m in fixed if worst(m["all"]) <= OK_SHARE]
+    ours = runs.get("mpc")
+    if ours is None:
+        return {"status": "no run of ours"}
+    mine = ours["all"]
+    if holding:
+        need = min(holding)
+        ok = worst(mine) <= OK_SHARE and (mine["mean_ratio_time"] or 0.0) <= need + RATIO_SLACK
+        return {"case": "a fixed ratio holds", "smallest_holding": need, "ours_worst": worst(mine),
+                "ours_mean_ratio": mine["mean_ratio_time"], "met": bool(ok)}
+    one = runs.get("fixed:1")
+    if one is None:
+        return {"status": "no ratio-1 run"}
+    ok = worst(mine) <= worst(one["all"]) + NO_WORSE
+    return {"case": "no fixed ratio holds", "ratio1_worst": worst(one["all"]), "ours_worst": worst(mine),
+            "ours_mean_ratio": mine["mean_ratio_time"], "met": bool(ok)}
+
+
+# ------------------------------------------------------------------------------------------------------ engines
+def throttled_engine(step_ms: float, gain: float, args):
+    from eval.throttled_serving import Throttled, tiny_model
+
+    handle = Throttled(tiny_model(), step_ms, gain)
+    cfg = ServeConfig(max_batch=8, max_batch_tokens=128, num_blocks=64, page_size=32, max_memory_percent=None,
+                      drain_timeout_s=args.drain_seconds, max_queue=args.max_queue)
+    return BrownoutServer(handle, None, cfg), None, f"CPU, each step sleeps {step_ms:g} ms x (1 - {gain:g} x ratio)"
+
+
+def gpu_engine(args):
+    """The serving benchmark's model and tier; `--tiny` builds its tiny CPU twin instead (a smoke test of this
+    path with eager forwards, numbers meaningless)."""
+    from eval import bench_serving as bs
+    from runtime import BrownoutMoE
+
+    tiny = args.tiny
+    model = bs.build_model(tiny, args.seed)
+    bs.uniform_routing(model)
+    udir = bs.united_tier(model, Path(args.cache), tiny, [0, -1] if tiny else [0, 1, -2, -1])
+    bm = BrownoutMoE.attach(model, udir)
+    vocab = model.config.vocab_size
+    ratios = [0.0, 0.25, 0.5, 0.75, 1.0]
+    t = time.time()
+    if tiny:
+        tokens = [1, 8, 32, 64]
+        pts, _ = bs.profile(model, bm, tokens, ratios, 2, "cpu", vocab)
+    else:
+        bm.set_backend("triton")  # the fused kernel at every ratio; the server puts it in graph-safe mode
+        tokens = [1, 8, 16, 32, 64, 128, 256, 512, 1024]
+        pts = bs.profile_graphed(model, bm, tokens, ratios, 5, vocab)
+    log(f"profiled {len(pts)} forwards in {time.time() - t:.1f} s")
+    prof = LatencyProfile.from_points(pts, tokens=tokens, ratios=ratios)
+    cfg = ServeConfig(max_batch=8 if tiny else 64, max_batch_tokens=128 if tiny else 1024, max_queue=args.max_queue,
+                      queue_timeout_s=30.0, request_timeout_s=60.0, drain_timeout_s=args.drain_seconds,
+                      num_blocks=64 if tiny else None, page_size=32 if tiny else 256,
+                      max_memory_percent=None if tiny else 0.4, seed=args.seed, use_cuda_graph=not tiny,
+                      kv_padding_tokens=0 if tiny else 4096)
+    name = "CPU (tiny smoke test)" if tiny else torch.cuda.get_device_name(0)
+    shape = "tiny Qwen2-MoE" if tiny else "Qwen1.5-MoE-A2.7B shape (random bf16), CUDA graphs"
+    return BrownoutServer(bm, None, cfg), prof, f"{name}, {shape}, way 4"
+
+
+# ------------------------------------------------------------------------------------------------------ runs
+def calibrate(srv, args) -> dict:
+    """Service rates at ratios 0 and 1 and SLOs from a ratio-0 run at half mu0: the same code on every engine."""
+    lens = dict(lengths=args.lengths, max_prompt=args.max_prompt, max_output=args.max_output)
+    sat = {r: measure_saturation(srv, r, seconds=args.sat_seconds, queue=args.sat_queue, rate=args.sat_rate, **lens)
+           for r in (0.0, 1.0)}
+    mu0, mu1 = sat[0.0]["req_s"], sat[1.0]["req_s"]
+    res = srv.run(poisson(0.5 * mu0, args.base_seconds, seed=12, **lens), controller=FixedRatio(0.0))
+    m = summarize(res, 1e9, 1e9, t0=min(2.0, args.base_seconds / 4))
+    slo_d = args.slo_factor * m["tpot"]["p90"]
+    slo_p = max(args.slo_factor * m["ttft"]["p90"], slo_d)
+    cal = {"mu0": mu0, "mu1": mu1, "capacity_tok_s": {0.0: sat[0.0]["tok_s"], 1.0: sat[1.0]["tok_s"]},
+           "saturation": {str(r): v for r, v in sat.items()}, "slo_prefill": slo_p, "slo_decode": slo_d,
+           "base_run": {"ttft": m["ttft"], "tpot": m["tpot"]}}
+    log(f"calibration: mu0 {mu0:.2f} req/s, mu1 {mu1:.2f} req/s ({mu1 / mu0:.2f}x); SLO TTFT {1e3 * slo_p:.0f} ms, "
+        f"TPOT {1e3 * slo_d:.0f} ms")
+    return cal
+
+
+def controller(spec: str, cal: dict, prof, duration: float):
+    p = LatencyProfile(prof.tokens, prof.ratios, [row[:] for row in prof.lat]) if prof is not None else None
+    if spec == "salc":  # the paper's 5 s interval on the stream's compression (250 s -> duration), as bench_serving
+        spec = f"salc:{max(0.25, 5.0 * duration / 250.0):g}"
+    return make_controller(spec, cal["slo_prefill"], cal["slo_decode"], profile=p, capacity=cal["capacity_tok_s"])
+
+
+def run_one(srv, spec, trace, change_at, cal, prof) -> dict:
+    sp, sd = cal["slo_prefill"], cal["slo_decode"]
+    t = time.time()
+    res = srv.run(trace, controller=controller(spec, cal, prof, trace.duration))
+    out = {"config": spec, "wall_s": time.time() - t, "errors": res.errors,
+           "all": summarize(res, sp, sd), "before": summarize(res, sp, sd, 0.0, change_at),
+           "after": summarize(res, sp, sd, change_at, math.inf),
+           "timeline": timeline(res, max(0.25, trace.duration / 40))}
+    a = out["all"]
+    log(f"    {spec:10s} late first/later {fmt(a['violation_prefill'])}/{fmt(a['violation_decode'])} "
+        f"(after the change {fmt(out['after']['violation_prefill'])}/{fmt(out['after']['violation_decode'])}), "
+        f"mean ratio {a['mean_ratio_time'] or 0:.2f}, goodput {a['goodput_req_s']:.2f} req/s, {a['status']}"
+        + (f" errors {res.errors}" if res.errors else ""))
+    return out
+
+
+def fmt(v, pct=True) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{100 * v:.1f}%" if pct else f"{v:.2f}"
+
+
+def run_matrix(srv, prof, device: str, args, save=lambda doc: None, t_start: float | None = None) -> dict:
+    """The whole matrix on one engine; `save(doc)` after each trace (a killed run keeps what it finished). A trace
+    that would end past `args.time_budget` s from `t_start` is skipped and listed."""
+    with torch.no_grad():
+        # first steps: allocation, kernel compilation, one CUDA graph per padded batch: served to the end, as the
+        # serving benchmark does (a warm-up cut short leaves the captures to the first timed run)
+        warm = saturation_trace(3 * srv.cfg.max_batch, args.lengths, 7, args.max_prompt, args.max_output)
+        t, cfg = time.time(), srv.cfg
+        srv.cfg = replace(cfg, max_queue=len(warm), drain_timeout_s=120.0, request_timeout_s=150.0)
+        try:
+            srv.run(warm, controller=FixedRatio(0.0))
+        finally:
+            srv.cfg = cfg  # only the driver's settings changed
+        log(f"engine warm-up: {time.time() - t:.1f} s")
+        cal = calibrate(srv, args)
+        traces = make_traces(args.traces.split(","), cal["mu0"], cal["mu1"], args.duration, args.seed,
+                             args.lengths, args.max_prompt, args.max_output)
+        configs = [f"fixed:{r:g}" for r in FIXED] + ["salc", "mpc"]
+        doc = {"device": device, "calibration": cal, "duration": args.duration, "traces": {}, "skipped": []}
+        t_start = time.time() if t_start is None else t_start
+        for name, (tr, change_at) in traces.items():
+            need = (len(configs) + args.rehearse) * (tr.duration + 1.0)
+            if time.time() - t_start + need > args.time_budget:
+                log(f"  trace {name}: skipped (about {need:.0f} s would end past --time-budget)")
+                doc["skipped"].append(name)
+                continue
+            log(f"  trace {name}: {len(tr)} requests over {tr.duration:.1f} s, load change at {change_at:.1f} s")
+            if args.rehearse:  # untimed: the engine captures the graphs of this trace's shapes
+                srv.run(tr, controller=FixedRatio(0.0))
+            runs = {c: run_one(srv, c, tr, change_at, cal, prof) for c in configs}
+            v = verdict(runs)
+            log(f"  -> {name}: {v}")
+            doc["traces"][name] = {"meta": tr.meta, "change_at": change_at, "runs": runs, "verdict": v}
+            save(doc)
+    return doc
+
+
+# ------------------------------------------------------------------------------------------------------ report
+def markdown(docs: list[dict], command: str) -> str:
+    lines = ["# Robustness matrix (issue 18)", "",
+             f"Command: `{command}`. Target: where a fixed ratio keeps first- and later-token violations <= "
+             f"{100 * OK_SHARE:.0f}%, ours does too with a mean ratio <= the smallest such + {RATIO_SLACK:g}; where "
+             f"none can, ours has at most {100 * NO_WORSE:.0f} point more late first or later tokens (the larger "
+             f"share) than ratio 1.", ""]
+    for doc in docs:
+        cal = doc["calibration"]
+        met = [t["verdict"].get("met") for t in doc["traces"].values()]
+        lines += [f"## {doc['device']}", "",
+                  f"mu0 {cal['mu0']:.2f} req/s, mu1 {cal['mu1']:.2f} req/s ({cal['mu1'] / cal['mu0']:.2f}x); SLOs "
+                  f"TTFT {1e3 * cal['slo_prefill']:.0f} ms, TPOT {1e3 * cal['slo_decode']:.0f} ms; streams of "
+                  f"{doc['duration']:g} s. Target met on {sum(bool(m) for m in met)} of {len(met)} traces.", "",
+                  "| trace | config | late first (before / after) | late later (before / after) | mean ratio | "
+                  "goodput req/s | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms |", "|---|---|---|---|---|---|---|---|"]
+        for name, t in doc["traces"].items():
+            for c, r in t["runs"].items():
+                a, b, f = r["all"], r["before"], r["after"]
+                ms = lambda d: "/".join("-" if d[q] is None else f"{1e3 * d[q]:.0f}" for q in ("p50", "p90", "p99"))  # noqa: E731
+                lines.append(f"| {name} | {c} | {fmt(b['violation_prefill'])} / {fmt(f['violation_prefill'])} | "
+                             f"{fmt(b['violation_decode'])} / {fmt(f['violation_decode'])} | "
+                             f"{a['mean_ratio_time'] or 0:.2f} | {a['goodput_req_s']:.2f} | {ms(a['ttft'])} | "
+                             f"{ms(a['tpot'])} |")
+        lines += ["", "| trace | case | smallest fixed ratio that holds | ours: worst late share | ours: mean ratio "
+                  "| met |", "|---|---|---|---|---|---|"]
+        for name, t in doc["traces"].items():
+            v = t["verdict"]
+            lines.append(f"| {name} | {v.get('case', v.get('status'))} | {v.get('smallest_holding', '-')} | "
+                         f"{fmt(v.get('ours_worst'))} | {fmt(v.get('ours_mean_ratio'), False)} | "
+                         f"{'yes' if v.get('met') else 'no'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(docs: list[dict], path: Path) -> None:
+    """One panel per (engine, trace): worst late share against mean ratio; the fixed ratios as a line (the
+    hindsight frontier), SALC and ours as markers, the 5% bound dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(docs[0]["traces"])
+    fig, axes = plt.subplots(len(docs), len(names), figsize=(3.2 * len(names), 3.0 * len(docs)), squeeze=False)
+    for i, doc in enumerate(docs):
+        for j, name in enumerate(names):
+            ax = axes[i][j]
+            t = doc["traces"].get(name)
+            if t is None:
+                ax.axis("off")
+                continue
+            fx = sorted((r["all"]["mean_ratio_time"] or 0, worst(r["all"])) for c, r in t["runs"].items()
+                        if c.startswith("fixed:"))
+            ax.plot([x for x, _ in fx], [100 * y for _, y in fx], "o-", color="grey", label="fixed ratios")
+            for c, mk, col in (("salc", "s", "tab:orange"), ("mpc", "*", "tab:blue")):
+                if c in t["runs"]:
+                    a = t["runs"][c]["all"]
+                    ax.plot([a["mean_ratio_time"] or 0], [100 * worst(a)], mk, color=col, ms=11,
+                            label="SALC" if c == "salc" else "ours (mpc)")
+            ax.axhline(100 * OK_SHARE, color="r", ls="--", lw=0.8)
+            ax.set_ylim(-3, 103)
+            ax.set_title(f"{name}: {'met' if t['verdict'].get('met') else 'missed'}", fontsize=9)
+            if j == 0:
+                ax.set_ylabel(f"{doc['device'][:38]}\nworst late share (%)", fontsize=8)
+            if i == len(docs) - 1:
+                ax.set_xlabel("mean ratio")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------------ main
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engine", choices=["throttled", "gpu"], default="throttled")
+    ap.add_argument("--laws", default="30:0.6,12:0.3",
+                    help="throttled engine: step_ms:gain per machine stand-in (the matrix runs once per law)")
+    ap.add_argument("--traces", default=",".join(TRACES))
+    ap.add_argument("--duration", type=float, default=None, help="s per trace (default 10 on the CPU, 8 on the GPU)")
+    ap.add_argument("--seed", type=int, default=0, help="trace seeds derive from this")
+    ap.add_argument("--lengths", default="alpaca")
+    ap.add_argument("--max-prompt", type=int, default=None, help="default 16 on the CPU, 512 on the GPU")
+    ap.add_argument("--max-output", type=int, default=None, help="default 32 on the CPU, 256 on the GPU")
+    ap.add_argument("--slo-factor", type=float, default=2.0)
+    ap.add_argument("--sat-seconds", type=float, default=3.0)
+    ap.add_argument("--sat-queue", type=int, default=16)
+    ap.add_argument("--sat-rate", type=float, default=None, help="req/s far above capacity (default 60 CPU, 120 GPU)")
+    ap.add_argument("--base-seconds", type=float, default=4.0)
+    ap.add_argument("--drain-seconds", type=float, default=5.0)
+    ap.add_argument("--max-queue", type=int, default=128)
+    ap.add_argument("--time-budget", type=float, default=math.inf, help="s: skip traces that would end past this")
+    ap.add_argument("--rehearse", action="store_true", help="serve each trace once untimed first (graph captures)")
+    ap.add_argument("--cache", default=str(ROOT / ".bench_cache"))
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--tag", default=None, help="file stem (default robustness_cpu / robustness_gpu)")
+    ap.add_argument("--tiny", action="store_true", help="--engine gpu: a tiny model on the CPU (smoke test)")
+    ap.add_argument("--report", default=None, metavar="JSON",
+                    help="only rewrite the .md and .png of a results JSON (from a machine with no matplotlib)")
+    args = ap.parse_args(argv)
+    if args.report:
+        full = json.loads(Path(args.report).read_text())
+        for doc in full["engines"]:  # the verdict as this version of the target reads it
+            for t in doc["traces"].values():
+                t["verdict"] = verdict(t["runs"])
+        stem = Path(args.report).with_suffix("")
+        Path(f"{stem}.md").write_text(markdown(full["engines"], full["command"]))
+        plot(full["engines"], Path(f"{stem}.png"))
+        log(f"wrote {stem}.md/.png")
+        return
+    gpu = args.engine == "gpu"
+    if gpu and not args.tiny and not torch.cuda.is_available():
+        raise SystemExit("--engine gpu needs CUDA (or --tiny); --engine throttled runs on the CPU")
+    big = gpu and not args.tiny
+    args.duration = args.duration or (6.0 if big else 10.0)
+    args.max_prompt = args.max_prompt or (512 if big else 16)
+    args.max_output = args.max_output or (256 if big else 32)
+    args.sat_rate = args.sat_rate or (120.0 if big else 60.0)
+    tag = args.tag or ("robustness_cpu" if not gpu else "robustness_tiny" if args.tiny else "robustness_gpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m eval.robustness " + " ".join(sys.argv[1:] if argv is None else argv)
+    docs = []
+    engines = [("gpu", None)] if gpu else [("law", tuple(float(x) for x in law.split(":")))
+                                          for law in args.laws.split(",")]
+    t_start = time.time()
+
+    def save(done: list[dict]) -> None:  # after every trace: a killed run keeps what it finished
+        done = [d for d in done if d["traces"]]
+        if not done:
+            return
+        full = {"command": command, "torch": torch.__version__, "engines": done}
+        (out / f"{tag}.json").write_text(json.dumps(full, indent=1))
+        (out / f"{tag}.md").write_text(markdown(done, command))
+        try:
+            plot(done, out / f"{tag}.png")
+        except Exception as e:  # a plot must never lose the numbers
+            log(f"plot failed: {e!r}")
+
+    for kind, law in engines:
+        srv, prof, device = gpu_engine(args) if kind == "gpu" else throttled_engine(*law, args)
+        log(f"engine: {device}")
+        with srv:
+            docs.append(run_matrix(srv, prof, device, args, lambda d: save(docs + [d]), t_start))
+        save(docs)
+    log(f"wrote {out / tag}.json/.md/.png ({time.time() - t_start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

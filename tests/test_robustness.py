@@ -1,0 +1,66 @@
+"""eval/robustness.py: the target's verdict, the trace matrix's rates and the report, on made-up runs (the engine
+path itself is the production server, exercised by tests/test_serving.py)."""
+import pytest
+
+from eval.robustness import make_traces, markdown, plot, verdict
+
+
+def m(pre, dec, ratio, late_all=None):
+    late_all = max(pre, dec) if late_all is None else late_all
+    pcts = {"p50": 0.1, "p90": 0.2, "p99": 0.3}
+    return {"all": {"violation_prefill": pre, "violation_decode": dec, "mean_ratio_time": ratio,
+                    "violation_all": late_all, "goodput_req_s": 1.0, "ttft": pcts, "tpot": pcts},
+            "before": {"violation_prefill": 0.0, "violation_decode": 0.0},
+            "after": {"violation_prefill": pre, "violation_decode": dec}}
+
+
+def fixed(*late):
+    return {f"fixed:{r:g}": m(x, 0.0, r) for r, x in zip((0.0, 0.25, 0.5, 0.75, 1.0), late)}
+
+
+def test_verdict_where_a_fixed_ratio_holds():
+    runs = fixed(0.6, 0.3, 0.04, 0.0, 0.0)  # 0.5 is the smallest that holds
+    assert verdict({**runs, "mpc": m(0.03, 0.01, 0.58)}) | {} == {
+        "case": "a fixed ratio holds", "smallest_holding": 0.5, "ours_worst": 0.03, "ours_mean_ratio": 0.58,
+        "met": True}
+    assert not verdict({**runs, "mpc": m(0.03, 0.0, 0.65)})["met"]  # more than 0.1 above 0.5
+    assert not verdict({**runs, "mpc": m(0.01, 0.06, 0.3)})["met"]  # later tokens late: both kinds count
+
+
+def test_verdict_where_none_holds():
+    runs = fixed(0.9, 0.8, 0.6, 0.4, 0.2)
+    v = verdict({**runs, "mpc": m(0.21, 0.0, 0.9)})
+    assert v["case"] == "no fixed ratio holds" and v["met"]  # within 1 point of ratio 1
+    assert not verdict({**runs, "mpc": m(0.25, 0.0, 0.9)})["met"]
+    # the larger of the two kinds is compared, not the all-token share (which later tokens dominate)
+    assert not verdict({**runs, "mpc": m(0.25, 0.0, 0.9, late_all=0.01)})["met"]
+    assert verdict(runs) == {"status": "no run of ours"}
+
+
+def test_trace_rates_follow_the_measured_service_rates():
+    tr = make_traces(["burst2", "ramp", "spike", "poisson"], mu0=10.0, mu1=20.0, duration=200.0, seed=0,
+                     lengths="alpaca", max_prompt=16, max_output=32)
+    b, at = tr["burst2"]
+    assert at == pytest.approx(60.0) and b.rate(0, at) == pytest.approx(6.0, rel=0.2)
+    assert b.rate(at, 200) == pytest.approx(12.0, rel=0.15)
+    r, at = tr["ramp"]  # 5 -> 20 req/s: passes mu0 = 10 at a third of the stream
+    assert at == pytest.approx(200 / 3) and r.rate(180, 200) == pytest.approx(19.25, rel=0.2)
+    s, at = tr["spike"]
+    assert s.rate(at, at + 16) == pytest.approx(18.0, rel=0.25)
+    p, _ = tr["poisson"]
+    assert p.rate(0, 200) == pytest.approx(15.0, rel=0.1)
+    with pytest.raises(SystemExit):
+        make_traces(["nope"], 10.0, 20.0, 10.0, 0, "alpaca", 16, 32)
+
+
+def test_report_and_plot(tmp_path):
+    runs = {**fixed(0.6, 0.3, 0.04, 0.0, 0.0), "salc": m(0.5, 0.0, 0.1), "mpc": m(0.03, 0.0, 0.55)}
+    for r in runs.values():
+        r["timeline"] = {}
+    doc = {"device": "test engine", "duration": 10.0, "skipped": [],
+           "calibration": {"mu0": 10.0, "mu1": 20.0, "slo_prefill": 0.2, "slo_decode": 0.1},
+           "traces": {"burst2": {"runs": runs, "verdict": verdict(runs)}}}
+    md = markdown([doc], "python -m eval.robustness")
+    assert "Target met on 1 of 1 traces" in md and "| burst2 | mpc | 0.0% / 3.0% |" in md
+    plot([doc], tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 1000
