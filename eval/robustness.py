@@ -33,7 +33,7 @@ half mu0. mpc gets the capacity measured here (the library's `measure_capacity`)
 step profile; no controller constant is set here.
 
     python -m eval.robustness --engine throttled --laws 30:0.6,12:0.3        # eval/results/robustness_cpu.*
-    python -m eval.robustness --engine gpu --duration 6 --rehearse --time-budget 360   # one device call
+    python -m eval.robustness --engine gpu --duration 5 --drain-seconds 3 --time-budget 390   # one device call
 """
 from __future__ import annotations
 
@@ -204,6 +204,11 @@ def run_one(srv, spec, trace, change_at, cal, prof) -> dict:
     return out
 
 
+def ms(d: dict) -> str:
+    """p50/p90/p99 of a percentile dict, in ms."""
+    return "/".join("-" if d[q] is None else f"{1e3 * d[q]:.0f}" for q in ("p50", "p90", "p99"))
+
+
 def fmt(v, pct=True) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -266,7 +271,6 @@ def markdown(docs: list[dict], command: str) -> str:
         for name, t in doc["traces"].items():
             for c, r in t["runs"].items():
                 a, b, f = r["all"], r["before"], r["after"]
-                ms = lambda d: "/".join("-" if d[q] is None else f"{1e3 * d[q]:.0f}" for q in ("p50", "p90", "p99"))  # noqa: E731
                 lines.append(f"| {name} | {c} | {fmt(b['violation_prefill'])} / {fmt(f['violation_prefill'])} | "
                              f"{fmt(b['violation_decode'])} / {fmt(f['violation_decode'])} | "
                              f"{a['mean_ratio_time'] or 0:.2f} | {a['goodput_req_s']:.2f} | {ms(a['ttft'])} | "

@@ -237,31 +237,42 @@ def test_mpc_queue_term_reacts_before_any_late_token():
 
 
 def test_mpc_load_term_holds_the_ratio_the_offered_load_needs():
-    """The load term: output tokens asked for by the requests admitted in the last 2 s against the engine's
-    saturated token rates (here 1000 tok/s at r = 0, 2000 at r = 1). Under the r = 0 capacity the floor is 0; at
-    1.5x it is the smallest ratio whose capacity covers 1.5x with the 5% margin, and it holds while the load
-    holds, with no queue at all (the queue-only controller fell back to 0 as soon as the queue drained, on the
-    H100). It follows the load back down once the arrivals slow."""
+    """The load term: output tokens asked for by the recent requests against the engine's saturated token rates
+    (here 1000 tok/s at r = 0, 2000 at r = 1). It is armed by a queue that ratio 0 would not reach in time: before
+    one, it spends nothing, even over the measured r = 0 capacity (saturated rates can understate what ratio 0
+    serves). Once armed at 1.5x, it is the smallest ratio whose capacity covers 1.5x with the 5% margin, and it
+    holds while the load holds, with no queue at all (the queue-only controller fell back to 0 as soon as the queue
+    drained, on the H100). It follows the load back down once the arrivals slow."""
     prof = LatencyProfile([1, 64], [0.0, 1.0], [[0.010, 0.010], [0.020, 0.016]])
     c = make_controller("mpc", 0.25, 0.15, profile=prof, capacity={0.0: 1000.0, 1.0: 2000.0})
+    unarmed = make_controller("mpc", 0.25, 0.15, profile=prof, capacity={0.0: 1000.0, 1.0: 2000.0})
     noload = make_controller("mpc:noload", 0.25, 0.15, profile=prof, capacity={0.0: 1000.0, 1.0: 2000.0})
     assert c.name == "mpc" and noload.name == "mpc:noload" and noload.capacity == []
     # needed ratio for `rate` tok/s: token time 1/1000 - r * (1/1000 - 1/2000) <= 1 / (1.05 rate)
     need = lambda rate: max(0.0, min(1.0, (1e-3 - 1 / (1.05 * rate)) / 5e-4))  # noqa: E731
-    t, rs = 0.0, []
+    t, rs, queued = 0.0, [], False
     for rate, seconds in ((800.0, 3.0), (1500.0, 4.0), (800.0, 4.0)):
         for _ in range(int(seconds * rate / 50)):  # requests of 50 output tokens, evenly spaced
             t += 50 / rate
-            for ctl in (c, noload):
+            for ctl in (c, noload, unarmed):
                 ctl.observe_arrival(t, 10, 50)
                 ctl.observe_queue(0.0, 0, t)
-            rs.append((rate, t, c.ratio("decode", t, 64), noload.ratio("decode", t, 64)))
-    calm = [r for rate, tt, r, _ in rs if rate == 800.0 and tt < 3.0]
+            if rate == 1500.0 and not queued:  # one queue, 0.2 s old, 5 deep: ratio 0 would be late (0.225 s)
+                queued = True
+                for ctl in (c, noload):
+                    ctl.observe_queue(0.2, 5, t)
+                assert c.queue_floor > 0.0
+                for ctl in (c, noload):
+                    ctl.observe_queue(0.0, 0, t)  # drained at once
+            rs.append((rate, t, c.ratio("decode", t, 64), noload.ratio("decode", t, 64),
+                       unarmed.ratio("decode", t, 64)))
+    calm = [r for rate, tt, r, _, _ in rs if rate == 800.0 and tt < 3.0]
     assert max(calm) == 0.0
-    held = [r for rate, tt, r, _ in rs if rate == 1500.0 and 5.0 < tt <= 7.0]  # 2 s into the high load
+    held = [r for rate, tt, r, _, _ in rs if rate == 1500.0 and 5.0 < tt <= 7.0]  # 2-4 s after the one queue
     # up to one grid step (0.05) above the exact need, plus one arrival's worth of window quantisation
     assert min(held) >= need(1500.0) - 1e-9 and max(held) <= need(1500.0) + 0.1
-    assert max(n for rate, _, _, n in rs if rate == 1500.0) == 0.0  # no queue, no latency: no reason without it
+    assert max(n for rate, tt, _, n, _ in rs if rate == 1500.0 and tt > 3.5) == 0.0  # no load term: back to 0
+    assert max(u for *_, u in rs) == 0.0  # never armed: nothing spent
     assert rs[-1][2] == 0.0  # back to 0 after the load fell
     assert c.offered_load(t) == pytest.approx(800.0, rel=0.05)
     # the driver thread appends arrivals while the engine thread reads: no error, bounded
@@ -355,10 +366,10 @@ def test_erlang_c_and_the_queueing_floor():
         for c in (plain, queued):
             c.observe_arrival(t, 8, 25)
             c.observe_queue(0.0, 0, t)
-    assert 0.0 < plain.load_floor == queued.load_floor  # nobody waited yet: the model is not armed
+    assert plain.load_floor == queued.load_floor == 0.0  # nobody waited yet: the floor is not armed
     for c in (plain, queued):
         c.observe_queue(0.01, 1, t)  # one request waits, but ratio 0 reaches it in time: still not armed
-    assert plain.load_floor == queued.load_floor
+    assert plain.load_floor == queued.load_floor == 0.0
     for c in (plain, queued):
         c.observe_queue(0.12, 3, t)  # a queue ratio 0 would not reach in time: armed for load_window s
     assert 0.0 < plain.load_floor < queued.load_floor <= 1.0

@@ -403,18 +403,18 @@ class ModelPredictive(Controller):
 
     Load term (optional, each step; needs `capacity`, the engine's saturated decode-token rate at two or more
     ratios, measured at start-up): the output tokens asked for by the last `load_count` requests admitted (at most
-    `load_window` s back), over the time they took to come, are the offered load (`observe_arrival`). The floor is the smallest ratio whose capacity covers
-    it with a `load_margin` (time per token interpolated linearly in r) and, once the batch size is known (`slots`,
-    which the server passes through `bind`), at which an M/M/c queueing model (`late_share`: Erlang C with the
-    Allen-Cunneen correction for the output lengths' spread) predicts at most `queue_eps` of first tokens waiting
-    past the TTFT budget, from the first step at which the queue's backlog floor is above 0 until `load_window` s
-    after the last: carrying the load is not enough when the SLO is a few steps long, as at 0.9 utilisation
-    the queue alone makes a fifth of first tokens late. It is refreshed with the queue floor, on each
-    `observe_queue` (the server calls it before every step). This is what the queue term alone lacks: after a
-    burst the queue floor sends the ratio to 1, the queue drains, the ratio falls back to 0 within a fraction of a
-    second, and when ratio 0 cannot carry the after-burst rate the queue forms again (a relaxation cycle that leaves
-    many first tokens late). `runtime.serving.calibration.measure_capacity` measures `capacity` on the running
-    engine.
+    `load_window` s back), over the time they took to come, are the offered load (`observe_arrival`). The floor is
+    the smallest ratio whose capacity covers it with a `load_margin` (time per token interpolated linearly in r)
+    and, once the batch size is known (`slots`, which the server passes through `bind`), at which an M/M/c queueing
+    model (`late_share`: Erlang C with the Allen-Cunneen correction for the output lengths' spread) predicts at most
+    `queue_eps` of first tokens waiting past the TTFT budget: carrying the load is not enough when the SLO is a few
+    steps long, as at 0.9 utilisation the queue alone makes a fifth of first tokens late. It is refreshed with the
+    queue floor, on each `observe_queue` (the server calls it before every step), and armed by the queue (see
+    `_load_floor`): it spends nothing until a queue shows that ratio 0 falls short, then holds while the load that
+    made that queue holds. This is what the queue term alone lacks: after a burst the queue floor sends the ratio to
+    1, the queue drains, the ratio falls back to 0 within a fraction of a second, and when ratio 0 cannot carry the
+    after-burst rate the queue forms again (a relaxation cycle that leaves many first tokens late).
+    `runtime.serving.calibration.measure_capacity` measures `capacity` on the running engine.
 
     Hysteresis: the ratio rises at once; it falls only when the lower ratio's prediction is under the budget by a
     further `hysteresis` fraction, and by at most `max_fall` per step.
@@ -432,7 +432,7 @@ class ModelPredictive(Controller):
                  beta_min: float = 0.2, grid_steps: int = 20, kappa_alpha: float = 0.05, kappa_up: float = 0.3,
                  learn: bool = True, queue_lo: float = 0.25, queue_hi: float = 0.6, maxlen: int = 1024,
                  capacity: dict[float, float] | None = None, load_window: float = 2.0, load_margin: float = 0.05,
-                 load_count: int = 32, slots: int | None = None, queue_eps: float = 0.05):
+                 load_count: int = 32, slots: int | None = None, queue_eps: float = 0.05, arm_hold: float = 0.9):
         super().__init__(slo_prefill, slo_decode)
         self.capacity = sorted((float(r), float(c)) for r, c in (capacity or {}).items())
         if self.capacity and (len(self.capacity) < 2 or any(c <= 0 or not 0 <= r <= 1 for r, c in self.capacity)):
@@ -447,6 +447,9 @@ class ModelPredictive(Controller):
         if slots is not None and slots < 1 or not 0 < queue_eps < 1:
             raise BrownoutError("need slots >= 1 (or None) and 0 < queue_eps < 1")
         self.slots, self.queue_eps, self._slots_given = slots, float(queue_eps), slots is not None
+        if not 0 < arm_hold <= 1:
+            raise BrownoutError("need 0 < arm_hold <= 1")
+        self.arm_hold = float(arm_hold)
         self._arrivals = Window(load_window, maxlen=100_000)  # (time, output tokens), appended by the driver thread
         self._arr_lock = threading.Lock()
         if not 0 <= queue_lo < queue_hi:
@@ -471,6 +474,7 @@ class ModelPredictive(Controller):
         self.queue_floor = 0.0
         self.load_floor = 0.0
         self._armed_until = -math.inf
+        self._arm_load = math.inf
         for w in self.win.values():
             w.clear()
         with self._arr_lock:
@@ -482,8 +486,9 @@ class ModelPredictive(Controller):
             self.queue_floor = 0.0
         elif self.capacity:
             self.queue_floor = self._backlog_floor(age, waiting, now)
-            if self.queue_floor > 0:  # a queue that ratio 0 would not reach in time arms the queueing model
+            if self.queue_floor > 0:  # a queue that ratio 0 would not reach in time arms the load floor
                 self._armed_until = now + self.load_window
+                self._arm_load = self.offered_load(now)
         else:
             self.queue_floor = _clamp01((age / slo - self.queue_lo) / (self.queue_hi - self.queue_lo))
         if self.capacity:
@@ -568,17 +573,25 @@ class ModelPredictive(Controller):
         return erlang_c(c, lam * d) * math.exp(-(c / d - lam) * x * 2.0 / (1.0 + cs2))
 
     def _load_floor(self, now: float) -> float:
-        """The smallest grid ratio whose saturated token rate carries the offered load with `load_margin` and, once
-        the batch size is known (`slots`, from the server's `bind`) and the queue threatened the TTFT budget (a
-        backlog floor above 0) in the last `load_window` s, whose predicted late share (`late_share`) is at most `queue_eps`. The model is armed by a queue because
-        it is a steady-state bound that overstates waiting at moderate load (M/M/c waits more often than a batch of
-        similar-length requests does): unarmed, it would spend ratio before any request ever waits."""
+        """While armed, the smallest grid ratio whose saturated token rate carries the offered load with
+        `load_margin` and, once the batch size is known (`slots`, from the server's `bind`), whose predicted late
+        share (`late_share`) is at most `queue_eps`; 0 while not armed.
+
+        A queue that ratio 0 would not reach in time (a backlog floor above 0) arms the floor for `load_window` s,
+        and for as long after as the offered load stays at or above `arm_hold` x the load at which that queue formed:
+        the engine has shown where its ratio-0 capacity ends, so the floor holds while the load does, and the
+        ratio does not fall back to 0 for the queue to form again. Unarmed it spends nothing, because both models
+        are bounds that can overstate the need: the saturated rates are measured with a full batch and a queue
+        (on an H200 they understated what ratio 0 served by over 20%), and M/M/c waits more often than a batch of
+        similar-length requests does."""
         tokens, sq, n, span = self._recent(now)
         if n == 0 or tokens <= 0:
             return 0.0
         lam, mean_out = n / span, tokens / n
+        if now >= self._armed_until and lam * mean_out < self.arm_hold * self._arm_load:
+            return 0.0
         cs2 = max(0.0, sq / n / (mean_out * mean_out) - 1.0)
-        if not self.slots or now >= self._armed_until:  # no queue of late: carrying the load is enough
+        if not self.slots:
             need = lam * mean_out * (1 + self.load_margin)
             return next((r for r in self.grid if need * self.token_time(r) <= 1.0), 1.0)
         ok = lambda r: self.late_share(r, lam, mean_out, cs2) <= self.queue_eps  # noqa: E731
