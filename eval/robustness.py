@@ -45,7 +45,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from runtime.serving import (BrownoutServer, FixedRatio, LatencyProfile, ServeConfig, burst_test, make_controller,
@@ -265,7 +264,8 @@ def markdown(docs: list[dict], command: str) -> str:
         lines += [f"## {doc['device']}", "",
                   f"mu0 {cal['mu0']:.2f} req/s, mu1 {cal['mu1']:.2f} req/s ({cal['mu1'] / cal['mu0']:.2f}x); SLOs "
                   f"TTFT {1e3 * cal['slo_prefill']:.0f} ms, TPOT {1e3 * cal['slo_decode']:.0f} ms; streams of "
-                  f"{doc['duration']:g} s. Target met on {sum(bool(m) for m in met)} of {len(met)} traces.", "",
+                  f"{doc['duration']:g} s. Target met on {sum(bool(m) for m in met)} of {len(met)} traces."
+                  + (f" Skipped for the time budget: {', '.join(doc['skipped'])}." if doc.get("skipped") else ""), "",
                   "| trace | config | late first (before / after) | late later (before / after) | mean ratio | "
                   "goodput req/s | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms |", "|---|---|---|---|---|---|---|---|"]
         for name, t in doc["traces"].items():

@@ -503,19 +503,15 @@ class ModelPredictive(Controller):
         of those admitted in the last `load_window` s, over the time since the one before them, or, if that reads
         less, the whole window. The count follows a burst within `load_count` arrivals at any rate; the window keeps
         the estimate up for `load_window` s after the rate falls, so one quiet gap does not drop the ratio."""
-        with self._arr_lock:
+        with self._arr_lock:  # one snapshot: the driver thread appends while the engine thread reads
             self._arrivals.prune(now)
-            buf = self._arrivals.buf
-            all_tokens = sum(t for _, t in buf)
-            if len(buf) > self.load_count:  # indexing near a deque's end is O(1)
-                start = buf[-self.load_count - 1][0]
-                recent = [buf[-i][1] for i in range(1, self.load_count + 1)]
-            else:
-                start, recent = now - self.load_window, [t for _, t in buf]
-        span = max(now - start, 1e-3)
-        if all_tokens / self.load_window > sum(recent) / span:  # the longer view reads more: take it
-            with self._arr_lock:
-                recent, span = [t for _, t in self._arrivals.buf], self.load_window
+            window = [t for _, t in self._arrivals.buf]
+            start = self._arrivals.buf[-self.load_count - 1][0] if len(window) > self.load_count else None
+        recent, span = window, self.load_window
+        if start is not None:
+            last, last_span = window[-self.load_count:], max(now - start, 1e-3)
+            if sum(last) / last_span >= sum(window) / self.load_window:  # the count reads more: take it
+                recent, span = last, last_span
         return float(sum(recent)), float(sum(t * t for t in recent)), len(recent), span
 
     def offered_load(self, now: float) -> float:
