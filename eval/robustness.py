@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from eval.bench_serving import fmt, log
 from runtime.serving import (BrownoutServer, FixedRatio, LatencyProfile, ServeConfig, burst_test, make_controller,
                              measure_saturation, poisson, ramp, saturation_trace, spike, summarize, timeline)
 
@@ -57,10 +58,6 @@ TRACES = ["burst1.5", "burst2", "burst3", "ramp", "spike", "poisson"]
 OK_SHARE = 0.05  # the target's violation bound
 RATIO_SLACK = 0.1  # ours may spend this much more mean ratio than the smallest fixed ratio that holds
 NO_WORSE = 0.01  # "no worse than ratio 1": at most this much more of all tokens late
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------------ traces
@@ -196,22 +193,21 @@ def run_one(srv, spec, trace, change_at, cal, prof) -> dict:
            "after": summarize(res, sp, sd, change_at, math.inf),
            "timeline": timeline(res, max(0.25, trace.duration / 40))}
     a = out["all"]
-    log(f"    {spec:10s} late first/later {fmt(a['violation_prefill'])}/{fmt(a['violation_decode'])} "
-        f"(after the change {fmt(out['after']['violation_prefill'])}/{fmt(out['after']['violation_decode'])}), "
+    log(f"    {spec:10s} late first/later {pct(a['violation_prefill'])}/{pct(a['violation_decode'])} "
+        f"(after the change {pct(out['after']['violation_prefill'])}/{pct(out['after']['violation_decode'])}), "
         f"mean ratio {a['mean_ratio_time'] or 0:.2f}, goodput {a['goodput_req_s']:.2f} req/s, {a['status']}"
         + (f" errors {res.errors}" if res.errors else ""))
     return out
 
 
+def pct(v) -> str:
+    """A share as the serving benchmark prints it ("-" for none)."""
+    return fmt(v, pct=True)
+
+
 def ms(d: dict) -> str:
     """p50/p90/p99 of a percentile dict, in ms."""
     return "/".join("-" if d[q] is None else f"{1e3 * d[q]:.0f}" for q in ("p50", "p90", "p99"))
-
-
-def fmt(v, pct=True) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return f"{100 * v:.1f}%" if pct else f"{v:.2f}"
 
 
 def run_matrix(srv, prof, device: str, args, save=lambda doc: None, t_start: float | None = None) -> dict:
@@ -271,8 +267,8 @@ def markdown(docs: list[dict], command: str) -> str:
         for name, t in doc["traces"].items():
             for c, r in t["runs"].items():
                 a, b, f = r["all"], r["before"], r["after"]
-                lines.append(f"| {name} | {c} | {fmt(b['violation_prefill'])} / {fmt(f['violation_prefill'])} | "
-                             f"{fmt(b['violation_decode'])} / {fmt(f['violation_decode'])} | "
+                lines.append(f"| {name} | {c} | {pct(b['violation_prefill'])} / {pct(f['violation_prefill'])} | "
+                             f"{pct(b['violation_decode'])} / {pct(f['violation_decode'])} | "
                              f"{a['mean_ratio_time'] or 0:.2f} | {a['goodput_req_s']:.2f} | {ms(a['ttft'])} | "
                              f"{ms(a['tpot'])} |")
         lines += ["", "| trace | case | smallest fixed ratio that holds | ours: worst late share | ours: mean ratio "
@@ -280,7 +276,7 @@ def markdown(docs: list[dict], command: str) -> str:
         for name, t in doc["traces"].items():
             v = t["verdict"]
             lines.append(f"| {name} | {v.get('case', v.get('status'))} | {v.get('smallest_holding', '-')} | "
-                         f"{fmt(v.get('ours_worst'))} | {fmt(v.get('ours_mean_ratio'), False)} | "
+                         f"{pct(v.get('ours_worst'))} | {fmt(v.get('ours_mean_ratio'))} | "
                          f"{'yes' if v.get('met') else 'no'} |")
         lines.append("")
     return "\n".join(lines)
