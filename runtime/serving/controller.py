@@ -482,17 +482,18 @@ class ModelPredictive(Controller):
 
     def _observe_queue(self, age, waiting, now) -> None:
         slo = self.slo["prefill"]
+        recent = self._recent(now) if self.capacity else None  # one snapshot of the arrivals for this step
         if not waiting:
             self.queue_floor = 0.0
-        elif self.capacity:
-            self.queue_floor = self._backlog_floor(age, waiting, now)
+        elif recent is not None:
+            self.queue_floor = self._backlog_floor(age, waiting, recent)
             if self.queue_floor > 0:  # a queue that ratio 0 would not reach in time arms the load floor
                 self._armed_until = now + self.load_window
-                self._arm_load = self.offered_load(now)
+                self._arm_load = recent[0] / recent[3]
         else:
             self.queue_floor = _clamp01((age / slo - self.queue_lo) / (self.queue_hi - self.queue_lo))
-        if self.capacity:
-            self.load_floor = self._load_floor(now)
+        if recent is not None:
+            self.load_floor = self._load_floor(now, recent)
 
     def _observe_arrival(self, now, prompt_tokens, output_tokens) -> None:
         with self._arr_lock:
@@ -524,7 +525,7 @@ class ModelPredictive(Controller):
         tokens, _, n, _ = self._recent(now)
         return tokens / n if n else 1.0
 
-    def _backlog_floor(self, age: float, waiting: int, now: float) -> float:
+    def _backlog_floor(self, age: float, waiting: int, recent: tuple) -> float:
         """The smallest ratio at which the queue is predicted to reach its first tokens within the TTFT budget.
 
         With the batch full, a slot frees as a running request ends, i.e. every s(r) = L x token_time(r) seconds on
@@ -533,7 +534,8 @@ class ModelPredictive(Controller):
         of `waiting`, has an age of about 0. Ages in between are spread between these, so the two ends bound the
         queue: max(a + s(r) / 2, (waiting - 1/2) x s(r)) <= SLO x (1 - margin)."""
         budget = self.slo["prefill"] * (1 - self.margin)
-        per_req = self.mean_output(now)
+        tokens, _, n, _ = recent  # `_recent`'s snapshot
+        per_req = tokens / n if n else 1.0
         for r in self.grid:
             s = per_req * self.token_time(r)
             if max(age + 0.5 * s, (waiting - 0.5) * s) <= budget:
@@ -568,7 +570,7 @@ class ModelPredictive(Controller):
         d = mean_out * step
         return erlang_c(c, lam * d) * math.exp(-(c / d - lam) * x * 2.0 / (1.0 + cs2))
 
-    def _load_floor(self, now: float) -> float:
+    def _load_floor(self, now: float, recent: tuple) -> float:
         """While armed, the smallest grid ratio whose saturated token rate carries the offered load with
         `load_margin` and, once the batch size is known (`slots`, from the server's `bind`), whose predicted late
         share (`late_share`) is at most `queue_eps`; 0 while not armed.
@@ -580,7 +582,7 @@ class ModelPredictive(Controller):
         are bounds that can overstate the need: the saturated rates are measured with a full batch and a queue
         (on an H200 they understated what ratio 0 served by over 20%), and M/M/c waits more often than a batch of
         similar-length requests does."""
-        tokens, sq, n, span = self._recent(now)
+        tokens, sq, n, span = recent  # `_recent`'s snapshot
         if n == 0 or tokens <= 0:
             return 0.0
         lam, mean_out = n / span, tokens / n
