@@ -150,6 +150,22 @@ def test_serve_records_complete(tiny_model):
     assert len(tl["t"]) == len(tl["ratio"]) and sum(tl["arrivals_per_s"]) * 0.5 == pytest.approx(5)
 
 
+def test_compile_asks_transformers_for_its_compile_path(tiny_model):
+    """`ServeConfig(compile=True)` hands transformers' engine its own default compile (level 1), which resolves
+    to a compile config of the varlen path; off, the engine compiles nothing. Only the engine's configuration is
+    checked here (compiling a model is minutes of CPU; the tiny smoke run of eval/robustness.py does that)."""
+    h = Handle(tiny_model)
+    on = BrownoutServer(h, None, _cfg(compile=True))._manager()
+    off = BrownoutServer(h, None, _cfg())._manager()
+    try:
+        assert on.continuous_batching_config.varlen_compile_config is not None  # resolved when the engine is made
+        assert off.continuous_batching_config.varlen_compile_config is None
+    finally:
+        for m in (on, off):
+            m.destroy()
+    assert h.events == []  # on the CPU, compile leaves the handle's mode alone (no graph-safe switch)
+
+
 def test_engine_is_kept_between_runs(tiny_model):
     """Inside `with server:` one engine serves several runs (the bench relies on it to capture CUDA graphs once):
     each run's records are complete, its controller is the one passed, and the engine stops at exit."""
@@ -303,6 +319,7 @@ def test_service_rate_counts_decode_tokens_over_the_window():
     r = service_rate(res, 0.5, 1.5, mean_out=4.0)  # steps starting at 0.5 .. 1.4: 10 steps over 0.98 s
     assert r["tok_s"] == pytest.approx(80 / 0.98) and r["req_s"] == pytest.approx(r["tok_s"] / 4)
     assert r["step_p50"] == pytest.approx(0.08) and r["batch_mean"] == 8
+    assert r["step_share"] == pytest.approx(0.8 / 0.98)  # 10 steps of 80 ms in 0.98 s; the rest is host work
     assert math.isnan(service_rate(res, 5.0)["tok_s"])
 
 

@@ -56,8 +56,10 @@ def mean_output_len(lengths: str = "alpaca", max_prompt: int = 512, max_output: 
 
 def service_rate(res, t_from: float, t_to: float = math.inf, mean_out: float = 1.0) -> dict:
     """Decode tokens per second over the steps of a `ServeResult` that start in [t_from, t_to), and requests per
-    second at `mean_out` output tokens each: {"tok_s", "req_s", "step_p50" (s), "batch_mean"} (NaN rates if no step
-    started in the window)."""
+    second at `mean_out` output tokens each: {"tok_s", "req_s", "step_p50" (s), "batch_mean", "step_share"} (NaN
+    rates if no step started in the window). "step_share" is the share of the window's wall time spent inside steps
+    (forward, sampling, copy-out); the rest is the engine's host work between steps (scheduling, batch preparation,
+    bookkeeping), which brownout cannot shorten."""
     steps = [s for s in res.steps if t_from <= s.t0 < t_to]
     if not steps:
         return {"tok_s": float("nan"), "req_s": float("nan")}
@@ -65,7 +67,8 @@ def service_rate(res, t_from: float, t_to: float = math.inf, mean_out: float = 1
     toks = sum(s.decode_tokens for s in steps)
     return {"tok_s": toks / span, "req_s": toks / span / mean_out,
             "step_p50": float(np.median([s.step_s for s in steps])),
-            "batch_mean": float(np.mean([s.requests for s in steps]))}
+            "batch_mean": float(np.mean([s.requests for s in steps])),
+            "step_share": sum(s.step_s for s in steps) / span if span > 0 else float("nan")}
 
 
 def measure_saturation(server, ratio: float, *, seconds: float = 6.0, queue: int = 16, rate: float = 120.0,

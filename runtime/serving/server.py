@@ -85,6 +85,12 @@ class ServeConfig:
     page_size: int = 256
     max_memory_percent: float | None = 0.5
     use_cuda_graph: bool = False
+    # torch.compile the engine's forward + sampling through transformers' own path (default_compile_level=1: its
+    # default compile config, dynamic shapes, then CUDA graphs of the compiled function when use_cuda_graph is on;
+    # 5.24 breaks the graph at each paged-cache update, 5.17 compiles the varlen path whole). The brownout
+    # experts are custom ops (runtime.ops), so the graph does not break at them; on CUDA the handle runs graph-safe
+    # (the ratio read from a device scalar) so the compiled code never guards on, or recompiles for, the ratio
+    compile: bool = False
     # CUDA-graph padding granularity of the query / KV lengths in tokens (0: transformers' defaults, 64 / 16384 in
     # 5.24). A finer KV grain means more graphs but less attention over padding on every step
     q_padding_tokens: int = 0
@@ -179,6 +185,8 @@ class BrownoutServer:
                   use_async_batching=False, use_cuda_graph=self.cfg.use_cuda_graph, allow_block_sharing=False,
                   page_size=self.cfg.page_size, num_blocks=num_blocks, seed=self.cfg.seed,
                   max_memory_percent=self.cfg.max_memory_percent)
+        if self.cfg.compile:  # transformers' default compile of its paths: mode "default", dynamic shapes
+            kw["default_compile_level"] = 1
         if self.cfg.q_padding_tokens:
             kw["q_padding_interval_size"] = self.cfg.q_padding_tokens
         if self.cfg.kv_padding_tokens:
@@ -210,7 +218,7 @@ class BrownoutServer:
         graphs on, the handle is switched to graph-safe mode first (a BrownoutError from it stops the start)."""
         if self._mgr is not None:
             return
-        if self.cfg.use_cuda_graph:
+        if self.cfg.use_cuda_graph or (self.cfg.compile and self._cuda):
             self._enter_graph_safe()
         try:
             self._last_ratio = None  # the handle's ratio may have been turned outside the server
