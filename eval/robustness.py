@@ -28,12 +28,17 @@ Engines:
     --engine gpu         the serving benchmark's setup (eval/bench_serving.py): Qwen1.5-MoE-A2.7B shape, random bf16
                          weights, a 4-way united tier, the fused kernel in CUDA graphs on every side.
 
+    --engine gpu --compile   the same, with the engine's forward compiled through transformers' own path
+                         (`ServeConfig(compile=True)`); `--eager-saturation` first measures the same handle's
+                         saturated rates without compile. On transformers 5.17 / H200 the compiled engine did not
+                         finish its warm-up (eval/results/README.md); `--tiny --compile` runs on the CPU.
+
 The SLOs are calibrated the same way on every engine: `--slo-factor` x the p90 TTFT and TPOT of a ratio-0 run at
 half mu0. mpc gets the capacity measured here (the library's `measure_capacity`) and, on the GPU, the graph-replayed
 step profile; no controller constant is set here.
 
     python -m eval.robustness --engine throttled --laws 30:0.6,12:0.3        # eval/results/robustness_cpu.*
-    python -m eval.robustness --engine gpu --duration 5 --drain-seconds 3 --time-budget 390   # one device call
+    python -m eval.robustness --engine gpu --duration 8 --drain-seconds 3 --time-budget 545   # one device call
 """
 from __future__ import annotations
 
@@ -152,18 +157,51 @@ def gpu_engine(args):
                       queue_timeout_s=30.0, request_timeout_s=60.0, drain_timeout_s=args.drain_seconds,
                       num_blocks=64 if tiny else None, page_size=32 if tiny else 256,
                       max_memory_percent=None if tiny else 0.4, seed=args.seed, use_cuda_graph=not tiny,
-                      kv_padding_tokens=0 if tiny else 4096)
+                      kv_padding_tokens=0 if tiny else 4096, compile=args.compile)
     name = "CPU (tiny smoke test)" if tiny else torch.cuda.get_device_name(0)
     shape = "tiny Qwen2-MoE" if tiny else "Qwen1.5-MoE-A2.7B shape (random bf16), CUDA graphs"
+    shape += ", torch.compile (transformers' default_compile_level=1)" if args.compile else ""
     return BrownoutServer(bm, None, cfg), prof, f"{name}, {shape}, way 4"
 
 
 # ------------------------------------------------------------------------------------------------------ runs
+def saturation_pair(srv, args) -> dict:
+    """Saturated service rates at ratios 0 and 1 on `srv`'s engine (the calibration's measurement)."""
+    lens = dict(lengths=args.lengths, max_prompt=args.max_prompt, max_output=args.max_output)
+    return {r: measure_saturation(srv, r, seconds=args.sat_seconds, queue=args.sat_queue, rate=args.sat_rate, **lens)
+            for r in (0.0, 1.0)}
+
+
+def warm_up(srv, args) -> float:
+    """First steps: allocation, kernel compilation, one CUDA graph per padded batch, served to the end, as the
+    serving benchmark does (a warm-up cut short leaves the captures to the first timed run). Returns seconds."""
+    warm = saturation_trace(3 * srv.cfg.max_batch, args.lengths, 7, args.max_prompt, args.max_output)
+    t, cfg = time.time(), srv.cfg
+    srv.cfg = replace(cfg, max_queue=len(warm), drain_timeout_s=120.0, request_timeout_s=150.0)
+    try:
+        srv.run(warm, controller=FixedRatio(0.0))
+    finally:
+        srv.cfg = cfg  # only the driver's settings changed
+    return time.time() - t
+
+
+def eager_saturation(srv, args) -> dict:
+    """The same handle served by an engine without torch.compile (everything else equal), saturated at ratios 0
+    and 1: the compiled engine's figures compared with the eager one's in the same process."""
+    eager = BrownoutServer(srv.bm, None, replace(srv.cfg, compile=False))
+    with torch.no_grad(), eager:
+        w = warm_up(eager, args)
+        sat = saturation_pair(eager, args)
+    log(f"eager engine (warm-up {w:.0f} s): mu0 {sat[0.0]['req_s']:.2f} req/s, mu1 {sat[1.0]['req_s']:.2f} req/s "
+        f"({sat[1.0]['req_s'] / sat[0.0]['req_s']:.2f}x); step p50 {1e3 * sat[0.0]['step_p50']:.1f} / "
+        f"{1e3 * sat[1.0]['step_p50']:.1f} ms")
+    return {str(r): v for r, v in sat.items()}
+
+
 def calibrate(srv, args) -> dict:
     """Service rates at ratios 0 and 1 and SLOs from a ratio-0 run at half mu0: the same code on every engine."""
     lens = dict(lengths=args.lengths, max_prompt=args.max_prompt, max_output=args.max_output)
-    sat = {r: measure_saturation(srv, r, seconds=args.sat_seconds, queue=args.sat_queue, rate=args.sat_rate, **lens)
-           for r in (0.0, 1.0)}
+    sat = saturation_pair(srv, args)
     mu0, mu1 = sat[0.0]["req_s"], sat[1.0]["req_s"]
     res = srv.run(poisson(0.5 * mu0, args.base_seconds, seed=12, **lens), controller=FixedRatio(0.0))
     m = summarize(res, 1e9, 1e9, t0=min(2.0, args.base_seconds / 4))
@@ -210,26 +248,22 @@ def ms(d: dict) -> str:
     return "/".join("-" if d[q] is None else f"{1e3 * d[q]:.0f}" for q in ("p50", "p90", "p99"))
 
 
-def run_matrix(srv, prof, device: str, args, save=lambda doc: None, t_start: float | None = None) -> dict:
+def run_matrix(srv, prof, device: str, args, save=lambda doc: None, t_start: float | None = None,
+               eager_sat: dict | None = None) -> dict:
     """The whole matrix on one engine; `save(doc)` after each trace (a killed run keeps what it finished). A trace
     that would end past `args.time_budget` s from `t_start` is skipped and listed."""
     with torch.no_grad():
-        # first steps: allocation, kernel compilation, one CUDA graph per padded batch: served to the end, as the
-        # serving benchmark does (a warm-up cut short leaves the captures to the first timed run)
-        warm = saturation_trace(3 * srv.cfg.max_batch, args.lengths, 7, args.max_prompt, args.max_output)
-        t, cfg = time.time(), srv.cfg
-        srv.cfg = replace(cfg, max_queue=len(warm), drain_timeout_s=120.0, request_timeout_s=150.0)
-        try:
-            srv.run(warm, controller=FixedRatio(0.0))
-        finally:
-            srv.cfg = cfg  # only the driver's settings changed
-        log(f"engine warm-up: {time.time() - t:.1f} s")
+        log(f"engine warm-up: {warm_up(srv, args):.1f} s")
         cal = calibrate(srv, args)
-        traces = make_traces(args.traces.split(","), cal["mu0"], cal["mu1"], args.duration, args.seed,
+        names = [n for n in args.traces.split(",") if n]
+        traces = make_traces(names, cal["mu0"], cal["mu1"], args.duration, args.seed,
                              args.lengths, args.max_prompt, args.max_output)
         configs = [f"fixed:{r:g}" for r in FIXED] + ["salc", "mpc"]
         doc = {"device": device, "calibration": cal, "duration": args.duration, "traces": {}, "skipped": []}
+        if eager_sat is not None:
+            doc["eager_saturation"] = eager_sat
         t_start = time.time() if t_start is None else t_start
+        save(doc)  # the calibration alone (an empty --traces measures only that)
         for name, (tr, change_at) in traces.items():
             need = (len(configs) + args.rehearse) * (tr.duration + 1.0)
             if time.time() - t_start + need > args.time_budget:
@@ -262,7 +296,9 @@ def markdown(docs: list[dict], command: str) -> str:
                   f"TTFT {1e3 * cal['slo_prefill']:.0f} ms, TPOT {1e3 * cal['slo_decode']:.0f} ms; streams of "
                   f"{doc['duration']:g} s. Target met on {sum(bool(m) for m in met)} of {len(met)} traces."
                   + (f" Skipped for the time budget: {', '.join(doc['skipped'])}." if doc.get("skipped") else ""), "",
-                  "| trace | config | late first (before / after) | late later (before / after) | mean ratio | "
+                  ]
+        lines += sat_lines(doc)
+        lines += ["| trace | config | late first (before / after) | late later (before / after) | mean ratio | "
                   "goodput req/s | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms |", "|---|---|---|---|---|---|---|---|"]
         for name, t in doc["traces"].items():
             for c, r in t["runs"].items():
@@ -280,6 +316,24 @@ def markdown(docs: list[dict], command: str) -> str:
                          f"{'yes' if v.get('met') else 'no'} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def sat_lines(doc: dict) -> list[str]:
+    """The saturated rates at ratios 0 and 1 (and, when measured, those of the same engine without compile)."""
+    rows = [("this engine", doc["calibration"].get("saturation"))]
+    if doc.get("eager_saturation"):
+        rows.insert(0, ("same engine without torch.compile", doc["eager_saturation"]))
+    rows = [(label, sat) for label, sat in rows if sat]
+    if not rows:
+        return []
+    out = ["| engine | req/s ratio 0 | req/s ratio 1 | ratio 1 / ratio 0 | step p50 ms ratio 0 / 1 | "
+           "tokens/s ratio 0 / 1 | wall time in steps ratio 0 / 1 |", "|---|---|---|---|---|---|---|"]
+    for label, sat in rows:
+        a, b = sat["0.0"], sat["1.0"]
+        out.append(f"| {label} | {a['req_s']:.2f} | {b['req_s']:.2f} | {b['req_s'] / a['req_s']:.2f}x | "
+                   f"{1e3 * a['step_p50']:.1f} / {1e3 * b['step_p50']:.1f} | {a['tok_s']:.0f} / {b['tok_s']:.0f} | "
+                   f"{pct(a.get('step_share'))} / {pct(b.get('step_share'))} |")
+    return out + [""]
 
 
 def plot(docs: list[dict], path: Path) -> None:
@@ -345,6 +399,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--tag", default=None, help="file stem (default robustness_cpu / robustness_gpu)")
     ap.add_argument("--tiny", action="store_true", help="--engine gpu: a tiny model on the CPU (smoke test)")
+    ap.add_argument("--compile", action="store_true",
+                    help="--engine gpu: torch.compile the engine's forward (transformers' varlen_compile_config)")
+    ap.add_argument("--eager-saturation", action="store_true",
+                    help="with --compile: first measure the saturated rates of the same engine without compile")
     ap.add_argument("--report", default=None, metavar="JSON",
                     help="only rewrite the .md and .png of a results JSON (from a machine with no matplotlib)")
     args = ap.parse_args(argv)
@@ -359,6 +417,10 @@ def main(argv=None) -> None:
         log(f"wrote {stem}.md/.png")
         return
     gpu = args.engine == "gpu"
+    if (args.compile or args.eager_saturation) and not gpu:
+        raise SystemExit("--compile and --eager-saturation are for --engine gpu")
+    if args.eager_saturation and not args.compile:
+        raise SystemExit("--eager-saturation compares against --compile: give both")
     if gpu and not args.tiny and not torch.cuda.is_available():
         raise SystemExit("--engine gpu needs CUDA (or --tiny); --engine throttled runs on the CPU")
     big = gpu and not args.tiny
@@ -376,22 +438,23 @@ def main(argv=None) -> None:
     t_start = time.time()
 
     def save(done: list[dict]) -> None:  # after every trace: a killed run keeps what it finished
-        done = [d for d in done if d["traces"]]
         if not done:
             return
         full = {"command": command, "torch": torch.__version__, "engines": done}
         (out / f"{tag}.json").write_text(json.dumps(full, indent=1))
         (out / f"{tag}.md").write_text(markdown(done, command))
         try:
-            plot(done, out / f"{tag}.png")
+            if any(d["traces"] for d in done):  # nothing to draw before the first trace
+                plot(done, out / f"{tag}.png")
         except Exception as e:  # a plot must never lose the numbers
             log(f"plot failed: {e!r}")
 
     for kind, law in engines:
         srv, prof, device = gpu_engine(args) if kind == "gpu" else throttled_engine(*law, args)
         log(f"engine: {device}")
+        eager_sat = eager_saturation(srv, args) if args.compile and args.eager_saturation else None
         with srv:
-            docs.append(run_matrix(srv, prof, device, args, lambda d: save(docs + [d]), t_start))
+            docs.append(run_matrix(srv, prof, device, args, lambda d: save(docs + [d]), t_start, eager_sat))
         save(docs)
     log(f"wrote {out / tag}.json/.md/.png ({time.time() - t_start:.0f} s)")
 

@@ -64,3 +64,10 @@ def test_report_and_plot(tmp_path):
     assert "Target met on 1 of 1 traces" in md and "| burst2 | mpc | 0.0% / 3.0% |" in md
     plot([doc], tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 1000
+    assert "| engine | req/s ratio 0 |" not in md  # no saturation records: no rates table
+    sat = lambda req, share: {"req_s": req, "tok_s": 50 * req, "step_p50": 0.02, "step_share": share}  # noqa: E731
+    doc["calibration"]["saturation"] = {"0.0": sat(10.0, 0.8), "1.0": sat(14.0, 0.75)}
+    doc["eager_saturation"] = {"0.0": sat(8.0, 0.9), "1.0": sat(9.0, 0.9)}
+    md = markdown([doc], "python -m eval.robustness --compile --eager-saturation")
+    assert "| same engine without torch.compile | 8.00 | 9.00 | 1.12x |" in md
+    assert "| this engine | 10.00 | 14.00 | 1.40x | 20.0 / 20.0 | 500 / 700 | 80.0% / 75.0% |" in md
