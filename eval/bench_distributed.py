@@ -149,7 +149,7 @@ def worker(args):
     barrier = (lambda: torch.distributed.barrier()) if dist else (lambda: None)
     rows = []
     # ratio 0 runs the model's own experts implementation (transformers' grouped_mm): what a user has without
-    # brownout. Where the layers run the triton backend (1 GPU and TP), ratio 0 is also timed on the kernel in
+    # brownout. Where the layers run the triton backend (1 GPU, TP, EP), ratio 0 is also timed on the kernel in
     # graph-safe mode (path "kernel"), the path r > 0 runs, so the ratio's own effect is visible apart from the change
     # of implementation. (EP runs grouped_mm over its local slabs; its ratio 0 is transformers' EP forward.)
     points = [(r, "auto") for r in args.ratios]

@@ -136,9 +136,9 @@ class TritonBackend(Backend):
                              state.policy, keep=state.ratio.keep)
 
     def run(self, experts, slabs, hidden_states, ids, weights, sentinels=False):
-        if sentinels:
-            raise BrownoutError("the fused kernel does not run over expert-parallel local slabs")
         gate_up = slabs["gate_up_proj"]
+        if sentinels:  # expert-parallel local slabs: an off-rank slot (id >= slab count) is the kernel's skip id
+            ids = ids.clamp(max=gate_up.shape[0])
         return kernels.fused_moe.fused_moe(hidden_states, gate_up, slabs["down_proj"], ids, weights,
                                            num_slabs=gate_up.shape[0])
 

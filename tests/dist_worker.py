@@ -3,6 +3,7 @@ module before `worker` puts `paths` first on sys.path, so it can run on another 
 oldest supported one, from a --target folder). Nothing here may import transformers at module level."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -10,6 +11,23 @@ import sys
 import torch
 
 CASES = [("ratio", 1.0), ("ratio", 0.5), ("drop", 0.5)]
+
+
+@contextlib.contextmanager
+def counting_backend_runs(bm):
+    """Count the calls of the united layers' backend `run` (one per layer and forward) inside the block."""
+    cls = type(next(iter(bm.layers.values())).backend)
+    orig, calls = cls.run, [0]
+
+    def counted(self, *a, **k):
+        calls[0] += 1
+        return orig(self, *a, **k)
+
+    cls.run = counted
+    try:
+        yield calls
+    finally:
+        cls.run = orig
 
 
 def worker(rank: int, world: int, port: int, work: str, paths: list[str], modes: list[str]) -> None:
@@ -47,7 +65,8 @@ def worker(rank: int, world: int, port: int, work: str, paths: list[str], modes:
                 for replicate in {"tp": ("auto",), "ep": ("none", "all"), "a2a": ("none", "all")}[mode]:
                     tag = f"{mode}/{replicate}"
                     bm = BrownoutMoE.attach(model, udir, replicate=replicate)
-                    r = {"kind": type(bm).__name__, "mode": sorted(set(bm.mode.values())), "backend": bm.backend}
+                    r = {"kind": type(bm).__name__, "mode": sorted(set(bm.mode.values())), "backend": bm.backend,
+                         "united_layers": len(bm.layers)}
                     out = model(x).logits
                     r["ratio0_equal_sharded"] = bool(torch.equal(out, base))
                     r["ratio0_err_single"] = float((out - ref["ref0"]).abs().max())
@@ -62,11 +81,28 @@ def worker(rank: int, world: int, port: int, work: str, paths: list[str], modes:
                     bm.set_ratio(1.0)
                     bm.set_backend("grouped")  # transformers' grouped_mm over the local slabs
                     r["grouped1.0_err"] = float((model(x).logits - ref["ratio1.0"]).abs().max())
-                    try:  # the fused kernel is refused under EP whatever the device; under TP only where unsupported
+                    try:  # the fused kernel over this rank's slabs (Triton's interpreter on the CPU: conftest)
                         bm.set_backend("triton")
                         r["triton"] = "accepted"
                     except BrownoutError as e:
                         r["triton"] = str(e)
+                    if r["triton"] == "accepted":
+                        for policy, ratio in CASES:
+                            bm.set_policy("drop" if policy == "drop" else "hot-cold")
+                            bm.set_ratio(ratio)
+                            r[f"triton_{policy}{ratio}_err"] = float((model(x).logits - ref[f"{policy}{ratio}"])
+                                                                   .abs().max())
+                        # graph-safe: ratio 0 runs the kernel too (not the model's own forward), same result
+                        bm.set_policy("hot-cold")
+                        bm.set_ratio(0.0)
+                        bm.set_graph_safe(True)
+                        with counting_backend_runs(bm) as calls:
+                            out = model(x).logits
+                        r["triton_graph_safe0_kernel_calls"] = calls[0]
+                        r["triton_graph_safe0_err"] = float((out - ref["ref0"]).abs().max())
+                        bm.set_ratio(1.0)  # the same mode follows the ratio
+                        r["triton_graph_safe1_err"] = float((model(x).logits - ref["ratio1.0"]).abs().max())
+                        bm.set_graph_safe(False)
                     bm.set_backend("auto")
                     if mode != "tp":
                         r["owner"] = {i: p.owner for i, p in bm.placement.items()}

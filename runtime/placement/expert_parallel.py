@@ -17,8 +17,12 @@ Two flavours of transformers' EP, detected per layer:
   an `ep_router` forward slices the router's output to local ids and the experts all-reduce. At r > 0 the router
   hands its global routing to the experts, which remap it, keep this rank's slab ids and all-reduce themselves.
 
-Ratio 0 calls the untouched EP forward: the sharded model bit for bit. The local slabs are computed by the layer's
-backend (reference or grouped; the fused kernel is not wired for EP-local slabs).
+Ratio 0 calls the untouched EP forward: the sharded model bit for bit; in graph-safe mode ratio 0 runs the brownout
+path too (as on one device), so a CUDA graph captured at any ratio follows `set_ratio`. The local slabs are computed
+by the layer's backend over [local originals; local united; padding], off-rank slots being the slab count: the fused
+kernel's skip id (triton), or transformers' sentinel (grouped, reference). With triton the remap is the one-launch
+kernel reading the ratio from device memory; the id translation (`ep_ids`) is tensor ops: no host sync before the
+dispatch (transformers' all-to-all then reads its split sizes on the host; the all-reduce schemes do not).
 """
 from __future__ import annotations
 
@@ -238,7 +242,6 @@ class ExpertParallelPlacement(Placement):
     """`modes[i]` ("ep" or "ep-router") per united layer; `placements[i]`: where layer i's united experts live."""
 
     name = "ep"
-    refused_backends = {"triton": "the fused kernel is not wired for expert-parallel local slabs; use grouped"}
 
     def __init__(self, modes: dict[int, str], replicate="auto"):
         self.modes = dict(modes)
@@ -301,6 +304,11 @@ class ExpertParallelPlacement(Placement):
         super().uninstall(layer, state)
 
 
+def _passthrough(st) -> bool:
+    """Ratio 0 outside graph-safe mode: the sharded model's own EP forward (experts_impl's rule, on one device)."""
+    return st.ratio.off and not st.graph_safe
+
+
 def _local_forward(ex: torch.nn.Module, st):
     """This rank's slabs on local slab ids through the layer's backend; id L (the off-rank sentinel) is skipped."""
 
@@ -322,7 +330,7 @@ def _ep_forward(ex: torch.nn.Module, st, plan: _LayerPlan):
     dispatch = _retarget(impl, L, _local_forward(ex, st))
 
     def brownout_ep_forward(hidden_states, top_k_index, top_k_weights):
-        if st.ratio.value == 0.0:
+        if _passthrough(st):
             return prev(hidden_states, top_k_index, top_k_weights)
         hidden_states, top_k_weights = local_tensor(hidden_states), local_tensor(top_k_weights)
         ids, w = st.backend.remap(st, top_k_index, top_k_weights)
@@ -348,14 +356,14 @@ def _router_ep_forwards(ex: torch.nn.Module, router: torch.nn.Module, st, plan: 
     routed: dict[str, torch.Tensor] = {}
 
     def brownout_router_forward(*args, **kwargs):
-        if st.ratio.value == 0.0:
+        if _passthrough(st):
             return prev_router(*args, **kwargs)
         out = type(router).forward(router, *args, **kwargs)  # the global routing: (logits, weights, ids, ...)
         routed["weights"], routed["ids"] = out[1], out[2]
         return out
 
     def brownout_ep_forward(hidden_states, top_k_index, top_k_weights, *rest):
-        if st.ratio.value == 0.0 or "ids" not in routed:
+        if _passthrough(st) or "ids" not in routed:
             return prev(hidden_states, top_k_index, top_k_weights, *rest)
         gids, gw = routed.pop("ids"), local_tensor(routed.pop("weights"))
         x = local_tensor(hidden_states)
