@@ -21,7 +21,8 @@ Phases (each a fresh process, so every run loads the same saved checkpoint):
 The figures in eval/results: `python -m eval.bench_distributed --ratios 0 0.5 1` (about 5 minutes on 2 H100).
 
 Decode: `model.generate` greedy with KV cache, no CUDA graphs (so transformers' per-step launch overhead is in it),
-batches 1 and 32, ratios 0..1. MoE-layer time: CUDA events around every fused experts module call (routing remap,
+batches 1, 32 and 128, ratios 0..1; and per point the same decode step replayed from a CUDA graph over a static KV
+cache, the TP/EP collectives captured with it (`graphed_decode_ms`; a capture that fails is reported, not hidden). MoE-layer time: CUDA events around every fused experts module call (routing remap,
 experts, and under TP/EP the all-reduce or dispatch the module runs), decode steps only, summed over layers and
 averaged per step; rank 0's events (ranks run in lockstep through the collectives).
 """
@@ -116,6 +117,59 @@ class ExpertsTimer:
         return 1e3 * sum(b - a for T, a, b in self.calls if T == batch)
 
 
+def graphed_decode_ms(model, ids: torch.Tensor, cache_len: int, reps: int, barrier) -> tuple[float | None, str | None]:
+    """One decode step after a prefill of `ids` into a static KV cache of `cache_len` tokens, replayed from a CUDA
+    graph: (ms per step, None), or (None, why) where the step could not be captured. Every replay writes the same
+    cache position, so each is the work of a real decode step with `cache_len` keys (a static cache attends over its
+    whole length). Timed by CUDA events around `reps` replays after 3 warm-up replays, ranks aligned by a barrier
+    first. Under TP/EP the collectives are captured with the step (NCCL), so the ranks replay in lockstep. On the CPU
+    the same step runs eager, timed by the clock: a smoke test of this code, not a figure."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)  # prefill: positions 0 .. p-1
+        tok = out.logits[:, -1:].argmax(-1)
+        pos = torch.full((1,), ids.shape[1], dtype=torch.long, device=ids.device)
+
+        def step():
+            return model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
+
+        if not torch.cuda.is_available():
+            step()
+            t = time.perf_counter()
+            for _ in range(reps):
+                step()
+            return 1e3 * (time.perf_counter() - t) / reps, None
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # allocations and lazy set-up before the capture
+                for _ in range(3):
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            barrier()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+        except Exception as e:  # noqa: BLE001 - reported in the results, the eager figures stand
+            return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        barrier()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            graph.replay()
+        b.record()
+        torch.cuda.synchronize()
+        ms = a.elapsed_time(b) / reps
+        del graph
+        return ms, None
+
+
 def worker(args):
     kind = args.worker
     dist = kind in ("tp", "ep")
@@ -175,11 +229,17 @@ def worker(args):
                 timer.on = False
             steps = args.new_tokens - 1  # the first new token comes from the prefill
             moe_ms = timer.decode_ms(b)
+            g_ms, g_err = (graphed_decode_ms(model, ids, args.prompt + args.new_tokens, args.graph_reps, barrier)
+                           if args.graph_reps > 0 else (None, "not asked for"))
             row = {"batch": b, "ratio": r, "path": path, "new_tokens": args.new_tokens, "seconds": round(s, 4),
                    "tokens_per_s": round(b * args.new_tokens / s, 1),
                    "moe_ms_per_step": round(moe_ms / max(1, steps), 4),
                    "moe_ms_per_layer_step": round(moe_ms / max(1, steps) / len(layers), 4),
-                   "out_checksum": int(out[:, args.prompt:].sum())}
+                   "out_checksum": int(out[:, args.prompt:].sum()),
+                   # the same decode step replayed from a CUDA graph (graphed_decode_ms): no host launch overhead
+                   "graph_ms_per_step": None if g_ms is None else round(g_ms, 4),
+                   "graph_tokens_per_s": None if g_ms is None else round(1e3 * b / g_ms, 1),
+                   "graph_error": g_err}
             rows.append(row)
             if rank == 0:
                 print(kind, json.dumps(row), flush=True)
@@ -242,6 +302,28 @@ def report(args):
         cells += [f"{keyed[k][key]['moe_ms_per_step']:.2f}" if key in keyed[k] else "" for k in kinds]
         r = f"{key[1]:g}" + (" (kernel)" if key[2] == "kernel" else "")
         L.append(f"| {key[0]} | {r} | " + " | ".join(cells) + " |")
+    graphed = [k for k in kinds if any(row.get("graph_tokens_per_s") for row in res[k]["rows"])]
+    if graphed:
+        cpu = all(res[k]["device"] == "cpu" for k in graphed)
+        L += ["", "Decode step replayed from a CUDA graph (static KV cache of prompt + new tokens; the collectives "
+              "captured with the step): tokens/s, and ratio 1 over ratio 0 on the same path."
+              + (" On the CPU the same step runs eager: a smoke test of the code, not a figure." if cpu else ""), "",
+              "| batch | ratio | " + " | ".join(f"{names[k]} tok/s" for k in graphed) + " |",
+              "|---|---|" + "---|" * len(graphed)]
+        for key in sorted(set().union(*map(set, keyed.values())), key=lambda x: (x[0], x[1], order.get(x[2], 2))):
+            cells = []
+            for k in graphed:
+                row = keyed[k].get(key)
+                cells.append("" if row is None else str(row.get("graph_tokens_per_s")) if row.get("graph_tokens_per_s")
+                             else f"- ({row.get('graph_error')})")
+            r = f"{key[1]:g}" + (" (kernel)" if key[2] == "kernel" else "")
+            L.append(f"| {key[0]} | {r} | " + " | ".join(cells) + " |")
+        for k in graphed:
+            for b in sorted({key[0] for key in keyed[k]}):
+                one = keyed[k].get((b, 1.0, "auto"), {}).get("graph_tokens_per_s")
+                zero = keyed[k].get((b, 0.0, "kernel"), keyed[k].get((b, 0.0, "auto"), {})).get("graph_tokens_per_s")
+                if one and zero:
+                    L.append(f"- {names[k]}, batch {b}: ratio 1 / ratio 0 (same kernel where timed) = {one / zero:.2f}x")
     L += ["", "![tokens/s and MoE time per decode step versus ratio](distributed_bench.png)"]
     (out / "distributed_bench.md").write_text("\n".join(L) + "\n")
     try:
@@ -267,6 +349,10 @@ def plot(res: dict, names: dict, path: Path) -> None:
             kern = [x for x in rows if x.get("path") == "kernel"]
             for i, key in enumerate(("tokens_per_s", "moe_ms_per_step")):
                 line, = axes[i][j].plot([x["ratio"] for x in auto], [x[key] for x in auto], "o-", label=names[k])
+                graphed = [x for x in auto if x.get("graph_tokens_per_s")]
+                if i == 0 and graphed:  # the same decode step replayed from a CUDA graph
+                    axes[i][j].plot([x["ratio"] for x in graphed], [x["graph_tokens_per_s"] for x in graphed], "^--",
+                                    color=line.get_color(), label=f"{names[k]}, CUDA-graph step")
                 if kern:
                     axes[i][j].plot([x["ratio"] for x in kern], [x[key] for x in kern], "s", mfc="none",
                                     color=line.get_color(), label=f"{names[k]}, ratio 0 on the kernel")
@@ -276,7 +362,8 @@ def plot(res: dict, names: dict, path: Path) -> None:
         axes[1][j].set_xlabel("brownout ratio")
     axes[0][0].legend(fontsize=8)
     dev = sorted({r["device"] for r in res.values()})
-    fig.suptitle(f"Brownout under TP and EP ({', '.join(dev)}), model.generate without CUDA graphs")
+    fig.suptitle(f"Brownout under TP and EP ({', '.join(dev)}): model.generate (solid), one decode step replayed "
+                 f"from a CUDA graph (dashed)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -290,17 +377,20 @@ def main():
     ap.add_argument("--work", default=None, help="checkpoint folder (default /tmp/brownout-dist-<shape>)")
     ap.add_argument("--out", default=str(ROOT / "eval" / "results"))
     ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
     ap.add_argument("--ratios", type=float, nargs="+", default=RATIOS)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--graph-reps", type=int, default=20,
+                    help="replays of the CUDA-graph decode step per point (0: eager generate only)")
     ap.add_argument("--worker", choices=["single", "tp", "ep"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.work = args.work or f"/tmp/brownout-dist-{args.shape}"
     if args.worker:
         return worker(args)
     common = ["--shape", args.shape, "--way", str(args.way), "--work", args.work, "--new-tokens", str(args.new_tokens),
-              "--prompt", str(args.prompt), "--batches", *map(str, args.batches), "--ratios", *map(str, args.ratios)]
+              "--prompt", str(args.prompt), "--batches", *map(str, args.batches), "--ratios", *map(str, args.ratios),
+              "--graph-reps", str(args.graph_reps)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     failed = []
     for phase in args.phases.split(","):
