@@ -89,7 +89,9 @@ class ServeConfig:
     # default compile config, dynamic shapes, then CUDA graphs of the compiled function when use_cuda_graph is on;
     # 5.24 breaks the graph at each paged-cache update, 5.17 compiles the varlen path whole). The brownout
     # experts are custom ops (runtime.ops), so the graph does not break at them; on CUDA the handle runs graph-safe
-    # (the ratio read from a device scalar) so the compiled code never guards on, or recompiles for, the ratio
+    # (the ratio read from a device scalar) so the compiled code never guards on, or recompiles for, the ratio.
+    # Experimental: on transformers 5.17 / an H200 the compiled engine did not finish its warm-up within 120 s
+    # (Dynamo compiling and recompiling; eval/results/README.md, "Compiled serving")
     compile: bool = False
     # CUDA-graph padding granularity of the query / KV lengths in tokens (0: transformers' defaults, 64 / 16384 in
     # 5.24). A finer KV grain means more graphs but less attention over padding on every step
@@ -238,8 +240,8 @@ class BrownoutServer:
 
     def _enter_graph_safe(self) -> None:
         if not callable(getattr(self.bm, "set_graph_safe", None)):
-            raise BrownoutError(f"use_cuda_graph needs a handle with set_graph_safe (a captured graph would freeze "
-                                f"the ratio); {type(self.bm).__name__} has none")
+            raise BrownoutError(f"use_cuda_graph (and compile on CUDA) need a handle with set_graph_safe (a "
+                                f"captured graph would freeze the ratio); {type(self.bm).__name__} has none")
         before = bool(self.bm.graph_safe)
         self.bm.set_graph_safe(True)
         self._graph_safe_before = before
