@@ -29,6 +29,7 @@ averaged per step; rank 0's events (ranks run in lockstep through the collective
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -115,6 +116,26 @@ class ExpertsTimer:
             torch.cuda.synchronize()
             return sum(a.elapsed_time(b) for T, a, b in self.calls if T == batch)
         return 1e3 * sum(b - a for T, a, b in self.calls if T == batch)
+
+
+@contextlib.contextmanager
+def null_experts(layers):
+    """Inside the block every MoE layer's routed experts return zeros at once: no expert math, no routing remap, and
+    no collective of the experts' own (EP's dispatch or all-reduce; a TP all-reduce hooked after the experts still
+    runs, on zeros). A step timed so is the rest of the step; the difference to the full step is the MoE time."""
+    saved = []
+    for layer in layers:
+        ex = layer.experts
+        saved.append((ex, ex.__dict__.get("forward")))
+        ex.forward = lambda hidden_states, *a, **k: torch.zeros_like(hidden_states)
+    try:
+        yield
+    finally:
+        for ex, fwd in saved:
+            if fwd is None:
+                del ex.forward
+            else:
+                ex.forward = fwd
 
 
 def graphed_decode_ms(model, ids: torch.Tensor, cache_len: int, reps: int, barrier) -> tuple[float | None, str | None]:
@@ -212,6 +233,12 @@ def worker(args):
     for b in args.batches:
         g = torch.Generator().manual_seed(b)
         ids = torch.randint(0, vocab, (b, args.prompt), generator=g).to(_dev())
+        null_ms = None  # the same graphed step with null experts: what the MoE time is measured against
+        if args.graph_reps > 0:
+            bm.set_ratio(0.0)  # the routers as at ratio 0 (5.17's EP router hands the experts its sliced routing)
+            bm.set_graph_safe(False)
+            with null_experts(layers):
+                null_ms, _ = graphed_decode_ms(model, ids, args.prompt + args.new_tokens, args.graph_reps, barrier)
         for r, path in points:
             bm.set_ratio(r)
             bm.set_graph_safe(path == "kernel")
@@ -239,7 +266,9 @@ def worker(args):
                    # the same decode step replayed from a CUDA graph (graphed_decode_ms): no host launch overhead
                    "graph_ms_per_step": None if g_ms is None else round(g_ms, 4),
                    "graph_tokens_per_s": None if g_ms is None else round(1e3 * b / g_ms, 1),
-                   "graph_error": g_err}
+                   "graph_error": g_err,
+                   # MoE time per graphed step: the full step less the step with null experts (null_experts)
+                   "graph_moe_ms_per_step": None if g_ms is None or null_ms is None else round(g_ms - null_ms, 4)}
             rows.append(row)
             if rank == 0:
                 print(kind, json.dumps(row), flush=True)
@@ -306,16 +335,22 @@ def report(args):
     if graphed:
         cpu = all(res[k]["device"] == "cpu" for k in graphed)
         L += ["", "Decode step replayed from a CUDA graph (static KV cache of prompt + new tokens; the collectives "
-              "captured with the step): tokens/s, and ratio 1 over ratio 0 on the same path."
+              "captured with the step): tokens/s; MoE ms/step = that step less the same step with null experts "
+              "(`null_experts`: no expert math, remap or expert collective), rank 0; and ratio 1 over ratio 0 on "
+              "the same path."
               + (" On the CPU the same step runs eager: a smoke test of the code, not a figure." if cpu else ""), "",
-              "| batch | ratio | " + " | ".join(f"{names[k]} tok/s" for k in graphed) + " |",
-              "|---|---|" + "---|" * len(graphed)]
+              "| batch | ratio | " + " | ".join(f"{names[k]} tok/s" for k in graphed) + " | "
+              + " | ".join(f"{names[k]} MoE ms/step" for k in graphed) + " |",
+              "|---|---|" + "---|" * (2 * len(graphed))]
         for key in sorted(set().union(*map(set, keyed.values())), key=lambda x: (x[0], x[1], order.get(x[2], 2))):
             cells = []
             for k in graphed:
                 row = keyed[k].get(key)
                 cells.append("" if row is None else str(row.get("graph_tokens_per_s")) if row.get("graph_tokens_per_s")
                              else f"- ({row.get('graph_error')})")
+            for k in graphed:
+                moe = (keyed[k].get(key) or {}).get("graph_moe_ms_per_step")
+                cells.append("" if moe is None else f"{moe:.2f}")
             r = f"{key[1]:g}" + (" (kernel)" if key[2] == "kernel" else "")
             L.append(f"| {key[0]} | {r} | " + " | ".join(cells) + " |")
         for k in graphed:

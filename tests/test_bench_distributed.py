@@ -24,6 +24,27 @@ def test_bench_distributed_tiny_smoke(tmp_path):
         assert keys == {(1, 0.0), (1, 1.0), (4, 0.0), (4, 1.0)}, (kind, keys)
         for r in run["rows"]:
             assert r["tokens_per_s"] > 0 and r["graph_error"] is None and r["graph_tokens_per_s"] > 0, (kind, r)
+            assert isinstance(r["graph_moe_ms_per_step"], float), (kind, r)  # step less the null-experts step
     md = (tmp_path / "out" / "distributed_bench.md").read_text()
     assert "Decode step replayed from a CUDA graph" in md and "not a figure" in md
     assert "- EP 2, batch 4: ratio 1 / ratio 0" in md
+
+
+def test_null_experts_zeroes_then_restores_each_forward():
+    """The MoE time of the graphed step is the step less the same step under `null_experts`: inside, the experts give
+    zeros; after, each module has exactly the forward it had (a class forward, or an instance one such as EP's)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from eval.bench_distributed import null_experts
+
+    plain, wrapped = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    wrapped.forward = lambda x, *a: 3 * x  # an instance forward, as transformers' EP installs
+    layers = [SimpleNamespace(experts=plain), SimpleNamespace(experts=wrapped)]
+    x = torch.ones(4, 2)
+    want = plain(x)
+    with null_experts(layers):
+        assert torch.equal(plain(x), torch.zeros(4, 2)) and torch.equal(wrapped(x, None), torch.zeros(4, 2))
+    assert "forward" not in plain.__dict__ and torch.equal(plain(x), want)
+    assert torch.equal(wrapped(x), 3 * x)
