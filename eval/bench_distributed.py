@@ -24,7 +24,8 @@ Decode: `model.generate` greedy with KV cache, no CUDA graphs (so transformers' 
 batches 1, 32 and 128, ratios 0..1; and per point the same decode step replayed from a CUDA graph over a static KV
 cache, the TP/EP collectives captured with it (`graphed_decode_ms`; a capture that fails is reported, not hidden). MoE-layer time: CUDA events around every fused experts module call (routing remap,
 experts, and under TP/EP the all-reduce or dispatch the module runs), decode steps only, summed over layers and
-averaged per step; rank 0's events (ranks run in lockstep through the collectives).
+averaged per step; rank 0's events (ranks run in lockstep through the collectives). Under CUDA graphs the MoE time
+is the graphed step less the same step with null experts (`null_experts`), with no host time in either.
 """
 from __future__ import annotations
 
