@@ -343,6 +343,54 @@ def test_mpc_offered_load_follows_a_burst_within_load_count_arrivals():
         make_controller("mpc", 0.25, 0.15, capacity={0.0: 1000.0, 1.0: 2500.0}, load_count=1)
 
 
+def test_mpc_load_floor_reads_a_burst_onset_sooner_while_a_queue_stands():
+    """With a queue that ratio 0 cannot reach in time, the load floor reads the last quarter of `load_count`
+    arrivals too: 8 arrivals into a step from 4 to 16 req/s it already asks for more than the usual read alone would
+    (which still mostly holds arrivals of the old rate); with no queue the floor stays unarmed at 0."""
+    cap = {0.0: 200.0, 1.0: 500.0}  # tok/s; 25 tokens per request: ratio 0 carries 8 req/s, ratio 1 20 req/s
+    c = make_controller("mpc", 0.16, 0.09, capacity=cap)
+    c.bind(8)
+    t = 0.0
+    for _ in range(40):  # 4 req/s
+        t += 0.25
+        c.observe_arrival(t, 8, 25)
+    for _ in range(8):  # then 16 req/s: 8 arrivals in
+        t += 1 / 16
+        c.observe_arrival(t, 8, 25)
+    c.observe_queue(0.0, 0, t)
+    assert c.load_floor == 0.0  # no queue: nothing armed
+    slow = c._recent(t)
+    assert slow[0] / slow[3] < 200.0  # the usual read (here the 2 s window: 15 arrivals) is under ratio 0's capacity
+    c.observe_queue(0.12, 3, t)  # a queue ratio 0 would not reach in time
+    fast = c._recent(t, 8)
+    assert fast[0] / fast[3] == pytest.approx(16 * 25, rel=0.02)
+    assert c.load_floor == c._load_floor(t, fast) > c._load_floor(t, slow)
+
+
+def test_mpc_load_floor_stays_armed_while_ratio_0_cannot_carry_the_load():
+    """Armed by a queue at a burst's peak, the floor stays armed after `load_window` s while the load is over ratio
+    0's capacity, even when it reads under `arm_hold` x the peak; it disarms once the load is under that capacity."""
+    cap = {0.0: 200.0, 1.0: 500.0}  # tok/s; 25 tokens per request: ratio 0 carries 8 req/s
+    c = make_controller("mpc", 0.16, 0.09, capacity=cap)
+    c.bind(8)
+    t = 0.0
+    for _ in range(64):  # a peak of 16 req/s (400 tok/s), and a queue ratio 0 would not reach in time
+        t += 1 / 16
+        c.observe_arrival(t, 8, 25)
+    c.observe_queue(0.12, 3, t)
+    assert c.load_floor > 0 and c._arm_load == pytest.approx(400.0, rel=0.05)
+    for _ in range(60):  # then 11 req/s (275 tok/s): under 0.9 x the peak, still over ratio 0's 200 tok/s
+        t += 1 / 11
+        c.observe_arrival(t, 8, 25)
+        c.observe_queue(0.0, 0, t)
+    assert t > c._armed_until and c.load_floor > 0  # past the 2 s window, still armed
+    for _ in range(60):  # 6 req/s (150 tok/s): ratio 0 carries it, the floor disarms
+        t += 1 / 6
+        c.observe_arrival(t, 8, 25)
+        c.observe_queue(0.0, 0, t)
+    assert c.load_floor == 0.0
+
+
 def test_erlang_c_and_the_queueing_floor():
     """Erlang C against closed forms (M/M/1: P(wait) = rho; M/M/2 at 1 erlang: 1/3), and the MPC's queueing model:
     once the server binds the batch size, the load floor keeps the predicted share of first tokens waiting past the

@@ -411,7 +411,9 @@ class ModelPredictive(Controller):
     steps long, as at 0.9 utilisation the queue alone makes a fifth of first tokens late. It is refreshed with the
     queue floor, on each `observe_queue` (the server calls it before every step), and armed by the queue (see
     `_load_floor`): it spends nothing until a queue shows that ratio 0 falls short, then holds while the load that
-    made that queue holds. This is what the queue term alone lacks: after a burst the queue floor sends the ratio to
+    made that queue holds. While such a queue stands, the load is also read over the last quarter of `load_count`
+    arrivals, and the higher of the two taken: a burst's onset shows there `load_count` * 3/4 arrivals sooner, and
+    only a queue makes the noisier read count. This is what the queue term alone lacks: after a burst the queue floor sends the ratio to
     1, the queue drains, the ratio falls back to 0 within a fraction of a second, and when ratio 0 cannot carry the
     after-burst rate the queue forms again (a relaxation cycle that leaves many first tokens late).
     `runtime.serving.calibration.measure_capacity` measures `capacity` on the running engine.
@@ -493,24 +495,32 @@ class ModelPredictive(Controller):
         else:
             self.queue_floor = _clamp01((age / slo - self.queue_lo) / (self.queue_hi - self.queue_lo))
         if recent is not None:
+            if self.queue_floor > 0:
+                # a queue ratio 0 cannot reach in time: the rate has just risen, and `load_count` arrivals lag a
+                # burst's onset by that many arrivals; the last quarter of them is read too, and the higher taken
+                fast = self._recent(now, max(2, self.load_count // 4))
+                if fast[2] and fast[0] / fast[3] > recent[0] / recent[3]:
+                    recent = fast
             self.load_floor = self._load_floor(now, recent)
 
     def _observe_arrival(self, now, prompt_tokens, output_tokens) -> None:
         with self._arr_lock:
             self._arrivals.add(now, output_tokens)
 
-    def _recent(self, now: float) -> tuple[float, float, int, float]:
-        """(output tokens, their sum of squares, requests, span in s) of the recent arrivals: the last `load_count`
-        of those admitted in the last `load_window` s, over the time since the one before them, or, if that reads
-        less, the whole window. The count follows a burst within `load_count` arrivals at any rate; the window keeps
-        the estimate up for `load_window` s after the rate falls, so one quiet gap does not drop the ratio."""
+    def _recent(self, now: float, count: int | None = None) -> tuple[float, float, int, float]:
+        """(output tokens, their sum of squares, requests, span in s) of the recent arrivals: the last `count`
+        (default `load_count`) of those admitted in the last `load_window` s, over the time since the one before
+        them, or, if that reads less, the whole window. The count follows a burst within `count` arrivals at any
+        rate; the window keeps the estimate up for `load_window` s after the rate falls, so one quiet gap does not
+        drop the ratio."""
+        count = self.load_count if count is None else int(count)
         with self._arr_lock:  # one snapshot: the driver thread appends while the engine thread reads
             self._arrivals.prune(now)
             window = [t for _, t in self._arrivals.buf]
-            start = self._arrivals.buf[-self.load_count - 1][0] if len(window) > self.load_count else None
+            start = self._arrivals.buf[-count - 1][0] if len(window) > count else None
         recent, span = window, self.load_window
         if start is not None:
-            last, last_span = window[-self.load_count:], max(now - start, 1e-3)
+            last, last_span = window[-count:], max(now - start, 1e-3)
             if sum(last) / last_span >= sum(window) / self.load_window:  # the count reads more: take it
                 recent, span = last, last_span
         return float(sum(recent)), float(sum(t * t for t in recent)), len(recent), span
@@ -576,7 +586,9 @@ class ModelPredictive(Controller):
         share (`late_share`) is at most `queue_eps`; 0 while not armed.
 
         A queue that ratio 0 would not reach in time (a backlog floor above 0) arms the floor for `load_window` s,
-        and for as long after as the offered load stays at or above `arm_hold` x the load at which that queue formed:
+        and for as long after as the offered load stays at or above `arm_hold` x the load at which that queue formed
+        or ratio 0's saturated rate, whichever is lower (a noisy high read at arming must not disarm the floor while
+        ratio 0 still cannot carry the load):
         the engine has shown where its ratio-0 capacity ends, so the floor holds while the load does, and the
         ratio does not fall back to 0 for the queue to form again. Unarmed it spends nothing, because both models
         are bounds that can overstate the need: the saturated rates are measured with a full batch and a queue
@@ -586,7 +598,12 @@ class ModelPredictive(Controller):
         if n == 0 or tokens <= 0:
             return 0.0
         lam, mean_out = n / span, tokens / n
-        if now >= self._armed_until and lam * mean_out < self.arm_hold * self._arm_load:
+        # held while the load stays near the one that made the queue, or above what ratio 0 carries at all (its
+        # measured saturated rate): a load over it keeps the floor armed however high the sample at arming read
+        hold = (min(self.arm_hold * self._arm_load, 1.0 / self._cap_t[0]) if math.isfinite(self._arm_load)
+                else math.inf)  # unarmed until a queue arms it
+        if now >= self._armed_until and lam * mean_out < hold:
+            self._arm_load = math.inf  # disarmed: only the next queue arms it again
             return 0.0
         cs2 = max(0.0, sq / n / (mean_out * mean_out) - 1.0)
         if not self.slots:
