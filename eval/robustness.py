@@ -295,8 +295,7 @@ def markdown(docs: list[dict], command: str) -> str:
                   f"mu0 {cal['mu0']:.2f} req/s, mu1 {cal['mu1']:.2f} req/s ({cal['mu1'] / cal['mu0']:.2f}x); SLOs "
                   f"TTFT {1e3 * cal['slo_prefill']:.0f} ms, TPOT {1e3 * cal['slo_decode']:.0f} ms; streams of "
                   f"{doc['duration']:g} s. Target met on {sum(bool(m) for m in met)} of {len(met)} traces."
-                  + (f" Skipped for the time budget: {', '.join(doc['skipped'])}." if doc.get("skipped") else ""), "",
-                  ]
+                  + (f" Skipped for the time budget: {', '.join(doc['skipped'])}." if doc.get("skipped") else ""), ""]
         lines += sat_lines(doc)
         lines += ["| trace | config | late first (before / after) | late later (before / after) | mean ratio | "
                   "goodput req/s | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms |", "|---|---|---|---|---|---|---|---|"]
