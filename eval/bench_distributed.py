@@ -22,7 +22,8 @@ The figures in eval/results: `python -m eval.bench_distributed --ratios 0 0.5 1`
 
 Decode: `model.generate` greedy with KV cache, no CUDA graphs (so transformers' per-step launch overhead is in it),
 batches 1, 32 and 128, ratios 0..1; and per point the same decode step replayed from a CUDA graph over a static KV
-cache, the TP/EP collectives captured with it (`graphed_decode_ms`; a capture that fails is reported, not hidden). MoE-layer time: CUDA events around every fused experts module call (routing remap,
+cache, the TP/EP collectives captured with it (`graphed_decode_ms`; a capture that fails is reported, not hidden).
+MoE-layer time: CUDA events around every fused experts module call (routing remap,
 experts, and under TP/EP the all-reduce or dispatch the module runs), decode steps only, summed over layers and
 averaged per step; rank 0's events (ranks run in lockstep through the collectives). Under CUDA graphs the MoE time
 is the graphed step less the same step with null experts (`null_experts`), with no host time in either.
@@ -359,7 +360,8 @@ def report(args):
                 one = keyed[k].get((b, 1.0, "auto"), {}).get("graph_tokens_per_s")
                 zero = keyed[k].get((b, 0.0, "kernel"), keyed[k].get((b, 0.0, "auto"), {})).get("graph_tokens_per_s")
                 if one and zero:
-                    L.append(f"- {names[k]}, batch {b}: ratio 1 / ratio 0 (same kernel where timed) = {one / zero:.2f}x")
+                    L.append(f"- {names[k]}, batch {b}: ratio 1 / ratio 0 (same kernel where timed) = "
+                             f"{one / zero:.2f}x")
     L += ["", "![tokens/s and MoE time per decode step versus ratio](distributed_bench.png)"]
     (out / "distributed_bench.md").write_text("\n".join(L) + "\n")
     try:

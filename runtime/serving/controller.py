@@ -411,11 +411,12 @@ class ModelPredictive(Controller):
     steps long, as at 0.9 utilisation the queue alone makes a fifth of first tokens late. It is refreshed with the
     queue floor, on each `observe_queue` (the server calls it before every step), and armed by the queue (see
     `_load_floor`): it spends nothing until a queue shows that ratio 0 falls short, then holds while the load that
-    made that queue holds. While such a queue stands, the load is also read over the last quarter of `load_count`
-    arrivals, and the higher of the two taken: a burst's onset shows there `load_count` * 3/4 arrivals sooner, and
-    only a queue makes the noisier read count. This is what the queue term alone lacks: after a burst the queue floor sends the ratio to
-    1, the queue drains, the ratio falls back to 0 within a fraction of a second, and when ratio 0 cannot carry the
-    after-burst rate the queue forms again (a relaxation cycle that leaves many first tokens late).
+    made that queue holds, or while the load is over ratio 0's measured rate. While such a queue stands, the load is
+    also read over the last quarter of `load_count` arrivals, and the higher of the two taken: a burst's onset
+    shows there `load_count` * 3/4 arrivals sooner, and only a queue makes the noisier read count. This is what the
+    queue term alone lacks: after a burst the queue floor sends the ratio to 1, the queue drains, the ratio falls
+    back to 0 within a fraction of a second, and when ratio 0 cannot carry the after-burst rate the queue forms
+    again (a relaxation cycle that leaves many first tokens late).
     `runtime.serving.calibration.measure_capacity` measures `capacity` on the running engine.
 
     Hysteresis: the ratio rises at once; it falls only when the lower ratio's prediction is under the budget by a
