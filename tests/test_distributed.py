@@ -8,6 +8,8 @@ worker checks, against the single-process model and single-process BrownoutMoE c
               model itself differs from one process by the order of its all-reduce sums, ~1e-7);
   ratio 1, 0.5, drop -> allclose to the single-process brownout result at the same ratio/policy;
   detach   -> bit for bit the sharded model again.
+  triton   -> the fused kernel (Triton's interpreter) over this rank's slabs, TP slices and EP local slabs alike:
+              allclose at every case; in graph-safe mode ratio 0 runs it on every united layer too.
 With BROWNOUT_OLD_TRANSFORMERS set (.ci/run sets it), the same checks also run on transformers 5.17, whose expert
 parallelism is `enable_expert_parallel` with an `ep_router` (runtime.placement.expert_parallel's "ep-router" mode; no
 all-to-all).
