@@ -485,7 +485,8 @@ class ModelPredictive(Controller):
 
     def _observe_queue(self, age, waiting, now) -> None:
         slo = self.slo["prefill"]
-        recent = self._recent(now) if self.capacity else None  # one snapshot of the arrivals for this step
+        snap = self._snapshot(now) if self.capacity else None  # one snapshot of the arrivals for this step
+        recent = self._read(snap, now) if snap is not None else None
         if not waiting:
             self.queue_floor = 0.0
         elif recent is not None:
@@ -499,7 +500,7 @@ class ModelPredictive(Controller):
             if self.queue_floor > 0:
                 # a queue ratio 0 cannot reach in time: the rate has just risen, and `load_count` arrivals lag a
                 # burst's onset by that many arrivals; the last quarter of them is read too, and the higher taken
-                fast = self._recent(now, max(2, self.load_count // 4))
+                fast = self._read(snap, now, max(2, self.load_count // 4))
                 if fast[2] and fast[0] / fast[3] > recent[0] / recent[3]:
                     recent = fast
             self.load_floor = self._load_floor(now, recent)
@@ -514,11 +515,20 @@ class ModelPredictive(Controller):
         them, or, if that reads less, the whole window. The count follows a burst within `count` arrivals at any
         rate; the window keeps the estimate up for `load_window` s after the rate falls, so one quiet gap does not
         drop the ratio."""
-        count = self.load_count if count is None else int(count)
-        with self._arr_lock:  # one snapshot: the driver thread appends while the engine thread reads
+        return self._read(self._snapshot(now), now, count)
+
+    def _snapshot(self, now: float) -> list[tuple[float, float]]:
+        """(time, output tokens) of the arrivals in the last `load_window` s, copied under the lock: the driver
+        thread appends while the engine thread reads."""
+        with self._arr_lock:
             self._arrivals.prune(now)
-            window = [t for _, t in self._arrivals.buf]
-            start = self._arrivals.buf[-count - 1][0] if len(window) > count else None
+            return list(self._arrivals.buf)
+
+    def _read(self, snap: list[tuple[float, float]], now: float, count: int | None = None) -> tuple:
+        """`_recent` over a `_snapshot`: several reads of one step share one copy."""
+        count = self.load_count if count is None else int(count)
+        window = [t for _, t in snap]
+        start = snap[-count - 1][0] if len(window) > count else None
         recent, span = window, self.load_window
         if start is not None:
             last, last_span = window[-count:], max(now - start, 1e-3)
@@ -589,9 +599,8 @@ class ModelPredictive(Controller):
         A queue that ratio 0 would not reach in time (a backlog floor above 0) arms the floor for `load_window` s,
         and for as long after as the offered load stays at or above `arm_hold` x the load at which that queue formed
         or ratio 0's saturated rate, whichever is lower (a noisy high read at arming must not disarm the floor while
-        ratio 0 still cannot carry the load):
-        the engine has shown where its ratio-0 capacity ends, so the floor holds while the load does, and the
-        ratio does not fall back to 0 for the queue to form again. Unarmed it spends nothing, because both models
+        ratio 0 still cannot carry the load): the engine has shown where its ratio-0 capacity ends, so the floor
+        holds while the load does, and the ratio does not fall back to 0 for the queue to form again. Unarmed it spends nothing, because both models
         are bounds that can overstate the need: the saturated rates are measured with a full batch and a queue
         (on an H200 they understated what ratio 0 served by over 20%), and M/M/c waits more often than a batch of
         similar-length requests does."""
