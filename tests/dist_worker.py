@@ -60,6 +60,13 @@ def worker(rank: int, world: int, port: int, work: str, paths: list[str], modes:
                 cfg = expert_parallel_config(2, impl)
                 model = AutoModelForCausalLM.from_pretrained(os.path.join(work, "model"), distributed_config=cfg)
             model.eval()
+            if mode == "tp":  # the by-hand gather (torch 2.11 cannot full_tensor a lone _StridedShard) equals torch's
+                from runtime.placement.base import gather_by_index, is_dtensor
+
+                ex = model.model.layers[0].mlp.experts
+                report["gather_by_index"] = {
+                    k: [str(p.placements), bool(torch.equal(gather_by_index(p), p.full_tensor()))]
+                    for k, p in ex.named_parameters() if is_dtensor(p)}
             with torch.no_grad():
                 base = model(x).logits
                 for replicate in {"tp": ("auto",), "ep": ("none", "all"), "a2a": ("none", "all")}[mode]:

@@ -32,7 +32,40 @@ def is_dtensor(t) -> bool:
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor: gathered (a collective: every rank must call it) when `t` is a DTensor."""
-    return t.full_tensor() if is_dtensor(t) else t
+    if not is_dtensor(t):
+        return t
+    if t.device_mesh.ndim == 1 and len(t.placements) == 1 and type(t.placements[0]).__name__ == "_StridedShard":
+        # transformers' packed gate_up under TP (5.24's plan) is a lone _StridedShard, which torch 2.11's redistribute
+        # refuses to read ("unable to be interpreted into a corresponding shard_order"); gather it by hand
+        return gather_by_index(t)
+    return t.full_tensor()
+
+
+def gather_by_index(t) -> torch.Tensor:
+    """`t.full_tensor()` for a DTensor sharded on one dim of a 1-D mesh, for any split rule: the global positions each
+    rank holds come from sharding an index vector with the same placement (`distribute_tensor`, no communication),
+    then every rank's shard and positions are all-gathered and put in place."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh, placement = t.device_mesh, t.placements[0]
+    dim = placement.dim % t.ndim
+    group, n = mesh.get_group(), mesh.size()
+    positions = torch.arange(t.shape[dim], device=t.to_local().device).view([1] * dim + [-1])
+    mine = distribute_tensor(positions, mesh, [placement], src_data_rank=None).to_local().reshape(-1)
+    local = t.to_local().movedim(dim, 0).contiguous()
+    sizes = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(n)]
+    dist.all_gather(sizes, torch.tensor([local.shape[0]], device=local.device), group=group)
+    most = int(max(s.item() for s in sizes))
+    pad = lambda x: torch.cat([x, x.new_zeros((most - x.shape[0], *x.shape[1:]))])  # all_gather needs equal sizes
+    shards = [local.new_empty((most, *local.shape[1:])) for _ in range(n)]
+    where = [mine.new_empty(most) for _ in range(n)]
+    dist.all_gather(shards, pad(local), group=group)
+    dist.all_gather(where, pad(mine), group=group)
+    out = local.new_empty((t.shape[dim], *local.shape[1:]))
+    for shard, pos, size in zip(shards, where, sizes):
+        out[pos[:int(size.item())]] = shard[:int(size.item())]
+    return out.movedim(0, dim)
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
