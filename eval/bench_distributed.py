@@ -1,9 +1,11 @@
 """Brownout across 2 GPUs: decode tokens/s and MoE-layer time versus ratio under transformers' tensor
-parallelism and expert parallelism, side by side with 1 GPU, on a Qwen1.5-MoE-A2.7B-shaped model (random weights).
+parallelism and expert parallelism, side by side with 1 GPU, on a Qwen1.5-MoE-A2.7B-shaped model (or
+Qwen3-30B-A3B-shaped, --shape qwen3-30b), random weights.
 
     python -m eval.bench_distributed                      # all phases on a 2-GPU machine (about 6-8 minutes)
     python -m eval.bench_distributed --phases prepare,single
     python -m eval.bench_distributed --phases tp,ep,report
+    python -m eval.bench_distributed --shape qwen3-30b --tag distributed_bench_qwen3   # the Qwen3-30B-A3B shape
     python -m eval.bench_distributed --shape tiny --out /tmp/x   # CPU smoke test of this script (gloo, 2 processes)
 
 Phases (each a fresh process, so every run loads the same saved checkpoint):
@@ -16,7 +18,7 @@ Phases (each a fresh process, so every run loads the same saved checkpoint):
   ep       2 GPUs:  torchrun, from_pretrained(distributed_config=expert_parallel_config(2)) (experts sharded by
            expert; 5.24: AutoEP -> all-reduce dispatch at inference, 5.17: enable_expert_parallel with an ep_router)
            + BrownoutMoE.attach
-  report   eval/results/distributed_bench.{json,md,png}
+  report   eval/results/<tag>.{json,md,png} (--tag, default distributed_bench)
 
 The figures in eval/results: `python -m eval.bench_distributed --ratios 0 0.5 1` (about 5 minutes on 2 H100).
 
@@ -48,6 +50,10 @@ SHAPES = {
     "qwen1.5": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
                     num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
                     shared_expert_intermediate_size=5632, intermediate_size=5632, vocab_size=151936),
+    # Qwen3-30B-A3B: 48 layers, 128 experts top-8, H 2048, expert I 768, no shared expert (30.5B params, bf16 61 GB)
+    "qwen3-30b": dict(model_type="qwen3_moe", hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+                      num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                      moe_intermediate_size=768, intermediate_size=6144, vocab_size=151936, norm_topk_prob=True),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=8,
                  num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64,
                  intermediate_size=64, vocab_size=128),
@@ -61,7 +67,7 @@ def _dev():
 
 
 def prepare(args):
-    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from unify.build import BuildOptions, build
 
@@ -70,7 +76,8 @@ def prepare(args):
         print(f"reusing {work}", flush=True)
         return
     torch.manual_seed(0)
-    cfg = Qwen2MoeConfig(**SHAPES[args.shape])
+    shape = dict(SHAPES[args.shape])
+    cfg = AutoConfig.for_model(shape.pop("model_type", "qwen2_moe"), **shape)
     t0 = time.time()
     with torch.device(_dev()):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if _dev() == "cuda" else torch.float32).eval()
@@ -306,7 +313,7 @@ def report(args):
     hv = sorted({r.get("transformers", transformers.__version__) for r in res.values()}) or [transformers.__version__]
     full = {"shape": args.shape, "way": args.way, "torch": ", ".join(tv), "transformers": ", ".join(hv), "runs": res}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "distributed_bench.json").write_text(json.dumps(full, indent=1))
+    (out / f"{args.tag}.json").write_text(json.dumps(full, indent=1))
     names = {"single": "1 GPU", "tp": "TP 2", "ep": "EP 2"}
     kinds = [k for k in ("single", "tp", "ep") if k in res]
     dev = {res[k]["device"] for k in kinds}
@@ -362,10 +369,10 @@ def report(args):
                 if one and zero:
                     L.append(f"- {names[k]}, batch {b}: ratio 1 / ratio 0 (same kernel where timed) = "
                              f"{one / zero:.2f}x")
-    L += ["", "![tokens/s and MoE time per decode step versus ratio](distributed_bench.png)"]
-    (out / "distributed_bench.md").write_text("\n".join(L) + "\n")
+    L += ["", f"![tokens/s and MoE time per decode step versus ratio]({args.tag}.png)"]
+    (out / f"{args.tag}.md").write_text("\n".join(L) + "\n")
     try:
-        plot(res, names, out / "distributed_bench.png")
+        plot(res, names, out / f"{args.tag}.png")
     except Exception as e:  # a plot must never lose the numbers
         print(f"plot failed: {e!r}", flush=True)
     print("\n".join(L))
@@ -414,6 +421,7 @@ def main():
     ap.add_argument("--way", type=int, default=4)
     ap.add_argument("--work", default=None, help="checkpoint folder (default /tmp/brownout-dist-<shape>)")
     ap.add_argument("--out", default=str(ROOT / "eval" / "results"))
+    ap.add_argument("--tag", default="distributed_bench", help="report file names: TAG.json, TAG.md, TAG.png")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
     ap.add_argument("--ratios", type=float, nargs="+", default=RATIOS)
