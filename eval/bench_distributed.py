@@ -147,16 +147,28 @@ def null_experts(layers):
                 ex.forward = fwd
 
 
+def graphed_decode_ms_writes(reps: int) -> int:
+    """Runs of the decode step in `graphed_decode_ms`: 3 warm-up, 1 capture, 3 warm-up replays, `reps` timed."""
+    return 7 + reps
+
+
+def graph_cache_len(prompt: int, cache_len: int, reps: int) -> int:
+    return max(cache_len, prompt + graphed_decode_ms_writes(reps))
+
+
 def graphed_decode_ms(model, ids: torch.Tensor, cache_len: int, reps: int, barrier) -> tuple[float | None, str | None]:
     """One decode step after a prefill of `ids` into a static KV cache of `cache_len` tokens, replayed from a CUDA
-    graph: (ms per step, None), or (None, why) where the step could not be captured. Every replay writes the same
-    cache position, so each is the work of a real decode step with `cache_len` keys (a static cache attends over its
-    whole length). Timed by CUDA events around `reps` replays after 3 warm-up replays, ranks aligned by a barrier
-    first. Under TP/EP the collectives are captured with the step (NCCL), so the ranks replay in lockstep. On the CPU
-    the same step runs eager, timed by the clock: a smoke test of this code, not a figure."""
+    graph: (ms per step, None), or (None, why) where the step could not be captured. A static cache attends over its
+    whole length, so each replay is the work of a real decode step with `cache_len` keys. Where each replay writes:
+    transformers 5.17's static cache at the step's `cache_position` (the same slot every time); 5.24's at a device
+    counter of its own, which every run of the step advances, so `cache_len` is raised to hold every write (prompt
+    + 7 + reps; a write past the end is an out-of-bounds index_copy_). Timed by CUDA events around `reps` replays
+    after 3 warm-up replays, ranks aligned by a barrier first. Under TP/EP the collectives are captured with the step
+    (NCCL), so the ranks replay in lockstep. On the CPU the same step runs eager, timed by the clock: a smoke test of
+    this code, not a figure."""
     from transformers import StaticCache
 
-    cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    cache = StaticCache(config=model.config, max_cache_len=graph_cache_len(ids.shape[1], cache_len, reps))
     with torch.no_grad():
         out = model(input_ids=ids, past_key_values=cache, use_cache=True)  # prefill: positions 0 .. p-1
         tok = out.logits[:, -1:].argmax(-1)
@@ -166,7 +178,8 @@ def graphed_decode_ms(model, ids: torch.Tensor, cache_len: int, reps: int, barri
             return model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
 
         if not torch.cuda.is_available():
-            step()
+            for _ in range(graphed_decode_ms_writes(0)):  # as many untimed runs as the GPU path makes (cache writes)
+                step()
             t = time.perf_counter()
             for _ in range(reps):
                 step()
@@ -276,6 +289,7 @@ def worker(args):
                    "graph_ms_per_step": None if g_ms is None else round(g_ms, 4),
                    "graph_tokens_per_s": None if g_ms is None else round(1e3 * b / g_ms, 1),
                    "graph_error": g_err,
+                   "graph_cache_len": graph_cache_len(args.prompt, args.prompt + args.new_tokens, args.graph_reps),
                    # MoE time per graphed step: the full step less the step with null experts (null_experts)
                    "graph_moe_ms_per_step": None if g_ms is None or null_ms is None else round(g_ms - null_ms, 4)}
             rows.append(row)
