@@ -28,6 +28,7 @@ import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from . import kernels, ops
+from .ep_routing import EPRouting, ep_local_routing
 from .errors import BrownoutError
 from .policy import remap
 from .reference import slab_forward
@@ -67,6 +68,13 @@ class Backend:
         """The layer's routing remapped by its policy and ratio: (slab ids, weights); id E + G skips the slot."""
         a = remap(top_k_index, top_k_weights, state.expert_to_group, state.num_groups, state.ratio.value, state.policy)
         return a.ids, a.weights
+
+    def ep_remap(self, state, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                 ep: EPRouting) -> tuple[torch.Tensor, torch.Tensor]:
+        """The remap as this rank's local slab ids under expert parallelism over a shared batch (runtime.ep_routing):
+        ids in [0, L], L skipping the slot."""
+        ids, weights = self.remap(state, top_k_index, top_k_weights)
+        return ep_local_routing(ids, weights, ep)
 
     def run(self, experts: torch.nn.Module, slabs: dict[str, torch.Tensor], hidden_states: torch.Tensor,
             ids: torch.Tensor, weights: torch.Tensor, sentinels: bool = False) -> torch.Tensor:
@@ -134,6 +142,11 @@ class TritonBackend(Backend):
         # one launch, no host sync; the kernel reads 1 - ratio from `keep`, so a captured graph follows set_ratio
         return kernels.remap(top_k_index, top_k_weights, state.expert_to_group, state.num_groups, state.ratio.value,
                              state.policy, keep=state.ratio.keep)
+
+    def ep_remap(self, state, top_k_index, top_k_weights, ep):
+        # the remap and the EP translation in one launch
+        return kernels.remap(top_k_index, top_k_weights, state.expert_to_group, state.num_groups, state.ratio.value,
+                             state.policy, keep=state.ratio.keep, ep=ep)
 
     def run(self, experts, slabs, hidden_states, ids, weights, sentinels=False):
         gate_up = slabs["gate_up_proj"]

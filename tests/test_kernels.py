@@ -225,6 +225,60 @@ def test_fused_remap_reads_the_ratio_from_device_memory():
         assert torch.allclose(wo, a.weights, atol=1e-6)
 
 
+@pytest.mark.parametrize("E,G,k,T,ratio,pol,ep,replicate", [
+    (16, 4, 4, 37, 0.5, "hot-cold", 2, "none"), (16, 4, 4, 37, 1.0, "hot-cold", 2, "all"),
+    (60, 15, 4, 33, 0.7, "hot-cold", 2, "auto"), (12, 6, 2, 9, 0.5, "drop", 3, "all"), (128, 32, 8, 1, 1.0, "hot-cold", 2, "all"),
+    (16, 4, 4, 37, 0.0, "hot-cold", 2, "none"),
+])
+def test_fused_remap_ep_epilogue_matches_ep_local_routing(E, G, k, T, ratio, pol, ep, replicate):
+    """The remap kernel's EP epilogue (this rank's local slab ids in the same launch) against its PyTorch twin, on
+    every rank, with owned and replicated united experts; ratio 0 through `keep` too (graph-safe ratio 0)."""
+    from runtime.ep_routing import EPRouting, ep_local_routing
+    from runtime.kernels.remap import remap
+    from runtime.placement import place_united
+    from runtime.policy import keep_tensor
+
+    g = torch.Generator().manual_seed(E * 1000 + T + ep)
+    bias = -torch.log(torch.arange(1, E + 1, dtype=torch.float32))[torch.randperm(E, generator=g)]
+    w, idx = (torch.randn(T, E, generator=g) + bias).softmax(-1).topk(k, -1)
+    e2g = torch.arange(E) // (E // G)
+    pl = place_united(e2g, ep, replicate)
+    rank_of, pos = pl.tables("cpu")
+    a = policy.remap(idx, w, e2g, G, ratio, pol)
+    for rank in range(ep):
+        routing = EPRouting(rank_of, pos, pl.local_slabs, rank, ep)
+        ids, wo = remap(idx, w, e2g, G, ratio, pol, keep=keep_tensor(ratio, "cpu"), ep=routing)
+        want_ids, want_w = ep_local_routing(a.ids, a.weights, routing)
+        assert torch.equal(ids, want_ids), rank
+        assert torch.allclose(wo, want_w, atol=1e-6), rank
+
+
+def test_ep_local_routing_is_ep_ids_then_the_all_reduce_mask():
+    """The shared-batch EP routing equals the two-step form it replaces: EP slab ids (`ep_ids`, replicas to the
+    token's row-chunk rank) then transformers' AllReduceEP mask (off-rank -> local id L, weight 0). Over the ranks
+    every live slot is kept exactly once."""
+    from runtime.ep_routing import EPRouting, ep_local_routing
+    from runtime.placement import ep_ids, place_united, token_ranks
+
+    E, G, k, T, ep = 16, 4, 4, 21, 2
+    g = torch.Generator().manual_seed(3)
+    w, idx = torch.randn(T, E, generator=g).softmax(-1).topk(k, -1)
+    e2g = torch.arange(E) // 4
+    a = policy.remap(idx, w, e2g, G, 0.75, "hot-cold")
+    pl = place_united(e2g, ep, "all")
+    rank_of, pos = pl.tables("cpu")
+    L, kept = pl.local_slabs, torch.zeros(T, k, dtype=torch.long)
+    glob, gw = ep_ids(a.ids, a.weights, rank_of, pos, L, E + G, token_ranks(T, ep, None, "cpu"))
+    for rank in range(ep):
+        ids, wo = ep_local_routing(a.ids, a.weights, EPRouting(rank_of, pos, L, rank, ep))
+        off = glob // L != rank
+        assert torch.equal(wo, torch.where(off, torch.zeros_like(gw), gw))
+        live = wo != 0
+        assert torch.equal(ids[live], (glob % L)[live]) and bool((ids[off] == L).all())
+        kept += live.long()
+    assert torch.equal(kept, (a.weights != 0).long())
+
+
 def test_stream_read_probe():
     # the bandwidth probe of eval/bench_kernel.py against its torch twin: per-chunk sums, a partial last chunk
     from eval import bench_kernel as bk

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import policy as _policy
+from ..ep_routing import EPRouting, ep_local_routing, token_chunk
 from .pdl import launch_opts, pdl_start, use_pdl
 
 try:
@@ -28,8 +29,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _remap_kernel(idx_ptr, w_ptr, e2g_ptr, ids_ptr, wout_ptr, T, E, G, keep_ptr,
+                      rank_of_ptr, pos_ptr, L, RANK, CHUNK,
                       K: tl.constexpr, KP: tl.constexpr, E_PAD: tl.constexpr, BT: tl.constexpr, DROP: tl.constexpr,
-                      USE_PDL: tl.constexpr):
+                      EP: tl.constexpr, USE_PDL: tl.constexpr):
         pdl_start(USE_PDL)  # the router's top-k is the kernel before
         skip = E + G
         n = T * K
@@ -89,6 +91,15 @@ if HAS_TRITON:
                     summed += tl.where(same, wj[:, None], 0.0)
                 wo = tl.where(dup != 0, 0.0, summed)
                 so = tl.where(dup != 0, skip, s2)
+            if EP:  # runtime.ep_routing.ep_local_routing: this rank's local slab ids, L (skip) and weight 0 elsewhere
+                is_skip = so == skip
+                s_safe = tl.where(is_skip, 0, so)
+                r = tl.load(rank_of_ptr + s_safe, mask=m2, other=0).to(tl.int32)
+                r = tl.where(r < 0, (tok // CHUNK)[:, None], r)  # a replica: the rank of the token's row chunk
+                mine = (r == RANK) & (is_skip == 0) & m2
+                loc = tl.load(pos_ptr + s_safe, mask=mine, other=0).to(tl.int32)
+                so = tl.where(mine, loc, L)
+                wo = tl.where(mine, wo, tl.zeros_like(wo))
             tl.store(ids_ptr + o2, so.to(tl.int64), mask=m2)
             tl.store(wout_ptr + o2, wo.to(wout_ptr.dtype.element_ty), mask=m2)
 
@@ -98,18 +109,22 @@ def _pow2(n: int) -> int:
 
 
 def remap(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, expert_to_group: torch.Tensor, num_groups: int,
-          ratio: float, policy: str = "hot-cold", keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          ratio: float, policy: str = "hot-cold", keep: torch.Tensor | None = None,
+          ep: EPRouting | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (ids [T, k] int64 over E + G slabs, E + G = skip; weights [T, k]) as runtime.policy.remap gives them.
 
     `keep` (optional): a float32 [1] device tensor holding 1 - ratio (`runtime.policy.keep_tensor`), read by the
     kernel at run time, so one captured CUDA graph serves every ratio written into it later. Then `ratio` only picks
-    the fallbacks."""
+    the fallbacks.
+
+    `ep` (optional, expert parallelism over a shared batch): the ids come out as this rank's local slab ids, in the
+    same launch, as `runtime.ep_routing.ep_local_routing` of the remap gives them."""
     _policy.check_policy(policy)
-    if keep is None and float(ratio) == 0.0:  # every active expert is hot: the identity (top-k ids are distinct)
+    if ep is None and keep is None and float(ratio) == 0.0:  # every active expert is hot: the identity
         return top_k_index.long(), top_k_weights
     if policy == "mass" or not HAS_TRITON or top_k_index.numel() == 0:
         a = _policy.remap(top_k_index, top_k_weights, expert_to_group, num_groups, ratio, policy)
-        return a.ids, a.weights
+        return (a.ids, a.weights) if ep is None else ep_local_routing(a.ids, a.weights, ep)
     T, k = top_k_index.shape
     E = expert_to_group.numel()
     idx = top_k_index.contiguous()
@@ -122,7 +137,12 @@ def remap(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, expert_to_grou
     e_pad = max(2, _pow2(E))
     if keep is None:
         keep = _policy.keep_tensor(ratio, idx.device)
-    _remap_kernel[(1,)](idx, w, e2g, ids, wout, T, E, num_groups, keep,
-                        K=k, KP=kp, E_PAD=e_pad, BT=bt, DROP=(policy == "drop"), num_warps=8 if e_pad >= 128 else 4,
+    if ep is not None:
+        rank_of, pos, L, rank, chunk = ep.rank_of, ep.pos[ep.rank], ep.local_slabs, ep.rank, token_chunk(T, ep.ep_size)
+    else:  # unused by the kernel
+        rank_of, pos, L, rank, chunk = e2g, e2g, 0, 0, 1
+    _remap_kernel[(1,)](idx, w, e2g, ids, wout, T, E, num_groups, keep, rank_of, pos, L, rank, chunk,
+                        K=k, KP=kp, E_PAD=e_pad, BT=bt, DROP=(policy == "drop"), EP=ep is not None,
+                        num_warps=8 if e_pad >= 128 else 4,
                         **launch_opts(use_pdl(idx.device)))
     return ids, wout

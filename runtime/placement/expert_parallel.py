@@ -10,19 +10,21 @@ output), so a sharded model at ratio r computes what the single-device model com
 Two flavours of transformers' EP, detected per layer:
 
 - "ep" (`ep_size`, an `ep_dispatch_experts` forward with an EPImplementation: all-reduce or all-to-all): the remap
-  runs on global ids *before* dispatch (the experts' own forward only sees local ids, too late for a global policy),
-  its slab ids become EP slab ids (`ep_ids`), and a copy of the model's own EP implementation with the slab count
-  changed moves the tokens.
+  runs on global ids *before* dispatch (the experts' own forward only sees local ids, too late for a global policy).
+  Under the all-reduce scheme (every rank holds the whole batch: AllReduceEP, AutoEP at inference) the remap gives
+  this rank's local slab ids directly (`runtime.ep_routing`; with triton in the remap's own launch), the local slabs
+  run, and the forward all-reduces. Otherwise (all-to-all) its slab ids become EP slab ids (`ep_ids`), and a copy of
+  the model's own EP implementation with the slab count changed moves the tokens.
 - "ep-router" (older transformers, 5.17: `enable_expert_parallel`): no dispatch rule; every rank runs the whole batch,
   an `ep_router` forward slices the router's output to local ids and the experts all-reduce. At r > 0 the router
-  hands its global routing to the experts, which remap it, keep this rank's slab ids and all-reduce themselves.
+  hands its global routing to the experts, which remap it to this rank's local slab ids (as above) and all-reduce.
 
 Ratio 0 calls the untouched EP forward: the sharded model bit for bit; in graph-safe mode ratio 0 runs the brownout
 path too (as on one device), so a CUDA graph captured at any ratio follows `set_ratio`. The local slabs are computed
 by the layer's backend over [local originals; local united; padding], off-rank slots being the slab count: the fused
 kernel's skip id (triton), or transformers' sentinel (grouped, reference). With triton the remap is the one-launch
-kernel reading the ratio from device memory; the id translation (`ep_ids`) is tensor ops: no host sync before the
-dispatch (transformers' all-to-all then reads its split sizes on the host; the all-reduce schemes do not).
+kernel reading the ratio from device memory; no host sync before the dispatch (transformers' all-to-all then reads
+its split sizes on the host; the all-reduce schemes do not).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import BrownoutError
+from ..ep_routing import EPRouting, token_chunk
 from .base import Placement, closure, is_dtensor, local_tensor
 
 DEFAULT_REPLICATE_BUDGET = 0.125  # replicas may add up to this share of a rank's local experts, per layer
@@ -160,8 +163,7 @@ def token_ranks(num_tokens: int, ep_size: int, own_rank: int | None, device) -> 
     """Row chunks like DTensor Shard(0) (ceil(T/ep) rows each) when ranks share a batch, else this rank for all."""
     if own_rank is not None:
         return torch.full((num_tokens,), own_rank, dtype=torch.long, device=device)
-    chunk = max(1, -(-num_tokens // ep_size))
-    return torch.arange(num_tokens, device=device) // chunk
+    return torch.arange(num_tokens, device=device) // token_chunk(num_tokens, ep_size)
 
 
 # -- transformers' EP, as installed on a loaded model ----------------------------------------------------------------
@@ -318,13 +320,34 @@ def _local_forward(ex: torch.nn.Module, st):
     return local_forward
 
 
+def _routing(st, plan: _LayerPlan) -> EPRouting:
+    pl = plan.placement
+    rank_of, pos = pl.tables(st.expert_to_group.device)
+    return EPRouting(rank_of, pos, pl.local_slabs, plan.rank, pl.ep_size)
+
+
+def _shared_batch_all_reduce(impl) -> bool:
+    """Whether `impl` runs transformers' all-reduce scheme at inference: every rank holds the whole batch, runs its
+    own experts, and an all-reduce sums the ranks (AllReduceEP, or AutoEP where it picks it)."""
+    name = type(impl).__name__
+    if name == "AllReduceEP":
+        return True
+    return (name == "AutoEP" and getattr(impl, "all_reduce", None) is not None
+            and getattr(impl, "megamoe", None) is None)
+
+
 def _ep_forward(ex: torch.nn.Module, st, plan: _LayerPlan):
-    """Wrap transformers' EP forward: remap on global ids, then dispatch over the EP slab space."""
+    """Wrap transformers' EP forward: remap on global ids, then dispatch over the EP slab space. Under the all-reduce
+    scheme at inference the remap gives this rank's local ids in the same launch (runtime.ep_routing) and the forward
+    runs the slabs and the all-reduce itself: transformers' id masking (about 5 launches) and the id translation
+    (about 10) are gone from every layer."""
     prev = ex.forward  # the ep_forward transformers installed (instance attribute)
     pl, impl = plan.placement, plan.impl
     L = pl.local_slabs
     skip = pl.num_experts + pl.num_groups
     rank_of, pos = pl.tables(st.expert_to_group.device)
+    routing = _routing(st, plan)
+    group = impl.ep_mesh.get_group() if _shared_batch_all_reduce(impl) else None
     # ranks holding different batches (all-to-all without TP) send replicated work to themselves
     own = plan.rank if (not impl.shares_batch and impl.tp_mesh.size() == 1) else None
     dispatch = _retarget(impl, L, _local_forward(ex, st))
@@ -333,6 +356,11 @@ def _ep_forward(ex: torch.nn.Module, st, plan: _LayerPlan):
         if _passthrough(st):
             return prev(hidden_states, top_k_index, top_k_weights)
         hidden_states, top_k_weights = local_tensor(hidden_states), local_tensor(top_k_weights)
+        if group is not None and not (torch.is_grad_enabled() and hidden_states.requires_grad):
+            ids, w = st.backend.ep_remap(st, top_k_index, top_k_weights, routing)
+            out = st.backend.run(ex, st.slabs, hidden_states, ids, w)
+            torch.distributed.all_reduce(out, group=group)
+            return out.to(hidden_states.dtype)
         ids, w = st.backend.remap(st, top_k_index, top_k_weights)
         tr = token_ranks(top_k_index.shape[0], pl.ep_size, own, top_k_index.device)
         ids, w = ep_ids(ids, w, rank_of, pos, L, skip, tr)
@@ -347,12 +375,8 @@ def _router_ep_forwards(ex: torch.nn.Module, router: torch.nn.Module, st, plan: 
     see them), and an all-reduce after the experts sums the ranks. At r > 0 the router hands its global routing to
     the experts instead, which remap it, keep this rank's slab ids and all-reduce themselves."""
     prev_router, prev = router.forward, ex.forward
-    pl = plan.placement
-    L = pl.local_slabs
-    skip = pl.num_experts + pl.num_groups
-    rank_of, pos = pl.tables(st.expert_to_group.device)
-    rank, group = plan.rank, plan.mesh.get_group()
-    local_forward = _local_forward(ex, st)
+    routing = _routing(st, plan)
+    group = plan.mesh.get_group()
     routed: dict[str, torch.Tensor] = {}
 
     def brownout_router_forward(*args, **kwargs):
@@ -367,11 +391,8 @@ def _router_ep_forwards(ex: torch.nn.Module, router: torch.nn.Module, st, plan: 
             return prev(hidden_states, top_k_index, top_k_weights, *rest)
         gids, gw = routed.pop("ids"), local_tensor(routed.pop("weights"))
         x = local_tensor(hidden_states)
-        ids, w = st.backend.remap(st, gids, gw)
-        tr = token_ranks(gids.shape[0], pl.ep_size, None, gids.device)  # shared batch: split replicated work by rows
-        ids, w = ep_ids(ids, w, rank_of, pos, L, skip, tr)
-        mine = torch.div(ids, L, rounding_mode="floor") == rank
-        out = local_forward(x, torch.where(mine, ids - rank * L, L), torch.where(mine, w, torch.zeros_like(w)))
+        ids, w = st.backend.ep_remap(st, gids, gw, routing)  # this rank's local slab ids (shared batch)
+        out = st.backend.run(ex, st.slabs, x, ids, w)
         torch.distributed.all_reduce(out, group=group)
         return out.to(x.dtype)
 
