@@ -357,8 +357,10 @@ def report(args):
     graphed = [k for k in kinds if any(row.get("graph_tokens_per_s") for row in res[k]["rows"])]
     if graphed:
         cpu = all(res[k]["device"] == "cpu" for k in graphed)
-        L += ["", "Decode step replayed from a CUDA graph (static KV cache of prompt + new tokens; the collectives "
-              "captured with the step): tokens/s; MoE ms/step = that step less the same step with null experts "
+        lens = sorted({row.get("graph_cache_len") or row["new_tokens"] + args.prompt
+                       for k in graphed for row in res[k]["rows"]})
+        L += ["", f"Decode step replayed from a CUDA graph (static KV cache of {'/'.join(map(str, lens))} slots, "
+              "attended in full; the collectives captured with the step): tokens/s; MoE ms/step = that step less the same step with null experts "
               "(`null_experts`: no expert math, remap or expert collective), rank 0; and ratio 1 over ratio 0 on "
               "the same path."
               + (" On the CPU the same step runs eager: a smoke test of the code, not a figure." if cpu else ""), "",
@@ -400,7 +402,7 @@ def plot(res: dict, names: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     batches = sorted({row["batch"] for r in res.values() for row in r["rows"]})
-    fig, axes = plt.subplots(2, len(batches), figsize=(5 * len(batches), 7), squeeze=False)
+    fig, axes = plt.subplots(2, len(batches), figsize=(5 * len(batches), 8.5), squeeze=False)
     for j, b in enumerate(batches):
         for k, r in res.items():
             rows = sorted((x for x in r["rows"] if x["batch"] == b), key=lambda x: x["ratio"])
@@ -408,22 +410,28 @@ def plot(res: dict, names: dict, path: Path) -> None:
             kern = [x for x in rows if x.get("path") == "kernel"]
             for i, key in enumerate(("tokens_per_s", "moe_ms_per_step")):
                 line, = axes[i][j].plot([x["ratio"] for x in auto], [x[key] for x in auto], "o-", label=names[k])
-                graphed = [x for x in auto if x.get("graph_tokens_per_s")]
-                if i == 0 and graphed:  # the same decode step replayed from a CUDA graph
-                    axes[i][j].plot([x["ratio"] for x in graphed], [x["graph_tokens_per_s"] for x in graphed], "^--",
+                gkey = "graph_tokens_per_s" if i == 0 else "graph_moe_ms_per_step"
+                graphed = [x for x in auto if x.get(gkey) is not None]
+                if graphed:  # the same decode step replayed from a CUDA graph
+                    axes[i][j].plot([x["ratio"] for x in graphed], [x[gkey] for x in graphed], "^--",
                                     color=line.get_color(), label=f"{names[k]}, CUDA-graph step")
                 if kern:
                     axes[i][j].plot([x["ratio"] for x in kern], [x[key] for x in kern], "s", mfc="none",
                                     color=line.get_color(), label=f"{names[k]}, ratio 0 on the kernel")
+                    gk = [x for x in kern if x.get(gkey) is not None]
+                    axes[i][j].plot([x["ratio"] for x in gk], [x[gkey] for x in gk], "^", mfc="none", ms=9,
+                                    color=line.get_color(), label=f"{names[k]}, ratio 0 on the kernel, CUDA-graph step")
         axes[0][j].set_title(f"batch {b}")
         axes[0][j].set_ylabel("decode tokens/s")
         axes[1][j].set_ylabel("MoE ms per decode step")
+        axes[1][j].set_yscale("log")  # eager (host-bound) and graphed MoE times differ tenfold
         axes[1][j].set_xlabel("brownout ratio")
-    axes[0][0].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
     dev = sorted({r["device"] for r in res.values()})
     fig.suptitle(f"Brownout under TP and EP ({', '.join(dev)}): model.generate (solid), one decode step replayed "
                  f"from a CUDA graph (dashed)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
