@@ -210,6 +210,21 @@ class RatioSchedule:
         return sorted(segs, key=lambda s: (s.slope, s.layer, s.order))
 
     # -- queries --------------------------------------------------------------------------------------------------
+    def least_loss(self, level) -> float:
+        """A lower bound on the predicted loss (layers additive) of any per-layer ratios that save at least the bytes
+        of the uniform ratio `level`: the same greedy as `at` with its last segment taken in part *on the hull* (the
+        relaxation of the allocation problem). `at(level)` evaluates its in-between layer on the measured curve,
+        which lies on or above the hull, so its predicted loss is at or above this bound (equal on convex curves)."""
+        need, got, loss = self.saved_bytes(check_ratio(level)), 0.0, 0.0
+        n = len(self.layers)
+        for seg in self._segments([0.0] * n, [1.0] * n):
+            take = min(seg.hi - seg.lo, need - got)
+            if take <= 0:
+                break
+            loss += seg.slope * take
+            got += take
+        return loss
+
     def saved_bytes(self, ratios) -> float:
         """Predicted bytes saved per forward by one ratio per layer (a list), or by one ratio for all."""
         rs = self._as_list(ratios)

@@ -309,3 +309,29 @@ def test_joint_replay_matches_full_forwards(tiny):
     finally:
         probe.close()
         bm.detach()
+
+
+def test_schedule_bound_is_below_any_grid_allocation():
+    """eval/schedule_bound: the lower bound at the uniform bytes ignores joint anchors, and no allocation on the
+    measured grid that saves at least the uniform bytes predicts less (brute force over 5^3; these curves are not
+    convex, and the schedule's own allocation predicts more than a grid allocation at 0.5)."""
+    from eval.schedule_bound import bound_rows
+
+    loss = {0: [0, 0.1, 0.15, 0.3, 0.6], 1: [0, 0.02, 0.05, 0.06, 0.2], 2: [0, 0.3, 0.5, 0.6, 0.7]}
+    saved = {0: [0, 30, 55, 80, 100], 1: [0, 20, 50, 70, 90], 2: [0, 40, 60, 90, 120]}
+    doc = {"ratios": GRID, "layers": {str(k): {"nll_increase": loss[k], "saved_bytes": saved[k]} for k in loss},
+           "joint": {"levels": [0.5], "ratios": [[0.5, 0.5, 0.5]]}}
+    plain = _synthetic(loss, saved)
+    for row in bound_rows(doc, [0.25, 0.5, 0.75]):
+        assert row["ratios"] == pytest.approx(plain.at(row["level"]))
+        assert row["least"] <= min(row["uniform"], row["greedy"]) + 1e-12
+        need = plain.saved_bytes(row["level"])
+        for combo in itertools.product(range(5), repeat=3):
+            if sum(saved[k][i] for k, i in enumerate(combo)) >= need - 1e-9:
+                assert sum(loss[k][i] for k, i in enumerate(combo)) >= row["least"] - 1e-9, (row["level"], combo)
+    study = {"per_way": {"2": {"sensitivity": {k: v for k, v in doc.items() if k != "ratios"}}}}
+    assert [r["least"] for r in bound_rows(study, [0.5])] == pytest.approx([plain.least_loss(0.5)])
+    # on convex curves the bound is the schedule's own allocation
+    convex = _synthetic({0: [0, 0.1, 0.25, 0.45, 0.7], 1: [0, 0.01, 0.03, 0.06, 0.1]})
+    for level in (0.25, 0.5, 0.75):
+        assert convex.least_loss(level) == pytest.approx(convex.predicted_loss(convex.at(level)))
