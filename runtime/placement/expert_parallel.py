@@ -345,8 +345,8 @@ def _ep_forward(ex: torch.nn.Module, st, plan: _LayerPlan):
     pl, impl = plan.placement, plan.impl
     L = pl.local_slabs
     skip = pl.num_experts + pl.num_groups
-    rank_of, pos = pl.tables(st.expert_to_group.device)
     routing = _routing(st, plan)
+    rank_of, pos = routing.rank_of, routing.pos
     group = impl.ep_mesh.get_group() if _shared_batch_all_reduce(impl) else None
     # ranks holding different batches (all-to-all without TP) send replicated work to themselves
     own = plan.rank if (not impl.shares_batch and impl.tp_mesh.size() == 1) else None
