@@ -20,7 +20,10 @@ Phases (each a fresh process, so every run loads the same saved checkpoint):
            + BrownoutMoE.attach
   report   eval/results/<tag>.{json,md,png} (--tag, default distributed_bench)
 
-The figures in eval/results: `python -m eval.bench_distributed --ratios 0 0.5 1` (about 5 minutes on 2 H100).
+The figures in eval/results: `python -m eval.bench_distributed --ratios 0 0.5 1` (about 5 minutes on 2 H100;
+distributed_bench.*), and on 2 H200 with transformers 5.24 the same with `--tag distributed_bench_qwen15_h200` and,
+for the Qwen3-30B-A3B shape, `--shape qwen3-30b --ratios 0 0.5 1 --new-tokens 16 --tag distributed_bench_qwen3_h200`
+(prepare 155 s, single 120 s, tp and ep 100-135 s each).
 
 Decode: `model.generate` greedy with KV cache, no CUDA graphs (so transformers' per-step launch overhead is in it),
 batches 1, 32 and 128, ratios 0..1; and per point the same decode step replayed from a CUDA graph over a static KV
