@@ -5,7 +5,7 @@ Qwen3-30B-A3B-shaped, --shape qwen3-30b), random weights.
     python -m eval.bench_distributed                      # all phases on a 2-GPU machine (about 6-8 minutes)
     python -m eval.bench_distributed --phases prepare,single
     python -m eval.bench_distributed --phases tp,ep,report
-    python -m eval.bench_distributed --shape qwen3-30b --tag distributed_bench_qwen3   # the Qwen3-30B-A3B shape
+    python -m eval.bench_distributed --shape qwen3-30b --tag distributed_bench_qwen3_h200   # Qwen3-30B-A3B shape
     python -m eval.bench_distributed --shape tiny --out /tmp/x   # CPU smoke test of this script (gloo, 2 processes)
 
 Phases (each a fresh process, so every run loads the same saved checkpoint):
@@ -363,9 +363,9 @@ def report(args):
         lens = sorted({row.get("graph_cache_len") or row["new_tokens"] + args.prompt
                        for k in graphed for row in res[k]["rows"]})
         L += ["", f"Decode step replayed from a CUDA graph (static KV cache of {'/'.join(map(str, lens))} slots, "
-              "attended in full; the collectives captured with the step): tokens/s; MoE ms/step = that step less the same step with null experts "
-              "(`null_experts`: no expert math, remap or expert collective), rank 0; and ratio 1 over ratio 0 on "
-              "the same path."
+              "attended in full; the collectives captured with the step): tokens/s; MoE ms/step = that step less "
+              "the same step with null experts (`null_experts`: no expert math, remap or expert collective), "
+              "rank 0; and ratio 1 over ratio 0 on the same path."
               + (" On the CPU the same step runs eager: a smoke test of the code, not a figure." if cpu else ""), "",
               "| batch | ratio | " + " | ".join(f"{names[k]} tok/s" for k in graphed) + " | "
               + " | ".join(f"{names[k]} MoE ms/step" for k in graphed) + " |",

@@ -8,8 +8,8 @@ this ratio is above a target, no per-layer allocation meets the target in predic
 do not add up, and the study found the joint cost of a skewed allocation above its prediction. The schedule's own
 allocation (`at`, no anchors) is listed too: its predicted loss is at or above the bound.
 
-    python -m eval.schedule_bound eval/results/schedule_study.json                 # the study's curves
-    python -m eval.schedule_bound S.json --levels 0.5 0.75                          # a `unify sensitivity` file
+    python -m eval.schedule_bound eval/results/schedule_study.json --out eval/results/schedule_bound.md
+    python -m eval.schedule_bound S.json --levels 0.5 0.75          # a `unify sensitivity` file, to the screen
 """
 from __future__ import annotations
 
@@ -51,8 +51,9 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| curves | level | predicted ΔNLL, uniform | lower bound, same bytes | bound / uniform | "
              "schedule (no anchors): predicted ΔNLL | its ratios |", "|---|---|---|---|---|---|---|"]
     for r in rows:
+        ratios = " ".join(f"{x:.2f}" for x in r["ratios"])
         lines.append(f"| {r['curves']} | {r['level']:g} | {r['uniform']:.4f} | {r['least']:.4f} | "
-                     f"{r['least_over_uniform']:.2f} | {r['greedy']:.4f} | {' '.join(f'{x:.2f}' for x in r['ratios'])} |")
+                     f"{r['least_over_uniform']:.2f} | {r['greedy']:.4f} | {ratios} |")
     return "\n".join(lines)
 
 
@@ -60,12 +61,22 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path", help="eval/schedule_study.py's JSON or a `unify sensitivity` file")
     ap.add_argument("--levels", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    ap.add_argument("--out", help="also write the table, with a header naming its source, to this markdown file")
     args = ap.parse_args(argv)
     try:
         doc = json.loads(Path(args.path).read_text())
     except (OSError, ValueError) as e:
         raise SystemExit(f"cannot read {args.path}: {e}")
-    print(markdown(bound_rows(doc, args.levels)))
+    table = markdown(bound_rows(doc, args.levels))
+    print(table)
+    if args.out:
+        text = ("# Per-layer schedule: a lower bound on any allocation (issue 20)\n\n"
+                f"From the sensitivity curves in `{args.path}` (layers taken as additive). Command: "
+                f"`python -m eval.schedule_bound {args.path} --out {args.out}`; see eval/schedule_bound.py.\n\n"
+                + table + "\n")
+        tmp = Path(args.out).with_suffix(".md.tmp")
+        tmp.write_text(text)
+        tmp.replace(args.out)  # whole or not at all
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def token_chunk(num_tokens: int, ep_size: int) -> int:
 
 
 def ep_local_routing(ids: torch.Tensor, weights: torch.Tensor, ep: EPRouting) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slab ids over [originals; united] (E + G skips) -> (local slab ids in [0, L], weights), this rank's slots kept."""
+    """Slab ids over [originals; united] (E + G skips) -> (local slab ids in [0, L], weights): this rank's slots
+    kept, the rest skipped."""
     T = ids.shape[0]
     rows = torch.arange(T, device=ids.device) // token_chunk(T, ep.ep_size)
     r = ep.rank_of[ids]

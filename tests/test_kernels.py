@@ -227,7 +227,8 @@ def test_fused_remap_reads_the_ratio_from_device_memory():
 
 @pytest.mark.parametrize("E,G,k,T,ratio,pol,ep,replicate", [
     (16, 4, 4, 37, 0.5, "hot-cold", 2, "none"), (16, 4, 4, 37, 1.0, "hot-cold", 2, "all"),
-    (60, 15, 4, 33, 0.7, "hot-cold", 2, "auto"), (12, 6, 2, 9, 0.5, "drop", 3, "all"), (128, 32, 8, 1, 1.0, "hot-cold", 2, "all"),
+    (60, 15, 4, 33, 0.7, "hot-cold", 2, "auto"), (12, 6, 2, 9, 0.5, "drop", 3, "all"),
+    (128, 32, 8, 1, 1.0, "hot-cold", 2, "all"),
     (16, 4, 4, 37, 0.0, "hot-cold", 2, "none"),
 ])
 def test_fused_remap_ep_epilogue_matches_ep_local_routing(E, G, k, T, ratio, pol, ep, replicate):
