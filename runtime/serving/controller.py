@@ -600,10 +600,10 @@ class ModelPredictive(Controller):
         and for as long after as the offered load stays at or above `arm_hold` x the load at which that queue formed
         or ratio 0's saturated rate, whichever is lower (a noisy high read at arming must not disarm the floor while
         ratio 0 still cannot carry the load): the engine has shown where its ratio-0 capacity ends, so the floor
-        holds while the load does, and the ratio does not fall back to 0 for the queue to form again. Unarmed it spends nothing, because both models
-        are bounds that can overstate the need: the saturated rates are measured with a full batch and a queue
-        (on an H200 they understated what ratio 0 served by over 20%), and M/M/c waits more often than a batch of
-        similar-length requests does."""
+        holds while the load does, and the ratio does not fall back to 0 for the queue to form again. Unarmed it
+        spends nothing, because both models are bounds that can overstate the need: the saturated rates are measured
+        with a full batch and a queue (on an H200 they understated what ratio 0 served by over 20%), and M/M/c waits
+        more often than a batch of similar-length requests does."""
         tokens, sq, n, span = recent  # `_recent`'s snapshot
         if n == 0 or tokens <= 0:
             return 0.0
