@@ -150,6 +150,33 @@ def null_experts(layers):
                 ex.forward = fwd
 
 
+def compile_outside_experts(model, backend: str = "inductor") -> dict:
+    """Compile the launch-bound elementwise work of the step outside the experts: every RMSNorm module (a handful of
+    small kernels each, four per decoder layer on Qwen3) and the modeling module's `apply_rotary_pos_emb` (about ten).
+    Under a CUDA graph those launches, not bytes, set the non-expert floor (about 150 us a layer on an H200). The
+    experts, routers and attention matmuls stay as they are, so every ratio runs the same kernels as uncompiled."""
+    import sys
+
+    import torch._dynamo
+
+    # one compiled entry per norm shape and batch, shared by all instances; the default limit of 8 is too few
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 1024)
+    norms = 0
+    for m in model.modules():
+        if type(m).__name__.endswith("RMSNorm"):
+            m.compile(backend=backend)
+            norms += 1
+    patched = set()
+    for layer in model.modules():  # the modeling modules the model's classes come from
+        mod = sys.modules.get(type(layer).__module__)
+        fn = getattr(mod, "apply_rotary_pos_emb", None)
+        if fn is not None and mod.__name__ not in patched:
+            setattr(mod, "apply_rotary_pos_emb", torch.compile(fn, backend=backend))
+            patched.add(mod.__name__)
+    return {"backend": backend, "norms": norms, "rope_functions": len(patched)}
+
+
 def graphed_decode_ms_writes(reps: int) -> int:
     """Runs of the decode step in `graphed_decode_ms`: 3 warm-up, 1 capture, 3 warm-up replays, `reps` timed."""
     return 7 + reps
@@ -242,6 +269,7 @@ def worker(args):
     model.eval()
     load_s = time.time() - t0
     bm = BrownoutMoE.attach(model, work / "united")
+    compiled = compile_outside_experts(model, args.compile_backend) if args.compile else None
     layers = find_moe_layers(model)
     timer = ExpertsTimer([l.experts for l in layers])
     vocab = model.config.vocab_size
@@ -267,27 +295,30 @@ def worker(args):
         for r, path in points:
             bm.set_ratio(r)
             bm.set_graph_safe(path == "kernel")
-            with torch.no_grad():
-                model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
-                sync()
-                barrier()
-                timer.calls.clear()
-                timer.on = True
-                t = time.perf_counter()
-                out = model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                     do_sample=False)
-                sync()
-                s = time.perf_counter() - t
-                timer.on = False
-            steps = args.new_tokens - 1  # the first new token comes from the prefill
-            moe_ms = timer.decode_ms(b)
+            eager = {"seconds": None, "tokens_per_s": None, "moe_ms_per_step": None, "moe_ms_per_layer_step": None,
+                     "out_checksum": None}
+            if not args.graph_only:
+                with torch.no_grad():
+                    model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+                    sync()
+                    barrier()
+                    timer.calls.clear()
+                    timer.on = True
+                    t = time.perf_counter()
+                    out = model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                         do_sample=False)
+                    sync()
+                    s = time.perf_counter() - t
+                    timer.on = False
+                steps = args.new_tokens - 1  # the first new token comes from the prefill
+                moe_ms = timer.decode_ms(b)
+                eager = {"seconds": round(s, 4), "tokens_per_s": round(b * args.new_tokens / s, 1),
+                         "moe_ms_per_step": round(moe_ms / max(1, steps), 4),
+                         "moe_ms_per_layer_step": round(moe_ms / max(1, steps) / len(layers), 4),
+                         "out_checksum": int(out[:, args.prompt:].sum())}
             g_ms, g_err = (graphed_decode_ms(model, ids, args.prompt + args.new_tokens, args.graph_reps, barrier)
                            if args.graph_reps > 0 else (None, "not asked for"))
-            row = {"batch": b, "ratio": r, "path": path, "new_tokens": args.new_tokens, "seconds": round(s, 4),
-                   "tokens_per_s": round(b * args.new_tokens / s, 1),
-                   "moe_ms_per_step": round(moe_ms / max(1, steps), 4),
-                   "moe_ms_per_layer_step": round(moe_ms / max(1, steps) / len(layers), 4),
-                   "out_checksum": int(out[:, args.prompt:].sum()),
+            row = {"batch": b, "ratio": r, "path": path, "new_tokens": args.new_tokens, **eager,
                    # the same decode step replayed from a CUDA graph (graphed_decode_ms): no host launch overhead
                    "graph_ms_per_step": None if g_ms is None else round(g_ms, 4),
                    "graph_tokens_per_s": None if g_ms is None else round(1e3 * b / g_ms, 1),
@@ -307,6 +338,7 @@ def worker(args):
            # how the experts ended up: "tp"/"ep"/"ep-router" (runtime.placement), or "replicated" where the loaded
            # model's plan left the experts whole on every rank (transformers 5.17's Qwen2-MoE TP plan does)
            "experts": sorted(set(bm.mode.values()) - {"local"}) or (["replicated"] if dist else ["whole"]),
+           "compiled": compiled,  # what compile_outside_experts compiled (None: nothing)
            "max_mem_GiB_per_rank": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
            "rows": rows}
     if kind == "ep":
@@ -341,22 +373,32 @@ def report(args):
          "decode step, rank 0 (CUDA events: GPU time between a module's first and last kernel, idle gaps included). "
          "Ratio 0 is the model's own experts implementation; `0 (kernel)` is ratio 0 on the triton backend in "
          "graph-safe mode, the path r > 0 runs.", ""]
+    compiled = {k: res[k].get("compiled") for k in kinds if res[k].get("compiled")}
+    if compiled:
+        c = next(iter(compiled.values()))
+        L += [f"Compiled outside the experts (`--compile`, {', '.join(names[k] for k in compiled)}): torch.compile "
+              f"({c['backend']}) of the model's {c['norms']} RMSNorm modules and its rotary embedding; experts, "
+              "routers and attention matmuls as uncompiled, the same at every ratio.", ""]
     for k in kinds:
         r = res[k]
         extra = f", EP members on owner rank {r.get('ep_members_on_owner')}, united per rank {r.get('ep_united_per_rank')}" if k == "ep" else ""
         how = f", experts {'/'.join(r['experts'])}" if "experts" in r else ""
         L.append(f"- {names[k]}: {r['world']} x {r['device']}{how}, united tier {r['extra_MiB_per_rank']} MiB per rank, "
                  f"peak {r['max_mem_GiB_per_rank']} GiB per rank{extra}")
-    L += ["", "| batch | ratio | " + " | ".join(f"{names[k]} tok/s" for k in kinds) + " | "
-          + " | ".join(f"{names[k]} MoE ms/step" for k in kinds) + " |",
-          "|---|---|" + "---|" * (2 * len(kinds))]
     keyed = {k: {(row["batch"], row["ratio"], row.get("path", "auto")): row for row in res[k]["rows"]} for k in kinds}
     order = {"auto": 0, "kernel": 1}
-    for key in sorted(set().union(*map(set, keyed.values())), key=lambda x: (x[0], x[1], order.get(x[2], 2))):
-        cells = [f"{keyed[k][key]['tokens_per_s']}" if key in keyed[k] else "" for k in kinds]
-        cells += [f"{keyed[k][key]['moe_ms_per_step']:.2f}" if key in keyed[k] else "" for k in kinds]
-        r = f"{key[1]:g}" + (" (kernel)" if key[2] == "kernel" else "")
-        L.append(f"| {key[0]} | {r} | " + " | ".join(cells) + " |")
+    eager = [k for k in kinds if any(row.get("tokens_per_s") for row in res[k]["rows"])]
+    if eager:  # --graph-only runs have no eager figures
+        L += ["", "| batch | ratio | " + " | ".join(f"{names[k]} tok/s" for k in eager) + " | "
+              + " | ".join(f"{names[k]} MoE ms/step" for k in eager) + " |",
+              "|---|---|" + "---|" * (2 * len(eager))]
+        for key in sorted(set().union(*map(set, keyed.values())), key=lambda x: (x[0], x[1], order.get(x[2], 2))):
+            cells = [f"{keyed[k][key]['tokens_per_s']}" if key in keyed[k] else "" for k in eager]
+            cells += [f"{keyed[k][key]['moe_ms_per_step']:.2f}" if key in keyed[k] else "" for k in eager]
+            r = f"{key[1]:g}" + (" (kernel)" if key[2] == "kernel" else "")
+            L.append(f"| {key[0]} | {r} | " + " | ".join(cells) + " |")
+    else:
+        L += ["", "Eager `generate` not timed (`--graph-only`)."]
     graphed = [k for k in kinds if any(row.get("graph_tokens_per_s") for row in res[k]["rows"])]
     if graphed:
         cpu = all(res[k]["device"] == "cpu" for k in graphed)
@@ -412,13 +454,14 @@ def plot(res: dict, names: dict, path: Path) -> None:
             auto = [x for x in rows if x.get("path", "auto") == "auto"]
             kern = [x for x in rows if x.get("path") == "kernel"]
             for i, key in enumerate(("tokens_per_s", "moe_ms_per_step")):
-                line, = axes[i][j].plot([x["ratio"] for x in auto], [x[key] for x in auto], "o-", label=names[k])
+                timed = [x for x in auto if x.get(key) is not None]  # none under --graph-only
+                line, = axes[i][j].plot([x["ratio"] for x in timed], [x[key] for x in timed], "o-", label=names[k])
                 gkey = "graph_tokens_per_s" if i == 0 else "graph_moe_ms_per_step"
                 graphed = [x for x in auto if x.get(gkey) is not None]
                 if graphed:  # the same decode step replayed from a CUDA graph
                     axes[i][j].plot([x["ratio"] for x in graphed], [x[gkey] for x in graphed], "^--",
                                     color=line.get_color(), label=f"{names[k]}, CUDA-graph step")
-                if kern:
+                if any(x.get(key) is not None for x in kern):
                     axes[i][j].plot([x["ratio"] for x in kern], [x[key] for x in kern], "s", mfc="none",
                                     color=line.get_color(), label=f"{names[k]}, ratio 0 on the kernel")
                     gk = [x for x in kern if x.get(gkey) is not None]
@@ -454,6 +497,11 @@ def main():
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--graph-reps", type=int, default=20,
                     help="replays of the CUDA-graph decode step per point (0: eager generate only)")
+    ap.add_argument("--graph-only", action="store_true",
+                    help="time only the CUDA-graph decode step (no eager generate figures)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the norms and rotary embedding outside the experts (compile_outside_experts)")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
     ap.add_argument("--worker", choices=["single", "tp", "ep"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.work = args.work or f"/tmp/brownout-dist-{args.shape}"
@@ -461,7 +509,8 @@ def main():
         return worker(args)
     common = ["--shape", args.shape, "--way", str(args.way), "--work", args.work, "--new-tokens", str(args.new_tokens),
               "--prompt", str(args.prompt), "--batches", *map(str, args.batches), "--ratios", *map(str, args.ratios),
-              "--graph-reps", str(args.graph_reps)]
+              "--graph-reps", str(args.graph_reps), "--compile-backend", args.compile_backend,
+              *(["--graph-only"] if args.graph_only else []), *(["--compile"] if args.compile else [])]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     failed = []
     for phase in args.phases.split(","):

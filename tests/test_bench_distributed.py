@@ -48,3 +48,21 @@ def test_null_experts_zeroes_then_restores_each_forward():
         assert torch.equal(plain(x), torch.zeros(4, 2)) and torch.equal(wrapped(x, None), torch.zeros(4, 2))
     assert "forward" not in plain.__dict__ and torch.equal(plain(x), want)
     assert torch.equal(wrapped(x), 3 * x)
+
+
+def test_bench_distributed_compiled_graph_only(tmp_path):
+    """--compile compiles the norms and rotary embedding outside the experts (aot_eager here: the torch.compile front
+    end without inductor's code generation), --graph-only skips eager generate; the report says both."""
+    cmd = [sys.executable, "-m", "eval.bench_distributed", "--shape", "tiny", "--work", str(tmp_path / "work"),
+           "--out", str(tmp_path / "out"), "--ratios", "0", "1", "--batches", "2", "--new-tokens", "3",
+           "--graph-reps", "2", "--phases", "prepare,single,report", "--compile", "--compile-backend", "aot_eager",
+           "--graph-only"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    run = json.loads((tmp_path / "out" / "distributed_bench.json").read_text())["runs"]["single"]
+    # the tiny Qwen2-MoE: input and post-attention norms of 2 layers and the final norm; one modeling module's rope
+    assert run["compiled"] == {"backend": "aot_eager", "norms": 5, "rope_functions": 1}
+    for r in run["rows"]:
+        assert r["tokens_per_s"] is None and r["graph_error"] is None and r["graph_tokens_per_s"] > 0, r
+    md = (tmp_path / "out" / "distributed_bench.md").read_text()
+    assert "Eager `generate` not timed" in md and "Compiled outside the experts" in md
