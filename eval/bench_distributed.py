@@ -368,10 +368,12 @@ def report(args):
     dev = {res[k]["device"] for k in kinds}
     L = [f"# Brownout on 2 GPUs: TP and EP through transformers ({', '.join(sorted(dev))})", "",
          f"Shape `{args.shape}` (random weights, router x30), united tier way {args.way} (consecutive, average), every "
-         f"layer. torch {full['torch']}, transformers {full['transformers']}. `model.generate`, greedy, no CUDA "
-         "graphs. MoE ms/step: fused experts modules (incl. the TP all-reduce / EP dispatch), summed over layers, per "
-         "decode step, rank 0 (CUDA events: GPU time between a module's first and last kernel, idle gaps included). "
-         "Ratio 0 is the model's own experts implementation; `0 (kernel)` is ratio 0 on the triton backend in "
+         f"layer. torch {full['torch']}, transformers {full['transformers']}. "
+         + ("`model.generate`, greedy, no CUDA graphs. MoE ms/step: fused experts modules (incl. the TP all-reduce / "
+            "EP dispatch), summed over layers, per decode step, rank 0 (CUDA events: GPU time between a module's first "
+            "and last kernel, idle gaps included). " if any(row.get("tokens_per_s") for r in res.values()
+                                                            for row in r["rows"]) else "")
+         + "Ratio 0 is the model's own experts implementation; `0 (kernel)` is ratio 0 on the triton backend in "
          "graph-safe mode, the path r > 0 runs.", ""]
     compiled = {k: res[k].get("compiled") for k in kinds if res[k].get("compiled")}
     if compiled:
@@ -455,16 +457,19 @@ def plot(res: dict, names: dict, path: Path) -> None:
             kern = [x for x in rows if x.get("path") == "kernel"]
             for i, key in enumerate(("tokens_per_s", "moe_ms_per_step")):
                 timed = [x for x in auto if x.get(key) is not None]  # none under --graph-only
-                line, = axes[i][j].plot([x["ratio"] for x in timed], [x[key] for x in timed], "o-", label=names[k])
+                line, = axes[i][j].plot([x["ratio"] for x in timed], [x[key] for x in timed], "o-",
+                                        label=names[k] if timed else None)
                 gkey = "graph_tokens_per_s" if i == 0 else "graph_moe_ms_per_step"
                 graphed = [x for x in auto if x.get(gkey) is not None]
                 if graphed:  # the same decode step replayed from a CUDA graph
                     axes[i][j].plot([x["ratio"] for x in graphed], [x[gkey] for x in graphed], "^--",
                                     color=line.get_color(), label=f"{names[k]}, CUDA-graph step")
-                if any(x.get(key) is not None for x in kern):
-                    axes[i][j].plot([x["ratio"] for x in kern], [x[key] for x in kern], "s", mfc="none",
+                ek = [x for x in kern if x.get(key) is not None]
+                if ek:
+                    axes[i][j].plot([x["ratio"] for x in ek], [x[key] for x in ek], "s", mfc="none",
                                     color=line.get_color(), label=f"{names[k]}, ratio 0 on the kernel")
-                    gk = [x for x in kern if x.get(gkey) is not None]
+                gk = [x for x in kern if x.get(gkey) is not None]
+                if gk:
                     axes[i][j].plot([x["ratio"] for x in gk], [x[gkey] for x in gk], "^", mfc="none", ms=9,
                                     color=line.get_color(), label=f"{names[k]}, ratio 0 on the kernel, CUDA-graph step")
         axes[0][j].set_title(f"batch {b}")
@@ -475,8 +480,11 @@ def plot(res: dict, names: dict, path: Path) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
     dev = sorted({r["device"] for r in res.values()})
-    fig.suptitle(f"Brownout under TP and EP ({', '.join(dev)}): model.generate (solid), one decode step replayed "
-                 f"from a CUDA graph (dashed)")
+    eager = any(row.get("tokens_per_s") for r in res.values() for row in r["rows"])
+    comp = any(r.get("compiled") for r in res.values())
+    fig.suptitle(f"Brownout under TP and EP ({', '.join(dev)}): " + ("model.generate (solid), " if eager else "")
+                 + "one decode step replayed from a CUDA graph (dashed)"
+                 + (", norms and rotary embedding compiled" if comp else ""))
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
