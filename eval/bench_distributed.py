@@ -6,6 +6,7 @@ Qwen3-30B-A3B-shaped, --shape qwen3-30b), random weights.
     python -m eval.bench_distributed --phases prepare,single
     python -m eval.bench_distributed --phases tp,ep,report
     python -m eval.bench_distributed --shape qwen3-30b --tag distributed_bench_qwen3_h200   # Qwen3-30B-A3B shape
+    python -m eval.bench_distributed --compile --graph-only    # norms and rope compiled, graphed step only
     python -m eval.bench_distributed --shape tiny --out /tmp/x   # CPU smoke test of this script (gloo, 2 processes)
 
 Phases (each a fresh process, so every run loads the same saved checkpoint):
@@ -23,7 +24,9 @@ Phases (each a fresh process, so every run loads the same saved checkpoint):
 The figures in eval/results: `python -m eval.bench_distributed --ratios 0 0.5 1` (about 5 minutes on 2 H100;
 distributed_bench.*), and on 2 H200 with transformers 5.24 the same with `--tag distributed_bench_qwen15_h200` and,
 for the Qwen3-30B-A3B shape, `--shape qwen3-30b --ratios 0 0.5 1 --new-tokens 16 --tag distributed_bench_qwen3_h200`
-(prepare 155 s, single 120 s, tp and ep 100-135 s each).
+(prepare 155 s, single 120 s, tp and ep 100-135 s each); with `--compile --graph-only` and tags
+`distributed_bench_qwen15_h200_compiled` / `distributed_bench_qwen3_h200_compiled` (Qwen1.5: 280 s for all phases;
+Qwen3-30B: 490 s).
 
 Decode: `model.generate` greedy with KV cache, no CUDA graphs (so transformers' per-step launch overhead is in it),
 batches 1, 32 and 128, ratios 0..1; and per point the same decode step replayed from a CUDA graph over a static KV
