@@ -368,14 +368,14 @@ def report(args):
     (out / f"{args.tag}.json").write_text(json.dumps(full, indent=1))
     names = {"single": "1 GPU", "tp": "TP 2", "ep": "EP 2"}
     kinds = [k for k in ("single", "tp", "ep") if k in res]
+    eager = [k for k in kinds if any(row.get("tokens_per_s") for row in res[k]["rows"])]  # none under --graph-only
     dev = {res[k]["device"] for k in kinds}
     L = [f"# Brownout on 2 GPUs: TP and EP through transformers ({', '.join(sorted(dev))})", "",
          f"Shape `{args.shape}` (random weights, router x30), united tier way {args.way} (consecutive, average), every "
          f"layer. torch {full['torch']}, transformers {full['transformers']}. "
          + ("`model.generate`, greedy, no CUDA graphs. MoE ms/step: fused experts modules (incl. the TP all-reduce / "
             "EP dispatch), summed over layers, per decode step, rank 0 (CUDA events: GPU time between a module's first "
-            "and last kernel, idle gaps included). " if any(row.get("tokens_per_s") for r in res.values()
-                                                            for row in r["rows"]) else "")
+            "and last kernel, idle gaps included). " if eager else "")
          + "Ratio 0 is the model's own experts implementation; `0 (kernel)` is ratio 0 on the triton backend in "
          "graph-safe mode, the path r > 0 runs.", ""]
     compiled = {k: res[k].get("compiled") for k in kinds if res[k].get("compiled")}
@@ -392,8 +392,7 @@ def report(args):
                  f"peak {r['max_mem_GiB_per_rank']} GiB per rank{extra}")
     keyed = {k: {(row["batch"], row["ratio"], row.get("path", "auto")): row for row in res[k]["rows"]} for k in kinds}
     order = {"auto": 0, "kernel": 1}
-    eager = [k for k in kinds if any(row.get("tokens_per_s") for row in res[k]["rows"])]
-    if eager:  # --graph-only runs have no eager figures
+    if eager:
         L += ["", "| batch | ratio | " + " | ".join(f"{names[k]} tok/s" for k in eager) + " | "
               + " | ".join(f"{names[k]} MoE ms/step" for k in eager) + " |",
               "|---|---|" + "---|" * (2 * len(eager))]

@@ -39,11 +39,15 @@ def token_chunk(num_tokens: int, ep_size: int) -> int:
     return max(1, -(-num_tokens // ep_size))
 
 
+def row_ranks(num_tokens: int, ep_size: int, device) -> torch.Tensor:
+    """The rank of each token's row chunk (`token_chunk` rows per rank): where a replicated slot's work goes."""
+    return torch.arange(num_tokens, device=device) // token_chunk(num_tokens, ep_size)
+
+
 def ep_local_routing(ids: torch.Tensor, weights: torch.Tensor, ep: EPRouting) -> tuple[torch.Tensor, torch.Tensor]:
     """Slab ids over [originals; united] (E + G skips) -> (local slab ids in [0, L], weights): this rank's slots
     kept, the rest skipped."""
-    T = ids.shape[0]
-    rows = torch.arange(T, device=ids.device) // token_chunk(T, ep.ep_size)
+    rows = row_ranks(ids.shape[0], ep.ep_size, ids.device)
     r = ep.rank_of[ids]
     r = torch.where(r < 0, rows.unsqueeze(-1).expand_as(ids), r)
     mine = (r == ep.rank) & (ids != ep.skip)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import BrownoutError
-from ..ep_routing import EPRouting, token_chunk
+from ..ep_routing import EPRouting, row_ranks
 from .base import Placement, closure, is_dtensor, local_tensor
 
 DEFAULT_REPLICATE_BUDGET = 0.125  # replicas may add up to this share of a rank's local experts, per layer
@@ -163,7 +163,7 @@ def token_ranks(num_tokens: int, ep_size: int, own_rank: int | None, device) -> 
     """Row chunks like DTensor Shard(0) (ceil(T/ep) rows each) when ranks share a batch, else this rank for all."""
     if own_rank is not None:
         return torch.full((num_tokens,), own_rank, dtype=torch.long, device=device)
-    return torch.arange(num_tokens, device=device) // token_chunk(num_tokens, ep_size)
+    return row_ranks(num_tokens, ep_size, device)
 
 
 # -- transformers' EP, as installed on a loaded model ----------------------------------------------------------------
@@ -344,9 +344,7 @@ def _ep_forward(ex: torch.nn.Module, st, plan: _LayerPlan):
     prev = ex.forward  # the ep_forward transformers installed (instance attribute)
     pl, impl = plan.placement, plan.impl
     L = pl.local_slabs
-    skip = pl.num_experts + pl.num_groups
     routing = _routing(st, plan)
-    rank_of, pos = routing.rank_of, routing.pos
     group = impl.ep_mesh.get_group() if _shared_batch_all_reduce(impl) else None
     # ranks holding different batches (all-to-all without TP) send replicated work to themselves
     own = plan.rank if (not impl.shares_batch and impl.tp_mesh.size() == 1) else None
@@ -363,7 +361,7 @@ def _ep_forward(ex: torch.nn.Module, st, plan: _LayerPlan):
             return out.to(hidden_states.dtype)
         ids, w = st.backend.remap(st, top_k_index, top_k_weights)
         tr = token_ranks(top_k_index.shape[0], pl.ep_size, own, top_k_index.device)
-        ids, w = ep_ids(ids, w, rank_of, pos, L, skip, tr)
+        ids, w = ep_ids(ids, w, routing.rank_of, routing.pos, L, routing.skip, tr)
         return dispatch(hidden_states, ids, w).to(hidden_states.dtype)
 
     return brownout_ep_forward
