@@ -153,33 +153,6 @@ def null_experts(layers):
                 ex.forward = fwd
 
 
-def compile_outside_experts(model, backend: str = "inductor") -> dict:
-    """Compile the launch-bound elementwise work of the step outside the experts: every RMSNorm module (a handful of
-    small kernels each, four per decoder layer on Qwen3) and the modeling module's `apply_rotary_pos_emb` (about ten).
-    Under a CUDA graph those launches, not bytes, set the non-expert floor (150-200 us a layer on an H200). The
-    experts, routers and attention matmuls stay as they are, so every ratio runs the same kernels as uncompiled."""
-    import sys
-
-    import torch._dynamo
-
-    # one compiled entry per norm shape and batch, shared by all instances; the default limit of 8 is too few
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 1024)
-    norms = 0
-    for m in model.modules():
-        if type(m).__name__.endswith("RMSNorm"):
-            m.compile(backend=backend)
-            norms += 1
-    patched = set()
-    for layer in model.modules():  # the modeling modules the model's classes come from
-        mod = sys.modules.get(type(layer).__module__)
-        fn = getattr(mod, "apply_rotary_pos_emb", None)
-        if fn is not None and mod.__name__ not in patched:
-            setattr(mod, "apply_rotary_pos_emb", torch.compile(fn, backend=backend))
-            patched.add(mod.__name__)
-    return {"backend": backend, "norms": norms, "rope_functions": len(patched)}
-
-
 def graphed_decode_ms_writes(reps: int) -> int:
     """Runs of the decode step in `graphed_decode_ms`: 3 warm-up, 1 capture, 3 warm-up replays, `reps` timed."""
     return 7 + reps
@@ -256,7 +229,7 @@ def worker(args):
     else:
         torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM
-    from runtime import BrownoutMoE, expert_parallel_config
+    from runtime import BrownoutMoE, compile_outside_experts, expert_parallel_config
     from runtime.discover import find_moe_layers
 
     work = Path(args.work)
@@ -272,7 +245,7 @@ def worker(args):
     model.eval()
     load_s = time.time() - t0
     bm = BrownoutMoE.attach(model, work / "united")
-    compiled = compile_outside_experts(model, args.compile_backend) if args.compile else None
+    compiled = compile_outside_experts(model, args.compile_backend).summary() if args.compile else None
     layers = find_moe_layers(model)
     timer = ExpertsTimer([l.experts for l in layers])
     vocab = model.config.vocab_size

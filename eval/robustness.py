@@ -28,10 +28,14 @@ Engines:
     --engine gpu         the serving benchmark's setup (eval/bench_serving.py): Qwen1.5-MoE-A2.7B shape, random bf16
                          weights, a 4-way united tier, the fused kernel in CUDA graphs on every side.
 
+    --engine gpu --compile-outside-experts   the same, with the norms and the rotary embedding compiled
+                         (`runtime.compile_outside_experts`: the launch-bound work outside the experts; experts,
+                         routers and attention matmuls as before), before the step profile and every run.
     --engine gpu --compile   the same, with the engine's forward compiled through transformers' own path
-                         (`ServeConfig(compile=True)`); `--eager-saturation` first measures the same handle's
-                         saturated rates without compile. On transformers 5.17 / H200 the compiled engine did not
+                         (`ServeConfig(compile=True)`). On transformers 5.17 / H200 the compiled engine did not
                          finish its warm-up (eval/results/README.md); `--tiny --compile` runs on the CPU.
+    --eager-saturation   with either compile: first measure the same handle's saturated rates without it, in the
+                         same process.
 
 The SLOs are calibrated the same way on every engine: `--slo-factor` x the p90 TTFT and TPOT of a ratio-0 run at
 half mu0. mpc gets the capacity measured here (the library's `measure_capacity`) and, on the GPU, the graph-replayed
@@ -53,6 +57,8 @@ from pathlib import Path
 import torch
 
 from eval.bench_serving import fmt, log
+from runtime import compile_outside_experts
+from runtime.compile_outside import compiled_outside
 from runtime.serving import (BrownoutServer, FixedRatio, LatencyProfile, ServeConfig, burst_test, make_controller,
                              measure_saturation, poisson, ramp, saturation_trace, spike, summarize, timeline)
 
@@ -141,6 +147,8 @@ def gpu_engine(args):
     bs.uniform_routing(model)
     udir = bs.united_tier(model, Path(args.cache), tiny, [0, -1] if tiny else [0, 1, -2, -1])
     bm = BrownoutMoE.attach(model, udir)
+    if args.compile_outside_experts:  # before the profile, so the step model is the step served
+        log(f"compiled outside the experts: {compile_outside_experts(model, args.compile_backend).summary()}")
     vocab = model.config.vocab_size
     ratios = [0.0, 0.25, 0.5, 0.75, 1.0]
     t = time.time()
@@ -161,6 +169,8 @@ def gpu_engine(args):
     name = "CPU (tiny smoke test)" if tiny else torch.cuda.get_device_name(0)
     shape = "tiny Qwen2-MoE" if tiny else "Qwen1.5-MoE-A2.7B shape (random bf16), CUDA graphs"
     shape += ", torch.compile (transformers' default_compile_level=1)" if args.compile else ""
+    shape += (f", norms and rotary embedding compiled ({args.compile_backend})" if args.compile_outside_experts
+              else "")
     return BrownoutServer(bm, None, cfg), prof, f"{name}, {shape}, way 4"
 
 
@@ -187,11 +197,19 @@ def warm_up(srv, args) -> float:
 
 def eager_saturation(srv, args) -> dict:
     """The same handle served by an engine without torch.compile (everything else equal), saturated at ratios 0
-    and 1: the compiled engine's figures compared with the eager one's in the same process."""
+    and 1: the compiled engine's figures compared with the eager one's in the same process. Compiled norms and rope
+    (`--compile-outside-experts`) are undone for it and compiled again after."""
     eager = BrownoutServer(srv.bm, None, replace(srv.cfg, compile=False))
-    with torch.no_grad(), eager:
-        w = warm_up(eager, args)
-        sat = saturation_pair(eager, args)
+    outside = compiled_outside(srv.model)
+    if outside is not None:
+        outside.undo()
+    try:
+        with torch.no_grad(), eager:
+            w = warm_up(eager, args)
+            sat = saturation_pair(eager, args)
+    finally:
+        if outside is not None:
+            compile_outside_experts(srv.model, outside.backend)
     log(f"eager engine (warm-up {w:.0f} s): mu0 {sat[0.0]['req_s']:.2f} req/s, mu1 {sat[1.0]['req_s']:.2f} req/s "
         f"({sat[1.0]['req_s'] / sat[0.0]['req_s']:.2f}x); step p50 {1e3 * sat[0.0]['step_p50']:.1f} / "
         f"{1e3 * sat[1.0]['step_p50']:.1f} ms")
@@ -400,8 +418,13 @@ def main(argv=None) -> None:
     ap.add_argument("--tiny", action="store_true", help="--engine gpu: a tiny model on the CPU (smoke test)")
     ap.add_argument("--compile", action="store_true",
                     help="--engine gpu: torch.compile the engine's forward (transformers' varlen_compile_config)")
+    ap.add_argument("--compile-outside-experts", action="store_true",
+                    help="--engine gpu: torch.compile the norms and rotary embedding (runtime.compile_outside_experts)")
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile backend of --compile-outside-experts (aot_eager: the CPU smoke test)")
     ap.add_argument("--eager-saturation", action="store_true",
-                    help="with --compile: first measure the saturated rates of the same engine without compile")
+                    help="with --compile or --compile-outside-experts: first measure the saturated rates of the same "
+                         "engine without it")
     ap.add_argument("--report", default=None, metavar="JSON",
                     help="only rewrite the .md and .png of a results JSON (from a machine with no matplotlib)")
     args = ap.parse_args(argv)
@@ -416,10 +439,11 @@ def main(argv=None) -> None:
         log(f"wrote {stem}.md/.png")
         return
     gpu = args.engine == "gpu"
-    if (args.compile or args.eager_saturation) and not gpu:
-        raise SystemExit("--compile and --eager-saturation are for --engine gpu")
-    if args.eager_saturation and not args.compile:
-        raise SystemExit("--eager-saturation compares against --compile: give both")
+    compiled = args.compile or args.compile_outside_experts
+    if (compiled or args.eager_saturation) and not gpu:
+        raise SystemExit("--compile, --compile-outside-experts and --eager-saturation are for --engine gpu")
+    if args.eager_saturation and not compiled:
+        raise SystemExit("--eager-saturation compares against --compile or --compile-outside-experts: give one")
     if gpu and not args.tiny and not torch.cuda.is_available():
         raise SystemExit("--engine gpu needs CUDA (or --tiny); --engine throttled runs on the CPU")
     big = gpu and not args.tiny
@@ -451,9 +475,14 @@ def main(argv=None) -> None:
     for kind, law in engines:
         srv, prof, device = gpu_engine(args) if kind == "gpu" else throttled_engine(*law, args)
         log(f"engine: {device}")
-        eager_sat = eager_saturation(srv, args) if args.compile and args.eager_saturation else None
-        with srv:
-            docs.append(run_matrix(srv, prof, device, args, lambda d: save(docs + [d]), t_start, eager_sat))
+        eager_sat = eager_saturation(srv, args) if args.eager_saturation else None
+        try:
+            with srv:
+                docs.append(run_matrix(srv, prof, device, args, lambda d: save(docs + [d]), t_start, eager_sat))
+        finally:
+            outside = compiled_outside(srv.model)
+            if outside is not None:  # the modeling module's rope is shared by every model of its class: restore it
+                outside.undo()
         save(docs)
     log(f"wrote {out / tag}.json/.md/.png ({time.time() - t_start:.0f} s)")
 

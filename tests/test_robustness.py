@@ -71,3 +71,29 @@ def test_report_and_plot(tmp_path):
     md = markdown([doc], "python -m eval.robustness --compile --eager-saturation")
     assert "| same engine without torch.compile | 8.00 | 9.00 | 1.12x |" in md
     assert "| this engine | 10.00 | 14.00 | 1.40x | 20.0 / 20.0 | 500 / 700 | 80.0% / 75.0% |" in md
+
+
+def test_tiny_engine_with_norms_and_rope_compiled(tmp_path):
+    """The GPU engine's path end to end on its tiny CPU twin, with --compile-outside-experts (aot_eager) and the
+    eager saturation measured first: the report names both, and the figures are real runs (numbers meaningless)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "eval.robustness", "--engine", "gpu", "--tiny", "--compile-outside-experts",
+           "--compile-backend", "aot_eager", "--eager-saturation", "--traces", "spike", "--duration", "1.5",
+           "--sat-seconds", "1", "--base-seconds", "1", "--drain-seconds", "3", "--out", str(tmp_path),
+           "--cache", str(tmp_path / "cache"), "--tag", "t"]
+    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "compiled outside the experts: {'backend': 'aot_eager', 'norms': 9, 'rope_functions': 1}" in p.stdout
+    doc = json.loads((tmp_path / "t.json").read_text())["engines"][0]
+    assert "norms and rotary embedding compiled (aot_eager)" in doc["device"]
+    for sat in (doc["eager_saturation"], doc["calibration"]["saturation"]):
+        assert sat["0.0"]["req_s"] > 0 and sat["1.0"]["req_s"] > 0
+    runs = doc["traces"]["spike"]["runs"]
+    assert set(runs) == {"fixed:0", "fixed:0.25", "fixed:0.5", "fixed:0.75", "fixed:1", "salc", "mpc"}
+    assert all(r["all"]["status"].get("ok", 0) > 0 for r in runs.values())
+    assert "same engine without torch.compile" in (tmp_path / "t.md").read_text()
