@@ -11,7 +11,9 @@ graph captured per variant, replayed at each ratio; median of --reps replays aft
   compiled    torch.compile(model, fullgraph=True) (the experts as runtime.ops custom ops), compiled at ratio 0,
               then captured the same way; every later call and replay runs under error_on_recompile, so a ratio
               change that needed a new graph would stop the run
-  null        the same two for the model with a null experts implementation (zeros): attention, shared expert,
+  outside     the eager forward with only the norms and the rotary embedding compiled
+              (`runtime.compile_outside_experts`, the serving engine's option), captured the same way
+  null        the same three for the model with a null experts implementation (zeros): attention, shared expert,
               router, norms, embeddings and lm_head, what brownout cannot shorten
 
 Correctness, per ratio: the compiled forward (direct and replayed) and the eager replay against the eager forward,
@@ -152,7 +154,8 @@ def markdown(doc: dict) -> str:
              f"{doc['model']}; {doc['routing']}; experts: {doc['backend']}. One forward of T = {doc['tokens']} "
              f"tokens (one sequence, no cache, last token's logits), {doc['timing']}. Compiled: {doc['compile']}.", "",
              "| forward | ratio 0 ms | ratio 1 ms | ratio 1 / ratio 0 | null experts ms |", "|---|---|---|---|---|"]
-    for label, v in (("eager, graphed", "eager"), ("compiled, graphed", "compiled")):
+    for label, v in (("eager, graphed", "eager"), ("norms and rope compiled, graphed", "outside"),
+                     ("compiled, graphed", "compiled")):
         lines.append(f"| {label} | {cell(v + '_r0')} | {cell(v + '_r1')} | {over(v + '_r1', v + '_r0')} | "
                      f"{cell(v + '_null')} |")
     lines.append(f"| compiled / eager | {over('compiled_r0', 'eager_r0')} | {over('compiled_r1', 'eager_r1')} | | "
@@ -183,7 +186,7 @@ def main(argv=None) -> None:
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "brownout_bench_cache"))
     ap.add_argument("--out", default=str(ROOT / "eval" / "results"))
     args = ap.parse_args(argv)
-    from runtime import BrownoutMoE
+    from runtime import BrownoutMoE, compile_outside_experts
 
     cuda = not args.tiny
     if cuda and not torch.cuda.is_available():
@@ -257,6 +260,32 @@ def main(argv=None) -> None:
     t = forward_ms(model, bm, n, ratios, args.reps, vocab)
     doc["times_ms"]["eager_r0"], doc["times_ms"]["eager_r1"] = t[0.0], t[1.0]
     log(f"brownout eager r0 {t[0.0]:.2f} ms, r1 {t[1.0]:.2f} ms; errors {doc['rel_err']}")
+    save()
+
+    # -- only the norms and the rotary embedding compiled (the serving engine's --compile-outside-experts)
+    try:
+        tc = time.time()
+        done = compile_outside_experts(model, backend)
+        try:
+            with torch.no_grad():
+                call(model, x, seed)
+            doc["compile_s"]["outside"] = time.time() - tc
+            doc["rel_err"].update(check_outputs("outside", model, bm, x, ratios, want, cuda, seed))
+            t = forward_ms(model, bm, n, ratios, args.reps, vocab)
+            doc["times_ms"]["outside_r0"], doc["times_ms"]["outside_r1"] = t[0.0], t[1.0]
+            impl = model.config._experts_implementation
+            model.config._experts_implementation = NULL
+            try:
+                doc["times_ms"]["outside_null"] = forward_ms(model, NoTier(), n, [0.0], args.reps, vocab)[0.0]
+            finally:
+                model.config._experts_implementation = impl
+        finally:
+            done.undo()  # the full compile below traces the model as it was
+        log(f"outside compiled r0 {t[0.0]:.2f} ms, r1 {t[1.0]:.2f} ms, null {doc['times_ms']['outside_null']:.2f} ms")
+    except Exception as e:
+        doc["failures"]["outside compiled"] = f"{type(e).__name__}: {str(e).strip()[:1500]}"
+        traceback.print_exc()
+        log(f"outside compiled failed: {doc['failures']['outside compiled']}")
     save()
 
     # -- brownout, compiled at ratio 0; ratio 1 must run on the same graph

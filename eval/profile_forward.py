@@ -12,7 +12,8 @@ GPU time is summed by category:
 
 GPU kernel time is what a CUDA graph replays (launch gaps aside), so the table says which part of the step brownout
 can shorten. It also times the same forwards replayed from a CUDA graph (`graph ms`) for the gap.
-Writes `profile_forward.json` and `.md` under --out.
+Writes `profile_forward.json` and `.md` under --out (`--tag`: another stem). `--compile-outside-experts` compiles the
+norms and rotary embedding first (`runtime.compile_outside_experts`), as the serving engine can.
 
     python -m eval.profile_forward --tokens 1,64,512 --ratios 0,1 [--engine-seconds 6]
 
@@ -183,12 +184,15 @@ def main(argv=None) -> None:
     ap.add_argument("--engine-eager", action="store_true", help="profile the engine with its CUDA graphs off")
     ap.add_argument("--engine-kv-padding", default="0",
                     help="comma list of the engine's KV graph grain in tokens, one engine each (0: transformers' default)")
+    ap.add_argument("--compile-outside-experts", action="store_true",
+                    help="torch.compile the norms and rotary embedding first (runtime.compile_outside_experts)")
     ap.add_argument("--cache", default=str(ROOT / ".bench_cache"))
     ap.add_argument("--out", default=str(ROOT / "eval" / "results"))
+    ap.add_argument("--tag", default="profile_forward", help="file stem of the results")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("profile_forward needs a CUDA GPU")
-    from runtime import BrownoutMoE
+    from runtime import BrownoutMoE, compile_outside_experts
 
     t0 = time.time()
     out = Path(args.out)
@@ -201,6 +205,7 @@ def main(argv=None) -> None:
     bm = BrownoutMoE.attach(model, united_tier(model, Path(args.cache), False, [0, 1, -2, -1]))
     bm.set_backend("triton")
     bm.set_graph_safe(True)  # the kernel at every ratio, 0 included, in the eager forwards profiled here too
+    compiled = compile_outside_experts(model).summary() if args.compile_outside_experts else None
     tokens = [int(x) for x in args.tokens.split(",")]
     ratios = [float(x) for x in args.ratios.split(",")]
     graphed = {(n, r): v for n, r, v in profile_graphed(model, bm, tokens, ratios, 10, vocab)}
@@ -217,11 +222,13 @@ def main(argv=None) -> None:
         for kv in (int(x) for x in args.engine_kv_padding.split(",")):
             engine += engine_steps(model, bm, ratios, args.engine_seconds, graphs=not args.engine_eager, kv_padding=kv)
     doc = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "engine": engine,
-           "model": "Qwen1.5-MoE-A2.7B shape, random weights, bf16, united tier way 4 (skip layers 0, 1, -2, -1)",
+           "model": "Qwen1.5-MoE-A2.7B shape, random weights, bf16, united tier way 4 (skip layers 0, 1, -2, -1)"
+                    + (f", norms and rotary embedding compiled ({compiled['norms']} norms)" if compiled else ""),
+           "compiled_outside": compiled,
            "routing": args.routing, "distinct_experts_at_64_tokens": spread,
            "reps": args.reps, "points": points, "wall_s": time.time() - t0}
-    (out / "profile_forward.json").write_text(json.dumps(doc, indent=1))
-    (out / "profile_forward.md").write_text(markdown(doc))
+    (out / f"{args.tag}.json").write_text(json.dumps(doc, indent=1))
+    (out / f"{args.tag}.md").write_text(markdown(doc))
     print(markdown(doc))
 
 

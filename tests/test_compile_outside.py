@@ -91,3 +91,21 @@ def test_undo_leaves_a_function_it_did_not_set(tiny_dir):
 def test_a_model_with_nothing_to_compile_is_an_error():
     with pytest.raises(BrownoutError, match="nothing to compile"):
         compile_outside_experts(torch.nn.Sequential(torch.nn.Linear(2, 2)), backend="aot_eager")
+
+
+def test_compile_check_times_the_outside_variant(tmp_path):
+    """eval.compile_check's CPU smoke test runs the norms-and-rope variant beside eager and the full compile, with
+    the same logits (aot_eager), and reports it."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-m", "eval.compile_check", "--tiny", "--reps", "2", "--out", str(tmp_path),
+                        "--cache", str(tmp_path / "cache")], cwd=root, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    doc = json.loads((tmp_path / "compile_check.json").read_text())
+    assert not doc["failures"], doc["failures"]
+    assert {"outside_r0", "outside_r1", "outside_null"} <= set(doc["times_ms"])
+    assert doc["rel_err"]["outside_direct@0"] == 0.0 and doc["rel_err"]["outside_direct@1"] == 0.0
+    assert "| norms and rope compiled, graphed |" in (tmp_path / "compile_check.md").read_text()
