@@ -28,6 +28,7 @@ Writes compile_check.json and compile_check.md under --out (each stage as it end
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
@@ -65,6 +66,17 @@ class NoTier:
 
     def set_ratio(self, r: float) -> None:
         pass
+
+
+@contextlib.contextmanager
+def null_experts_impl(model):
+    """The model's experts swapped for the null implementation (zeros) inside the block, its own after."""
+    impl = model.config._experts_implementation
+    model.config._experts_implementation = NULL
+    try:
+        yield
+    finally:
+        model.config._experts_implementation = impl
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -226,13 +238,11 @@ def main(argv=None) -> None:
     udir = united_tier(model, Path(args.cache), args.tiny, skip)
     dev = next(model.parameters()).device
     x = torch.randint(1, vocab, (1, n), generator=torch.Generator().manual_seed(1)).to(dev)
-    own_impl = model.config._experts_implementation
     log(f"model and united tier ready on {doc['device']}")
 
     # -- the non-expert floor, eager
-    model.config._experts_implementation = NULL
-    doc["times_ms"]["eager_null"] = forward_ms(model, NoTier(), n, [0.0], args.reps, vocab)[0.0]
-    model.config._experts_implementation = own_impl
+    with null_experts_impl(model):
+        doc["times_ms"]["eager_null"] = forward_ms(model, NoTier(), n, [0.0], args.reps, vocab)[0.0]
     log(f"null eager {doc['times_ms']['eager_null']:.2f} ms")
     save()
 
@@ -273,12 +283,8 @@ def main(argv=None) -> None:
             doc["rel_err"].update(check_outputs("outside", model, bm, x, ratios, want, cuda, seed))
             t = forward_ms(model, bm, n, ratios, args.reps, vocab)
             doc["times_ms"]["outside_r0"], doc["times_ms"]["outside_r1"] = t[0.0], t[1.0]
-            impl = model.config._experts_implementation
-            model.config._experts_implementation = NULL
-            try:
+            with null_experts_impl(model):
                 doc["times_ms"]["outside_null"] = forward_ms(model, NoTier(), n, [0.0], args.reps, vocab)[0.0]
-            finally:
-                model.config._experts_implementation = impl
         finally:
             done.undo()  # the full compile below traces the model as it was
         log(f"outside compiled r0 {t[0.0]:.2f} ms, r1 {t[1.0]:.2f} ms, null {doc['times_ms']['outside_null']:.2f} ms")
@@ -317,20 +323,19 @@ def main(argv=None) -> None:
     if args.skip_null_compiled or time.time() - t0 > args.budget_s:
         doc["failures"]["compiled null"] = "skipped (--skip-null-compiled or past --budget-s)"
     else:
-        model.config._experts_implementation = NULL
-        try:
-            cm = compile_model(model, backend, mode)
-            tc = time.time()
-            with torch.no_grad():
-                call(cm, x, seed)
-            doc["compile_s"]["null"] = time.time() - tc
-            doc["times_ms"]["compiled_null"] = forward_ms(cm, NoTier(), n, [0.0], args.reps, vocab)[0.0]
-            log(f"null compiled {doc['times_ms']['compiled_null']:.2f} ms")
-        except Exception as e:
-            doc["failures"]["compiled null"] = f"{type(e).__name__}: {str(e).strip()[:1500]}"
-            traceback.print_exc()
-            log(f"compiled null failed: {doc['failures']['compiled null']}")
-        model.config._experts_implementation = own_impl
+        with null_experts_impl(model):
+            try:
+                cm = compile_model(model, backend, mode)
+                tc = time.time()
+                with torch.no_grad():
+                    call(cm, x, seed)
+                doc["compile_s"]["null"] = time.time() - tc
+                doc["times_ms"]["compiled_null"] = forward_ms(cm, NoTier(), n, [0.0], args.reps, vocab)[0.0]
+                log(f"null compiled {doc['times_ms']['compiled_null']:.2f} ms")
+            except Exception as e:
+                doc["failures"]["compiled null"] = f"{type(e).__name__}: {str(e).strip()[:1500]}"
+                traceback.print_exc()
+                log(f"compiled null failed: {doc['failures']['compiled null']}")
     save()
     print(markdown(doc))
 

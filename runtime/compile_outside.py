@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -38,7 +39,7 @@ ROPE_FUNCTION = "apply_rotary_pos_emb"
 class CompiledOutside:
     """What `compile_outside_experts` compiled, and how to undo it."""
 
-    backend: str
+    backend: str | Callable  # a torch.compile backend: its name or the callable
     model: torch.nn.Module | None = field(default=None, repr=False)
     norms: list = field(default_factory=list)  # the modules compiled in place
     rope: dict = field(default_factory=dict)  # modeling module name -> (original function, our wrapper)
@@ -65,7 +66,7 @@ def compiled_outside(model: torch.nn.Module) -> CompiledOutside | None:
     return getattr(model, "_brownout_compiled_outside", None)
 
 
-def compile_outside_experts(model: torch.nn.Module, backend: str = "inductor", dynamic: bool | None = None
+def compile_outside_experts(model: torch.nn.Module, backend: str | Callable = "inductor", dynamic: bool | None = None
                             ) -> CompiledOutside:
     """Compile `model`'s RMSNorm modules and its modeling's `apply_rotary_pos_emb` with torch.compile (see the
     module docstring). Returns a `CompiledOutside` whose `undo()` restores both. A model with neither is an error:

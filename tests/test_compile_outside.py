@@ -1,6 +1,6 @@
 """runtime.compile_outside: the norms and the rotary embedding compiled, the experts left alone, and undo restoring
-both. Backend "aot_eager" (torch.compile's front end and autograd tracing, no code generation): exact on the CPU,
-so the compiled model must give the eager model's logits bit for bit."""
+both. Backend "aot_eager" (torch.compile's front end and autograd tracing, no code generation), so the compiled
+model must give the eager model's logits."""
 import sys
 
 import pytest
