@@ -406,7 +406,8 @@ def main(argv=None) -> None:
     ap.add_argument("--slo-factor", type=float, default=2.0)
     ap.add_argument("--sat-seconds", type=float, default=3.0)
     ap.add_argument("--sat-queue", type=int, default=16)
-    ap.add_argument("--sat-rate", type=float, default=None, help="req/s far above capacity (default 60 CPU, 120 GPU)")
+    ap.add_argument("--sat-rate", type=float, default=None, help="req/s far above capacity (default 60 CPU, 120 GPU; doubled, up to twice, while "
+                    "the saturation queue runs dry)")
     ap.add_argument("--base-seconds", type=float, default=4.0)
     ap.add_argument("--drain-seconds", type=float, default=5.0)
     ap.add_argument("--max-queue", type=int, default=128)

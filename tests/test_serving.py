@@ -345,6 +345,31 @@ def test_measure_capacity_on_the_engine():
         measure_saturation(srv, 0.0, seconds=0)
 
 
+def test_saturation_doubles_the_rate_while_the_queue_runs_dry():
+    """A queue that ran dry on more than DRY_SHARE of the window's steps understates the rate: the run is repeated at
+    twice the arrival rate, at most MAX_DOUBLINGS times; the figure comes from the last run and names its rate."""
+    from runtime.serving import calibration
+    from runtime.serving.server import ServeResult, StepRecord
+
+    class Fake:  # an engine whose queue stays full only from `full_at` req/s offered
+        def __init__(self, full_at):
+            self.cfg, self.full_at, self.rates = ServeConfig(max_batch=8), full_at, []
+
+        def run(self, trace, controller=None):
+            rate = len(trace.requests) / 2.0  # arrivals per s of the 2 s Poisson trace
+            self.rates.append(rate)
+            waiting = 4 if rate >= self.full_at else 0
+            steps = [StepRecord(0.1 * i, 0.1 * i + 0.1, 0.1, 0, 8, 8, 0.0, waiting) for i in range(20)]
+            return ServeResult([], steps, 2.0, {}, "fixed")
+
+    for full_at, runs in ((7.0, 1), (28.0, 3), (1e9, 1 + calibration.MAX_DOUBLINGS)):  # offered ~10, 20, 40 req/s
+        eng = Fake(full_at)
+        sat = measure_saturation(eng, 0.0, seconds=2.0, rate=10.0, max_prompt=8, max_output=16)
+        assert len(eng.rates) == runs and sat["rate"] == 10.0 * 2 ** (runs - 1)
+        assert sat["dry_steps"] == (0.0 if full_at < 1e9 else 1.0)
+        assert eng.cfg == ServeConfig(max_batch=8)  # the driver settings are put back
+
+
 def test_capacity_interpolation():
     assert capacity([(1, 0.99), (2, 0.95), (4, 0.8)]) == pytest.approx(2 + 2 * (0.05 / 0.15))
     assert capacity([(1, 0.5), (2, 0.4)]) is None

@@ -14,7 +14,9 @@ ratio, by one of two loads:
                        spends host time per waiting request on every step, so a deep queue understates the rate the
                        engine serves in operation; a shallow one keeps the batch full at the operating cost. The
                        measurement holds only while requests wait on (nearly) every step: when the queue ran dry on
-                       more than `DRY_SHARE` of the steps, a warning says so.
+                       more than `DRY_SHARE` of the steps, the run is repeated at twice the rate (at most
+                       `MAX_DOUBLINGS` times; a faster engine empties the same queue sooner), and if it still ran
+                       dry a warning says so.
   queue = 0            4 x max_batch requests queued at t = 0 (0.5 ms apart), served to the end (at most `seconds`
                        after the last arrival), the rate taken from min(1, seconds / 4) s on.
 
@@ -35,8 +37,9 @@ from .trace import Request, Trace, poisson
 log = logging.getLogger(__name__)
 
 DRY_SHARE = 0.1  # share of saturation steps with nobody waiting above which the rate is likely understated
+MAX_DOUBLINGS = 2  # re-runs at twice the arrival rate when the queue ran dry (120 -> 480 req/s at most by default)
 
-__all__ = ["DRY_SHARE", "measure_capacity", "measure_saturation", "mean_output_len", "saturation_trace",
+__all__ = ["DRY_SHARE", "MAX_DOUBLINGS", "measure_capacity", "measure_saturation", "mean_output_len", "saturation_trace",
            "service_rate"]
 
 
@@ -75,7 +78,8 @@ def measure_saturation(server, ratio: float, *, seconds: float = 6.0, queue: int
                        lengths: str = "alpaca", max_prompt: int = 512, max_output: int = 256,
                        mean_out: float | None = None, seed: int = 11) -> dict:
     """The saturated service rate of `server`'s engine at a fixed `ratio` (see the module docstring for the loads):
-    `service_rate`'s dict, plus "dry_steps" (share of the window's steps with nobody waiting) when `queue` > 0.
+    `service_rate`'s dict, plus "dry_steps" (share of the window's steps with nobody waiting) and "rate" (the
+    arrival rate of the run it comes from, doubled while the queue ran dry) when `queue` > 0.
     `rate` must be well above the service rate, but not so far that rejecting the excess competes with the engine
     for the host. `mean_out` (default: `mean_output_len` of the preset) converts tokens/s to requests/s.
 
@@ -83,35 +87,46 @@ def measure_saturation(server, ratio: float, *, seconds: float = 6.0, queue: int
     back; inside `with server:` the running engine is measured, otherwise one is started for the run."""
     if not seconds > 0 or queue < 0 or not rate > 0:
         raise BrownoutError(f"saturation needs seconds > 0, queue >= 0 and rate > 0, got {seconds}, {queue}, {rate}")
-    cfg = server.cfg
-    if queue > 0:
-        tr = poisson(rate, seconds, lengths=lengths, seed=seed, max_requests=int(rate * seconds) + 100,
-                     max_prompt=max_prompt, max_output=max_output)
-        run_cfg = replace(cfg, max_queue=queue, drain_timeout_s=1.0, record_steps=True)
-        window = (min(1.0, seconds / 4), seconds)
-    else:
-        n = 4 * cfg.max_batch
-        tr = saturation_trace(n, lengths, seed, max_prompt, max_output)
-        run_cfg = replace(cfg, max_queue=n, drain_timeout_s=seconds, record_steps=True)
-        window = (min(1.0, seconds / 4), math.inf)
     if mean_out is None:
         mean_out = mean_output_len(lengths, max_prompt, max_output)
-    server.cfg = run_cfg
+    if queue == 0:
+        n = 4 * server.cfg.max_batch
+        tr = saturation_trace(n, lengths, seed, max_prompt, max_output)
+        res = _run_fixed(server, tr, ratio, max_queue=n, drain_timeout_s=seconds)
+        return service_rate(res, min(1.0, seconds / 4), math.inf, mean_out=mean_out)
+    window = (min(1.0, seconds / 4), seconds)
+    for attempt in range(MAX_DOUBLINGS + 1):
+        tr = poisson(rate, seconds, lengths=lengths, seed=seed, max_requests=int(rate * seconds) + 100,
+                     max_prompt=max_prompt, max_output=max_output)
+        res = _run_fixed(server, tr, ratio, max_queue=queue, drain_timeout_s=1.0)
+        out = service_rate(res, *window, mean_out=mean_out)
+        st = [x for x in res.steps if window[0] <= x.t0 < window[1]]
+        out["dry_steps"] = sum(x.waiting == 0 for x in st) / max(1, len(st))
+        out["rate"] = rate
+        if out["dry_steps"] <= DRY_SHARE:
+            break
+        if attempt < MAX_DOUBLINGS:
+            log.info("the queue ran dry on %.0f%% of the saturation steps at ratio %g and %g req/s: again at %g",
+                     100 * out["dry_steps"], ratio, rate, 2 * rate)
+            rate *= 2
+    else:
+        log.warning("the queue ran dry on %.0f%% of the saturation steps at ratio %g even at %g req/s: this "
+                    "understates the service rate", 100 * out["dry_steps"], ratio, rate)
+    return out
+
+
+def _run_fixed(server, trace: Trace, ratio: float, **driver):
+    """`server.run(trace)` at a fixed ratio under the driver settings `driver`, with step records; `server.cfg` is
+    put back after."""
+    cfg = server.cfg
+    server.cfg = replace(cfg, record_steps=True, **driver)
     try:
-        res = server.run(tr, controller=FixedRatio(ratio))
+        res = server.run(trace, controller=FixedRatio(ratio))
     finally:
         server.cfg = cfg
-    out = service_rate(res, *window, mean_out=mean_out)
-    if queue > 0:
-        st = [x for x in res.steps if window[0] <= x.t0 < window[1]]
-        dry = sum(x.waiting == 0 for x in st) / max(1, len(st))
-        out["dry_steps"] = dry
-        if dry > DRY_SHARE:
-            log.warning("the queue ran dry on %.0f%% of the saturation steps at ratio %g: raise the arrival rate "
-                        "(rate=%g req/s), or this understates the service rate", 100 * dry, ratio, rate)
     if res.errors:
         log.warning("saturation run at ratio %g: %s", ratio, "; ".join(res.errors))
-    return out
+    return res
 
 
 def measure_capacity(server, ratios=(0.0, 1.0), **kw) -> dict[float, float]:
