@@ -243,11 +243,14 @@ def controller(spec: str, cal: dict, prof, duration: float):
 def run_one(srv, spec, trace, change_at, cal, prof) -> dict:
     sp, sd = cal["slo_prefill"], cal["slo_decode"]
     t = time.time()
-    res = srv.run(trace, controller=controller(spec, cal, prof, trace.duration))
+    ctl = controller(spec, cal, prof, trace.duration)
+    res = srv.run(trace, controller=ctl)
     out = {"config": spec, "wall_s": time.time() - t, "errors": res.errors,
            "all": summarize(res, sp, sd), "before": summarize(res, sp, sd, 0.0, change_at),
            "after": summarize(res, sp, sd, change_at, math.inf),
            "timeline": timeline(res, max(0.25, trace.duration / 40))}
+    if getattr(ctl, "arm_events", None) is not None:  # when mpc's load floor armed, and by what (queue / load)
+        out["arm_events"] = list(ctl.arm_events)
     a = out["all"]
     log(f"    {spec:10s} late first/later {pct(a['violation_prefill'])}/{pct(a['violation_decode'])} "
         f"(after the change {pct(out['after']['violation_prefill'])}/{pct(out['after']['violation_decode'])}), "

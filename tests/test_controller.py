@@ -316,7 +316,7 @@ def test_mpc_load_test_arms_without_a_queue_only_beyond_the_sampling_error(rate,
     bound = (n * 50 - 1.5 * 50 * math.sqrt(n)) / 2.0
     assert (bound > 1000.0) == armed
     if armed:
-        assert c.armed_by == "load" and c.load_floor > 0
+        assert c.armed_by == "load" and c.load_floor > 0 and [by for _, by in c.arm_events] == ["load"]
         assert 2.0 <= first <= 2.0 + 2 * 50 / rate  # as soon as the window is full, not before
         c2 = make_controller("mpc", 0.25, 0.15, capacity=cap, arm_z=None)
         for tt in times:  # the same arrivals, armed by a queue instead, give the same floor
@@ -326,7 +326,7 @@ def test_mpc_load_test_arms_without_a_queue_only_beyond_the_sampling_error(rate,
         c2.observe_queue(0.0, 0, t)
         assert c2.armed_by == "queue" and c.load_floor == c2.load_floor
     else:
-        assert first is None and c.armed_by == ""
+        assert first is None and c.armed_by == "" and not c.arm_events
     assert queue_only.load_floor == 0.0
     with pytest.raises(ValueError):
         make_controller("mpc", 0.25, 0.15, capacity=cap, arm_z=0.0)
