@@ -2,7 +2,7 @@
 
 What the runtime calls on CUDA (check `supported(experts, dtype, device)` first, else keep the PyTorch path):
 
-    ids, w = remap(top_k_index, top_k_weights, expert_to_group, num_groups, ratio, policy)   # 1 launch, no sync
+    ids, w = remap(top_k_index, top_k_weights, expert_to_group, num_groups, ratio, policy)   # 1-2 launches, no sync
     out = fused_moe.fused_moe(hidden_states, slabs["gate_up_proj"], slabs["down_proj"], ids, w)
 
 or both at once with `experts_forward(...)`. Tile configs: one table per GPU model in `configs` (package data);
