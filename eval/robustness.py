@@ -249,7 +249,7 @@ def run_one(srv, spec, trace, change_at, cal, prof) -> dict:
            "all": summarize(res, sp, sd), "before": summarize(res, sp, sd, 0.0, change_at),
            "after": summarize(res, sp, sd, change_at, math.inf),
            "timeline": timeline(res, max(0.25, trace.duration / 40))}
-    if getattr(ctl, "arm_events", None) is not None:  # when mpc's load floor armed, and by what (queue / load)
+    if getattr(ctl, "arm_events", None) is not None:  # when mpc's load floor armed (s from the start)
         out["arm_events"] = list(ctl.arm_events)
     a = out["all"]
     log(f"    {spec:10s} late first/later {pct(a['violation_prefill'])}/{pct(a['violation_decode'])} "

@@ -409,10 +409,9 @@ class ModelPredictive(Controller):
     model (`late_share`: Erlang C with the Allen-Cunneen correction for the output lengths' spread) predicts at most
     `queue_eps` of first tokens waiting past the TTFT budget: carrying the load is not enough when the SLO is a few
     steps long, as at 0.9 utilisation the queue alone makes a fifth of first tokens late. It is refreshed with the
-    queue floor, on each `observe_queue` (the server calls it before every step), and armed (see `_load_floor`): it
-    spends nothing until a queue shows that ratio 0 falls short, or the offered load is over ratio 0's measured rate
-    beyond its sampling error (`_load_test`, `arm_z` standard errors; None: the queue alone arms), then holds while
-    the load that armed it holds, or while the load is over ratio 0's measured rate. While such a queue stands, the load is
+    queue floor, on each `observe_queue` (the server calls it before every step), and armed by the queue (see
+    `_load_floor`): it spends nothing until a queue shows that ratio 0 falls short, then holds while the load that
+    made that queue holds, or while the load is over ratio 0's measured rate. While such a queue stands, the load is
     also read over the last quarter of `load_count` arrivals, and the higher of the two taken: a burst's onset
     shows there `load_count` * 3/4 arrivals sooner, and only a queue makes the noisier read count. This is what the
     queue term alone lacks: after a burst the queue floor sends the ratio to 1, the queue drains, the ratio falls
@@ -436,8 +435,7 @@ class ModelPredictive(Controller):
                  beta_min: float = 0.2, grid_steps: int = 20, kappa_alpha: float = 0.05, kappa_up: float = 0.3,
                  learn: bool = True, queue_lo: float = 0.25, queue_hi: float = 0.6, maxlen: int = 1024,
                  capacity: dict[float, float] | None = None, load_window: float = 2.0, load_margin: float = 0.05,
-                 load_count: int = 32, slots: int | None = None, queue_eps: float = 0.05, arm_hold: float = 0.9,
-                 arm_z: float | None = 1.5):
+                 load_count: int = 32, slots: int | None = None, queue_eps: float = 0.05, arm_hold: float = 0.9):
         super().__init__(slo_prefill, slo_decode)
         self.capacity = sorted((float(r), float(c)) for r, c in (capacity or {}).items())
         if self.capacity and (len(self.capacity) < 2 or any(c <= 0 or not 0 <= r <= 1 for r, c in self.capacity)):
@@ -455,9 +453,6 @@ class ModelPredictive(Controller):
         if not 0 < arm_hold <= 1:
             raise BrownoutError("need 0 < arm_hold <= 1")
         self.arm_hold = float(arm_hold)
-        if arm_z is not None and not arm_z > 0:
-            raise BrownoutError("need arm_z > 0 (or None: only a queue arms the load floor)")
-        self.arm_z = arm_z
         self._arrivals = Window(load_window, maxlen=100_000)  # (time, output tokens), appended by the driver thread
         self._arr_lock = threading.Lock()
         if not 0 <= queue_lo < queue_hi:
@@ -483,9 +478,7 @@ class ModelPredictive(Controller):
         self.load_floor = 0.0
         self._armed_until = -math.inf
         self._arm_load = math.inf
-        self._first_arrival: float | None = None
-        self.armed_by = ""  # "queue" | "load": what armed the load floor last (for logs)
-        self.arm_events: deque[tuple[float, str]] = deque(maxlen=256)  # (time, by) of each arming from unarmed
+        self.arm_events: deque[float] = deque(maxlen=256)  # when the load floor armed from unarmed (for logs)
         for w in self.win.values():
             w.clear()
         with self._arr_lock:
@@ -500,12 +493,10 @@ class ModelPredictive(Controller):
         elif recent is not None:
             self.queue_floor = self._backlog_floor(age, waiting, recent)
             if self.queue_floor > 0:  # a queue that ratio 0 would not reach in time arms the load floor
-                self._arm(now, recent[0] / recent[3], "queue")
+                self._arm(now, recent[0] / recent[3])
         else:
             self.queue_floor = _clamp01((age / slo - self.queue_lo) / (self.queue_hi - self.queue_lo))
         if recent is not None:
-            if self.arm_z is not None and not math.isfinite(self._arm_load):
-                self._load_test(snap, now)
             if self.queue_floor > 0:
                 # a queue ratio 0 cannot reach in time: the rate has just risen, and `load_count` arrivals lag a
                 # burst's onset by that many arrivals; the last quarter of them is read too, and the higher taken
@@ -517,37 +508,13 @@ class ModelPredictive(Controller):
     def _observe_arrival(self, now, prompt_tokens, output_tokens) -> None:
         with self._arr_lock:
             self._arrivals.add(now, output_tokens)
-            if self._first_arrival is None:
-                self._first_arrival = now
 
-    def _arm(self, now: float, load: float, by: str) -> None:
+    def _arm(self, now: float, load: float) -> None:
         """Arm the load floor for `load_window` s; `load` (output tokens/s) is what the hold compares against."""
         if not math.isfinite(self._arm_load):
-            self.arm_events.append((now, by))
+            self.arm_events.append(now)
         self._armed_until = now + self.load_window
         self._arm_load = load
-        self.armed_by = by
-
-    def _load_test(self, snap: list[tuple[float, float]], now: float) -> None:
-        """Arm the load floor, before any queue, when the offered load is over ratio 0's saturated rate beyond
-        doubt: its lower bound, `arm_z` standard errors under the whole window's mean, is over that rate.
-
-        Under continuous batching the batch's free slots absorb an overload for seconds before a queue shows (on an
-        H200, 64 slots held a 1.2x overload for 2.6-4 s), and the backlog built meanwhile is what makes first
-        tokens late. The tokens asked for in a window of W s are a compound Poisson sum: variance sum(L_i^2), so
-        the rate's standard error is sqrt(sum L_i^2) / W, from the window itself. With arm_z = 1.5, a 2 s window
-        and output lengths of spread cv, the test passes on average from a load of about 1 / (1 - 1.5 sqrt((1 +
-        cv^2) / n)) x ratio 0's rate, n the arrivals in the window: 1.22x at ~55 req/s of the alpaca lengths
-        (cv 0.93), 1.6x at ~9 req/s of fixed lengths. Nearer ratio 0's rate (where the saturated rate's own error
-        decides whether ratio 0 holds) it seldom passes, and the queue stays the trigger."""
-        first = self._first_arrival
-        if not snap or first is None or now - first < self.load_window:  # the window is not full yet
-            return
-        tokens = sum(t for _, t in snap)
-        sq = sum(t * t for _, t in snap)
-        lower = (tokens - self.arm_z * math.sqrt(sq)) / self.load_window
-        if lower * self._cap_t[0] > 1.0:  # lower bound of the load x seconds per token at ratio 0
-            self._arm(now, tokens / self.load_window, "load")
 
     def _recent(self, now: float, count: int | None = None) -> tuple[float, float, int, float]:
         """(output tokens, their sum of squares, requests, span in s) of the recent arrivals: the last `count`
@@ -737,7 +704,7 @@ class ModelPredictive(Controller):
 
     def snapshot(self) -> dict:
         return {"name": self.name, "ratio": dict(self.r), "beta": dict(self.beta), "kappa": dict(self.kappa),
-                "queue_floor": self.queue_floor, "load_floor": self.load_floor, "armed_by": self.armed_by}
+                "queue_floor": self.queue_floor, "load_floor": self.load_floor}
 
 
 def make_controller(spec: str, slo_prefill: float, slo_decode: float, profile=None, capacity=None,
