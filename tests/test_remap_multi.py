@@ -124,3 +124,20 @@ def test_the_slot_count_picks_the_path(monkeypatch):
             ids, wo = rk.remap(idx[:T], w[:T], e2g, G, 0.5)
         a = policy.remap(idx[:T], w[:T], e2g, G, 0.5)
         assert torch.equal(ids, a.ids) and torch.allclose(wo, a.weights, atol=1e-6), T
+
+
+def test_bench_remap_forces_the_path_on_the_module():
+    """eval.bench_remap forces a path through the module's constants (`runtime.kernels.remap` the attribute is the
+    function) and puts them back after the capture."""
+    import eval.bench_remap as br
+
+    assert br.rk is rk
+    seen = []
+    _, run = br.variant("multi", True, 256)
+    orig = br.capture
+    try:
+        br.capture = lambda fn: seen.append((rk.MULTI_PROGRAM_SLOTS, rk.BLOCK_SLOTS))
+        run(lambda: None)
+    finally:
+        br.capture = orig
+    assert seen == [(0, 256)] and (rk.MULTI_PROGRAM_SLOTS, rk.BLOCK_SLOTS) == (2048, 1024)
