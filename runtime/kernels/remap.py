@@ -31,7 +31,8 @@ except ImportError:  # pragma: no cover
     HAS_TRITON = False
 
 # Above this many top-k slots (T * k), the multi-program path: the single program walks every slot twice, so its time
-# grows with T * k (H100: 2-6 us up to T = 128, 63 us at T = 4096), while below a few blocks one launch beats two.
+# grows with T * k, while below a few blocks one launch beats two. H200 (eval/results/remap_bench_h200.md): at
+# T * k = 32768 one program takes 47-54 us, two launches 6-10 us; up to 2048 slots one program is as fast or faster.
 # Tests set it to force a path.
 MULTI_PROGRAM_SLOTS = 2048
 # Top-k slots one program holds at once: a [BT, KP] token block, and a histogram chunk. Tests shrink it.
