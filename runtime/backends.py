@@ -139,12 +139,13 @@ class TritonBackend(Backend):
         return True
 
     def remap(self, state, top_k_index, top_k_weights):
-        # one launch, no host sync; the kernel reads 1 - ratio from `keep`, so a captured graph follows set_ratio
+        # one or two launches, no host sync; the kernels read 1 - ratio from `keep`, so a captured graph follows
+        # set_ratio
         return kernels.remap(top_k_index, top_k_weights, state.expert_to_group, state.num_groups, state.ratio.value,
                              state.policy, keep=state.ratio.keep)
 
     def ep_remap(self, state, top_k_index, top_k_weights, ep):
-        # the remap and the EP translation in one launch
+        # the remap and the EP translation in the same launches
         return kernels.remap(top_k_index, top_k_weights, state.expert_to_group, state.num_groups, state.ratio.value,
                              state.policy, keep=state.ratio.keep, ep=ep)
 
