@@ -28,6 +28,11 @@ Engines:
     --engine gpu         the serving benchmark's setup (eval/bench_serving.py): Qwen1.5-MoE-A2.7B shape, random bf16
                          weights, a 4-way united tier, the fused kernel in CUDA graphs on every side.
 
+    --engine sim         the GPU engine simulated (eval/sim_serving.py: 64 slots, step times from an H200 step
+                         profile, seeded jitter) in simulated time, a matrix in seconds: `--seeds 0-19` runs it once
+                         per trace seed and sums up how often each trace's target was met; `--sim-laws` simulates
+                         the throttled engine's laws instead. A model's figures, for choosing what to run on a GPU.
+                         `--mpc-kw '{"occ_arm": null}'` runs ours with other keywords (a variant to compare).
     --engine gpu --compile-outside-experts   the same, with the norms and the rotary embedding compiled
                          (`runtime.compile_outside_experts`: the launch-bound work outside the experts; experts,
                          routers and attention matmuls as before), before the step profile and every run.
@@ -174,6 +179,40 @@ def gpu_engine(args):
     return BrownoutServer(bm, None, cfg), prof, f"{name}, {shape}, way 4"
 
 
+def sim_engine(args, seed: int, law: tuple[float, float] | None = None):
+    """The simulated engine of eval.sim_serving. Without `law`: the GPU engine's batching (64 slots, 1024 tokens a
+    step) and the step model of `--sim-profile`; mpc gets that step profile, as on the GPU it gets the measured one.
+    With `law` (step_ms, gain): the throttled CPU engine's batching (8 slots, 128 tokens) and speed law, and, as
+    there, no step profile."""
+    from eval import sim_serving
+
+    if law is not None:
+        steps = sim_serving.law_step_model(*law)
+        steps.jitter = args.sim_jitter
+        cfg = ServeConfig(max_batch=8, max_batch_tokens=128, max_queue=args.max_queue,
+                          drain_timeout_s=args.drain_seconds, seed=seed)
+        what, prof = f"each step {law[0]:g} ms x (1 - {law[1]:g} x ratio)", None
+    else:
+        path = Path(args.sim_profile or sim_serving.H200_PROFILE)
+        steps = sim_serving.h200_step_model(path, args.sim_jitter)
+        cfg = ServeConfig(max_batch=64, max_batch_tokens=1024, max_queue=args.max_queue, queue_timeout_s=30.0,
+                          request_timeout_s=60.0, drain_timeout_s=args.drain_seconds, seed=seed)
+        what = (f"step profile of {path.name}, +{1e3 * steps.in_step_s:.1f} ms in step, +{1e3 * steps.gap_s:.1f} ms "
+                "between steps")
+        prof = LatencyProfile(steps.profile.tokens, steps.profile.ratios, steps.profile.lat)
+    device = f"simulated engine (eval.sim_serving: {what}, jitter {args.sim_jitter:g}), trace seed {seed}"
+    return sim_serving.SimServer(steps, cfg, seed=seed), prof, device
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """'0-9' | '0,3,5' | '2' -> seeds."""
+    out = []
+    for part in spec.split(","):
+        a, _, b = part.partition("-")
+        out += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------ runs
 def saturation_pair(srv, args) -> dict:
     """Saturated service rates at ratios 0 and 1 on `srv`'s engine (the calibration's measurement)."""
@@ -233,11 +272,16 @@ def calibrate(srv, args) -> dict:
     return cal
 
 
+PLOT_ENGINES = 4  # the PNG draws the first few engines (or simulated seeds); the tables have them all
+MPC_KW: dict = {}  # keywords for ours (`--mpc-kw`): a variant of the library's defaults, to compare
+
+
 def controller(spec: str, cal: dict, prof, duration: float):
     p = LatencyProfile(prof.tokens, prof.ratios, [row[:] for row in prof.lat]) if prof is not None else None
     if spec == "salc":  # the paper's 5 s interval on the stream's compression (250 s -> duration), as bench_serving
         spec = f"salc:{max(0.25, 5.0 * duration / 250.0):g}"
-    return make_controller(spec, cal["slo_prefill"], cal["slo_decode"], profile=p, capacity=cal["capacity_tok_s"])
+    return make_controller(spec, cal["slo_prefill"], cal["slo_decode"], profile=p, capacity=cal["capacity_tok_s"],
+                           **(MPC_KW if spec.startswith("mpc") else {}))
 
 
 def run_one(srv, spec, trace, change_at, cal, prof) -> dict:
@@ -335,6 +379,16 @@ def markdown(docs: list[dict], command: str) -> str:
                          f"{pct(v.get('ours_worst'))} | {fmt(v.get('ours_mean_ratio'))} | "
                          f"{'yes' if v.get('met') else 'no'} |")
         lines.append("")
+    if len(docs) > 1:  # several engines or trace seeds: how often each trace's target was met
+        names = list(dict.fromkeys(n for d in docs for n in d["traces"]))
+        lines += ["## Over all runs above", "", "| trace | met | of | misses by under-reaction (late) | "
+                  "by over-spending (mean ratio) |", "|---|---|---|---|---|"]
+        for name in names:
+            vs = [d["traces"][name]["verdict"] for d in docs if name in d["traces"]]
+            late = sum(1 for v in vs if not v.get("met") and v.get("ours_worst", 0) > OK_SHARE)
+            lines.append(f"| {name} | {sum(bool(v.get('met')) for v in vs)} | {len(vs)} | {late} | "
+                         f"{sum(1 for v in vs if not v.get('met')) - late} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -397,20 +451,34 @@ def plot(docs: list[dict], path: Path) -> None:
 # ------------------------------------------------------------------------------------------------------ main
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--engine", choices=["throttled", "gpu"], default="throttled")
+    ap.add_argument("--engine", choices=["throttled", "gpu", "sim"], default="throttled")
     ap.add_argument("--laws", default="30:0.6,12:0.3",
                     help="throttled engine: step_ms:gain per machine stand-in (the matrix runs once per law)")
     ap.add_argument("--traces", default=",".join(TRACES))
     ap.add_argument("--duration", type=float, default=None, help="s per trace (default 10 on the CPU, 8 on the GPU)")
     ap.add_argument("--seed", type=int, default=0, help="trace seeds derive from this")
+    ap.add_argument("--seeds", default=None,
+                    help="--engine sim: the matrix once per trace seed, e.g. 0-9 or 0,3,5 (default: --seed)")
+    ap.add_argument("--sim-profile", default=None,
+                    help="--engine sim: a bench_serving JSON whose step profile and saturation set the step model "
+                         "(default: the H200 one in eval/results, eval.sim_serving.H200_PROFILE)")
+    ap.add_argument("--sim-jitter", type=float, default=0.05, help="--engine sim: sigma of each step's log-normal "
+                    "time factor")
+    ap.add_argument("--sim-laws", default=None,
+                    help="--engine sim: simulate the throttled CPU engine's laws (step_ms:gain,...) instead of the "
+                         "GPU profile")
+    ap.add_argument("--mpc-kw", default="{}",
+                    help='keywords for ours, as JSON (a variant of the library\'s defaults), e.g. '
+                         '\'{"occ_arm": null}\'')
     ap.add_argument("--lengths", default="alpaca")
     ap.add_argument("--max-prompt", type=int, default=None, help="default 16 on the CPU, 512 on the GPU")
     ap.add_argument("--max-output", type=int, default=None, help="default 32 on the CPU, 256 on the GPU")
     ap.add_argument("--slo-factor", type=float, default=2.0)
     ap.add_argument("--sat-seconds", type=float, default=3.0)
     ap.add_argument("--sat-queue", type=int, default=16)
-    ap.add_argument("--sat-rate", type=float, default=None, help="req/s far above capacity (default 60 CPU, 120 GPU; doubled, up to twice, while "
-                    "the saturation queue runs dry)")
+    ap.add_argument("--sat-rate", type=float, default=None,
+                    help="req/s far above capacity (default 60 CPU, 120 GPU; doubled, up to twice, while the "
+                         "saturation queue runs dry)")
     ap.add_argument("--base-seconds", type=float, default=4.0)
     ap.add_argument("--drain-seconds", type=float, default=5.0)
     ap.add_argument("--max-queue", type=int, default=128)
@@ -450,7 +518,12 @@ def main(argv=None) -> None:
         raise SystemExit("--eager-saturation compares against --compile or --compile-outside-experts: give one")
     if gpu and not args.tiny and not torch.cuda.is_available():
         raise SystemExit("--engine gpu needs CUDA (or --tiny); --engine throttled runs on the CPU")
-    big = gpu and not args.tiny
+    sim = args.engine == "sim"
+    if args.seeds and not sim:
+        raise SystemExit("--seeds is for --engine sim (a GPU or CPU matrix takes one --seed per call)")
+    big = gpu and not args.tiny or sim and not args.sim_laws
+    global MPC_KW
+    MPC_KW = json.loads(args.mpc_kw)
     args.duration = args.duration or (6.0 if big else 10.0)
     args.max_prompt = args.max_prompt or (512 if big else 16)
     args.max_output = args.max_output or (256 if big else 32)
@@ -460,24 +533,34 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m eval.robustness " + " ".join(sys.argv[1:] if argv is None else argv)
     docs = []
-    engines = [("gpu", None)] if gpu else [("law", tuple(float(x) for x in law.split(":")))
-                                          for law in args.laws.split(",")]
+    if sim:
+        laws = [tuple(float(x) for x in law.split(":")) for law in args.sim_laws.split(",")] if args.sim_laws \
+            else [None]
+        engines = [("sim", (seed, law)) for law in laws for seed in parse_seeds(args.seeds or str(args.seed))]
+    else:
+        engines = [("gpu", None)] if gpu else [("law", tuple(float(x) for x in law.split(":")))
+                                              for law in args.laws.split(",")]
     t_start = time.time()
 
-    def save(done: list[dict]) -> None:  # after every trace: a killed run keeps what it finished
+    def save(done: list[dict], final: bool = False) -> None:  # after every trace: a killed run keeps what it did
         if not done:
             return
-        full = {"command": command, "torch": torch.__version__, "engines": done}
+        full = {"command": command, "torch": torch.__version__, "mpc_kw": MPC_KW, "engines": done}
         (out / f"{tag}.json").write_text(json.dumps(full, indent=1))
         (out / f"{tag}.md").write_text(markdown(done, command))
+        if sim and not final:  # a simulated trace takes a second: draw once, at the end
+            return
         try:
             if any(d["traces"] for d in done):  # nothing to draw before the first trace
-                plot(done, out / f"{tag}.png")
+                plot(done[:PLOT_ENGINES], out / f"{tag}.png")
         except Exception as e:  # a plot must never lose the numbers
             log(f"plot failed: {e!r}")
 
     for kind, law in engines:
-        srv, prof, device = gpu_engine(args) if kind == "gpu" else throttled_engine(*law, args)
+        if kind == "sim":
+            args.seed = law[0]  # the trace seed of this matrix
+        srv, prof, device = (gpu_engine(args) if kind == "gpu" else sim_engine(args, *law) if kind == "sim"
+                             else throttled_engine(*law, args))
         log(f"engine: {device}")
         eager_sat = eager_saturation(srv, args) if args.eager_saturation else None
         try:
@@ -488,6 +571,7 @@ def main(argv=None) -> None:
             if outside is not None:  # the modeling module's rope is shared by every model of its class: restore it
                 outside.undo()
         save(docs)
+    save(docs, final=True)
     log(f"wrote {out / tag}.json/.md/.png ({time.time() - t_start:.0f} s)")
 
 

@@ -393,6 +393,27 @@ def test_mpc_load_floor_stays_armed_while_ratio_0_cannot_carry_the_load():
     assert c.load_floor == 0.0
 
 
+def test_mpc_nearly_full_batch_arms_the_load_floor_before_a_queue():
+    """With no queue at all, a batch of at least `occ_arm` (0.9) x slots requests about to run arms the load floor
+    while the offered load reads over ratio 0's saturated rate; under that rate, or with the batch emptier, or with
+    occ_arm=None, nothing arms. The arming is logged once."""
+    cap = {0.0: 200.0, 1.0: 500.0}  # tok/s; 25 tokens per request: ratio 0 carries 8 req/s
+    for rate, running, occ, armed in ((12.0, 8, 0.9, True), (12.0, 7, 0.9, False), (6.0, 8, 0.9, False),
+                                      (12.0, 8, None, False)):
+        c = make_controller("mpc", 0.16, 0.09, capacity=cap, occ_arm=occ)
+        c.bind(8)
+        t = 0.0
+        for _ in range(64):
+            t += 1 / rate
+            c.observe_arrival(t, 8, 25)
+            c.observe_queue(0.0, 0, t, running)
+        assert (c.load_floor > 0) == armed and len(c.arm_events) == int(armed)
+        if armed:  # the floor carries the load: 300 tok/s needs more than ratio 0's 200
+            assert c.ratio("decode", t, 8) >= c.load_floor and c.token_time(c.load_floor) * 300.0 < 1.0
+    with pytest.raises(ValueError):
+        make_controller("mpc", 0.16, 0.09, capacity=cap, occ_arm=1.5)
+
+
 def test_erlang_c_and_the_queueing_floor():
     """Erlang C against closed forms (M/M/1: P(wait) = rho; M/M/2 at 1 erlang: 1/3), and the MPC's queueing model:
     once the server binds the batch size, the load floor keeps the predicted share of first tokens waiting past the

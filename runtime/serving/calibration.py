@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 DRY_SHARE = 0.1  # share of saturation steps with nobody waiting above which the rate is likely understated
 MAX_DOUBLINGS = 2  # re-runs at twice the arrival rate when the queue ran dry (120 -> 480 req/s at most by default)
 
-__all__ = ["DRY_SHARE", "MAX_DOUBLINGS", "measure_capacity", "measure_saturation", "mean_output_len", "saturation_trace",
-           "service_rate"]
+__all__ = ["DRY_SHARE", "MAX_DOUBLINGS", "measure_capacity", "measure_saturation", "mean_output_len",
+           "saturation_trace", "service_rate"]
 
 
 def saturation_trace(n: int, lengths: str = "alpaca", seed: int = 0, max_prompt: int = 512,

@@ -380,7 +380,8 @@ class BrownoutServer:
             # the admission queue (requests the scheduler holds but did not schedule in this batch)
             queued = getattr(getattr(bp, "scheduler", None), "waiting_requests", None) or {}
             arrivals = [recs[x].arrival for x in list(queued) if x in recs]
-            ctl.observe_queue(t0 - t_start[0] - min(arrivals) if arrivals else 0.0, len(arrivals), t0 - t_start[0])
+            ctl.observe_queue(t0 - t_start[0] - min(arrivals) if arrivals else 0.0, len(arrivals), t0 - t_start[0],
+                              len(batch))
             r = ctl.step_ratio(bool(pre), bool(dec), t0 - t_start[0], n_pre + n_dec)
             self._apply_ratio(r)
             t1 = time.perf_counter()

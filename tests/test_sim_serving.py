@@ -1,0 +1,97 @@
+"""The simulated continuous-batching engine (eval/sim_serving.py): its step semantics on hand-checkable traces,
+conservation of requests, the bounded queue and the drain deadline, saturation on it, and the robustness matrix
+run through it (`--engine sim`)."""
+import json
+
+import numpy as np
+import pytest
+
+from eval import robustness, sim_serving
+from runtime.serving import FixedRatio, LatencyProfile, Request, ServeConfig, Trace, measure_capacity, poisson
+from runtime.serving.server import OK, REJECTED, TIMEOUT
+
+
+def _flat(step_s: float, gap_s: float = 0.0, gain: float = 0.0) -> sim_serving.StepModel:
+    prof = LatencyProfile([1, 1024], [0.0, 1.0], [[step_s, step_s * (1 - gain)], [step_s, step_s * (1 - gain)]])
+    return sim_serving.StepModel(prof, 0.0, gap_s)
+
+
+def test_one_request_step_by_step():
+    """A 3-token prompt and 4 output tokens on 10 ms steps with 2 ms between them: the first token at the end of the
+    prefill step, then one per step; the controller sees the arrival, the queue before each step and the step."""
+    seen = []
+
+    class Spy(FixedRatio):
+        def _observe(self, kind, latency, now, tokens, ratio, step_s):
+            seen.append((kind, round(latency, 6), tokens))
+
+    srv = sim_serving.SimServer(_flat(0.010, 0.002), ServeConfig(max_batch=4, max_batch_tokens=64))
+    res = srv.run(Trace([Request(0, 0.5, 3, 4)], {}), controller=Spy(0.0))
+    rec = res.requests[0]
+    assert rec.status == OK and rec.token_times == pytest.approx([0.51, 0.522, 0.534, 0.546])
+    assert [(s.prefill_tokens, s.decode_tokens) for s in res.steps] == [(3, 0), (0, 1), (0, 1), (0, 1)]
+    assert seen[0] == ("prefill", 0.01, 3) and [k for k, *_ in seen[1:]] == ["decode"] * 3
+    assert seen[1][1] == pytest.approx(0.012)  # the inter-token gap: a step and a host gap
+
+
+def test_slots_queue_and_chunked_prefill():
+    """Two slots: a third request waits for a slot; a prompt larger than the step's token budget is prefilled in
+    chunks and its first token comes out of the step that finishes it; every request ends with all its tokens."""
+    srv = sim_serving.SimServer(_flat(0.010), ServeConfig(max_batch=2, max_batch_tokens=8))
+    tr = Trace([Request(0, 0.0, 20, 2), Request(1, 0.0, 2, 2), Request(2, 0.0, 2, 2)], {})
+    res = srv.run(tr, controller=FixedRatio(0.0))
+    first = {r.rid: r.token_times[0] for r in res.requests}
+    assert all(r.status == OK and len(r.token_times) == r.output_len for r in res.requests)
+    assert first[0] == pytest.approx(0.03)  # 20 prompt tokens in chunks of 8, 8, 4
+    assert first[1] == pytest.approx(0.03)  # admitted into the third step's last 4 tokens of budget
+    assert first[2] > first[1] and max(s.requests for s in res.steps) <= 2
+    assert [s.waiting for s in res.steps[:3]] == [2, 2, 1]  # no budget left, then no slot
+
+
+def test_bounded_queue_and_drain_deadline():
+    """Arrivals over `max_queue` waiting are rejected; what is left at the drain deadline times out; every request
+    is answered one way or the other."""
+    cfg = ServeConfig(max_batch=1, max_batch_tokens=16, max_queue=3, drain_timeout_s=0.05)
+    srv = sim_serving.SimServer(_flat(0.010), cfg)
+    res = srv.run(Trace([Request(i, 0.0, 1, 5) for i in range(8)], {}), controller=FixedRatio(0.0))
+    status = [r.status for r in res.requests]
+    assert status.count(REJECTED) == 5  # all arrive before the first step: 3 wait, 5 are turned away
+    assert status.count(OK) >= 1 and status.count(TIMEOUT) >= 1
+    assert set(status) <= {OK, REJECTED, TIMEOUT}
+
+
+def test_saturation_on_the_sim_follows_the_law_and_jitter_is_seeded():
+    """measure_capacity runs unchanged on the simulated engine: with steps of 10 ms x (1 - 0.5 ratio) and a full
+    batch of 8 decoders, ratio 1 serves about twice ratio 0's tokens per second; the same seed gives the same run."""
+    steps = sim_serving.law_step_model(10.0, 0.5)
+    steps.jitter = 0.05
+    cap = measure_capacity(sim_serving.SimServer(steps, ServeConfig(max_batch=8, max_batch_tokens=64)),
+                           seconds=2.0, max_prompt=8, max_output=16)
+    assert cap[1.0] / cap[0.0] == pytest.approx(2.0, rel=0.15) and cap[0.0] == pytest.approx(800.0, rel=0.2)
+    tr = poisson(50.0, 1.0, seed=3, max_prompt=8, max_output=16)
+    a, b = (sim_serving.SimServer(steps, ServeConfig(max_batch=8, max_batch_tokens=64), seed=5).run(tr)
+            for _ in range(2))
+    assert [s.step_s for s in a.steps] == [s.step_s for s in b.steps]
+
+
+def test_h200_step_model_from_the_results_file():
+    """The default step model reads the H200 bench_serving JSON: in-step and host times positive and a few ms."""
+    m = sim_serving.h200_step_model()
+    assert 0.001 < m.in_step_s < 0.02 and 0.001 < m.gap_s < 0.02
+    assert m.profile.predict(64, 1.0) < m.profile.predict(64, 0.0)
+    assert m.step_s(64, 0.0, np.random.default_rng(0)) == pytest.approx(m.profile.predict(64, 0.0) + m.in_step_s,
+                                                                         rel=0.3)
+
+
+def test_robustness_matrix_on_the_sim(tmp_path):
+    """`python -m eval.robustness --engine sim` over two trace seeds: one section per seed, the summary over them,
+    ours under a keyword variant recorded in the JSON."""
+    robustness.main(["--engine", "sim", "--seeds", "0-1", "--traces", "burst2,spike", "--duration", "2",
+                     "--drain-seconds", "1", "--mpc-kw", '{"occ_arm": null}', "--out", str(tmp_path), "--tag", "t"])
+    doc = json.loads((tmp_path / "t.json").read_text())
+    assert len(doc["engines"]) == 2 and doc["mpc_kw"] == {"occ_arm": None}
+    assert all(set(e["traces"]) == {"burst2", "spike"} for e in doc["engines"])
+    md = (tmp_path / "t.md").read_text()
+    assert "trace seed 1" in md and "## Over all runs above" in md and (tmp_path / "t.png").exists()
+    with pytest.raises(SystemExit):
+        robustness.main(["--engine", "throttled", "--seeds", "0-1"])
