@@ -415,9 +415,9 @@ class ModelPredictive(Controller):
     spends nothing until a queue shows that ratio 0 falls short, or the batch about to run is nearly full
     (`occ_arm` x `slots` requests, `observe_queue`'s `running`) while the offered load reads over ratio 0's
     measured rate; then it holds while the load that armed it holds, or while the load is over ratio 0's measured
-    rate. The batch's free slots absorb an overload for seconds before a queue shows (2.5-4 s on an H200 with 64
-    slots), and the backlog built meanwhile is what makes first tokens late: the batch filling up under such a load
-    is the earlier sign. `occ_arm` = 0.9 was chosen on the simulated engine (eval/sim_serving.py) over 20 trace
+    rate (a queue arms it for at least `load_window` s, a full batch for no minimum). The batch's free slots absorb
+    an overload for seconds before a queue shows (2.5-4 s on an H200 with 64 slots), and the backlog built
+    meanwhile is what makes first tokens late: the batch filling up under such a load is the earlier sign. `occ_arm` = 0.9 was chosen on the simulated engine (eval/sim_serving.py) over 20 trace
     seeds of three engine models, none retuned for another; None leaves the queue as the only trigger. While a
     queue that ratio 0 would not reach in time stands, the load is also read over the last quarter of
     `load_count` arrivals, and the higher of the two taken: a burst's onset shows there `load_count` * 3/4 arrivals
@@ -511,7 +511,9 @@ class ModelPredictive(Controller):
         if (recent is not None and self.occ_arm is not None and running is not None and self.slots
                 and running >= self.occ_arm * self.slots and not math.isfinite(self._arm_load)
                 and recent[0] / recent[3] * self._cap_t[0] > 1.0):
-            self._arm(now, recent[0] / recent[3])  # a nearly full batch under a load over ratio 0's rate
+            # a nearly full batch under a load over ratio 0's rate: armed while that load lasts, with no minimum
+            # hold (a full batch also comes from a noisy load read where ratio 0 holds; held 2 s there, it spent)
+            self._arm(now, recent[0] / recent[3], 0.0)
         if recent is not None:
             if self.queue_floor > 0:
                 # a queue ratio 0 cannot reach in time: the rate has just risen, and `load_count` arrivals lag a
@@ -525,11 +527,12 @@ class ModelPredictive(Controller):
         with self._arr_lock:
             self._arrivals.add(now, output_tokens)
 
-    def _arm(self, now: float, load: float) -> None:
-        """Arm the load floor for `load_window` s; `load` (output tokens/s) is what the hold compares against."""
+    def _arm(self, now: float, load: float, hold_s: float | None = None) -> None:
+        """Arm the load floor for `hold_s` (default `load_window`) s; `load` (output tokens/s) is what the hold
+        compares against after."""
         if not math.isfinite(self._arm_load):
             self.arm_events.append(now)
-        self._armed_until = now + self.load_window
+        self._armed_until = max(self._armed_until, now + (self.load_window if hold_s is None else hold_s))
         self._arm_load = load
 
     def _recent(self, now: float, count: int | None = None) -> tuple[float, float, int, float]:
