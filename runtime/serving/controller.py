@@ -417,14 +417,14 @@ class ModelPredictive(Controller):
     measured rate; then it holds while the load that armed it holds, or while the load is over ratio 0's measured
     rate (a queue arms it for at least `load_window` s, a full batch for no minimum). The batch's free slots absorb
     an overload for seconds before a queue shows (2.5-4 s on an H200 with 64 slots), and the backlog built
-    meanwhile is what makes first tokens late: the batch filling up under such a load is the earlier sign. `occ_arm` = 0.9 was chosen on the simulated engine (eval/sim_serving.py) over 20 trace
-    seeds of three engine models, none retuned for another; None leaves the queue as the only trigger. While a
-    queue that ratio 0 would not reach in time stands, the load is also read over the last quarter of
-    `load_count` arrivals, and the higher of the two taken: a burst's onset shows there `load_count` * 3/4 arrivals
-    sooner, and only a queue makes the noisier read count. This is what the
-    queue term alone lacks: after a burst the queue floor sends the ratio to 1, the queue drains, the ratio falls
-    back to 0 within a fraction of a second, and when ratio 0 cannot carry the after-burst rate the queue forms
-    again (a relaxation cycle that leaves many first tokens late).
+    meanwhile is what makes first tokens late: the batch filling up under such a load is the earlier sign.
+    `occ_arm` = 0.9 was chosen on the simulated engine (eval/sim_serving.py) over 20 trace seeds of three engine
+    models, none retuned for another; None leaves the queue as the only trigger. While a queue that ratio 0 would
+    not reach in time stands, the load is also read over the last quarter of `load_count` arrivals, and the higher
+    of the two taken: a burst's onset shows there `load_count` * 3/4 arrivals sooner, and only a queue makes the
+    noisier read count. This is what the queue term alone lacks: after a burst the queue floor sends the ratio to
+    1, the queue drains, the ratio falls back to 0 within a fraction of a second, and when ratio 0 cannot carry the
+    after-burst rate the queue forms again (a relaxation cycle that leaves many first tokens late).
     `runtime.serving.calibration.measure_capacity` measures `capacity` on the running engine.
 
     Hysteresis: the ratio rises at once; it falls only when the lower ratio's prediction is under the budget by a
