@@ -545,8 +545,12 @@ def main(argv=None) -> None:
     def save(done: list[dict], final: bool = False) -> None:  # after every trace: a killed run keeps what it did
         if not done:
             return
+        if sim:  # many seeds: the per-run timelines would make tens of MB; the metrics and verdicts stay
+            done = [{**d, "traces": {n: {**t, "runs": {c: {k: v for k, v in r.items() if k != "timeline"}
+                                                        for c, r in t["runs"].items()}}
+                                     for n, t in d["traces"].items()}} for d in done]
         full = {"command": command, "torch": torch.__version__, "mpc_kw": MPC_KW, "engines": done}
-        (out / f"{tag}.json").write_text(json.dumps(full, indent=1))
+        (out / f"{tag}.json").write_text(json.dumps(full, indent=1 if not sim else None))
         (out / f"{tag}.md").write_text(markdown(done, command))
         if sim and not final:  # a simulated trace takes a second: draw once, at the end
             return

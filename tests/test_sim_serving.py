@@ -91,6 +91,8 @@ def test_robustness_matrix_on_the_sim(tmp_path):
     doc = json.loads((tmp_path / "t.json").read_text())
     assert len(doc["engines"]) == 2 and doc["mpc_kw"] == {"occ_arm": None}
     assert all(set(e["traces"]) == {"burst2", "spike"} for e in doc["engines"])
+    runs = doc["engines"][0]["traces"]["burst2"]["runs"]
+    assert "timeline" not in runs["mpc"] and "verdict" in doc["engines"][0]["traces"]["burst2"]  # kept small
     md = (tmp_path / "t.md").read_text()
     assert "trace seed 1" in md and "## Over all runs above" in md and (tmp_path / "t.png").exists()
     with pytest.raises(SystemExit):
