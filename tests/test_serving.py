@@ -150,6 +150,21 @@ def test_serve_records_complete(tiny_model):
     assert len(tl["t"]) == len(tl["ratio"]) and sum(tl["arrivals_per_s"]) * 0.5 == pytest.approx(5)
 
 
+def test_the_controller_sees_each_steps_batch_size(tiny_model):
+    """Before every step the server tells the controller the queue and how many requests the step runs: what the
+    MPC's nearly-full-batch arming reads (one step per observe_queue, the size matching the step record)."""
+    seen = []
+
+    class Spy(FixedRatio):
+        def _observe_queue(self, age, waiting, now, running=None):
+            seen.append(running)
+
+    tr = _trace([(0.0, 5, 4), (0.0, 6, 4), (0.01, 3, 3)])
+    res = BrownoutServer(Handle(tiny_model), Spy(0.0), _cfg(max_batch=2)).run(tr)
+    assert res.errors == [] and len(seen) == len(res.steps)
+    assert seen == [s.requests for s in res.steps] and max(seen) == 2 and min(seen) >= 1
+
+
 def test_compile_asks_transformers_for_its_compile_path(tiny_model):
     """`ServeConfig(compile=True)` hands transformers' engine its own default compile (level 1), which resolves
     to a compile config of the varlen path; off, the engine compiles nothing. Only the engine's configuration is
