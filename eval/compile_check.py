@@ -231,6 +231,11 @@ def main(argv=None) -> None:
     def log(msg):
         print(f"[{time.time() - t0:6.1f} s] {msg}", flush=True)
 
+    def failed(what: str, e: Exception) -> None:  # a variant that failed: its error is the result, the run goes on
+        doc["failures"][what] = f"{type(e).__name__}: {str(e).strip()[:1500]}"
+        traceback.print_exc()
+        log(f"{what} failed: {doc['failures'][what]}")
+
     model = build_model(args.tiny, 0)
     vocab = model.config.vocab_size
     uniform_routing(model)
@@ -289,9 +294,7 @@ def main(argv=None) -> None:
             done.undo()  # the full compile below traces the model as it was
         log(f"outside compiled r0 {t[0.0]:.2f} ms, r1 {t[1.0]:.2f} ms, null {doc['times_ms']['outside_null']:.2f} ms")
     except Exception as e:
-        doc["failures"]["outside compiled"] = f"{type(e).__name__}: {str(e).strip()[:1500]}"
-        traceback.print_exc()
-        log(f"outside compiled failed: {doc['failures']['outside compiled']}")
+        failed("outside compiled", e)
     save()
 
     # -- brownout, compiled at ratio 0; ratio 1 must run on the same graph
@@ -313,9 +316,7 @@ def main(argv=None) -> None:
         doc["times_ms"]["compiled_r0"], doc["times_ms"]["compiled_r1"] = t[0.0], t[1.0]
         log(f"brownout compiled r0 {t[0.0]:.2f} ms, r1 {t[1.0]:.2f} ms; errors {doc['rel_err']}")
     except Exception as e:  # keep the rest of the run; the error is the result
-        doc["failures"]["compiled brownout"] = f"{type(e).__name__}: {str(e).strip()[:1500]}"
-        traceback.print_exc()
-        log(f"compiled brownout failed: {doc['failures']['compiled brownout']}")
+        failed("compiled brownout", e)
     save()
 
     # -- the non-expert floor, compiled
@@ -333,9 +334,7 @@ def main(argv=None) -> None:
                 doc["times_ms"]["compiled_null"] = forward_ms(cm, NoTier(), n, [0.0], args.reps, vocab)[0.0]
                 log(f"null compiled {doc['times_ms']['compiled_null']:.2f} ms")
             except Exception as e:
-                doc["failures"]["compiled null"] = f"{type(e).__name__}: {str(e).strip()[:1500]}"
-                traceback.print_exc()
-                log(f"compiled null failed: {doc['failures']['compiled null']}")
+                failed("compiled null", e)
     save()
     print(markdown(doc))
 
