@@ -67,8 +67,9 @@ def _flush():
     _FLUSH.fill_(1)
 
 
-def bench_eager(fn, iters=20):
-    for _ in range(3):
+def bench_eager(fn, iters=20, warmup=3):
+    """Mean ms per call of `iters` back-to-back calls of `fn` between two events, after `warmup` unmeasured."""
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

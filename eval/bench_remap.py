@@ -26,26 +26,12 @@ from runtime import policy
 
 rk = importlib.import_module("runtime.kernels.remap")  # the module: runtime.kernels.remap is also the function
 
-from .bench_kernel import SHAPES, capture, routing
+from .bench_kernel import SHAPES, bench_eager, capture, routing
 
 TOKENS = [32, 128, 256, 512, 1024, 4096]
 BLOCKS = [256, 1024]
 RATIOS = [0.5, 1.0]
 WAY = 4
-
-
-def time_replays(g, reps: int = 200) -> float:
-    """Mean ms per replay of `g` over `reps` back-to-back replays (after 10 unmeasured)."""
-    for _ in range(10):
-        g.replay()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(reps):
-        g.replay()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) / reps
 
 
 def variant(name: str, multi: bool, block: int):
@@ -85,7 +71,7 @@ def main(argv=None) -> int:
                 row = {"shape": shape, "T": T, "slots": T * k, "ratio": ratio, "us": {}, "match": {}}
                 for name, cap in VARIANTS:
                     g, (ids, wo) = cap(lambda: rk.remap(idx, w, e2g, G, 0.0, keep=keep))
-                    row["us"][name] = 1e3 * time_replays(g)
+                    row["us"][name] = 1e3 * bench_eager(g.replay, 200, warmup=10)  # mean of back-to-back replays
                     row["match"][name] = bool(torch.equal(ids, ref.ids)) and bool(
                         torch.allclose(wo.float(), ref.weights.float(), atol=1e-2, rtol=0))
                     del g
