@@ -199,7 +199,7 @@ def sim_engine(args, seed: int, law: tuple[float, float] | None = None):
                           request_timeout_s=60.0, drain_timeout_s=args.drain_seconds, seed=seed)
         what = (f"step profile of {path.name}, +{1e3 * steps.in_step_s:.1f} ms in step, +{1e3 * steps.gap_s:.1f} ms "
                 "between steps")
-        prof = LatencyProfile(steps.profile.tokens, steps.profile.ratios, steps.profile.lat)
+        prof = steps.profile  # `controller` gives each run its own copy to learn on
     device = f"simulated engine (eval.sim_serving: {what}, jitter {args.sim_jitter:g}), trace seed {seed}"
     return sim_serving.SimServer(steps, cfg, seed=seed), prof, device
 
