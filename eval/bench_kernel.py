@@ -316,8 +316,45 @@ def kernel_spans(call, reps=10):
             "kernel_sum_us": sum(per), "replays": len(replays)}
 
 
-def profile_calls(out_path, points=None):
-    """Per point: graph time with PDL off and on (same routing, same tiles), and the kernel breakdown with each."""
+def vendor_grouped_gemms(x, gu, dn, ids, S):
+    """The same call's two GEMMs by the vendor grouped GEMM (torch._grouped_mm: CUTLASS on Hopper), as a yardstick
+    for ours: the live slots' rows gathered and sorted by slab outside the graph (no routing, alignment or top-k sum
+    timed), then gate/up GEMM, silu * up, down GEMM, graph-replayed after an L2 flush as ours. -> {"ms", "kernels"}
+    (the profiler's per-kernel durations), or {"error"} where this torch has no grouped GEMM for the GPU."""
+    k = ids.shape[1]
+    flat = ids.reshape(-1)
+    live_slots = torch.nonzero(flat < S).squeeze(1)
+    slot = live_slots[torch.argsort(flat[live_slots], stable=True)]
+    a = x[slot // k].contiguous()
+    offs = torch.bincount(flat[live_slots], minlength=S).cumsum(0).to(torch.int32)
+    I = dn.shape[2]
+    wgu, wdn = gu.transpose(1, 2), dn.transpose(1, 2)  # [S, H, 2I], [S, I, H]
+
+    def call():
+        h = torch._grouped_mm(a, wgu, offs=offs)
+        return torch._grouped_mm(torch.nn.functional.silu(h[:, :I]) * h[:, I:], wdn, offs=offs)
+
+    try:
+        g, _ = capture(call)
+        ms = time_graph(g)
+        del g
+        return {"ms": ms, "kernels": (kernel_spans(call) or {}).get("kernels", [])}
+    except Exception as exc:  # no grouped GEMM on this GPU / torch build
+        return {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+
+
+def kernel_pct(name, us, slabs, live_slots, H, I, bw, flops):
+    """% of its own limit for one GEMM kernel of a call (gate/up: 2/3 of the bytes and FLOPs, down: 1/3), else None."""
+    n = name.lower()
+    share = 2 / 3 if "gate_up" in n else 1 / 3 if "down" in n else None
+    if share is None or not us:
+        return None
+    return 100 * share * max(limit_terms_ms(slabs, live_slots, H, I, bw, flops)) * 1e3 / us
+
+
+def profile_calls(out_path, points=None, vendor=True):
+    """Per point: graph time with PDL off and on (same routing, same tiles), the kernel breakdown with each, each of
+    our two GEMM kernels against its own share of the limit, and (vendor) the vendor grouped GEMMs on the same rows."""
     bw, flops = measure_limits()
     gen = torch.Generator(device=dev)
     gen.manual_seed(0)
@@ -362,8 +399,17 @@ def profile_calls(out_path, points=None):
             except Exception as exc:
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             pdl.MODE = "auto"
+            if vendor:
+                row["vendor"] = vendor_grouped_gemms(x, gu, dn, a.ids, S)
+            kk = (row.get("kernels_pdl_off") or {}).get("kernels", [])
+            row["ours_gemm_us"] = [[n[:24], d, kernel_pct(n, d, nslabs, live, H, I, bw, flops)]
+                                   for n, d in kk if "gate_up" in n or "down" in n]
             rows.append(row)
             kon = row.get("kernels_pdl_on") or {}
+            v = row.get("vendor") or {}
+            if v.get("ms"):
+                print(f"  vendor grouped GEMMs {1e3 * v['ms']:.1f} us: " + ", ".join(
+                    f"{n[:30]}={d:.1f}" for n, d in v["kernels"]), flush=True)
             print(f"PROFILE {name} T={T} w{way} r{ratio}: limit {1e3 * limit_ms:.1f} us, pdl off "
                   f"{1e3 * row.get('pdl_off_ms', float('nan')):.1f} on {1e3 * row.get('pdl_on_ms', float('nan')):.1f} us;"
                   f" kernels " + ", ".join(f"{n[:18]}={d:.1f}" for n, d in kon.get("kernels", []))
@@ -395,6 +441,31 @@ def write_profile_md(res, path):
         L.append(f"| {r['shape']} | {r['tokens']} | {r['way']} | {r['ratio']} | {1e3 * r['limit_ms']:.1f} "
                  f"| {_f(off and 1e3 * off, '{:.1f}')} | {_f(on and 1e3 * on, '{:.1f}')} | {ks or r.get('error', '-')} "
                  f"| {_f(gap, '{:.1f}')} |")
+    if any("ours_gemm_us" in r for r in res["rows"]):
+        L += ["", "## Each GEMM against its own limit, ours and the vendor's", "",
+              "Gate/up holds 2/3 of a call's bytes and FLOPs, down 1/3; a kernel's % is its share of the limit over "
+              "its duration (PDL off). `other` = our call (PDL on) - our two GEMMs: the remap, alignment and top-k "
+              "sum, and launch gaps. Vendor: torch._grouped_mm (CUTLASS) on the same slabs and rows, sorted outside "
+              "the timing; its two longest kernels are taken as its GEMMs (first gate/up, then down), and its call "
+              "time includes silu * up.", "",
+              "| shape | T | way | ratio | limit us | ours us | ours gate/up us (%) | ours down us (%) | other us "
+              "| vendor us | vendor gate/up us (%) | vendor down us (%) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["rows"]:
+            ours = r.get("ours_gemm_us") or []
+            on = r.get("pdl_on_ms")
+            other = 1e3 * on - sum(d for _, d, _ in ours) if on and ours else None
+            v = r.get("vendor") or {}
+            vk = sorted(sorted(v.get("kernels", []), key=lambda nd: -nd[1])[:2], key=v["kernels"].index) \
+                if v.get("kernels") else []
+            lim = 1e3 * r["limit_ms"]
+            vg = [(d, 100 * share * lim / d) for (_, d), share in zip(vk, (2 / 3, 1 / 3))]
+            cell = lambda d_pct: f"{d_pct[0]:.1f} ({_f(d_pct[1], '{:.0f}')})"
+            L.append(f"| {r['shape']} | {r['tokens']} | {r['way']} | {r['ratio']} | {lim:.1f} "
+                     f"| {_f(on and 1e3 * on, '{:.1f}')} "
+                     + "".join(f"| {cell(o[1:])} " for o in ours[:2]) + "| - " * (2 - len(ours[:2]))
+                     + f"| {_f(other, '{:.1f}')} | {_f(v.get('ms') and 1e3 * v['ms'], '{:.1f}')} "
+                     + "".join(f"| {cell(x)} " for x in vg) + "| - " * (2 - len(vg)) + "|")
     Path(path).write_text("\n".join(L) + "\n")
 
 
@@ -751,6 +822,8 @@ def main(argv=None) -> None:
     ap.add_argument("path", nargs="?", help="check: JSON out; tune: config folder; bench: result folder; "
                     "profile: JSON out; profile-md: an earlier profile's JSON")
     ap.add_argument("log", nargs="?", help="tune: where to write the tuning log (JSON)")
+    ap.add_argument("--points", help="profile: shape:T:way:ratio,... (default: a fixed set over all four shapes)")
+    ap.add_argument("--no-vendor", action="store_true", help="profile: skip the vendor grouped GEMM yardstick")
     a = ap.parse_args(argv)
     if a.cmd == "profile-md":  # the markdown of an earlier profile run's JSON
         if not a.path:
@@ -762,7 +835,16 @@ def main(argv=None) -> None:
             json.dump(rows, open(a.path, "w"), indent=1)
     elif a.cmd == "profile":
         out = a.path or "kernel_profile.json"
-        write_profile_md(profile_calls(out), Path(out).with_suffix(".md"))
+        points = None
+        if a.points:
+            try:
+                points = [(n, int(t), int(w), float(r)) for n, t, w, r in (p.split(":") for p in a.points.split(","))]
+            except ValueError:
+                ap.error("--points wants shape:T:way:ratio,... e.g. olmoe-1b-7b:512:4:1.0")
+            bad = sorted({p[0] for p in points} - set(SHAPES))
+            if bad:
+                ap.error(f"unknown shape {bad[0]!r}; known: {', '.join(SHAPES)}")
+        write_profile_md(profile_calls(out, points, vendor=not a.no_vendor), Path(out).with_suffix(".md"))
     elif a.cmd == "tune":
         _, log = tune(a.path or configs.CONFIG_DIR, float(os.environ.get("TUNE_BUDGET_S", "300")))
         if a.log:

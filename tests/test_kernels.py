@@ -287,3 +287,25 @@ def test_stream_read_probe():
     out = bk.stream_read(buf, 4096, 1024, 4)
     ref = torch.nn.functional.pad(buf, (0, 3 * 4096 - buf.numel())).view(3, 4096).sum(1)
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_profile_gemm_shares(tmp_path):
+    # eval/bench_kernel.py's profile: each GEMM against its share of the call's limit (gate/up 2/3, down 1/3), ours
+    # by kernel name, the vendor's as its two longest kernels in launch order
+    from eval import bench_kernel as bk
+    H, I, slabs, live, bw, flops = 2048, 1024, 16, 4096, 4e12, 8e14
+    lim_us = 1e3 * max(bk.limit_terms_ms(slabs, live, H, I, bw, flops))
+    assert bk.kernel_pct("_gate_up_kernel", 100.0, slabs, live, H, I, bw, flops) == pytest.approx(200 / 3 * lim_us / 100)
+    assert bk.kernel_pct("_down_kernel", 50.0, slabs, live, H, I, bw, flops) == pytest.approx(100 / 3 * lim_us / 50)
+    assert bk.kernel_pct("_topk_sum_kernel", 5.0, slabs, live, H, I, bw, flops) is None
+    row = {"shape": "olmoe-1b-7b", "tokens": 512, "way": 4, "ratio": 1.0, "limit_ms": 0.06, "pdl_off_ms": 0.16,
+           "pdl_on_ms": 0.155, "kernels_pdl_off": {"kernels": [["_gate_up_kernel", 100.0], ["_down_kernel", 50.0]],
+                                                   "kernel_sum_us": 150.0},
+           "ours_gemm_us": [["_gate_up_kernel", 100.0, 40.0], ["_down_kernel", 50.0, 40.0]],
+           "vendor": {"ms": 0.12, "kernels": [["prep", 1.0], ["gemm_a", 80.0], ["silu", 3.0], ["gemm_b", 20.0]]}}
+    path = tmp_path / "p.md"
+    bk.write_profile_md({"device": "X", "copy_bw_TBps": 4.0, "bf16_TFLOPs": 800, "rows": [row]}, path)
+    line = [ln for ln in path.read_text().splitlines() if ln.startswith("| olmoe-1b-7b")][-1]
+    # other = 155 - 150; vendor gate/up 80 us = 2/3 * 60 / 80 = 50%, down 20 us = 1/3 * 60 / 20 = 100%
+    assert line == ("| olmoe-1b-7b | 512 | 4 | 1.0 | 60.0 | 155.0 | 100.0 (40) | 50.0 (40) | 5.0 | 120.0 "
+                    "| 80.0 (50) | 20.0 (100) |")
