@@ -65,7 +65,9 @@ from eval.bench_serving import fmt, log
 from runtime import compile_outside_experts
 from runtime.compile_outside import compiled_outside
 from runtime.serving import (BrownoutServer, FixedRatio, LatencyProfile, ServeConfig, burst_test, make_controller,
-                             measure_saturation, poisson, ramp, saturation_trace, spike, summarize, timeline)
+                             measure_saturation, median_saturation, poisson, ramp, saturation_trace, spike, summarize,
+                             timeline)
+from runtime.serving.calibration import REPEATS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "eval" / "results"
@@ -215,10 +217,47 @@ def parse_seeds(spec: str) -> list[int]:
 
 # ------------------------------------------------------------------------------------------------------ runs
 def saturation_pair(srv, args) -> dict:
-    """Saturated service rates at ratios 0 and 1 on `srv`'s engine (the calibration's measurement)."""
+    """Saturated service rates at ratios 0 and 1 on `srv`'s engine (the calibration's measurement): the median of
+    `--sat-repeats` runs each, as the library's `measure_capacity`."""
     lens = dict(lengths=args.lengths, max_prompt=args.max_prompt, max_output=args.max_output)
-    return {r: measure_saturation(srv, r, seconds=args.sat_seconds, queue=args.sat_queue, rate=args.sat_rate, **lens)
-            for r in (0.0, 1.0)}
+    return median_saturation(srv, (0.0, 1.0), args.sat_repeats, seconds=args.sat_seconds, queue=args.sat_queue,
+                             rate=args.sat_rate, **lens)
+
+
+def calibration_repeats(srv, args) -> list[dict]:
+    """How far the calibration's saturated rates move between runs on one engine: `measure_saturation` at ratios 0
+    and 1, `--calibration-repeats` times per window length of `--repeat-sat-seconds`, each repeat on another
+    saturation trace (seed 11 + repeat). -> one row per run."""
+    lens = dict(lengths=args.lengths, max_prompt=args.max_prompt, max_output=args.max_output)
+    rows = []
+    for secs in [float(x) for x in args.repeat_sat_seconds.split(",") if x]:
+        for i in range(args.calibration_repeats):
+            for r in (0.0, 1.0):
+                m = measure_saturation(srv, r, seconds=secs, queue=args.sat_queue, rate=args.sat_rate,
+                                       seed=11 + i, **lens)
+                rows.append({"seconds": secs, "repeat": i, "ratio": r, **m})
+                log(f"saturation {secs:g} s, repeat {i}, ratio {r:g}: {m['req_s']:.2f} req/s, step p50 "
+                    f"{1e3 * m['step_p50']:.1f} ms, batch {m['batch_mean']:.1f}, dry {m.get('dry_steps', 0):.2f}")
+    return rows
+
+
+def repeats_markdown(rows: list[dict]) -> list[str]:
+    """The calibration repeats as a table: per window length and ratio, the spread of the saturated rate."""
+    import statistics
+    L = ["", "### Calibration repeated (`--calibration-repeats`)", "",
+         "| window s | ratio | runs | req/s mean | min | max | (max - min) / mean | step p50 ms | dry steps max |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for secs in sorted({r["seconds"] for r in rows}):
+        for ratio in (0.0, 1.0):
+            rs = [r for r in rows if r["seconds"] == secs and r["ratio"] == ratio]
+            v = [r["req_s"] for r in rs]
+            if not v:
+                continue
+            m = statistics.mean(v)
+            L.append(f"| {secs:g} | {ratio:g} | {len(v)} | {m:.2f} | {min(v):.2f} | {max(v):.2f} "
+                     f"| {100 * (max(v) - min(v)) / m:.0f}% | {1e3 * statistics.median(r['step_p50'] for r in rs):.1f} "
+                     f"| {max(r.get('dry_steps', 0) for r in rs):.2f} |")
+    return L
 
 
 def warm_up(srv, args) -> float:
@@ -319,6 +358,7 @@ def run_matrix(srv, prof, device: str, args, save=lambda doc: None, t_start: flo
     that would end past `args.time_budget` s from `t_start` is skipped and listed."""
     with torch.no_grad():
         log(f"engine warm-up: {warm_up(srv, args):.1f} s")
+        repeats = calibration_repeats(srv, args) if args.calibration_repeats else None
         cal = calibrate(srv, args)
         names = [n for n in args.traces.split(",") if n]
         traces = make_traces(names, cal["mu0"], cal["mu1"], args.duration, args.seed,
@@ -327,6 +367,8 @@ def run_matrix(srv, prof, device: str, args, save=lambda doc: None, t_start: flo
         doc = {"device": device, "calibration": cal, "duration": args.duration, "traces": {}, "skipped": []}
         if eager_sat is not None:
             doc["eager_saturation"] = eager_sat
+        if repeats is not None:
+            doc["calibration_repeats"] = repeats
         t_start = time.time() if t_start is None else t_start
         save(doc)  # the calibration alone (an empty --traces measures only that)
         for name, (tr, change_at) in traces.items():
@@ -362,6 +404,8 @@ def markdown(docs: list[dict], command: str) -> str:
                   f"{doc['duration']:g} s. Target met on {sum(bool(m) for m in met)} of {len(met)} traces."
                   + (f" Skipped for the time budget: {', '.join(doc['skipped'])}." if doc.get("skipped") else ""), ""]
         lines += sat_lines(doc)
+        if doc.get("calibration_repeats"):
+            lines += repeats_markdown(doc["calibration_repeats"]) + [""]
         lines += ["| trace | config | late first (before / after) | late later (before / after) | mean ratio | "
                   "goodput req/s | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms |", "|---|---|---|---|---|---|---|---|"]
         for name, t in doc["traces"].items():
@@ -401,12 +445,14 @@ def sat_lines(doc: dict) -> list[str]:
     if not rows:
         return []
     out = ["| engine | req/s ratio 0 | req/s ratio 1 | ratio 1 / ratio 0 | step p50 ms ratio 0 / 1 | "
-           "tokens/s ratio 0 / 1 | wall time in steps ratio 0 / 1 |", "|---|---|---|---|---|---|---|"]
+           "tokens/s ratio 0 / 1 | wall time in steps ratio 0 / 1 | every run's req/s ratio 0 / 1 (median kept) |",
+           "|---|---|---|---|---|---|---|---|"]
     for label, sat in rows:
         a, b = sat["0.0"], sat["1.0"]
+        runs = " / ".join(", ".join(f"{v:.1f}" for v in x.get("runs", [x["req_s"]])) for x in (a, b))
         out.append(f"| {label} | {a['req_s']:.2f} | {b['req_s']:.2f} | {b['req_s'] / a['req_s']:.2f}x | "
                    f"{1e3 * a['step_p50']:.1f} / {1e3 * b['step_p50']:.1f} | {a['tok_s']:.0f} / {b['tok_s']:.0f} | "
-                   f"{pct(a.get('step_share'))} / {pct(b.get('step_share'))} |")
+                   f"{pct(a.get('step_share'))} / {pct(b.get('step_share'))} | {runs} |")
     return out + [""]
 
 
@@ -476,6 +522,12 @@ def main(argv=None) -> None:
     ap.add_argument("--slo-factor", type=float, default=2.0)
     ap.add_argument("--sat-seconds", type=float, default=3.0)
     ap.add_argument("--sat-queue", type=int, default=16)
+    ap.add_argument("--sat-repeats", type=int, default=REPEATS,
+                    help=f"saturation runs per ratio, the median kept (default {REPEATS}, as measure_capacity)")
+    ap.add_argument("--calibration-repeats", type=int, default=0,
+                    help="first measure the saturated rates this many times per --repeat-sat-seconds window (each "
+                         "on another saturation trace): how much the calibration moves between runs")
+    ap.add_argument("--repeat-sat-seconds", default="3,8", help="window lengths (s) of --calibration-repeats")
     ap.add_argument("--sat-rate", type=float, default=None,
                     help="req/s far above capacity (default 60 CPU, 120 GPU; doubled, up to twice, while the "
                          "saturation queue runs dry)")

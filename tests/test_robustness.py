@@ -84,8 +84,8 @@ def test_tiny_engine_with_norms_and_rope_compiled(tmp_path):
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "eval.robustness", "--engine", "gpu", "--tiny", "--compile-outside-experts",
            "--compile-backend", "aot_eager", "--eager-saturation", "--traces", "spike", "--duration", "1.5",
-           "--sat-seconds", "1", "--base-seconds", "1", "--drain-seconds", "3", "--out", str(tmp_path),
-           "--cache", str(tmp_path / "cache"), "--tag", "t"]
+           "--sat-seconds", "1", "--sat-repeats", "1", "--base-seconds", "1", "--drain-seconds", "3",
+           "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), "--tag", "t"]
     p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "compiled outside the experts: {'backend': 'aot_eager', 'norms': 9, 'rope_functions': 1}" in p.stdout

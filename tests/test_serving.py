@@ -350,7 +350,7 @@ def test_measure_capacity_on_the_engine():
         assert srv.cfg is cfg
         assert set(sat) >= {"tok_s", "req_s", "step_p50", "batch_mean", "dry_steps"} and 0 <= sat["dry_steps"] <= 1
         assert sat["batch_mean"] > 4  # the batch was kept (nearly) full
-        cap = measure_capacity(srv, seconds=1.5, max_prompt=8, max_output=16)
+        cap = measure_capacity(srv, repeats=1, seconds=1.5, max_prompt=8, max_output=16)  # the median: below
         assert set(cap) == {0.0, 1.0} and cap[1.0] > 1.3 * cap[0.0] > 0
         ctl = make_controller("mpc", 0.25, 0.1, capacity=cap)
         assert ctl.token_time(1.0) < ctl.token_time(0.0)
@@ -383,6 +383,35 @@ def test_saturation_doubles_the_rate_while_the_queue_runs_dry():
         assert len(eng.rates) == runs and sat["rate"] == 10.0 * 2 ** (runs - 1)
         assert sat["dry_steps"] == (0.0 if full_at < 1e9 else 1.0)
         assert eng.cfg == ServeConfig(max_batch=8)  # the driver settings are put back
+
+
+def test_capacity_is_the_median_of_interleaved_runs():
+    """measure_capacity keeps, per ratio, the run of median rate out of REPEATS, the ratios interleaved and each
+    run on another saturation trace; every run's rate is listed. repeats < 1 is refused."""
+    from runtime.serving import calibration, median_saturation
+    from runtime.serving.server import ServeResult, StepRecord
+
+    class Fake:  # decode tokens per step: a per-run sequence, whatever the ratio
+        def __init__(self, per_step):
+            self.cfg, self.per_step, self.calls = ServeConfig(max_batch=8), list(per_step), []
+
+        def run(self, trace, controller=None):
+            self.calls.append((controller.r, trace.requests[0].prompt_len, trace.requests[1].t))
+            d = self.per_step.pop(0)
+            steps = [StepRecord(0.1 * i, 0.1 * i + 0.1, 0.1, 0, d, 8, controller.r, 4) for i in range(20)]
+            return ServeResult([], steps, 2.0, {}, "fixed")
+
+    assert calibration.REPEATS == 3
+    eng = Fake([8, 4, 2, 5, 6, 3])  # ratio 0 gets 8, 2, 6 tokens per step; ratio 1 gets 4, 5, 3
+    cap = measure_capacity(eng, seconds=2.0, rate=10.0, max_prompt=8, max_output=16)
+    assert [c[0] for c in eng.calls] == [0.0, 1.0] * 3  # interleaved
+    assert len({c[1:] for c in eng.calls[::2]}) == 3  # three different saturation traces
+    assert cap == {0.0: pytest.approx(6 / 0.1), 1.0: pytest.approx(4 / 0.1)}  # 20 steps in 2 s: tokens/step x 10
+    m = median_saturation(Fake([8, 4, 2, 5]), repeats=2, seconds=2.0, rate=10.0, max_prompt=8, max_output=16)
+    assert m[0.0]["tok_s"] == pytest.approx(20.0) and m[1.0]["tok_s"] == pytest.approx(40.0)  # the lower median
+    assert m[0.0]["runs"] == pytest.approx([80.0 / m[0.0]["tok_s"] * m[0.0]["req_s"], m[0.0]["req_s"]])
+    with pytest.raises(BrownoutError):
+        median_saturation(Fake([]), repeats=0)
 
 
 def test_capacity_interpolation():

@@ -11,12 +11,12 @@ trace on transformers' continuous batching and turns the brownout ratio every en
         res = srv.run(burst_test(base_rate=4.0, duration_scale=0.24))
     print(summarize(res, 0.25, 0.15))
 """
-from .calibration import measure_capacity, measure_saturation, saturation_trace, service_rate
+from .calibration import measure_capacity, measure_saturation, median_saturation, saturation_trace, service_rate
 from .controller import SALC, Controller, FixedRatio, LatencyProfile, ModelPredictive, PIController, make_controller
 from .server import BrownoutServer, ServeConfig, ServeResult, capacity, summarize, timeline
 from .trace import Request, Trace, burst_test, bursty, poisson, ramp, spike
 
 __all__ = ["BrownoutServer", "ServeConfig", "ServeResult", "summarize", "capacity", "timeline", "Controller",
            "FixedRatio", "SALC", "PIController", "ModelPredictive", "LatencyProfile", "make_controller", "Trace",
-           "Request", "poisson", "bursty", "burst_test", "ramp", "spike", "measure_capacity", "measure_saturation",
+           "Request", "poisson", "bursty", "burst_test", "ramp", "spike", "measure_capacity", "measure_saturation", "median_saturation",
            "saturation_trace", "service_rate"]
