@@ -191,18 +191,21 @@ def sim_engine(args, seed: int, law: tuple[float, float] | None = None):
     if law is not None:
         steps = sim_serving.law_step_model(*law)
         steps.jitter = args.sim_jitter
+        steps.run_jitter = args.sim_run_jitter
         cfg = ServeConfig(max_batch=8, max_batch_tokens=128, max_queue=args.max_queue,
                           drain_timeout_s=args.drain_seconds, seed=seed)
         what, prof = f"each step {law[0]:g} ms x (1 - {law[1]:g} x ratio)", None
     else:
         path = Path(args.sim_profile or sim_serving.H200_PROFILE)
         steps = sim_serving.h200_step_model(path, args.sim_jitter)
+        steps.run_jitter = args.sim_run_jitter
         cfg = ServeConfig(max_batch=64, max_batch_tokens=1024, max_queue=args.max_queue, queue_timeout_s=30.0,
                           request_timeout_s=60.0, drain_timeout_s=args.drain_seconds, seed=seed)
         what = (f"step profile of {path.name}, +{1e3 * steps.in_step_s:.1f} ms in step, +{1e3 * steps.gap_s:.1f} ms "
                 "between steps")
         prof = steps.profile  # `controller` gives each run its own copy to learn on
-    device = f"simulated engine (eval.sim_serving: {what}, jitter {args.sim_jitter:g}), trace seed {seed}"
+    run_j = f", run speed jitter {args.sim_run_jitter:g}" if args.sim_run_jitter else ""
+    device = f"simulated engine (eval.sim_serving: {what}, jitter {args.sim_jitter:g}{run_j}), trace seed {seed}"
     return sim_serving.SimServer(steps, cfg, seed=seed), prof, device
 
 
@@ -510,6 +513,9 @@ def main(argv=None) -> None:
                          "(default: the H200 one in eval/results, eval.sim_serving.H200_PROFILE)")
     ap.add_argument("--sim-jitter", type=float, default=0.05, help="--engine sim: sigma of each step's log-normal "
                     "time factor")
+    ap.add_argument("--sim-run-jitter", type=float, default=0.0,
+                    help="--engine sim: sigma of one log-normal speed factor per run (every step and gap of it): "
+                         "the engine's run-to-run spread, which the calibration and every verdict see (default 0)")
     ap.add_argument("--sim-laws", default=None,
                     help="--engine sim: simulate the throttled CPU engine's laws (step_ms:gain,...) instead of the "
                          "GPU profile")

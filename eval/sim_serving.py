@@ -13,7 +13,8 @@ What it models (transformers' continuous batching as the GPU engine is configure
     token comes out of the step that finishes its prompt;
   - step time = profile(tokens in the step, ratio) + `in_step_s` (attention over the paged cache, sampling,
     copy-out: what the graph-replayed forward profile leaves out), times a log-normal jitter; then `gap_s` of host
-    work before the next step;
+    work before the next step; optionally (`run_jitter`) both times one factor per run, drawn at its start: the
+    engine's speed moving between runs, as the GPU's does;
   - the driver's bounded queue (`max_queue`, the excess rejected) and the drain deadline (`drain_timeout_s` after
     the last arrival, what is left cancelled).
 The controller sees what `BrownoutServer` gives it, in the same order: `observe_arrival` at each admission,
@@ -46,6 +47,8 @@ class StepModel:
     in_step_s: float = 0.0
     gap_s: float = 0.0
     jitter: float = 0.0  # sigma of the log-normal factor on each step
+    run_jitter: float = 0.0  # sigma of a log-normal factor on every step and gap of one run (the engine's speed
+    # moving between runs: one saturation run of the H200 engine moves by about +-5%, eval/results/README.md)
 
     def step_s(self, tokens: int, ratio: float, rng: np.random.Generator) -> float:
         t = self.profile.predict(tokens, ratio) + self.in_step_s
@@ -108,6 +111,8 @@ class SimServer:
         ctl.bind(cfg.max_batch)
         self._runs += 1
         rng = np.random.default_rng([self.seed, self._runs])
+        # this run's engine speed (drawn only when asked for: runs without it keep their jitter sequence)
+        speed = float(np.exp(rng.normal(0.0, self.steps.run_jitter))) if self.steps.run_jitter > 0 else 1.0
         reqs = sorted(trace.requests, key=lambda q: q.t)
         recs = [RequestRecord(q.rid, q.t, q.prompt_len, q.output_len) for q in reqs]
         waiting: deque[_Req] = deque()
@@ -156,7 +161,7 @@ class SimServer:
             age = now - waiting[0].rec.arrival if waiting else 0.0
             ctl.observe_queue(age, len(waiting), now, len(pre) + len(dec))
             ratio = ctl.step_ratio(bool(pre), bool(dec), now, n_pre + n_dec)
-            step = self.steps.step_s(n_pre + n_dec, ratio, rng)
+            step = speed * self.steps.step_s(n_pre + n_dec, ratio, rng)
             t0, now = now, now + step
             finished = []
             for r in dec:
@@ -183,7 +188,7 @@ class SimServer:
                 steps.append(StepRecord(t0, now, step, n_pre, n_dec, len(pre) + len(dec), ratio, len(waiting)))
             done = {r.key for r in finished}
             running = [r for r in running if r.key not in done]
-            now += self.steps.gap_s
+            now += speed * self.steps.gap_s
             if on_progress is not None:
                 on_progress(now)
         for r in list(waiting) + running:  # cut at the drain deadline

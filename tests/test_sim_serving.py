@@ -97,3 +97,25 @@ def test_robustness_matrix_on_the_sim(tmp_path):
     assert "trace seed 1" in md and "## Over all runs above" in md and (tmp_path / "t.png").exists()
     with pytest.raises(SystemExit):
         robustness.main(["--engine", "throttled", "--seeds", "0-1"])
+
+
+def test_run_jitter_scales_whole_runs():
+    """run_jitter: one speed factor per run on every step and gap (steps of a run all move together, runs differ,
+    the same seed repeats them); run_jitter 0 draws nothing, so the per-step jitter sequence stays as it was."""
+    tr = Trace([Request(i, 0.01 * i, 2, 6) for i in range(6)], {})
+    cfg = ServeConfig(max_batch=8, max_batch_tokens=64)
+    m = _flat(0.010, 0.002)
+    m.run_jitter = 0.2
+    runs = [[s.step_s for s in sim_serving.SimServer(m, cfg, seed=1).run(tr).steps] for _ in range(2)]
+    srv = sim_serving.SimServer(m, cfg, seed=1)
+    a, b = srv.run(tr), srv.run(tr)  # the first and second run of one engine
+    assert [s.step_s for s in a.steps] == runs[0]  # reproducible from the seed
+    fa, fb = a.steps[0].step_s / 0.010, b.steps[0].step_s / 0.010
+    assert fa != pytest.approx(fb, rel=1e-3)  # runs differ
+    assert all(s.step_s == pytest.approx(fa * 0.010) for s in a.steps)  # one factor for the whole run
+    assert a.steps[1].t0 - a.steps[0].t1 == pytest.approx(fa * 0.002)  # the gap too
+    j = _flat(0.010, 0.002)
+    j.jitter = 0.05
+    got = [s.step_s for s in sim_serving.SimServer(j, cfg, seed=3).run(tr).steps]
+    rng = np.random.default_rng([3, 1])  # the first run's generator: its first draw goes to the first step
+    assert got == pytest.approx([0.010 * float(np.exp(rng.normal(0.0, 0.05))) for _ in got])
