@@ -18,5 +18,5 @@ from .trace import Request, Trace, burst_test, bursty, poisson, ramp, spike
 
 __all__ = ["BrownoutServer", "ServeConfig", "ServeResult", "summarize", "capacity", "timeline", "Controller",
            "FixedRatio", "SALC", "PIController", "ModelPredictive", "LatencyProfile", "make_controller", "Trace",
-           "Request", "poisson", "bursty", "burst_test", "ramp", "spike", "measure_capacity", "measure_saturation", "median_saturation",
-           "saturation_trace", "service_rate"]
+           "Request", "poisson", "bursty", "burst_test", "ramp", "spike", "measure_capacity", "measure_saturation",
+           "median_saturation", "saturation_trace", "service_rate"]
