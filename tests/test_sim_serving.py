@@ -109,7 +109,7 @@ def test_run_jitter_scales_whole_runs():
     runs = [[s.step_s for s in sim_serving.SimServer(m, cfg, seed=1).run(tr).steps] for _ in range(2)]
     srv = sim_serving.SimServer(m, cfg, seed=1)
     a, b = srv.run(tr), srv.run(tr)  # the first and second run of one engine
-    assert [s.step_s for s in a.steps] == runs[0]  # reproducible from the seed
+    assert runs[0] == runs[1] == [s.step_s for s in a.steps]  # reproducible from the seed
     fa, fb = a.steps[0].step_s / 0.010, b.steps[0].step_s / 0.010
     assert fa != pytest.approx(fb, rel=1e-3)  # runs differ
     assert all(s.step_s == pytest.approx(fa * 0.010) for s in a.steps)  # one factor for the whole run
