@@ -558,6 +558,14 @@ def main(argv=None) -> None:
     ap.add_argument("--report", default=None, metavar="JSON",
                     help="only rewrite the .md and .png of a results JSON (from a machine with no matplotlib)")
     args = ap.parse_args(argv)
+    if args.sat_repeats < 1 or args.calibration_repeats < 0:
+        ap.error("--sat-repeats must be >= 1 and --calibration-repeats >= 0")
+    try:
+        windows = [float(x) for x in args.repeat_sat_seconds.split(",") if x]
+    except ValueError:
+        windows = []
+    if args.calibration_repeats and (not windows or min(windows) <= 0):
+        ap.error(f"--repeat-sat-seconds wants positive seconds, e.g. 3,8; got {args.repeat_sat_seconds!r}")
     if args.report:
         full = json.loads(Path(args.report).read_text())
         for doc in full["engines"]:  # the verdict as this version of the target reads it

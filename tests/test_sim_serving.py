@@ -97,6 +97,9 @@ def test_robustness_matrix_on_the_sim(tmp_path):
     assert "trace seed 1" in md and "## Over all runs above" in md and (tmp_path / "t.png").exists()
     with pytest.raises(SystemExit):
         robustness.main(["--engine", "throttled", "--seeds", "0-1"])
+    for bad in (["--sat-repeats", "0"], ["--calibration-repeats", "2", "--repeat-sat-seconds", "x"]):
+        with pytest.raises(SystemExit):
+            robustness.main(["--engine", "sim"] + bad)
 
 
 def test_run_jitter_scales_whole_runs():
