@@ -314,6 +314,47 @@ def calibrate(srv, args) -> dict:
     return cal
 
 
+def sim_like(srv, args, gpu_doc: dict):
+    """`--sim-like`: the simulated engine made as fast as one GPU run measured (its median saturated rates at ratios
+    0 and 1: the model's step times scaled by the ratio of rates, linearly in between), then that run's calibration
+    as is (trace rates, SLOs, the capacity ours gets), so the same seeds give the same traces. -> (calibration, the
+    scaled step profile for ours: the GPU run gave ours its own engine's profile too)."""
+    g = gpu_doc["calibration"]
+    own = saturation_pair(srv, args)
+    srv.steps.scale = (own[0.0]["req_s"] / g["mu0"], own[1.0]["req_s"] / g["mu1"])
+    cal = {**g, "capacity_tok_s": {float(r): v for r, v in g["capacity_tok_s"].items()}}
+    log(f"like {args.sim_like}: mu0 {g['mu0']:.2f} / mu1 {g['mu1']:.2f} req/s against the model's "
+        f"{own[0.0]['req_s']:.2f} / {own[1.0]['req_s']:.2f}: step times x {srv.steps.scale[0]:.3f} at ratio 0, "
+        f"x {srv.steps.scale[1]:.3f} at ratio 1")
+    return cal, srv.steps.scaled_profile()
+
+
+def like_markdown(doc: dict) -> list[str]:
+    """`--sim-like`: per trace and config, the GPU run's figures next to the model's on the same traces."""
+    like = doc.get("sim_like")
+    if not like:
+        return []
+    L = ["", f"### The model against the GPU run it replays (`{like['file']}`)", "",
+         f"Step times x {like['scale'][0]:.3f} at ratio 0 and x {like['scale'][1]:.3f} at ratio 1, the GPU run's "
+         "calibration as is.", "",
+         "| trace | config | late first after, GPU / model | worst late share, GPU / model | mean ratio, GPU / model |",
+         "|---|---|---|---|---|"]
+    for name, t in doc["traces"].items():
+        gt = like["gpu"].get(name)
+        if gt is None:
+            continue
+        for c, r in t["runs"].items():
+            gr = gt["runs"].get(c)
+            if gr is None:
+                continue
+            L.append(f"| {name} | {c} | {pct(gr['after']['violation_prefill'])} / "
+                     f"{pct(r['after']['violation_prefill'])} | {pct(worst(gr['all']))} / {pct(worst(r['all']))} | "
+                     f"{gr['all']['mean_ratio_time'] or 0:.2f} / {r['all']['mean_ratio_time'] or 0:.2f} |")
+        L.append(f"| {name} | **target met** | GPU {'yes' if gt['verdict'].get('met') else 'no'} / model "
+                 f"{'yes' if t['verdict'].get('met') else 'no'} | | |")
+    return L
+
+
 PLOT_ENGINES = 4  # the PNG draws the first few engines (or simulated seeds); the tables have them all
 MPC_KW: dict = {}  # keywords for ours (`--mpc-kw`): a variant of the library's defaults, to compare
 
@@ -362,7 +403,11 @@ def run_matrix(srv, prof, device: str, args, save=lambda doc: None, t_start: flo
     with torch.no_grad():
         log(f"engine warm-up: {warm_up(srv, args):.1f} s")
         repeats = calibration_repeats(srv, args) if args.calibration_repeats else None
-        cal = calibrate(srv, args)
+        like = getattr(args, "sim_like_doc", None)
+        if like is not None:  # a GPU run replayed on the model: its calibration, the model's speed set to match it
+            cal, prof = sim_like(srv, args, like)
+        else:
+            cal = calibrate(srv, args)
         names = [n for n in args.traces.split(",") if n]
         traces = make_traces(names, cal["mu0"], cal["mu1"], args.duration, args.seed,
                              args.lengths, args.max_prompt, args.max_output)
@@ -372,6 +417,10 @@ def run_matrix(srv, prof, device: str, args, save=lambda doc: None, t_start: flo
             doc["eager_saturation"] = eager_sat
         if repeats is not None:
             doc["calibration_repeats"] = repeats
+        if like is not None:
+            doc["sim_like"] = {"file": args.sim_like, "scale": list(srv.steps.scale),
+                               "gpu": {n: {"runs": {c: {k: r[k] for k in ("all", "after")} for c, r in t["runs"].items()},
+                                           "verdict": t["verdict"]} for n, t in like["traces"].items()}}
         t_start = time.time() if t_start is None else t_start
         save(doc)  # the calibration alone (an empty --traces measures only that)
         for name, (tr, change_at) in traces.items():
@@ -409,6 +458,8 @@ def markdown(docs: list[dict], command: str) -> str:
         lines += sat_lines(doc)
         if doc.get("calibration_repeats"):
             lines += repeats_markdown(doc["calibration_repeats"]) + [""]
+        if doc.get("sim_like"):
+            lines += like_markdown(doc) + [""]
         lines += ["| trace | config | late first (before / after) | late later (before / after) | mean ratio | "
                   "goodput req/s | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms |", "|---|---|---|---|---|---|---|---|"]
         for name, t in doc["traces"].items():
@@ -516,6 +567,10 @@ def main(argv=None) -> None:
     ap.add_argument("--sim-run-jitter", type=float, default=0.0,
                     help="--engine sim: sigma of one log-normal speed factor per run (every step and gap of it): "
                          "the engine's run-to-run spread, which the calibration and every verdict see (default 0)")
+    ap.add_argument("--sim-like", default=None, metavar="GPU_JSON",
+                    help="--engine sim: replay a GPU matrix on the model: that run's calibration (trace rates, SLOs, "
+                         "capacity) and the model's speed scaled to its saturated rates; give the same --seed, "
+                         "--traces (same order) and --duration. The report sets GPU and model side by side")
     ap.add_argument("--sim-laws", default=None,
                     help="--engine sim: simulate the throttled CPU engine's laws (step_ms:gain,...) instead of the "
                          "GPU profile")
@@ -585,6 +640,14 @@ def main(argv=None) -> None:
     if gpu and not args.tiny and not torch.cuda.is_available():
         raise SystemExit("--engine gpu needs CUDA (or --tiny); --engine throttled runs on the CPU")
     sim = args.engine == "sim"
+    if args.sim_like:
+        if not sim or args.sim_laws or args.seeds:
+            raise SystemExit("--sim-like replays one GPU run on the H200 model: --engine sim, one --seed, no --sim-laws")
+        try:
+            args.sim_like_doc = json.loads(Path(args.sim_like).read_text())["engines"][0]
+            args.sim_like_doc["calibration"]["mu0"]
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            raise SystemExit(f"--sim-like: {args.sim_like} is not a robustness results JSON ({type(e).__name__}: {e})")
     if args.seeds and not sim:
         raise SystemExit("--seeds is for --engine sim (a GPU or CPU matrix takes one --seed per call)")
     big = gpu and not args.tiny or sim and not args.sim_laws

@@ -49,10 +49,21 @@ class StepModel:
     jitter: float = 0.0  # sigma of the log-normal factor on each step
     run_jitter: float = 0.0  # sigma of a log-normal factor on every step and gap of one run (the engine's speed
     # moving between runs: one saturation run of the H200 engine moves by about +-5%, eval/results/README.md)
+    scale: tuple[float, float] = (1.0, 1.0)  # time multipliers at ratios 0 and 1 (linear between): another engine's
+    # speed, e.g. one GPU run's measured saturated rates (`eval.robustness --sim-like`)
+
+    def time_scale(self, ratio: float) -> float:
+        return self.scale[0] + (self.scale[1] - self.scale[0]) * ratio
 
     def step_s(self, tokens: int, ratio: float, rng: np.random.Generator) -> float:
-        t = self.profile.predict(tokens, ratio) + self.in_step_s
+        t = (self.profile.predict(tokens, ratio) + self.in_step_s) * self.time_scale(ratio)
         return t * float(np.exp(rng.normal(0.0, self.jitter))) if self.jitter > 0 else t
+
+    def scaled_profile(self) -> LatencyProfile:
+        """The forward profile with `scale` applied at its grid's ratios: what a controller measuring this engine on
+        that grid would read."""
+        lat = [[x * self.time_scale(r) for x, r in zip(row, self.profile.ratios)] for row in self.profile.lat]
+        return LatencyProfile(list(self.profile.tokens), list(self.profile.ratios), lat)
 
 
 def h200_step_model(path: Path = H200_PROFILE, jitter: float = 0.05) -> StepModel:
@@ -188,7 +199,7 @@ class SimServer:
                 steps.append(StepRecord(t0, now, step, n_pre, n_dec, len(pre) + len(dec), ratio, len(waiting)))
             done = {r.key for r in finished}
             running = [r for r in running if r.key not in done]
-            now += speed * self.steps.gap_s
+            now += speed * self.steps.gap_s * self.steps.time_scale(ratio)
             if on_progress is not None:
                 on_progress(now)
         for r in list(waiting) + running:  # cut at the drain deadline

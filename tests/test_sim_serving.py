@@ -122,3 +122,38 @@ def test_run_jitter_scales_whole_runs():
     got = [s.step_s for s in sim_serving.SimServer(j, cfg, seed=3).run(tr).steps]
     rng = np.random.default_rng([3, 1])  # the first run's generator: its first draw goes to the first step
     assert got == pytest.approx([0.010 * float(np.exp(rng.normal(0.0, 0.05))) for _ in got])
+
+
+def test_sim_like_replays_a_gpu_run(tmp_path):
+    """--sim-like: the GPU run's calibration as is (trace rates, SLOs), the model's step times scaled to its
+    saturated rates, and the report sets the GPU's figures beside the model's; a wrong use is one line."""
+    gpu = robustness.RESULTS / "robustness_h200_occ_median_seed3.json"
+    robustness.main(["--engine", "sim", "--sim-like", str(gpu), "--seed", "3", "--traces", "poisson", "--duration",
+                     "2", "--drain-seconds", "1", "--out", str(tmp_path), "--tag", "t"])
+    g = json.loads(gpu.read_text())["engines"][0]
+    doc = json.loads((tmp_path / "t.json").read_text())["engines"][0]
+    assert doc["calibration"]["mu0"] == g["calibration"]["mu0"] and doc["calibration"]["slo_prefill"] == \
+        g["calibration"]["slo_prefill"]
+    s0, s1 = doc["sim_like"]["scale"]
+    assert 0.8 < s0 < 1.25 and 0.8 < s1 < 1.25 and s0 != s1  # the model's ~52 / 61 req/s against 50.2 / 60.4
+    md = (tmp_path / "t.md").read_text()
+    assert "The model against the GPU run it replays" in md
+    assert "| poisson | fixed:0 | 70.0% / " in md  # the GPU's late first tokens after the change, then the model's
+    for bad in (["--engine", "throttled", "--sim-like", str(gpu)], ["--engine", "sim", "--sim-like", str(tmp_path)]):
+        with pytest.raises(SystemExit):
+            robustness.main(bad)
+
+
+def test_scaled_step_model():
+    """StepModel.scale multiplies step and gap times at ratios 0 and 1, linearly between; the controller's profile
+    of the scaled engine reads the same at the profile's grid points."""
+    m = _flat(0.010, 0.002, gain=0.5)
+    m.scale = (2.0, 1.0)
+    rng = np.random.default_rng(0)
+    assert m.step_s(8, 0.0, rng) == pytest.approx(0.020) and m.step_s(8, 1.0, rng) == pytest.approx(0.005)
+    assert m.step_s(8, 0.5, rng) == pytest.approx(0.0075 * 1.5)
+    prof = m.scaled_profile()  # scaled at its grid's ratios (0 and 1 here), linear between as any profile
+    assert prof.predict(8, 0.0) == pytest.approx(0.020) and prof.predict(8, 1.0) == pytest.approx(0.005)
+    res = sim_serving.SimServer(m, ServeConfig(max_batch=4, max_batch_tokens=64)).run(
+        Trace([Request(0, 0.0, 3, 3)], {}), controller=FixedRatio(0.0))
+    assert res.steps[1].t0 - res.steps[0].t1 == pytest.approx(0.004)  # the gap at ratio 0, doubled
