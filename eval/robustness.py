@@ -33,6 +33,9 @@ Engines:
                          per trace seed and sums up how often each trace's target was met; `--sim-laws` simulates
                          the throttled engine's laws instead. A model's figures, for choosing what to run on a GPU.
                          `--mpc-kw '{"occ_arm": null}'` runs ours with other keywords (a variant to compare).
+                         `--sim-like GPU_JSON` replays one GPU matrix on the model (its calibration, the model's
+                         speed scaled to it) and reports the two side by side; `--sim-run-jitter` adds the GPU's
+                         run-to-run spread.
     --engine gpu --compile-outside-experts   the same, with the norms and the rotary embedding compiled
                          (`runtime.compile_outside_experts`: the launch-bound work outside the experts; experts,
                          routers and attention matmuls as before), before the step profile and every run.
