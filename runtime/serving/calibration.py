@@ -146,6 +146,7 @@ def median_saturation(server, ratios=(0.0, 1.0), repeats: int = REPEATS, seed: i
     for i in range(repeats):
         for r in runs:
             runs[r].append(measure_saturation(server, r, seed=seed + i, **kw))
+            log.info("saturation run %d of %d at ratio %g: %.2f req/s", i + 1, repeats, r, runs[r][-1]["req_s"])
     out = {}
     for r, rs in runs.items():
         ok = sorted((x for x in rs if math.isfinite(x["tok_s"])), key=lambda x: x["tok_s"])
