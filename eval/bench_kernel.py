@@ -3,7 +3,9 @@
     python -m eval.bench_kernel check               # bf16/fp16 correctness on the GPU vs runtime.reference
     python -m eval.bench_kernel tune [DIR [LOG]]    # pick tile configs per (shape, T bucket) by measurement
     python -m eval.bench_kernel bench OUTDIR        # the table: kernel_bench.json / .md / .png
-    python -m eval.bench_kernel profile OUT.json    # kernel breakdown of a call (profiler) and PDL off / on (+ .md)
+    python -m eval.bench_kernel profile OUT.json    # kernel breakdown of a call (profiler) and PDL off / on, each GEMM
+                                                    # against its share of the limit, the vendor grouped GEMM
+                                                    # (torch._grouped_mm) on the same rows (+ .md); --points
 
 `tune` writes the table of the GPU it runs on as DIR/<device name, spaces as underscores>.json, by default into
 runtime/kernels/configs/ where the kernel looks it up (`runtime.kernels.configs`).
