@@ -68,9 +68,8 @@ from eval.bench_serving import fmt, log
 from runtime import compile_outside_experts
 from runtime.compile_outside import compiled_outside
 from runtime.serving import (BrownoutServer, FixedRatio, LatencyProfile, ServeConfig, burst_test, make_controller,
-                             measure_saturation, median_saturation, poisson, ramp, saturation_trace, spike, summarize,
-                             timeline)
-from runtime.serving.calibration import REPEATS
+                             median_saturation, poisson, ramp, saturation_trace, spike, summarize, timeline)
+from runtime.serving.calibration import REPEATS, saturation_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "eval" / "results"
@@ -233,14 +232,15 @@ def saturation_pair(srv, args) -> dict:
 def calibration_repeats(srv, args) -> list[dict]:
     """How far the calibration's saturated rates move between runs on one engine: `measure_saturation` at ratios 0
     and 1, `--calibration-repeats` times per window length of `--repeat-sat-seconds`, each repeat on another
-    saturation trace (seed 11 + repeat). -> one row per run."""
+    saturation trace (`saturation_runs`, as the calibration's median takes them). -> one row per run."""
     lens = dict(lengths=args.lengths, max_prompt=args.max_prompt, max_output=args.max_output)
     rows = []
-    for secs in [float(x) for x in args.repeat_sat_seconds.split(",") if x]:
+    for secs in args.repeat_windows:
+        runs = saturation_runs(srv, (0.0, 1.0), args.calibration_repeats, seconds=secs, queue=args.sat_queue,
+                               rate=args.sat_rate, **lens)
         for i in range(args.calibration_repeats):
-            for r in (0.0, 1.0):
-                m = measure_saturation(srv, r, seconds=secs, queue=args.sat_queue, rate=args.sat_rate,
-                                       seed=11 + i, **lens)
+            for r, rs in runs.items():
+                m = rs[i]
                 rows.append({"seconds": secs, "repeat": i, "ratio": r, **m})
                 log(f"saturation {secs:g} s, repeat {i}, ratio {r:g}: {m['req_s']:.2f} req/s, step p50 "
                     f"{1e3 * m['step_p50']:.1f} ms, batch {m['batch_mean']:.1f}, dry {m.get('dry_steps', 0):.2f}")
@@ -619,9 +619,10 @@ def main(argv=None) -> None:
     if args.sat_repeats < 1 or args.calibration_repeats < 0:
         ap.error("--sat-repeats must be >= 1 and --calibration-repeats >= 0")
     try:
-        windows = [float(x) for x in args.repeat_sat_seconds.split(",") if x]
+        args.repeat_windows = [float(x) for x in args.repeat_sat_seconds.split(",") if x]
     except ValueError:
-        windows = []
+        args.repeat_windows = []
+    windows = args.repeat_windows
     if args.calibration_repeats and (not windows or min(windows) <= 0):
         ap.error(f"--repeat-sat-seconds wants positive seconds, e.g. 3,8; got {args.repeat_sat_seconds!r}")
     if args.report:

@@ -44,7 +44,7 @@ MAX_DOUBLINGS = 2  # re-runs at twice the arrival rate when the queue ran dry (1
 REPEATS = 3  # saturation runs per ratio in `measure_capacity`: the median of three
 
 __all__ = ["DRY_SHARE", "MAX_DOUBLINGS", "REPEATS", "measure_capacity", "measure_saturation", "median_saturation",
-           "mean_output_len", "saturation_trace", "service_rate"]
+           "mean_output_len", "saturation_runs", "saturation_trace", "service_rate"]
 
 
 def saturation_trace(n: int, lengths: str = "alpaca", seed: int = 0, max_prompt: int = 512,
@@ -133,13 +133,11 @@ def _run_fixed(server, trace: Trace, ratio: float, **driver):
     return res
 
 
-def median_saturation(server, ratios=(0.0, 1.0), repeats: int = REPEATS, seed: int = 11,
-                      **kw) -> dict[float, dict]:
-    """{ratio: the `measure_saturation` run of median rate} over `repeats` runs per ratio, each on another
-    saturation trace (seed, seed + 1, ...), the ratios interleaved (0, 1, 0, 1, ...: a drift of the engine reaches
-    every ratio alike). One run's rate moves by about +-5% between runs of the same engine (the GPU engine of
-    eval/results/README.md, "Calibration repeated"); the median of three leaves out one outlier either way. Each
-    dict gets "runs": every run's req/s, in order."""
+def saturation_runs(server, ratios=(0.0, 1.0), repeats: int = REPEATS, seed: int = 11,
+                    **kw) -> dict[float, list[dict]]:
+    """{ratio: [`measure_saturation` dict per run]}: `repeats` runs per ratio, each on another saturation trace
+    (seed, seed + 1, ...), the ratios interleaved (0, 1, 0, 1, ...: a drift of the engine reaches every ratio
+    alike)."""
     if repeats < 1:
         raise BrownoutError(f"repeats must be >= 1, got {repeats}")
     runs: dict[float, list[dict]] = {float(r): [] for r in ratios}
@@ -147,8 +145,17 @@ def median_saturation(server, ratios=(0.0, 1.0), repeats: int = REPEATS, seed: i
         for r in runs:
             runs[r].append(measure_saturation(server, r, seed=seed + i, **kw))
             log.info("saturation run %d of %d at ratio %g: %.2f req/s", i + 1, repeats, r, runs[r][-1]["req_s"])
+    return runs
+
+
+def median_saturation(server, ratios=(0.0, 1.0), repeats: int = REPEATS, seed: int = 11,
+                      **kw) -> dict[float, dict]:
+    """{ratio: the `measure_saturation` run of median rate} over the `saturation_runs` (`repeats` per ratio,
+    interleaved, each on another saturation trace). One run's rate moves by about +-5% between runs of the same engine (the GPU engine of
+    eval/results/README.md, "Calibration repeated"); the median of three leaves out one outlier either way. Each
+    dict gets "runs": every run's req/s, in order."""
     out = {}
-    for r, rs in runs.items():
+    for r, rs in saturation_runs(server, ratios, repeats, seed, **kw).items():
         ok = sorted((x for x in rs if math.isfinite(x["tok_s"])), key=lambda x: x["tok_s"])
         best = ok[(len(ok) - 1) // 2] if ok else rs[0]  # the lower median of an even count: no overstatement
         out[r] = {**best, "runs": [x["req_s"] for x in rs]}

@@ -500,26 +500,27 @@ class ModelPredictive(Controller):
         slo = self.slo["prefill"]
         snap = self._snapshot(now) if self.capacity else None  # one snapshot of the arrivals for this step
         recent = self._read(snap, now) if snap is not None else None
+        load = recent[0] / recent[3] if recent is not None else None  # offered output tokens/s
         if not waiting:
             self.queue_floor = 0.0
         elif recent is not None:
             self.queue_floor = self._backlog_floor(age, waiting, recent)
             if self.queue_floor > 0:  # a queue that ratio 0 would not reach in time arms the load floor
-                self._arm(now, recent[0] / recent[3])
+                self._arm(now, load)
         else:
             self.queue_floor = _clamp01((age / slo - self.queue_lo) / (self.queue_hi - self.queue_lo))
         if (recent is not None and self.occ_arm is not None and running is not None and self.slots
                 and running >= self.occ_arm * self.slots and not math.isfinite(self._arm_load)
-                and recent[0] / recent[3] * self._cap_t[0] > 1.0):
+                and load * self._cap_t[0] > 1.0):
             # a nearly full batch under a load over ratio 0's rate: armed while that load lasts, with no minimum
             # hold (a full batch also comes from a noisy load read where ratio 0 holds; held 2 s there, it spent)
-            self._arm(now, recent[0] / recent[3], 0.0)
+            self._arm(now, load, 0.0)
         if recent is not None:
             if self.queue_floor > 0:
                 # a queue ratio 0 cannot reach in time: the rate has just risen, and `load_count` arrivals lag a
                 # burst's onset by that many arrivals; the last quarter of them is read too, and the higher taken
                 fast = self._read(snap, now, max(2, self.load_count // 4))
-                if fast[2] and fast[0] / fast[3] > recent[0] / recent[3]:
+                if fast[2] and fast[0] / fast[3] > load:
                     recent = fast
             self.load_floor = self._load_floor(now, recent)
 
