@@ -232,6 +232,9 @@ def check():
         "prefill64": {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4], "sum": "store"},
         "large-atomic": {"mode": "prefill", "gu": [128, 64, 64, 8, 8, 3], "dn": [128, 128, 64, 8, 8, 3],
                          "sum": "atomic"},
+        # the same tiles with the alignment's memset and two kernels instead of the one-program sort
+        "prefill64-align2": {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4],
+                             "sum": "store"},
     }
     for dtype in (torch.bfloat16, torch.float16):
         for (E, k, H, I) in [(60, 4, 512, 352), (13, 8, 256, 200), (8, 2, 384, 448)]:
@@ -251,7 +254,12 @@ def check():
                     for name, cfg in cfgs.items():
                         if name.startswith("decode") and T * k > fm.DECODE_MAX_SLOTS:
                             continue
-                        out = fm.fused_moe(x, gu, dn, ids, ww, config=cfg)
+                        saved = fm.ALIGN_ONE_MAX_SLOTS
+                        fm.ALIGN_ONE_MAX_SLOTS = 0 if name.endswith("-align2") else saved
+                        try:
+                            out = fm.fused_moe(x, gu, dn, ids, ww, config=cfg)
+                        finally:
+                            fm.ALIGN_ONE_MAX_SLOTS = saved
                         err = relerr(out, ref)
                         ok = same_ids and err < 1.5e-2 and bool(torch.isfinite(out).all())
                         row = {"dtype": str(dtype)[6:], "E": E, "k": k, "H": H, "I": I, "T": T, "ratio": ratio,
@@ -354,12 +362,37 @@ def kernel_pct(name, us, slabs, live_slots, H, I, bw, flops):
     return 100 * share * max(limit_terms_ms(slabs, live_slots, H, I, bw, flops)) * 1e3 / us
 
 
-def profile_calls(out_path, points=None, vendor=True):
+def variant_times(call, cfg, slots):
+    """Graph times (PDL as the runtime has it) of the same call with the alignment in one program and as the memset
+    and two kernels (`fm.ALIGN_ONE_MAX_SLOTS`), on the same routing and in the same run. -> {name: ms}; {} in decode
+    mode (no alignment). Each is a time in ms, or the error's text."""
+    if cfg["mode"] != "prefill":
+        return {}
+
+    def timed(one_max):
+        saved = fm.ALIGN_ONE_MAX_SLOTS
+        try:
+            fm.ALIGN_ONE_MAX_SLOTS = one_max
+            g, _ = capture(call)
+            return time_graph(g)
+        except Exception as exc:
+            return f"{type(exc).__name__}: {str(exc)[:160]}"
+        finally:
+            fm.ALIGN_ONE_MAX_SLOTS = saved
+
+    out = {}
+    if slots <= 8192:  # one program sorts every slot: not tried past that
+        out["align_one"] = timed(slots)
+    out["align_two"] = timed(0)
+    return out
+
+
+def profile_calls(out_path, points=None, vendor=True, seed=0):
     """Per point: graph time with PDL off and on (same routing, same tiles), the kernel breakdown with each, each of
     our two GEMM kernels against its own share of the limit, and (vendor) the vendor grouped GEMMs on the same rows."""
     bw, flops = measure_limits()
     gen = torch.Generator(device=dev)
-    gen.manual_seed(0)
+    gen.manual_seed(seed)
     torch.set_grad_enabled(False)
     rows = []
     points = points or PROFILE_POINTS
@@ -401,6 +434,7 @@ def profile_calls(out_path, points=None, vendor=True):
             except Exception as exc:
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             pdl.MODE = "auto"
+            row["variants"] = variant_times(call, row["config"], T * k)
             if vendor:
                 row["vendor"] = vendor_grouped_gemms(x, gu, dn, a.ids, S)
             kk = (row.get("kernels_pdl_off") or {}).get("kernels", [])
@@ -415,11 +449,13 @@ def profile_calls(out_path, points=None, vendor=True):
             print(f"PROFILE {name} T={T} w{way} r{ratio}: limit {1e3 * limit_ms:.1f} us, pdl off "
                   f"{1e3 * row.get('pdl_off_ms', float('nan')):.1f} on {1e3 * row.get('pdl_on_ms', float('nan')):.1f} us;"
                   f" kernels " + ", ".join(f"{n[:18]}={d:.1f}" for n, d in kon.get("kernels", []))
-                  + f" span {kon.get('span_us', float('nan')):.1f}", flush=True)
+                  + f" span {kon.get('span_us', float('nan')):.1f}; variants "
+                  + ", ".join(f"{n}={1e3 * v:.1f}" if isinstance(v, float) else f"{n}: {v}"
+                              for n, v in row["variants"].items()), flush=True)
         del sl
         torch.cuda.empty_cache()
         res = {"device": torch.cuda.get_device_name(), "copy_bw_TBps": bw / 1e12, "bf16_TFLOPs": flops / 1e12,
-               "rows": rows}
+               "seed": seed, "rows": rows}
         Path(out_path).write_text(json.dumps(res, indent=1))  # after every shape: a cut-off run keeps its part
     return res
 
@@ -429,7 +465,7 @@ def write_profile_md(res, path):
     the durations do not overlap)."""
     L = [f"# Where the time of one call goes ({res['device']})", "",
          f"Measured ceilings: copy {res['copy_bw_TBps']:.2f} TB/s, bf16 matmul {res['bf16_TFLOPs']:.0f} TFLOP/s. "
-         "Graph-replayed calls as in kernel_bench (L2 flushed before each replay); kernel durations from the PyTorch "
+         f"Routing and inputs from seed {res.get('seed', 0)}. Graph-replayed calls as in kernel_bench (L2 flushed before each replay); kernel durations from the PyTorch "
          "profiler's trace, median over the replays, with PDL off so they do not overlap. `gap` = graph time (PDL off) "
          "- the sum of the kernels: time inside the replay with no kernel of the call running.", "",
          "| shape | T | way | ratio | limit us | PDL off us | PDL on us | kernels (us, PDL off) | gap us |",
@@ -468,6 +504,20 @@ def write_profile_md(res, path):
                      + "".join(f"| {cell(o[1:])} " for o in ours[:2]) + "| - " * (2 - len(ours[:2]))
                      + f"| {_f(other, '{:.1f}')} | {_f(v.get('ms') and 1e3 * v['ms'], '{:.1f}')} "
                      + "".join(f"| {cell(x)} " for x in vg) + "| - " * (2 - len(vg)) + "|")
+    var = [r for r in res["rows"] if r.get("variants")]
+    if var:
+        L += ["", "## One thing changed, same routing, same run", "",
+              "Graph time (us, PDL as the runtime has it) of the call with the alignment in one program (sort by "
+              "slab, no atomics) against the counts memset and two kernels.",
+              "", "| shape | T | way | ratio | limit us | variant A us | variant B us | B / A |", "|---|---|---|---|---|---|---|---|"]
+        for r in var:
+            v = r["variants"]
+            (na, a), (nb, b) = ("align_two", v.get("align_two")), ("align_one", v.get("align_one"))
+            ok = isinstance(a, float) and isinstance(b, float)
+            L.append(f"| {r['shape']} | {r['tokens']} | {r['way']} | {r['ratio']} | {1e3 * r['limit_ms']:.1f} "
+                     f"| {na} {_f(a * 1e3 if isinstance(a, float) else None, '{:.1f}')} "
+                     f"| {nb} {_f(b * 1e3 if isinstance(b, float) else None, '{:.1f}')} "
+                     f"| {_f(b / a if ok else None, '{:.3f}')} |")
     Path(path).write_text("\n".join(L) + "\n")
 
 
@@ -494,12 +544,13 @@ def _dec(t):
     return (16,) + tuple(t[:2]) + (1,) + tuple(t[2:4])
 
 
-def tune(out_dir=configs.CONFIG_DIR, budget_s=300.0):
+def tune(out_dir=configs.CONFIG_DIR, budget_s=300.0, buckets=None):
     """Per shape and T bucket, one config for every ratio: each candidate is timed on the ratio-0 routing (way 2) and
     on the way-4 ratio-1 remap (few slabs, many rows each), and scored by the sum of its time / the best time on each.
     One config per bucket because a CUDA graph freezes the config it captured while the ratio it reads keeps moving.
     Stages: gate/up tiles (with a default down), then down tiles, then the top-k sum mode.
-    Writes out_dir/<this GPU's table name> (`configs.file_name`) after every shape; -> (its path, the tuning log)."""
+    Writes out_dir/<this GPU's table name> (`configs.file_name`) after every shape; -> (its path, the tuning log).
+    `buckets` (T values): re-tune only those, keeping the other entries of the table already there."""
     t_start = time.time()
     device = torch.cuda.get_device_name()
     out_path = Path(out_dir) / configs.file_name(device)
@@ -507,6 +558,12 @@ def tune(out_dir=configs.CONFIG_DIR, budget_s=300.0):
     gen.manual_seed(0)
     table = {"shapes": {}, "device": device, "pdl": pdl.MODE,
              "note": "chosen by python -m eval.bench_kernel tune: one config per T bucket for all ratios"}
+    if buckets:
+        bad = sorted(set(buckets) - set(TOKENS))
+        if bad:
+            raise ValueError(f"unknown T bucket {bad[0]}; buckets: {TOKENS}")
+        if out_path.is_file():  # the other buckets stay as they were tuned
+            table["shapes"] = json.loads(out_path.read_text())["shapes"]
     log = []
     for name, (E, k, H, I) in SHAPES.items():
         gu0 = torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16) * 0.02
@@ -514,7 +571,7 @@ def tune(out_dir=configs.CONFIG_DIR, budget_s=300.0):
         sl = {way: make_slabs(E, H, I, way, gu0, dn0) for way in (2, 4)}
         del gu0, dn0
         entry = table["shapes"].setdefault(fm.shape_key(H, I, k), {})
-        for T in TOKENS:
+        for T in (t for t in TOKENS if not buckets or t in buckets):
             if time.time() - t_start > budget_s:
                 print(f"TUNE budget spent; {name} T={T} and later keep defaults", flush=True)
                 break
@@ -826,6 +883,9 @@ def main(argv=None) -> None:
     ap.add_argument("log", nargs="?", help="tune: where to write the tuning log (JSON)")
     ap.add_argument("--points", help="profile: shape:T:way:ratio,... (default: a fixed set over all four shapes)")
     ap.add_argument("--no-vendor", action="store_true", help="profile: skip the vendor grouped GEMM yardstick")
+    ap.add_argument("--seed", type=int, default=0, help="profile: seed of the random routing and inputs")
+    ap.add_argument("--buckets", help=f"tune: re-tune only these T buckets of {TOKENS} (e.g. 1,8), keeping the "
+                    "other entries of the table already there")
     a = ap.parse_args(argv)
     if a.cmd == "profile-md":  # the markdown of an earlier profile run's JSON
         if not a.path:
@@ -846,9 +906,15 @@ def main(argv=None) -> None:
             bad = sorted({p[0] for p in points} - set(SHAPES))
             if bad:
                 ap.error(f"unknown shape {bad[0]!r}; known: {', '.join(SHAPES)}")
-        write_profile_md(profile_calls(out, points, vendor=not a.no_vendor), Path(out).with_suffix(".md"))
+        write_profile_md(profile_calls(out, points, vendor=not a.no_vendor, seed=a.seed), Path(out).with_suffix(".md"))
     elif a.cmd == "tune":
-        _, log = tune(a.path or configs.CONFIG_DIR, float(os.environ.get("TUNE_BUDGET_S", "300")))
+        try:
+            buckets = [int(t) for t in a.buckets.split(",")] if a.buckets else None
+        except ValueError:
+            ap.error("--buckets wants T values, e.g. 1,8")
+        if buckets and set(buckets) - set(TOKENS):
+            ap.error(f"--buckets: {sorted(set(buckets) - set(TOKENS))[0]} is not a bucket; buckets: {TOKENS}")
+        _, log = tune(a.path or configs.CONFIG_DIR, float(os.environ.get("TUNE_BUDGET_S", "300")), buckets)
         if a.log:
             json.dump(log, open(a.log, "w"), indent=1)
     else:

@@ -8,8 +8,9 @@ skip layers), attach `BrownoutMoE`, start one continuous-batching engine for eve
                controller. With --cuda-graphs (the intended mode) they are replayed from CUDA graphs on the brownout
                kernel, which is then the path at every ratio, 0 included. Without, eager, and the faster ratio-0
                path (the model's own grouped_mm, or the kernel at r = 1e-6) is the baseline (--zero-path auto)
-  calibrate    (1) saturation runs at r = 0 and r = 1 (`runtime.serving.measure_saturation`, `--sat-seconds` each,
-               the batch kept full with a shallow queue: `--sat-queue`): service rates mu0, mu1 in req/s; (2) the
+  calibrate    (1) saturation runs at r = 0 and r = 1 (`runtime.serving.median_saturation`: the median of
+               `--sat-repeats` runs each, interleaved, `--sat-seconds` each, the batch kept full with a shallow
+               queue: `--sat-queue`): service rates mu0, mu1 in req/s; (2) the
                burst rates: after-burst rate = clamp((1 + mu1/mu0)/2, 1.05, 1.6) x mu0 (over ratio 0's capacity,
                under ratio 1's where it can be), before-burst rate = half that;
                (3) a ratio-0 run at the before-burst rate; the SLOs are `--slo-factor` x its p90 TTFT and p90
@@ -52,7 +53,8 @@ import numpy as np
 import torch
 
 from runtime.serving import (BrownoutServer, FixedRatio, LatencyProfile, ServeConfig, burst_test, capacity,
-                             make_controller, measure_saturation, poisson, saturation_trace, summarize, timeline)
+                             make_controller, median_saturation, poisson, saturation_trace, summarize, timeline)
+from runtime.serving.calibration import REPEATS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -250,11 +252,13 @@ def serve(srv: BrownoutServer, trace, ctl, scfg: ServeConfig):
 def calibrate(srv, args, scfg) -> dict:
     cal = {}
     srv.cfg = scfg  # the saturation runs change only the driver's settings of the bench's own
-    for r in (0.0, 1.0):
-        cal[f"sat_r{r:g}"] = measure_saturation(srv, r, seconds=args.sat_seconds, queue=args.sat_queue,
-                                                rate=args.sat_rate, lengths=args.lengths, max_prompt=args.max_prompt,
-                                                max_output=args.max_output)
-        log(f"saturation r={r:g}: {cal[f'sat_r{r:g}']}")
+    # the median of --sat-repeats runs per ratio, as the library's measure_capacity: one run moves by about +-5%
+    sat = median_saturation(srv, (0.0, 1.0), args.sat_repeats, seconds=args.sat_seconds, queue=args.sat_queue,
+                            rate=args.sat_rate, lengths=args.lengths, max_prompt=args.max_prompt,
+                            max_output=args.max_output)
+    for r, m in sat.items():
+        cal[f"sat_r{r:g}"] = m
+        log(f"saturation r={r:g} (median of {len(m['runs'])} runs, req/s {m['runs']}): {m}")
     cal["sat_queue"] = args.sat_queue
     mu0, mu1 = cal["sat_r0"]["req_s"], cal["sat_r1"]["req_s"]
     f = min(1.6, max(1.05, (1 + mu1 / mu0) / 2)) if mu0 > 0 and math.isfinite(mu1) else 1.3
@@ -498,6 +502,9 @@ def main(argv=None) -> None:
     ap.add_argument("--slo-prefill", type=float, default=None, help="fix the TTFT SLO (s) instead of calibrating")
     ap.add_argument("--slo-decode", type=float, default=None, help="fix the TPOT SLO (s) instead of calibrating")
     ap.add_argument("--sat-seconds", type=float, default=6.0)
+    ap.add_argument("--sat-repeats", type=int, default=REPEATS,
+                    help=f"calibration: saturation runs per ratio, the median kept (default {REPEATS}, as the "
+                         "library's measure_capacity)")
     ap.add_argument("--sat-queue", type=int, default=16,
                     help="calibration: keep the batch full with at most this many requests waiting (arrivals at "
                          "--sat-rate, the excess rejected); 0: queue everything at t = 0 (understates the service "
@@ -548,6 +555,8 @@ def main(argv=None) -> None:
     ap.add_argument("--report", default=None, metavar="JSON",
                     help="no runs: rewrite the markdown table and plot of a results JSON (under --out)")
     args = ap.parse_args(argv)
+    if args.sat_repeats < 1:
+        ap.error("--sat-repeats must be at least 1")
     if args.report:
         doc = json.loads(Path(args.report).read_text())
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -129,7 +129,9 @@ def test_all_skipped():
     assert torch.equal(out, torch.zeros_like(out))
 
 
-def test_align_invariants():
+@pytest.mark.parametrize("one_program", [True, False])
+def test_align_invariants(monkeypatch, one_program):
+    monkeypatch.setattr(fm, "ALIGN_ONE_MAX_SLOTS", 4096 if one_program else 0)
     S, T, k, bm = 7, 9, 4, 16
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, S + 1, (T * k,), generator=g)  # S = skip
@@ -144,6 +146,28 @@ def test_align_invariants():
         rows = sorted_ids[b * bm:(b + 1) * bm].long()
         rows = rows[rows < T * k]
         assert len(rows) > 0 and (ids[rows] == block_slab[b]).all()
+
+
+@pytest.mark.parametrize("S,n,bm", [(7, 36, 16), (60, 128, 16), (20, 300, 64), (5, 1, 16)])
+def test_align_one_program_is_stable(monkeypatch, S, n, bm):
+    """The one-program alignment: each slab's slots in slot order, padded with the sentinel, blocks named by their
+    slab, the same total as the two-kernel path (whose order within a slab follows its atomics)."""
+    g = torch.Generator().manual_seed(S + n)
+    ids = torch.randint(0, S + 1, (n,), generator=g)  # S = skip
+    monkeypatch.setattr(fm, "ALIGN_ONE_MAX_SLOTS", 4096)
+    sorted_ids, block_slab, total, nblocks = fm.moe_align(ids, S, bm)
+    monkeypatch.setattr(fm, "ALIGN_ONE_MAX_SLOTS", 0)
+    _, _, total2, nblocks2 = fm.moe_align(ids, S, bm)
+    assert int(total) == int(total2) and nblocks == nblocks2
+    want, pos = torch.full_like(sorted_ids, n), 0
+    for s in range(S):
+        slots = (ids == s).nonzero().flatten().to(torch.int32)
+        want[pos:pos + len(slots)] = slots
+        if len(slots):
+            assert (block_slab[pos // bm:(pos + len(slots) + bm - 1) // bm] == s).all()
+        pos += (len(slots) + bm - 1) // bm * bm
+    assert pos == int(total)
+    assert torch.equal(sorted_ids, want)
 
 
 def test_supported():
@@ -309,3 +333,8 @@ def test_profile_gemm_shares(tmp_path):
     # other = 155 - 150; vendor gate/up 80 us = 2/3 * 60 / 80 = 50%, down 20 us = 1/3 * 60 / 20 = 100%
     assert line == ("| olmoe-1b-7b | 512 | 4 | 1.0 | 60.0 | 155.0 | 100.0 (40) | 50.0 (40) | 5.0 | 120.0 "
                     "| 80.0 (50) | 20.0 (100) |")
+    # the one-change variants: B / A of the same run
+    row["variants"] = {"align_one": 0.150, "align_two": 0.160}
+    bk.write_profile_md({"device": "X", "copy_bw_TBps": 4.0, "bf16_TFLOPs": 800, "rows": [row]}, path)
+    line = [ln for ln in path.read_text().splitlines() if ln.startswith("| olmoe-1b-7b")][-1]
+    assert line == "| olmoe-1b-7b | 512 | 4 | 1.0 | 60.0 | align_two 160.0 | align_one 150.0 | 0.938 |"

@@ -498,3 +498,30 @@ def test_ramp_and_spike_traces():
                 lambda: spike(1.0, 2.0, 10.0, at=1.0, length=0.0)):
         with pytest.raises(BrownoutError):
             bad()
+
+
+def test_bench_serving_calibrates_on_the_median_of_repeated_runs(monkeypatch):
+    """eval/bench_serving.py's calibration takes `--sat-repeats` saturation runs per ratio and keeps the median
+    (`median_saturation`, as the library's measure_capacity), so mu0 / mu1 and the burst rates come from it."""
+    from types import SimpleNamespace
+
+    from eval import bench_serving as bs
+
+    seen = {}
+
+    def fake_median(srv, ratios, repeats, **kw):
+        seen["repeats"], seen["ratios"] = repeats, tuple(ratios)
+        return {0.0: {"req_s": 40.0, "tok_s": 400.0, "runs": [38.0, 40.0, 45.0][:repeats]},
+                1.0: {"req_s": 60.0, "tok_s": 600.0, "runs": [60.0, 55.0, 61.0][:repeats]}}
+
+    monkeypatch.setattr(bs, "median_saturation", fake_median)
+    monkeypatch.setattr(bs, "serve", lambda *a, **k: None)
+    monkeypatch.setattr(bs, "summarize", lambda *a, **k: {"ttft": {"p90": 0.1}, "tpot": {"p90": 0.02}, "status": {}})
+    a = SimpleNamespace(sat_repeats=3, sat_seconds=1.0, sat_queue=16, sat_rate=120.0, lengths="alpaca", max_prompt=8,
+                        max_output=8, base_seconds=1.0, slo_prefill=None, slo_decode=None, slo_factor=2.0)
+    cal = bs.calibrate(SimpleNamespace(cfg=None), a, scfg="scfg")
+    assert seen == {"repeats": 3, "ratios": (0.0, 1.0)}
+    assert cal["mu0"] == 40.0 and cal["mu1"] == 60.0 and cal["sat_r0"]["runs"] == [38.0, 40.0, 45.0]
+    assert cal["burst_rate"] == pytest.approx(1.25 * 40.0)  # (1 + 60/40) / 2 x mu0
+    with pytest.raises(SystemExit):
+        bs.main(["--sat-repeats", "0"])

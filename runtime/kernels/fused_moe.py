@@ -14,8 +14,9 @@ captured in a CUDA graph:
 * decode (few slots, T*k <= a threshold): no alignment at all. A program per (slot, N tile); the program of the first
   slot that uses a slab (the "leader") gathers every slot on that slab as its rows (M = T*k padded to >= 16) and
   streams the slab's weight tile once; the other slots' programs exit at once. 2 GEMM launches + the top-k sum.
-* prefill: vLLM-style alignment by slab on the GPU in two small kernels (a counts memset, rank-by-atomic + sentinel
-  fill, scan-and-scatter), then grouped GEMMs over BLOCK_M-row blocks of one slab each.
+* prefill: vLLM-style alignment by slab on the GPU, then grouped GEMMs over BLOCK_M-row blocks of one slab each. Up
+  to ALIGN_ONE_MAX_SLOTS slots the alignment is one program (histogram, scan, sort of (slab, slot) keys); above, a
+  counts memset and two kernels (rank-by-atomic + sentinel fill, scan-and-scatter).
 
 Stages: gate/up GEMM with silu(g)*u in the epilogue -> [T*k, I] intermediate; down GEMM with the routing weight
 multiplied in -> either [T*k, H] per-slot rows then a sum over k (deterministic, "store"), or fp32 atomics into a
@@ -93,6 +94,37 @@ if HAS_TRITON:
         tl.store(sorted_ptr + pos, offs.to(tl.int32), mask=live)
         # the slot of rank 0 mod BLOCK_M opens a block: it names the block's slab
         tl.store(block_slab_ptr + pos // BLOCK_M, s, mask=live & (r % BLOCK_M == 0))
+
+    @triton.jit
+    def _align_one_kernel(ids_ptr, sorted_ptr, block_slab_ptr, total_ptr, num_slots, max_padded, S,
+                          BLOCK_M: tl.constexpr, S_PAD: tl.constexpr, N_PAD: tl.constexpr, FILL: tl.constexpr,
+                          USE_PDL: tl.constexpr):
+        """The whole alignment in one program, no atomics: a histogram, the scan, and a sort of (slab, slot) keys
+        give every live slot its place (stable: slots of a slab keep their order). Skipped slots key as slab S, which
+        sorts last and is not stored. One launch where the two-kernel path takes a memset and two."""
+        pdl_start(USE_PDL)
+        offs = tl.arange(0, N_PAD)
+        m = offs < num_slots
+        s = tl.load(ids_ptr + offs, mask=m, other=S).to(tl.int32)
+        s = tl.where(m & (s < S), s, S)  # dead (skipped or past the end) -> S; S < S_PAD
+        counts = tl.histogram(s, S_PAD)
+        sl = tl.arange(0, S_PAD)
+        padded = tl.where(sl < S, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
+        excl = tl.cumsum(padded, 0) - padded  # first padded position of each slab
+        first = tl.cumsum(counts, 0) - counts  # first sorted position of each slab, unpadded
+        tl.store(total_ptr, tl.sum(padded, 0))
+        for i in tl.static_range(0, FILL, N_PAD):  # the sentinel everywhere first; the slots overwrite theirs
+            f = i + offs
+            tl.store(sorted_ptr + f, tl.zeros([N_PAD], dtype=tl.int32) + num_slots, mask=f < max_padded)
+        tl.debug_barrier()  # the fill's stores before the scatter's, within the one program
+        key = tl.sort(s * N_PAD + offs)  # by slab, then by slot
+        ks = key // N_PAD
+        live = ks < S
+        ksc = tl.where(live, ks, 0)
+        rank = offs - tl.gather(first, ksc, 0)  # offs: the sorted position
+        pos = tl.gather(excl, ksc, 0) + rank
+        tl.store(sorted_ptr + pos, key % N_PAD, mask=live)
+        tl.store(block_slab_ptr + pos // BLOCK_M, ks, mask=live & (rank % BLOCK_M == 0))
 
     @triton.jit
     def _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr, num_slots, S, num_n,
@@ -251,6 +283,12 @@ _DEFAULTS = {
     "large": {"mode": "prefill", "gu": [128, 64, 64, 8, 8, 3], "dn": [128, 128, 64, 8, 8, 3], "sum": "store"},
 }
 DECODE_MAX_SLOTS = 64
+# Alignment in one program (`_align_one_kernel`) up to this many top-k slots, else the memset and two kernels. On an
+# H200 (eval/results/kernel_profile_variants_h200.md) one program saved 1-4 us a call at 64-1024 slots and lost 8-64
+# us at 2048-4096 (its sort grows with the slots). A module setting so a benchmark can time both paths (0: always
+# the two-kernel path).
+ALIGN_ONE_MAX_SLOTS = int(os.environ.get("BROWNOUT_ALIGN_ONE_MAX_SLOTS", "1024"))
+ALIGN_ONE_WARPS = 8
 
 
 @functools.lru_cache(maxsize=None)
@@ -320,11 +358,18 @@ def moe_align(ids_flat: torch.Tensor, num_slabs: int, block_m: int, pdl: bool = 
     dev = ids_flat.device
     max_blocks = triton.cdiv(num_slots + min(num_slabs, num_slots) * (block_m - 1), block_m)
     max_padded = max_blocks * block_m
-    counts = torch.zeros(num_slabs, dtype=torch.int32, device=dev)
-    rank = torch.empty(num_slots, dtype=torch.int32, device=dev)
     sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=dev)
     block_slab = torch.empty(max_blocks, dtype=torch.int32, device=dev)
     total = torch.empty(1, dtype=torch.int32, device=dev)
+    if num_slots <= ALIGN_ONE_MAX_SLOTS:
+        n_pad = _pow2(max(num_slots, 16))
+        _align_one_kernel[(1,)](ids_flat, sorted_ids, block_slab, total, num_slots, max_padded, num_slabs,
+                                BLOCK_M=block_m, S_PAD=_pow2(num_slabs + 1), N_PAD=n_pad,
+                                FILL=triton.cdiv(max_padded, n_pad) * n_pad, num_warps=ALIGN_ONE_WARPS,
+                                **launch_opts(pdl))
+        return sorted_ids, block_slab, total, max_blocks
+    counts = torch.zeros(num_slabs, dtype=torch.int32, device=dev)
+    rank = torch.empty(num_slots, dtype=torch.int32, device=dev)
     blk = 1024
     _align_rank_kernel[(triton.cdiv(max_padded, blk),)](ids_flat, counts, rank, sorted_ids, num_slots, max_padded,
                                                          num_slabs, BLOCK=blk, **launch_opts(pdl))
