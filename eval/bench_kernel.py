@@ -465,7 +465,8 @@ def write_profile_md(res, path):
     the durations do not overlap)."""
     L = [f"# Where the time of one call goes ({res['device']})", "",
          f"Measured ceilings: copy {res['copy_bw_TBps']:.2f} TB/s, bf16 matmul {res['bf16_TFLOPs']:.0f} TFLOP/s. "
-         f"Routing and inputs from seed {res.get('seed', 0)}. Graph-replayed calls as in kernel_bench (L2 flushed before each replay); kernel durations from the PyTorch "
+         f"Routing and inputs from seed {res.get('seed', 0)}. Graph-replayed calls as in kernel_bench (L2 flushed "
+         "before each replay); kernel durations from the PyTorch "
          "profiler's trace, median over the replays, with PDL off so they do not overlap. `gap` = graph time (PDL off) "
          "- the sum of the kernels: time inside the replay with no kernel of the call running.", "",
          "| shape | T | way | ratio | limit us | PDL off us | PDL on us | kernels (us, PDL off) | gap us |",
@@ -509,7 +510,8 @@ def write_profile_md(res, path):
         L += ["", "## One thing changed, same routing, same run", "",
               "Graph time (us, PDL as the runtime has it) of the call with the alignment in one program (sort by "
               "slab, no atomics) against the counts memset and two kernels.",
-              "", "| shape | T | way | ratio | limit us | variant A us | variant B us | B / A |", "|---|---|---|---|---|---|---|---|"]
+              "", "| shape | T | way | ratio | limit us | variant A us | variant B us | B / A |",
+              "|---|---|---|---|---|---|---|---|"]
         for r in var:
             v = r["variants"]
             (na, a), (nb, b) = ("align_two", v.get("align_two")), ("align_one", v.get("align_one"))

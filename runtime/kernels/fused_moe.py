@@ -97,8 +97,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _align_one_kernel(ids_ptr, sorted_ptr, block_slab_ptr, total_ptr, num_slots, max_padded, S,
-                          BLOCK_M: tl.constexpr, S_PAD: tl.constexpr, N_PAD: tl.constexpr, FILL: tl.constexpr,
-                          USE_PDL: tl.constexpr):
+                          BLOCK_M: tl.constexpr, S_PAD: tl.constexpr, N_PAD: tl.constexpr, USE_PDL: tl.constexpr):
         """The whole alignment in one program, no atomics: a histogram, the scan, and a sort of (slab, slot) keys
         give every live slot its place (stable: slots of a slab keep their order). Skipped slots key as slab S, which
         sorts last and is not stored. One launch where the two-kernel path takes a memset and two."""
@@ -113,7 +112,7 @@ if HAS_TRITON:
         excl = tl.cumsum(padded, 0) - padded  # first padded position of each slab
         first = tl.cumsum(counts, 0) - counts  # first sorted position of each slab, unpadded
         tl.store(total_ptr, tl.sum(padded, 0))
-        for i in tl.static_range(0, FILL, N_PAD):  # the sentinel everywhere first; the slots overwrite theirs
+        for i in range(0, max_padded, N_PAD):  # the sentinel everywhere first; the slots overwrite theirs
             f = i + offs
             tl.store(sorted_ptr + f, tl.zeros([N_PAD], dtype=tl.int32) + num_slots, mask=f < max_padded)
         tl.debug_barrier()  # the fill's stores before the scatter's, within the one program
@@ -284,9 +283,9 @@ _DEFAULTS = {
 }
 DECODE_MAX_SLOTS = 64
 # Alignment in one program (`_align_one_kernel`) up to this many top-k slots, else the memset and two kernels. On an
-# H200 (eval/results/kernel_profile_variants_h200.md) one program saved 1-4 us a call at 64-1024 slots and lost 8-64
-# us at 2048-4096 (its sort grows with the slots). A module setting so a benchmark can time both paths (0: always
-# the two-kernel path).
+# H200 (eval/results/kernel_profile_variants_h200{,_seed1}.md) one program saved 0.2-8.4 us a call (mostly 1-4) at
+# 64-1024 slots and lost 8-66 us at 2048-4096 (its sort grows with the slots). A module setting so a benchmark can
+# time both paths (0: always the two-kernel path).
 ALIGN_ONE_MAX_SLOTS = int(os.environ.get("BROWNOUT_ALIGN_ONE_MAX_SLOTS", "1024"))
 ALIGN_ONE_WARPS = 8
 
@@ -364,8 +363,7 @@ def moe_align(ids_flat: torch.Tensor, num_slabs: int, block_m: int, pdl: bool = 
     if num_slots <= ALIGN_ONE_MAX_SLOTS:
         n_pad = _pow2(max(num_slots, 16))
         _align_one_kernel[(1,)](ids_flat, sorted_ids, block_slab, total, num_slots, max_padded, num_slabs,
-                                BLOCK_M=block_m, S_PAD=_pow2(num_slabs + 1), N_PAD=n_pad,
-                                FILL=triton.cdiv(max_padded, n_pad) * n_pad, num_warps=ALIGN_ONE_WARPS,
+                                BLOCK_M=block_m, S_PAD=_pow2(num_slabs + 1), N_PAD=n_pad, num_warps=ALIGN_ONE_WARPS,
                                 **launch_opts(pdl))
         return sorted_ids, block_slab, total, max_blocks
     counts = torch.zeros(num_slabs, dtype=torch.int32, device=dev)
