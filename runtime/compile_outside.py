@@ -61,6 +61,20 @@ class CompiledOutside:
             self.model = None
 
 
+def raise_recompile_limits(per_code: int = 64, total: int = 1024) -> None:
+    """Let Dynamo keep `per_code` compiled entries per function (and `total` in all) instead of its default 8: a
+    model's instances of one module compile one entry each where Dynamo specialises on an attribute (the norms here;
+    transformers 5.24's attention forward guards on `self.layer_idx`), and past the limit a function silently runs
+    eagerly. Only ever raises the limits (`recompile_limit`, formerly `cache_size_limit`)."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    for name, want in (("recompile_limit", per_code), ("cache_size_limit", per_code),
+                       ("accumulated_recompile_limit", total), ("accumulated_cache_size_limit", total)):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), want))
+
+
 def compiled_outside(model: torch.nn.Module) -> CompiledOutside | None:
     """What `compile_outside_experts` applied to `model` and has not been undone (None: nothing)."""
     return getattr(model, "_brownout_compiled_outside", None)
@@ -71,13 +85,9 @@ def compile_outside_experts(model: torch.nn.Module, backend: str | Callable = "i
     """Compile `model`'s RMSNorm modules and its modeling's `apply_rotary_pos_emb` with torch.compile (see the
     module docstring). Returns a `CompiledOutside` whose `undo()` restores both. A model with neither is an error:
     nothing would be compiled and the caller would time the uncompiled step believing otherwise."""
-    import torch._dynamo
-
     if compiled_outside(model) is not None:
         raise BrownoutError("compile_outside_experts was already applied to this model (undo() it first)")
-    cfg = torch._dynamo.config
-    cfg.cache_size_limit = max(cfg.cache_size_limit, 64)
-    cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 1024)
+    raise_recompile_limits()
     done = CompiledOutside(backend, model)
     for m in model.modules():
         if type(m).__name__.endswith("RMSNorm") and getattr(m, "_compiled_call_impl", None) is None:

@@ -109,3 +109,20 @@ def test_compile_check_times_the_outside_variant(tmp_path):
     assert {"outside_r0", "outside_r1", "outside_null"} <= set(doc["times_ms"])
     assert doc["rel_err"]["outside_direct@0"] == 0.0 and doc["rel_err"]["outside_direct@1"] == 0.0
     assert "| norms and rope compiled, graphed |" in (tmp_path / "compile_check.md").read_text()
+
+
+def test_raise_recompile_limits_only_raises(monkeypatch):
+    """Dynamo's per-function entry limit goes up to 64 (the compiled engine's attention compiles once per layer on
+    transformers 5.24), and a limit already higher stays."""
+    import torch._dynamo
+
+    from runtime.compile_outside import raise_recompile_limits
+
+    cfg = torch._dynamo.config
+    monkeypatch.setattr(cfg, "recompile_limit", 8)
+    monkeypatch.setattr(cfg, "accumulated_recompile_limit", 256)
+    raise_recompile_limits()
+    assert cfg.recompile_limit == 64 and cfg.accumulated_recompile_limit == 1024
+    monkeypatch.setattr(cfg, "recompile_limit", 100)
+    raise_recompile_limits()
+    assert cfg.recompile_limit == 100

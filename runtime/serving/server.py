@@ -90,8 +90,9 @@ class ServeConfig:
     # 5.24 breaks the graph at each paged-cache update, 5.17 compiles the varlen path whole). The brownout
     # experts are custom ops (runtime.ops), so the graph does not break at them; on CUDA the handle runs graph-safe
     # (the ratio read from a device scalar) so the compiled code never guards on, or recompiles for, the ratio.
-    # Experimental: on transformers 5.17 / an H200 the compiled engine did not finish its warm-up within 120 s
-    # (Dynamo compiling and recompiling; eval/results/README.md, "Compiled serving")
+    # On transformers 5.17 / an H200 the compiled engine did not finish its warm-up within 120 s (Dynamo compiling
+    # and recompiling); on 5.24 it serves, with Dynamo's recompile limit raised (eval/results/README.md, "Compiled
+    # serving")
     compile: bool = False
     # CUDA-graph padding granularity of the query / KV lengths in tokens (0: transformers' defaults, 64 / 16384 in
     # 5.24). A finer KV grain means more graphs but less attention over padding on every step
@@ -189,6 +190,11 @@ class BrownoutServer:
                   max_memory_percent=self.cfg.max_memory_percent)
         if self.cfg.compile:  # transformers' default compile of its paths: mode "default", dynamic shapes
             kw["default_compile_level"] = 1
+            # 5.24 compiles the attention forward once per layer (it guards on layer_idx): past Dynamo's default
+            # limit of 8 entries the later layers would run eagerly
+            from ..compile_outside import raise_recompile_limits
+
+            raise_recompile_limits()
         if self.cfg.q_padding_tokens:
             kw["q_padding_interval_size"] = self.cfg.q_padding_tokens
         if self.cfg.kv_padding_tokens:
