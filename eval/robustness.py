@@ -41,7 +41,8 @@ Engines:
                          routers and attention matmuls as before), before the step profile and every run.
     --engine gpu --compile   the same, with the engine's forward compiled through transformers' own path
                          (`ServeConfig(compile=True)`). On transformers 5.17 / H200 the compiled engine did not
-                         finish its warm-up (eval/results/README.md); `--tiny --compile` runs on the CPU.
+                         finish its warm-up; on 5.24 it serves after a 66-72 s warm-up, which counts against
+                         --time-budget (eval/results/README.md); `--tiny --compile` runs on the CPU.
     --eager-saturation   with either compile: first measure the same handle's saturated rates without it, in the
                          same process.
 
