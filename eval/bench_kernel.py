@@ -21,6 +21,7 @@ events (as the anchor does), so CPU launch overhead counts; weights may then be 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -81,6 +82,18 @@ def bench_eager(fn, iters=20, warmup=3):
     e.record()
     torch.cuda.synchronize()
     return s.elapsed_time(e) / iters
+
+
+@contextlib.contextmanager
+def align_one_max(slots):
+    """Within the block, the fused kernel aligns in one program up to `slots` top-k slots (0: always the memset and
+    two kernels); `fm.ALIGN_ONE_MAX_SLOTS` is put back after."""
+    saved = fm.ALIGN_ONE_MAX_SLOTS
+    fm.ALIGN_ONE_MAX_SLOTS = slots
+    try:
+        yield
+    finally:
+        fm.ALIGN_ONE_MAX_SLOTS = saved
 
 
 def capture(fn):
@@ -254,12 +267,8 @@ def check():
                     for name, cfg in cfgs.items():
                         if name.startswith("decode") and T * k > fm.DECODE_MAX_SLOTS:
                             continue
-                        saved = fm.ALIGN_ONE_MAX_SLOTS
-                        fm.ALIGN_ONE_MAX_SLOTS = 0 if name.endswith("-align2") else saved
-                        try:
+                        with align_one_max(0 if name.endswith("-align2") else fm.ALIGN_ONE_MAX_SLOTS):
                             out = fm.fused_moe(x, gu, dn, ids, ww, config=cfg)
-                        finally:
-                            fm.ALIGN_ONE_MAX_SLOTS = saved
                         err = relerr(out, ref)
                         ok = same_ids and err < 1.5e-2 and bool(torch.isfinite(out).all())
                         row = {"dtype": str(dtype)[6:], "E": E, "k": k, "H": H, "I": I, "T": T, "ratio": ratio,
@@ -370,15 +379,12 @@ def variant_times(call, cfg, slots):
         return {}
 
     def timed(one_max):
-        saved = fm.ALIGN_ONE_MAX_SLOTS
         try:
-            fm.ALIGN_ONE_MAX_SLOTS = one_max
-            g, _ = capture(call)
+            with align_one_max(one_max):
+                g, _ = capture(call)
             return time_graph(g)
         except Exception as exc:
             return f"{type(exc).__name__}: {str(exc)[:160]}"
-        finally:
-            fm.ALIGN_ONE_MAX_SLOTS = saved
 
     out = {}
     if slots <= 8192:  # one program sorts every slot: not tried past that
@@ -513,13 +519,11 @@ def write_profile_md(res, path):
               "", "| shape | T | way | ratio | limit us | variant A us | variant B us | B / A |",
               "|---|---|---|---|---|---|---|---|"]
         for r in var:
-            v = r["variants"]
-            (na, a), (nb, b) = ("align_two", v.get("align_two")), ("align_one", v.get("align_one"))
-            ok = isinstance(a, float) and isinstance(b, float)
+            a, b = r["variants"].get("align_two"), r["variants"].get("align_one")
+            a, b = (v if isinstance(v, float) else None for v in (a, b))  # an error's text counts as no time
             L.append(f"| {r['shape']} | {r['tokens']} | {r['way']} | {r['ratio']} | {1e3 * r['limit_ms']:.1f} "
-                     f"| {na} {_f(a * 1e3 if isinstance(a, float) else None, '{:.1f}')} "
-                     f"| {nb} {_f(b * 1e3 if isinstance(b, float) else None, '{:.1f}')} "
-                     f"| {_f(b / a if ok else None, '{:.3f}')} |")
+                     f"| align_two {_f(a and a * 1e3, '{:.1f}')} | align_one {_f(b and b * 1e3, '{:.1f}')} "
+                     f"| {_f(b / a if a and b else None, '{:.3f}')} |")
     Path(path).write_text("\n".join(L) + "\n")
 
 
@@ -546,6 +550,13 @@ def _dec(t):
     return (16,) + tuple(t[:2]) + (1,) + tuple(t[2:4])
 
 
+def check_buckets(buckets):
+    """ValueError unless every T in `buckets` is one of the tuned buckets (TOKENS)."""
+    bad = sorted(set(buckets) - set(TOKENS))
+    if bad:
+        raise ValueError(f"{bad[0]} is not a bucket; buckets: {TOKENS}")
+
+
 def tune(out_dir=configs.CONFIG_DIR, budget_s=300.0, buckets=None):
     """Per shape and T bucket, one config for every ratio: each candidate is timed on the ratio-0 routing (way 2) and
     on the way-4 ratio-1 remap (few slabs, many rows each), and scored by the sum of its time / the best time on each.
@@ -561,9 +572,7 @@ def tune(out_dir=configs.CONFIG_DIR, budget_s=300.0, buckets=None):
     table = {"shapes": {}, "device": device, "pdl": pdl.MODE,
              "note": "chosen by python -m eval.bench_kernel tune: one config per T bucket for all ratios"}
     if buckets:
-        bad = sorted(set(buckets) - set(TOKENS))
-        if bad:
-            raise ValueError(f"unknown T bucket {bad[0]}; buckets: {TOKENS}")
+        check_buckets(buckets)
         if out_path.is_file():  # the other buckets stay as they were tuned
             table["shapes"] = json.loads(out_path.read_text())["shapes"]
     log = []
@@ -914,8 +923,10 @@ def main(argv=None) -> None:
             buckets = [int(t) for t in a.buckets.split(",")] if a.buckets else None
         except ValueError:
             ap.error("--buckets wants T values, e.g. 1,8")
-        if buckets and set(buckets) - set(TOKENS):
-            ap.error(f"--buckets: {sorted(set(buckets) - set(TOKENS))[0]} is not a bucket; buckets: {TOKENS}")
+        try:
+            check_buckets(buckets or [])
+        except ValueError as e:
+            ap.error(f"--buckets: {e}")
         _, log = tune(a.path or configs.CONFIG_DIR, float(os.environ.get("TUNE_BUDGET_S", "300")), buckets)
         if a.log:
             json.dump(log, open(a.log, "w"), indent=1)
