@@ -56,6 +56,7 @@ step profile; no controller constant is set here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -175,10 +176,12 @@ def gpu_engine(args):
                       queue_timeout_s=30.0, request_timeout_s=60.0, drain_timeout_s=args.drain_seconds,
                       num_blocks=64 if tiny else None, page_size=32 if tiny else 256,
                       max_memory_percent=None if tiny else 0.4, seed=args.seed, use_cuda_graph=not tiny,
-                      kv_padding_tokens=0 if tiny else 4096, compile=args.compile)
+                      kv_padding_tokens=0 if tiny else 4096, compile=args.compile,
+                      async_batching=args.async_batching)
     name = "CPU (tiny smoke test)" if tiny else torch.cuda.get_device_name(0)
     shape = "tiny Qwen2-MoE" if tiny else "Qwen1.5-MoE-A2.7B shape (random bf16), CUDA graphs"
     shape += ", torch.compile (transformers' default_compile_level=1)" if args.compile else ""
+    shape += ", async batching" if args.async_batching else ""
     shape += (f", norms and rotary embedding compiled ({args.compile_backend})" if args.compile_outside_experts
               else "")
     return BrownoutServer(bm, None, cfg), prof, f"{name}, {shape}, way 4"
@@ -280,25 +283,55 @@ def warm_up(srv, args) -> float:
     return time.time() - t
 
 
-def eager_saturation(srv, args) -> dict:
-    """The same handle served by an engine without torch.compile (everything else equal), saturated at ratios 0
-    and 1: the compiled engine's figures compared with the eager one's in the same process. Compiled norms and rope
-    (`--compile-outside-experts`) are undone for it and compiled again after."""
-    eager = BrownoutServer(srv.bm, None, replace(srv.cfg, compile=False))
-    outside = compiled_outside(srv.model)
+# same-process engine variants whose saturated rates `--compare` sets beside the main engine's: name -> row label
+COMPARE = {
+    "eager": "same engine without torch.compile",
+    "batching": "same engine with the other batching mode (synchronous / async)",
+    "null": "same engine with null experts (zeros: the step brownout cannot shorten)",
+}
+
+
+def compare_label(what: str, main_async: bool) -> str:
+    if what == "batching":
+        return f"same engine with {'synchronous' if main_async else 'async'} batching"
+    return COMPARE[what]
+
+
+@contextlib.contextmanager
+def null_experts(model):
+    """Every MoE layer's experts computing nothing (eval.compile_check's null implementation) inside the block."""
+    from eval.compile_check import null_experts_impl
+
+    with null_experts_impl(model):
+        yield
+
+
+def compare_saturation(srv, args, what: str) -> dict:
+    """The handle served by a variant of `srv`'s engine (`what`, a key of COMPARE; everything else equal), saturated
+    at ratios 0 and 1 in the same process as the main engine. For "eager", compiled norms and rope
+    (`--compile-outside-experts`) are undone for it and compiled again after; "null" swaps the model's experts
+    implementation for zeros (the ratio is still set, nothing reads it)."""
+    cfg = srv.cfg
+    if what == "eager":
+        cfg = replace(cfg, compile=False)
+    elif what == "batching":
+        cfg = replace(cfg, async_batching=not cfg.async_batching)
+    other = BrownoutServer(srv.bm, None, cfg)
+    outside = compiled_outside(srv.model) if what == "eager" else None
     if outside is not None:
         outside.undo()
     try:
-        with torch.no_grad(), eager:
-            w = warm_up(eager, args)
-            sat = saturation_pair(eager, args)
+        with torch.no_grad(), (null_experts(srv.model) if what == "null" else contextlib.nullcontext()), other:
+            w = warm_up(other, args)
+            sat = saturation_pair(other, args)
     finally:
         if outside is not None:
             compile_outside_experts(srv.model, outside.backend)
-    log(f"eager engine (warm-up {w:.0f} s): mu0 {sat[0.0]['req_s']:.2f} req/s, mu1 {sat[1.0]['req_s']:.2f} req/s "
-        f"({sat[1.0]['req_s'] / sat[0.0]['req_s']:.2f}x); step p50 {1e3 * sat[0.0]['step_p50']:.1f} / "
-        f"{1e3 * sat[1.0]['step_p50']:.1f} ms")
-    return {str(r): v for r, v in sat.items()}
+    log(f"{compare_label(what, srv.cfg.async_batching)} (warm-up {w:.0f} s): mu0 {sat[0.0]['req_s']:.2f} req/s, "
+        f"mu1 {sat[1.0]['req_s']:.2f} req/s ({sat[1.0]['req_s'] / sat[0.0]['req_s']:.2f}x); step p50 "
+        f"{1e3 * sat[0.0]['step_p50']:.1f} / {1e3 * sat[1.0]['step_p50']:.1f} ms")
+    return {"label": compare_label(what, srv.cfg.async_batching), "warmup_s": w,
+            **{str(r): v for r, v in sat.items()}}
 
 
 def calibrate(srv, args) -> dict:
@@ -401,7 +434,7 @@ def ms(d: dict) -> str:
 
 
 def run_matrix(srv, prof, device: str, args, save=lambda doc: None, t_start: float | None = None,
-               eager_sat: dict | None = None) -> dict:
+               compared: dict | None = None) -> dict:
     """The whole matrix on one engine; `save(doc)` after each trace (a killed run keeps what it finished). A trace
     that would end past `args.time_budget` s from `t_start` is skipped and listed."""
     with torch.no_grad():
@@ -417,8 +450,8 @@ def run_matrix(srv, prof, device: str, args, save=lambda doc: None, t_start: flo
                              args.lengths, args.max_prompt, args.max_output)
         configs = [f"fixed:{r:g}" for r in FIXED] + ["salc", "mpc"]
         doc = {"device": device, "calibration": cal, "duration": args.duration, "traces": {}, "skipped": []}
-        if eager_sat is not None:
-            doc["eager_saturation"] = eager_sat
+        if compared:
+            doc["compare_saturation"] = compared
         if repeats is not None:
             doc["calibration_repeats"] = repeats
         if like is not None:
@@ -497,8 +530,9 @@ def markdown(docs: list[dict], command: str) -> str:
 def sat_lines(doc: dict) -> list[str]:
     """The saturated rates at ratios 0 and 1 (and, when measured, those of the same engine without compile)."""
     rows = [("this engine", doc["calibration"].get("saturation"))]
-    if doc.get("eager_saturation"):
-        rows.insert(0, ("same engine without torch.compile", doc["eager_saturation"]))
+    if doc.get("eager_saturation"):  # results written before --compare
+        rows.insert(0, (COMPARE["eager"], doc["eager_saturation"]))
+    rows[:0] = [(sat["label"], sat) for sat in (doc.get("compare_saturation") or {}).values()]
     rows = [(label, sat) for label, sat in rows if sat]
     if not rows:
         return []
@@ -611,9 +645,14 @@ def main(argv=None) -> None:
                     help="--engine gpu: torch.compile the norms and rotary embedding (runtime.compile_outside_experts)")
     ap.add_argument("--compile-backend", default="inductor",
                     help="torch.compile backend of --compile-outside-experts (aot_eager: the CPU smoke test)")
-    ap.add_argument("--eager-saturation", action="store_true",
-                    help="with --compile or --compile-outside-experts: first measure the saturated rates of the same "
-                         "engine without it")
+    ap.add_argument("--async-batching", action="store_true",
+                    help="--engine gpu: transformers' async batching (the host prepares the next step while the GPU "
+                         "runs this one; steps timed by CUDA events)")
+    ap.add_argument("--compare", default="",
+                    help="first measure the saturated rates of same-process variants of the engine, comma-separated: "
+                         "eager (without --compile / --compile-outside-experts), batching (the other batching mode), "
+                         "null (null experts: the floor brownout cannot shorten)")
+    ap.add_argument("--eager-saturation", action="store_true", help="the same as --compare eager")
     ap.add_argument("--report", default=None, metavar="JSON",
                     help="only rewrite the .md and .png of a results JSON (from a machine with no matplotlib)")
     args = ap.parse_args(argv)
@@ -638,10 +677,16 @@ def main(argv=None) -> None:
         return
     gpu = args.engine == "gpu"
     compiled = args.compile or args.compile_outside_experts
-    if (compiled or args.eager_saturation) and not gpu:
-        raise SystemExit("--compile, --compile-outside-experts and --eager-saturation are for --engine gpu")
-    if args.eager_saturation and not compiled:
-        raise SystemExit("--eager-saturation compares against --compile or --compile-outside-experts: give one")
+    args.compare = [w for w in args.compare.split(",") if w] + (["eager"] if args.eager_saturation else [])
+    bad = [w for w in args.compare if w not in COMPARE]
+    if bad:
+        raise SystemExit(f"--compare: unknown {bad}; choose from {', '.join(COMPARE)}")
+    if (compiled or args.compare or args.async_batching) and not gpu:
+        raise SystemExit("--compile, --compile-outside-experts, --async-batching and --compare are for --engine gpu")
+    if "eager" in args.compare and not compiled:
+        raise SystemExit("--compare eager compares against --compile or --compile-outside-experts: give one")
+    if args.async_batching and args.tiny:
+        raise SystemExit("--async-batching needs CUDA (transformers overlaps steps on CUDA streams), not --tiny")
     if gpu and not args.tiny and not torch.cuda.is_available():
         raise SystemExit("--engine gpu needs CUDA (or --tiny); --engine throttled runs on the CPU")
     sim = args.engine == "sim"
@@ -700,10 +745,10 @@ def main(argv=None) -> None:
         srv, prof, device = (gpu_engine(args) if kind == "gpu" else sim_engine(args, *law) if kind == "sim"
                              else throttled_engine(*law, args))
         log(f"engine: {device}")
-        eager_sat = eager_saturation(srv, args) if args.eager_saturation else None
+        compared = {w: compare_saturation(srv, args, w) for w in dict.fromkeys(args.compare)}
         try:
             with srv:
-                docs.append(run_matrix(srv, prof, device, args, lambda d: save(docs + [d]), t_start, eager_sat))
+                docs.append(run_matrix(srv, prof, device, args, lambda d: save(docs + [d]), t_start, compared))
         finally:
             outside = compiled_outside(srv.model)
             if outside is not None:  # the modeling module's rope is shared by every model of its class: restore it

@@ -69,7 +69,10 @@ def test_report_and_plot(tmp_path):
     doc["calibration"]["saturation"] = {"0.0": sat(10.0, 0.8), "1.0": sat(14.0, 0.75)}
     doc["eager_saturation"] = {"0.0": sat(8.0, 0.9), "1.0": sat(9.0, 0.9)}
     md = markdown([doc], "python -m eval.robustness --compile --eager-saturation")
-    assert "| same engine without torch.compile | 8.00 | 9.00 | 1.12x |" in md
+    assert "| same engine without torch.compile | 8.00 | 9.00 | 1.12x |" in md  # a results file from before --compare
+    doc["compare_saturation"] = {"batching": {"label": "same engine with async batching", **doc.pop("eager_saturation")}}
+    md = markdown([doc], "python -m eval.robustness --compile --compare batching")
+    assert "| same engine with async batching | 8.00 | 9.00 | 1.12x |" in md
     assert "| this engine | 10.00 | 14.00 | 1.40x | 20.0 / 20.0 | 500 / 700 | 80.0% / 75.0% |" in md
 
 
@@ -83,7 +86,7 @@ def test_tiny_engine_with_norms_and_rope_compiled(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "eval.robustness", "--engine", "gpu", "--tiny", "--compile-outside-experts",
-           "--compile-backend", "aot_eager", "--eager-saturation", "--traces", "spike", "--duration", "1.5",
+           "--compile-backend", "aot_eager", "--compare", "eager,null", "--traces", "spike", "--duration", "1.5",
            "--sat-seconds", "1", "--sat-repeats", "1", "--base-seconds", "1", "--drain-seconds", "3",
            "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), "--tag", "t"]
     p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
@@ -91,9 +94,12 @@ def test_tiny_engine_with_norms_and_rope_compiled(tmp_path):
     assert "compiled outside the experts: {'backend': 'aot_eager', 'norms': 9, 'rope_functions': 1}" in p.stdout
     doc = json.loads((tmp_path / "t.json").read_text())["engines"][0]
     assert "norms and rotary embedding compiled (aot_eager)" in doc["device"]
-    for sat in (doc["eager_saturation"], doc["calibration"]["saturation"]):
+    cmp = doc["compare_saturation"]
+    assert list(cmp) == ["eager", "null"]
+    for sat in (cmp["eager"], cmp["null"], doc["calibration"]["saturation"]):
         assert sat["0.0"]["req_s"] > 0 and sat["1.0"]["req_s"] > 0
     runs = doc["traces"]["spike"]["runs"]
     assert set(runs) == {"fixed:0", "fixed:0.25", "fixed:0.5", "fixed:0.75", "fixed:1", "salc", "mpc"}
     assert all(r["all"]["status"].get("ok", 0) > 0 for r in runs.values())
-    assert "same engine without torch.compile" in (tmp_path / "t.md").read_text()
+    md = (tmp_path / "t.md").read_text()
+    assert "| same engine without torch.compile |" in md and "| same engine with null experts" in md

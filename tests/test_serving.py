@@ -326,6 +326,64 @@ def test_real_handle_refuses_graphs_on_the_cpu(tiny_dir, tmp_path):
     assert "\n" not in str(e.value) and srv._mgr is None and bm.graph_safe is False
 
 
+def test_async_batching_on_the_cpu_fails_before_any_engine(tiny_model):
+    """transformers overlaps async steps on CUDA streams: on the CPU the server refuses in one line, starting
+    nothing and leaving the handle as it was."""
+    h = Handle(tiny_model)
+    srv = BrownoutServer(h, FixedRatio(1.0), _cfg(async_batching=True))
+    with pytest.raises(BrownoutError, match="async_batching") as e:
+        srv.run(_trace([(0.0, 5, 3)]))
+    assert "\n" not in str(e.value) and srv._mgr is None and h.events == []
+
+
+def test_the_hook_reads_the_batch_of_either_io_layout():
+    """Synchronous batching keeps the batch on the IO object; async batching on the current one of two IO pairs."""
+    from types import SimpleNamespace as NS
+
+    from runtime.serving.engine_steps import scheduled_requests
+
+    assert scheduled_requests(NS(requests_in_batch=["a", "b"])) == ["a", "b"]
+    pairs = [NS(host_io=NS(requests_in_batch=["p0"])), NS(host_io=NS(requests_in_batch=["p1"]))]
+    assert scheduled_requests(NS(io_pairs=pairs, current_pair=1)) == ["p1"]
+    assert scheduled_requests(NS(io_pairs=pairs, current_pair=0)) == ["p0"]
+
+
+def test_steps_in_flight_come_back_in_order_once_done():
+    """Async steps are timed by a start and an end event on the compute stream. `done` returns the finished steps
+    oldest first with their GPU time (start to end, ms -> s), and stops at the first one not finished: a later step
+    cannot be reported before an earlier one."""
+    from runtime.serving.engine_steps import StepsInFlight
+
+    class Ev:
+        made: list = []
+
+        def __init__(self):
+            self.at, self.passed = None, False
+            Ev.made.append(self)
+
+        def record(self, stream):
+            assert stream == "compute"
+            self.at = 10.0 * len(Ev.made)  # ms on a fake GPU clock
+
+        def query(self):
+            return self.passed
+
+        def elapsed_time(self, end):
+            return end.at - self.at
+
+    f = StepsInFlight("compute", Ev)
+    for name in "abc":
+        f.launched(f.begin(), name)
+    assert f.done() == [] and len(f) == 3
+    ends = Ev.made[1::2]
+    ends[1].passed = True  # b's end passed but a's not (cannot happen on one stream): nothing is reported early
+    assert f.done() == []
+    ends[0].passed = True
+    assert f.done() == [("a", 0.01), ("b", 0.01)] and len(f) == 1
+    ends[2].passed = True
+    assert f.done() == [("c", 0.01)] and f.done() == [] and len(f) == 0
+
+
 # ----------------------------------------------------------------------------- service-rate calibration
 def test_service_rate_counts_decode_tokens_over_the_window():
     steps = [StepRecord(t0=0.1 * i, t1=0.1 * i + 0.08, step_s=0.08, prefill_tokens=4 * (i == 0), decode_tokens=8,

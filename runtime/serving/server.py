@@ -17,24 +17,33 @@ on the instance with a wrapper. When the wrapper runs, the batch is already sche
 .inputs_and_outputs.requests_in_batch` lists the requests with their query lengths, and a request with no generated
 token yet is prefilling. The wrapper (1) classifies the step (prefill tokens, decode tokens; transformers mixes both
 in one step), (2) asks the controller for the ratio and calls `set_ratio(r)` before the forward, (3) runs the
-original step, which in synchronous mode (`use_async_batching=False`, forced) ends with the device-to-host copy of
-the sampled tokens, so the wall time around it is the step's latency, and (4) feeds the controller. Nothing in
-transformers is copied or forked; requests go in through the public `add_request` and come back through
-`get_result`.
+original step, and (4) feeds the controller once the step is done. Nothing in transformers is copied or forked;
+requests go in through the public `add_request` and come back through `get_result`.
+
+Synchronous or async batching (`ServeConfig.async_batching`). Synchronously (the default) the original step ends with
+the device-to-host copy of the sampled tokens: the wall time around it is the step's latency, and the host's work
+between steps (scheduling, batch preparation, bookkeeping: 20-27% of a saturated step on the H200) adds to every
+step. With transformers' async batching the step returns once its work is queued on the engine's compute stream, and
+the host prepares the next batch while the GPU runs this one (transformers keeps two IO pairs). The hook then (a)
+takes the batch from the current IO pair, (b) writes the ratio on the compute stream, so it lands between the
+previous step's forward and this one's without a host synchronisation, (c) times the step with CUDA events on that
+stream (its GPU time, what the controller's step model predicts), and (d) feeds the controller at the first hook that
+finds the step's end event passed: about when transformers hands its tokens out, one step after the launch. A
+request's first token is known only after that update, so a request stays "prefilling" to the hook until its
+last prompt chunk has run.
 
 CUDA graphs (`use_cuda_graph=True`): a captured graph replays what it captured, so the server switches the handle to
 graph-safe mode when the engine starts (`set_graph_safe(True)`: the brownout layers run their backend at every
 ratio, 0 included, and read the ratio from a device scalar that `set_ratio` rewrites in place, so graphs captured
 at any ratio follow the controller) and restores the previous mode when the engine stops. Where the backend cannot
 follow the ratio from device memory (the CPU, a policy whose remap a graph freezes), `set_graph_safe` raises a
-BrownoutError and the engine does not start. With async batching the step's forward would overlap the next step's
-preparation and per-step timing would be meaningless, so it stays off.
+BrownoutError and the engine does not start.
 
 Engine lifetime: inside `with server:` one manager serves every `run` (runs share its batching, cache and captured
 graphs); each run installs its own hook through a dispatcher, uses request ids unique to the run, and first waits
 until the previous run's cancelled requests are gone. A bare `run` starts and stops its own manager. After a ratio
-change the hook synchronises the current stream: transformers replays on its own compute stream, which does not
-wait for the one the ratio scalar was written on.
+change the hook writes the ratio scalar on transformers' compute stream (where it replays its graphs), so the write
+is ordered before the next forward and after the last one.
 
 Clock: real time. Requests are submitted by a driver (the caller's thread) when the trace's arrival time comes, on
 `time.perf_counter`; latencies are measured from the arrival time in the trace, so the driver's own lateness counts
@@ -62,6 +71,7 @@ import numpy as np
 
 from ..errors import BrownoutError
 from .controller import Controller, FixedRatio, quantile
+from .engine_steps import StepsInFlight, scheduled_requests
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +108,10 @@ class ServeConfig:
     # 5.24). A finer KV grain means more graphs but less attention over padding on every step
     q_padding_tokens: int = 0
     kv_padding_tokens: int = 0
+    # transformers' async batching (CUDA only, transformers >= 5.24 checked): the host prepares the next batch while
+    # the GPU runs this one, so its bookkeeping leaves the step's latency; steps are timed on the GPU by CUDA events
+    # and the controller hears of a step about one step after its launch (see the module docstring)
+    async_batching: bool = False
     seed: int = 0
     record_steps: bool = True
 
@@ -116,9 +130,9 @@ class RequestRecord:
 
 @dataclass
 class StepRecord:
-    t0: float  # s from start
-    t1: float
-    step_s: float  # forward + sampling + copy-out
+    t0: float  # s from start: the step's launch
+    t1: float  # its end as the host saw it (async batching: the first hook after its end event passed)
+    step_s: float  # forward + sampling + copy-out (wall time); with async batching the GPU time (CUDA events)
     prefill_tokens: int
     decode_tokens: int
     requests: int
@@ -185,7 +199,7 @@ class BrownoutServer:
         if num_blocks is None and next(self.model.parameters()).device.type == "cpu":
             num_blocks = math.ceil(self.cfg.max_batch * CPU_CACHE_TOKENS_PER_REQUEST / self.cfg.page_size)
         kw = dict(max_requests_per_batch=self.cfg.max_batch, max_batch_tokens=self.cfg.max_batch_tokens,
-                  use_async_batching=False, use_cuda_graph=self.cfg.use_cuda_graph, allow_block_sharing=False,
+                  use_async_batching=self.cfg.async_batching, use_cuda_graph=self.cfg.use_cuda_graph, allow_block_sharing=False,
                   page_size=self.cfg.page_size, num_blocks=num_blocks, seed=self.cfg.seed,
                   max_memory_percent=self.cfg.max_memory_percent)
         if self.cfg.compile:  # transformers' default compile of its paths: mode "default", dynamic shapes
@@ -202,6 +216,8 @@ class BrownoutServer:
         fields = set(getattr(ContinuousBatchingConfig, "__dataclass_fields__", {}))
         if fields and "page_size" not in fields:  # transformers <= 5.17.0 called it block_size
             kw["block_size"] = kw.pop("page_size")
+        if fields and self.cfg.async_batching and "use_async_batching" not in fields:
+            raise BrownoutError("async_batching: this transformers' continuous batching has none (5.24 has it)")
         if fields:
             dropped = sorted(set(kw) - fields)
             if dropped:
@@ -210,22 +226,33 @@ class BrownoutServer:
         cbc = ContinuousBatchingConfig(**kw)
         return self.model.init_continuous_batching(generation_config=gc, continuous_batching_config=cbc)
 
-    def _apply_ratio(self, r: float) -> None:
-        if r != self._last_ratio:
+    def _apply_ratio(self, r: float, stream=None) -> None:
+        """Set the handle's ratio if it changed. `stream`: the engine's compute stream, where the write is ordered
+        between two forwards; without one (outside a step) the write is waited for on the host."""
+        if r == self._last_ratio:
+            return
+        if stream is not None:
+            import torch
+
+            with torch.cuda.stream(stream):
+                self.bm.set_ratio(r)
+        else:
             self.bm.set_ratio(r)
-            self._last_ratio = r
             if self._cuda:
                 # the runtime writes the ratio into a device scalar on this thread's stream; transformers runs (and
                 # replays its graphs) on its own compute stream, which does not wait for ours
                 import torch
 
                 torch.cuda.current_stream().synchronize()
+        self._last_ratio = r
 
     def start(self) -> None:
         """Start the engine (transformers' continuous-batching manager) once; runs reuse it until `close`. With CUDA
         graphs on, the handle is switched to graph-safe mode first (a BrownoutError from it stops the start)."""
         if self._mgr is not None:
             return
+        if self.cfg.async_batching and not self._cuda:
+            raise BrownoutError("async_batching needs the model on CUDA (transformers overlaps steps on CUDA streams)")
         if self.cfg.use_cuda_graph or (self.cfg.compile and self._cuda):
             self._enter_graph_safe()
         try:
@@ -365,36 +392,13 @@ class BrownoutServer:
         t_start = [0.0]
         graphs0 = self.graph_count()
 
-        def hook():
-            bp = mgr.batch_processor
-            batch = list(bp.inputs_and_outputs.requests_in_batch)
-            n_pre = n_dec = 0
-            pre, dec, emit = [], [], []
-            for fs in batch:
-                st = fs.state
-                rid = st.request_id
-                if st.generated_len() == 0:
-                    n_pre += fs.query_length
-                    pre.append(rid)
-                else:
-                    n_dec += fs.query_length
-                    dec.append(rid)
-                if fs.has_new_token:
-                    emit.append(rid)
-                started.add(rid)
-            t0 = time.perf_counter()
-            # the admission queue (requests the scheduler holds but did not schedule in this batch)
-            queued = getattr(getattr(bp, "scheduler", None), "waiting_requests", None) or {}
-            arrivals = [recs[x].arrival for x in list(queued) if x in recs]
-            ctl.observe_queue(t0 - t_start[0] - min(arrivals) if arrivals else 0.0, len(arrivals), t0 - t_start[0],
-                              len(batch))
-            r = ctl.step_ratio(bool(pre), bool(dec), t0 - t_start[0], n_pre + n_dec)
-            self._apply_ratio(r)
-            t1 = time.perf_counter()
-            orig_step()
-            t2 = time.perf_counter()
+        prefilled: set[str] = set()  # engine thread: requests whose last prompt chunk has been launched
+        clock = None  # async batching: the steps in flight (StepsInFlight), made at the first step
+
+        def finish(info, t2: float, step_s: float) -> None:
+            """A step is done (its tokens are out at `t2`, perf_counter): token times, controller feedback, record."""
+            t1, r, pre, dec, emit, n_pre, n_dec, n_batch, n_wait = info
             now = t2 - t_start[0]
-            step_s = t2 - t1
             for rid in emit:
                 hook_times.setdefault(rid, []).append(now)
             if pre:
@@ -408,7 +412,53 @@ class BrownoutServer:
             for rid in emit:
                 last_tok[rid] = t2
             if cfg.record_steps:
-                steps.append(StepRecord(t1 - t_start[0], now, step_s, n_pre, n_dec, len(batch), r, len(arrivals)))
+                steps.append(StepRecord(t1 - t_start[0], now, step_s, n_pre, n_dec, n_batch, r, n_wait))
+
+        def hook():
+            nonlocal clock
+            io = mgr.batch_processor.inputs_and_outputs
+            stream = getattr(io, "compute_stream", None)
+            if cfg.async_batching and clock is None:
+                clock = StepsInFlight(stream)
+            t0 = time.perf_counter()
+            if clock is not None:  # async: the steps the GPU has finished since the last hook
+                for info, gpu_s in clock.done():
+                    finish(info, t0, gpu_s)
+            batch = list(scheduled_requests(io))
+            n_pre = n_dec = 0
+            pre, dec, emit = [], [], []
+            for fs in batch:
+                st = fs.state
+                rid = st.request_id
+                # generated_len() lags a step under async batching: a request prefills until its last chunk ran
+                if st.generated_len() == 0 and rid not in prefilled:
+                    n_pre += fs.query_length
+                    pre.append(rid)
+                    if fs.has_new_token:
+                        prefilled.add(rid)
+                else:
+                    n_dec += fs.query_length
+                    dec.append(rid)
+                if fs.has_new_token:
+                    emit.append(rid)
+                started.add(rid)
+            # the admission queue (requests the scheduler holds but did not schedule in this batch)
+            queued = getattr(getattr(mgr.batch_processor, "scheduler", None), "waiting_requests", None) or {}
+            arrivals = [recs[x].arrival for x in list(queued) if x in recs]
+            ctl.observe_queue(t0 - t_start[0] - min(arrivals) if arrivals else 0.0, len(arrivals), t0 - t_start[0],
+                              len(batch))
+            r = ctl.step_ratio(bool(pre), bool(dec), t0 - t_start[0], n_pre + n_dec)
+            self._apply_ratio(r, stream)
+            t1 = time.perf_counter()
+            info = (t1, r, pre, dec, emit, n_pre, n_dec, len(batch), len(arrivals))
+            if clock is None:  # synchronous: the step has ended (tokens copied out) when it returns
+                orig_step()
+                t2 = time.perf_counter()
+                finish(info, t2, t2 - t1)
+            else:
+                start = clock.begin()
+                orig_step()
+                clock.launched(start, info)
 
         outstanding: dict[str, float] = {}  # rid -> arrival, admitted and not yet resolved
         waiting: set[str] = set()  # admitted, not yet seen in a step (driver's view)
