@@ -288,13 +288,22 @@ COMPARE = {
     "eager": "same engine without torch.compile",
     "batching": "same engine with the other batching mode (synchronous / async)",
     "null": "same engine with null experts (zeros: the step brownout cannot shorten)",
+    "kv:N": "same engine with the KV length padded to multiples of N tokens for its graphs (attention over less padding)",
 }
 
 
 def compare_label(what: str, main_async: bool) -> str:
     if what == "batching":
         return f"same engine with {'synchronous' if main_async else 'async'} batching"
+    if what.startswith("kv:"):
+        return f"same engine with KV padding {int(what[3:])}"
     return COMPARE[what]
+
+
+def compare_ok(what: str) -> bool:
+    if what.startswith("kv:"):
+        return what[3:].isdigit() and int(what[3:]) > 0
+    return what in COMPARE and what != "kv:N"
 
 
 @contextlib.contextmanager
@@ -316,6 +325,8 @@ def compare_saturation(srv, args, what: str) -> dict:
         cfg = replace(cfg, compile=False)
     elif what == "batching":
         cfg = replace(cfg, async_batching=not cfg.async_batching)
+    elif what.startswith("kv:"):
+        cfg = replace(cfg, kv_padding_tokens=int(what[3:]))
     other = BrownoutServer(srv.bm, None, cfg)
     outside = compiled_outside(srv.model) if what == "eager" else None
     if outside is not None:
@@ -651,7 +662,8 @@ def main(argv=None) -> None:
     ap.add_argument("--compare", default="",
                     help="first measure the saturated rates of same-process variants of the engine, comma-separated: "
                          "eager (without --compile / --compile-outside-experts), batching (the other batching mode), "
-                         "null (null experts: the floor brownout cannot shorten)")
+                         "null (null experts: the floor brownout cannot shorten), kv:N (the KV length padded to "
+                         "multiples of N tokens for the graphs; the main engine pads to 4096)")
     ap.add_argument("--eager-saturation", action="store_true", help="the same as --compare eager")
     ap.add_argument("--report", default=None, metavar="JSON",
                     help="only rewrite the .md and .png of a results JSON (from a machine with no matplotlib)")
@@ -678,7 +690,7 @@ def main(argv=None) -> None:
     gpu = args.engine == "gpu"
     compiled = args.compile or args.compile_outside_experts
     args.compare = [w for w in args.compare.split(",") if w] + (["eager"] if args.eager_saturation else [])
-    bad = [w for w in args.compare if w not in COMPARE]
+    bad = [w for w in args.compare if not compare_ok(w)]
     if bad:
         raise SystemExit(f"--compare: unknown {bad}; choose from {', '.join(COMPARE)}")
     if (compiled or args.compare or args.async_batching) and not gpu:

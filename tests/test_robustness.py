@@ -53,6 +53,23 @@ def test_trace_rates_follow_the_measured_service_rates():
         make_traces(["nope"], 10.0, 20.0, 10.0, 0, "alpaca", 16, 32)
 
 
+def test_compare_variants_are_checked_before_anything_runs(capsys):
+    """`--compare` names same-process engine variants; a bad one (or one for an engine that cannot take it) stops
+    the run at once with a one-line message, before a model is built."""
+    from eval.robustness import compare_label, compare_ok, main
+
+    assert all(compare_ok(w) for w in ("eager", "batching", "null", "kv:1024"))
+    assert not any(compare_ok(w) for w in ("kv:N", "kv:", "kv:0", "kv:x", "fast"))
+    assert compare_label("kv:256", True) == "same engine with KV padding 256"
+    assert compare_label("batching", True) == "same engine with synchronous batching"
+    for argv, msg in ((["--engine", "gpu", "--tiny", "--compare", "kv:x"], "--compare: unknown ['kv:x']"),
+                      (["--compare", "null"], "are for --engine gpu"),
+                      (["--engine", "gpu", "--tiny", "--async-batching"], "--async-batching needs CUDA")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert msg in str(e.value) and "\n" not in str(e.value)
+
+
 def test_report_and_plot(tmp_path):
     runs = {**fixed(0.6, 0.3, 0.04, 0.0, 0.0), "salc": m(0.5, 0.0, 0.1), "mpc": m(0.03, 0.0, 0.55)}
     for r in runs.values():
