@@ -199,8 +199,8 @@ class BrownoutServer:
         if num_blocks is None and next(self.model.parameters()).device.type == "cpu":
             num_blocks = math.ceil(self.cfg.max_batch * CPU_CACHE_TOKENS_PER_REQUEST / self.cfg.page_size)
         kw = dict(max_requests_per_batch=self.cfg.max_batch, max_batch_tokens=self.cfg.max_batch_tokens,
-                  use_async_batching=self.cfg.async_batching, use_cuda_graph=self.cfg.use_cuda_graph, allow_block_sharing=False,
-                  page_size=self.cfg.page_size, num_blocks=num_blocks, seed=self.cfg.seed,
+                  use_async_batching=self.cfg.async_batching, use_cuda_graph=self.cfg.use_cuda_graph,
+                  allow_block_sharing=False, page_size=self.cfg.page_size, num_blocks=num_blocks, seed=self.cfg.seed,
                   max_memory_percent=self.cfg.max_memory_percent)
         if self.cfg.compile:  # transformers' default compile of its paths: mode "default", dynamic shapes
             kw["default_compile_level"] = 1
