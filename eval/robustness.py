@@ -199,16 +199,17 @@ def sim_engine(args, seed: int, law: tuple[float, float] | None = None):
         steps.jitter = args.sim_jitter
         steps.run_jitter = args.sim_run_jitter
         cfg = ServeConfig(max_batch=8, max_batch_tokens=128, max_queue=args.max_queue,
-                          drain_timeout_s=args.drain_seconds, seed=seed)
+                          drain_timeout_s=args.drain_seconds, seed=seed, async_batching=args.async_batching)
         what, prof = f"each step {law[0]:g} ms x (1 - {law[1]:g} x ratio)", None
     else:
         path = Path(args.sim_profile or sim_serving.H200_PROFILE)
         steps = sim_serving.h200_step_model(path, args.sim_jitter)
         steps.run_jitter = args.sim_run_jitter
         cfg = ServeConfig(max_batch=64, max_batch_tokens=1024, max_queue=args.max_queue, queue_timeout_s=30.0,
-                          request_timeout_s=60.0, drain_timeout_s=args.drain_seconds, seed=seed)
+                          request_timeout_s=60.0, drain_timeout_s=args.drain_seconds, seed=seed,
+                          async_batching=args.async_batching)
         what = (f"step profile of {path.name}, +{1e3 * steps.in_step_s:.1f} ms in step, +{1e3 * steps.gap_s:.1f} ms "
-                "between steps")
+                + ("of host work beside each step, async batching" if args.async_batching else "between steps"))
         prof = steps.profile  # `controller` gives each run its own copy to learn on
     run_j = f", run speed jitter {args.sim_run_jitter:g}" if args.sim_run_jitter else ""
     device = f"simulated engine (eval.sim_serving: {what}, jitter {args.sim_jitter:g}{run_j}), trace seed {seed}"
@@ -658,7 +659,8 @@ def main(argv=None) -> None:
                     help="torch.compile backend of --compile-outside-experts (aot_eager: the CPU smoke test)")
     ap.add_argument("--async-batching", action="store_true",
                     help="--engine gpu: transformers' async batching (the host prepares the next step while the GPU "
-                         "runs this one; steps timed by CUDA events)")
+                         "runs this one; steps timed by CUDA events). --engine sim: its model (no host gap between "
+                         "steps, each step's feedback a step late)")
     ap.add_argument("--compare", default="",
                     help="first measure the saturated rates of same-process variants of the engine, comma-separated: "
                          "eager (without --compile / --compile-outside-experts), batching (the other batching mode), "
@@ -693,8 +695,10 @@ def main(argv=None) -> None:
     bad = [w for w in args.compare if not compare_ok(w)]
     if bad:
         raise SystemExit(f"--compare: unknown {bad}; choose from {', '.join(COMPARE)}")
-    if (compiled or args.compare or args.async_batching) and not gpu:
-        raise SystemExit("--compile, --compile-outside-experts, --async-batching and --compare are for --engine gpu")
+    if (compiled or args.compare) and not gpu:
+        raise SystemExit("--compile, --compile-outside-experts and --compare are for --engine gpu")
+    if args.async_batching and args.engine not in ("gpu", "sim"):
+        raise SystemExit("--async-batching is for --engine gpu (transformers' own) or sim (its model)")
     if "eager" in args.compare and not compiled:
         raise SystemExit("--compare eager compares against --compile or --compile-outside-experts: give one")
     if args.async_batching and args.tiny:

@@ -16,7 +16,11 @@ What it models (transformers' continuous batching as the GPU engine is configure
     work before the next step; optionally (`run_jitter`) both times one factor per run, drawn at its start: the
     engine's speed moving between runs, as the GPU's does;
   - the driver's bounded queue (`max_queue`, the excess rejected) and the drain deadline (`drain_timeout_s` after
-    the last arrival, what is left cancelled).
+    the last arrival, what is left cancelled);
+  - with `cfg.async_batching` (transformers' async batching), the host's work overlapped with the GPU's: no gap
+    between steps, a step lasting the longer of its own time and the host's `gap_s`, and each step's `observe`
+    reaching the controller one step late, after the next step's ratio is chosen (the server hears of a step at
+    the first hook after its end, runtime/serving/server.py).
 The controller sees what `BrownoutServer` gives it, in the same order: `observe_arrival` at each admission,
 `observe_queue` and `step_ratio` before each step, `observe` after it.
 
@@ -131,6 +135,7 @@ class SimServer:
         steps: list[StepRecord] = []
         now, i, n = 0.0, 0, len(reqs)
         deadline = (reqs[-1].t if reqs else 0.0) + cfg.drain_timeout_s
+        late: deque[list] = deque()  # async batching: each step's observations, held back one step
 
         def admit_until(t: float) -> None:
             nonlocal i
@@ -169,10 +174,16 @@ class SimServer:
             dec = [r for r in running if r.prefill_left == 0]
             pre = [r for r in running if r.key in chunks]
             n_pre, n_dec = sum(chunks.values()), len(dec)
+            while len(late) > 1:  # async: the steps before the last one are what the host has seen end by now
+                for args in late.popleft():
+                    ctl.observe(*args)
             age = now - waiting[0].rec.arrival if waiting else 0.0
             ctl.observe_queue(age, len(waiting), now, len(pre) + len(dec))
             ratio = ctl.step_ratio(bool(pre), bool(dec), now, n_pre + n_dec)
             step = speed * self.steps.step_s(n_pre + n_dec, ratio, rng)
+            host = speed * self.steps.gap_s * self.steps.time_scale(ratio)
+            if cfg.async_batching:  # the host's work runs beside the GPU's: the longer of the two paces the step
+                step = max(step, host)
             t0, now = now, now + step
             finished = []
             for r in dec:
@@ -191,15 +202,22 @@ class SimServer:
                 if r.out_left <= 0:
                     r.rec.status = OK
                     finished.append(r)
+            obs = []
             if pre:
-                ctl.observe("prefill", now - min(r.rec.arrival for r in pre), now, n_pre + n_dec, ratio, step)
+                obs.append(("prefill", now - min(r.rec.arrival for r in pre), now, n_pre + n_dec, ratio, step))
             if gaps:
-                ctl.observe("decode", max(gaps), now, n_pre + n_dec, ratio, step)
+                obs.append(("decode", max(gaps), now, n_pre + n_dec, ratio, step))
+            if cfg.async_batching:
+                late.append(obs)
+            else:
+                for args in obs:
+                    ctl.observe(*args)
             if cfg.record_steps:
                 steps.append(StepRecord(t0, now, step, n_pre, n_dec, len(pre) + len(dec), ratio, len(waiting)))
             done = {r.key for r in finished}
             running = [r for r in running if r.key not in done]
-            now += speed * self.steps.gap_s * self.steps.time_scale(ratio)
+            if not cfg.async_batching:
+                now += host
             if on_progress is not None:
                 on_progress(now)
         for r in list(waiting) + running:  # cut at the drain deadline

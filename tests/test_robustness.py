@@ -64,7 +64,8 @@ def test_compare_variants_are_checked_before_anything_runs(capsys):
     assert compare_label("batching", True) == "same engine with synchronous batching"
     for argv, msg in ((["--engine", "gpu", "--tiny", "--compare", "kv:x"], "--compare: unknown ['kv:x']"),
                       (["--compare", "null"], "are for --engine gpu"),
-                      (["--engine", "gpu", "--tiny", "--async-batching"], "--async-batching needs CUDA")):
+                      (["--engine", "gpu", "--tiny", "--async-batching"], "--async-batching needs CUDA"),
+                      (["--engine", "throttled", "--async-batching"], "--async-batching is for --engine gpu")):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert msg in str(e.value) and "\n" not in str(e.value)

@@ -34,6 +34,34 @@ def test_one_request_step_by_step():
     assert seen[1][1] == pytest.approx(0.012)  # the inter-token gap: a step and a host gap
 
 
+def test_async_batching_hides_the_host_gap_and_reports_each_step_a_step_late():
+    """The same request with async batching: the 2 ms host gap runs beside each 10 ms step (tokens 10 ms apart),
+    and the controller hears of step k only after choosing step k + 1's ratio; a host slower than the GPU paces the
+    steps instead."""
+    events = []
+
+    class Spy(FixedRatio):
+        def _observe(self, kind, latency, now, tokens, ratio, step_s):
+            events.append(("observe", kind, round(now, 6)))
+
+        def _ratio(self, kind, now, tokens):
+            events.append(("ratio", round(now, 6)))
+            return 0.0
+
+    cfg = ServeConfig(max_batch=4, max_batch_tokens=64, async_batching=True)
+    res = sim_serving.SimServer(_flat(0.010, 0.002), cfg).run(Trace([Request(0, 0.5, 3, 4)], {}), controller=Spy())
+    assert res.requests[0].token_times == pytest.approx([0.51, 0.52, 0.53, 0.54])
+    steps = [e for e in events if e[0] == "ratio"]
+    assert len(steps) == 4
+    # step 0 (ends at 0.51) is observed after step 1's ratio is chosen, before step 2's; step 1 before step 3's; the
+    # last two steps are never observed (the run ends)
+    order = [e[:2] if e[0] == "observe" else ("ratio",) for e in events]
+    assert order == [("ratio",), ("ratio",), ("observe", "prefill"), ("ratio",), ("observe", "decode"), ("ratio",)]
+    assert [e for e in events if e[0] == "observe"] == [("observe", "prefill", 0.51), ("observe", "decode", 0.52)]
+    slow_host = sim_serving.SimServer(_flat(0.010, 0.015), cfg).run(Trace([Request(0, 0.5, 3, 4)], {}))
+    assert slow_host.requests[0].token_times == pytest.approx([0.515, 0.53, 0.545, 0.56])
+
+
 def test_slots_queue_and_chunked_prefill():
     """Two slots: a third request waits for a slot; a prompt larger than the step's token budget is prefilled in
     chunks and its first token comes out of the step that finishes it; every request ends with all its tokens."""
