@@ -152,6 +152,10 @@ class SimServer:
         while True:
             admit_until(now)
             if not running and not waiting:
+                for obs in late:  # async: idle, so every step's end has been seen
+                    for args in obs:
+                        ctl.observe(*args)
+                late.clear()
                 if i >= n:
                     break
                 now = reqs[i].t  # idle until the next arrival

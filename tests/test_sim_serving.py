@@ -54,10 +54,11 @@ def test_async_batching_hides_the_host_gap_and_reports_each_step_a_step_late():
     steps = [e for e in events if e[0] == "ratio"]
     assert len(steps) == 4
     # step 0 (ends at 0.51) is observed after step 1's ratio is chosen, before step 2's; step 1 before step 3's; the
-    # last two steps are never observed (the run ends)
+    # last two when the engine goes idle
     order = [e[:2] if e[0] == "observe" else ("ratio",) for e in events]
-    assert order == [("ratio",), ("ratio",), ("observe", "prefill"), ("ratio",), ("observe", "decode"), ("ratio",)]
-    assert [e for e in events if e[0] == "observe"] == [("observe", "prefill", 0.51), ("observe", "decode", 0.52)]
+    assert order == [("ratio",), ("ratio",), ("observe", "prefill"), ("ratio",), ("observe", "decode"), ("ratio",),
+                     ("observe", "decode"), ("observe", "decode")]
+    assert [e[2] for e in events if e[0] == "observe"] == [0.51, 0.52, 0.53, 0.54]
     slow_host = sim_serving.SimServer(_flat(0.010, 0.015), cfg).run(Trace([Request(0, 0.5, 3, 4)], {}))
     assert slow_host.requests[0].token_times == pytest.approx([0.515, 0.53, 0.545, 0.56])
 
