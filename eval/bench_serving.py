@@ -527,7 +527,7 @@ def main(argv=None) -> None:
                          "controller (the start-up profile is then timed from CUDA graphs too)")
     ap.add_argument("--async-batching", action="store_true",
                     help="transformers' async batching (CUDA): the host prepares the next step while the GPU runs "
-                         "this one; steps are timed by CUDA events. On an H200 it served 23-30%% more at ratios 0 "
+                         "this one; steps are timed by CUDA events. On an H200 it served 23-31%% more at ratios 0 "
                          "and 1 (eval/results/README.md, \"Async batching on 5.24\")")
     ap.add_argument("--stop-if-no-gain", action="store_true",
                     help="skip the burst and Poisson runs when calibration finds ratio 1 serving no faster than "
