@@ -284,21 +284,19 @@ def warm_up(srv, args) -> float:
     return time.time() - t
 
 
-# same-process engine variants whose saturated rates `--compare` sets beside the main engine's: name -> row label
-COMPARE = {
-    "eager": "same engine without torch.compile",
-    "batching": "same engine with the other batching mode (synchronous / async)",
-    "null": "same engine with null experts (zeros: the step brownout cannot shorten)",
-    "kv:N": "same engine with the KV length padded to multiples of N tokens for its graphs (attention over less padding)",
-}
+# same-process engine variants whose saturated rates `--compare` sets beside the main engine's (kv:N for any N)
+COMPARE = ("eager", "batching", "null", "kv:N")
 
 
 def compare_label(what: str, main_async: bool) -> str:
+    """The report's row label of a `--compare` variant."""
+    if what == "eager":
+        return "same engine without torch.compile"
     if what == "batching":
         return f"same engine with {'synchronous' if main_async else 'async'} batching"
-    if what.startswith("kv:"):
-        return f"same engine with KV padding {int(what[3:])}"
-    return COMPARE[what]
+    if what == "null":
+        return "same engine with null experts (zeros: the step brownout cannot shorten)"
+    return f"same engine with KV padding {int(what[3:])}"
 
 
 def compare_ok(what: str) -> bool:
@@ -307,20 +305,13 @@ def compare_ok(what: str) -> bool:
     return what in COMPARE and what != "kv:N"
 
 
-@contextlib.contextmanager
-def null_experts(model):
-    """Every MoE layer's experts computing nothing (eval.compile_check's null implementation) inside the block."""
-    from eval.compile_check import null_experts_impl
-
-    with null_experts_impl(model):
-        yield
-
-
 def compare_saturation(srv, args, what: str) -> dict:
-    """The handle served by a variant of `srv`'s engine (`what`, a key of COMPARE; everything else equal), saturated
+    """The handle served by a variant of `srv`'s engine (`what`, one of COMPARE; everything else equal), saturated
     at ratios 0 and 1 in the same process as the main engine. For "eager", compiled norms and rope
     (`--compile-outside-experts`) are undone for it and compiled again after; "null" swaps the model's experts
     implementation for zeros (the ratio is still set, nothing reads it)."""
+    from eval.compile_check import null_experts_impl  # importing it registers the null implementation
+
     cfg = srv.cfg
     if what == "eager":
         cfg = replace(cfg, compile=False)
@@ -333,7 +324,7 @@ def compare_saturation(srv, args, what: str) -> dict:
     if outside is not None:
         outside.undo()
     try:
-        with torch.no_grad(), (null_experts(srv.model) if what == "null" else contextlib.nullcontext()), other:
+        with torch.no_grad(), (null_experts_impl(srv.model) if what == "null" else contextlib.nullcontext()), other:
             w = warm_up(other, args)
             sat = saturation_pair(other, args)
     finally:
@@ -543,7 +534,7 @@ def sat_lines(doc: dict) -> list[str]:
     """The saturated rates at ratios 0 and 1 (and, when measured, those of the same engine without compile)."""
     rows = [("this engine", doc["calibration"].get("saturation"))]
     if doc.get("eager_saturation"):  # results written before --compare
-        rows.insert(0, (COMPARE["eager"], doc["eager_saturation"]))
+        rows.insert(0, (compare_label("eager", False), doc["eager_saturation"]))
     rows[:0] = [(sat["label"], sat) for sat in (doc.get("compare_saturation") or {}).values()]
     rows = [(label, sat) for label, sat in rows if sat]
     if not rows:
