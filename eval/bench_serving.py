@@ -529,6 +529,9 @@ def main(argv=None) -> None:
                     help="transformers' async batching (CUDA): the host prepares the next step while the GPU runs "
                          "this one; steps are timed by CUDA events. On an H200 it served 23-31%% more at ratios 0 "
                          "and 1 (eval/results/README.md, \"Async batching on 5.24\")")
+    ap.add_argument("--attention", choices=("sdpa", "varlen"), default="sdpa",
+                    help="the engine's attention (ServeConfig.attention): sdpa, masked over the whole batch's KV, or "
+                         "varlen, packed sequences through torch's FlashAttention (its PyTorch twin on the CPU)")
     ap.add_argument("--stop-if-no-gain", action="store_true",
                     help="skip the burst and Poisson runs when calibration finds ratio 1 serving no faster than "
                          "ratio 0 (saves device time on a diagnostic call)")
@@ -636,7 +639,7 @@ def main(argv=None) -> None:
                        num_blocks=64 if args.tiny else None, page_size=32 if args.tiny else 256,
                        max_memory_percent=None if args.tiny else 0.4, seed=args.seed,
                        use_cuda_graph=args.cuda_graphs, kv_padding_tokens=args.kv_padding,
-                       async_batching=args.async_batching)
+                       async_batching=args.async_batching, attention=args.attention)
     srv = BrownoutServer(handle, None, scfg)
     srv.start()  # one engine for every run below: same batching, same cache, CUDA graphs captured once
     try:

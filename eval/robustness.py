@@ -44,7 +44,10 @@ Engines:
                          finish its warm-up; on 5.24 it serves after a 66-72 s warm-up, which counts against
                          --time-budget (eval/results/README.md); `--tiny --compile` runs on the CPU.
     --eager-saturation   with either compile: first measure the same handle's saturated rates without it, in the
-                         same process.
+                         same process (the same as `--compare eager`; see --help for the other variants).
+    --attention varlen   the engine's attention packs the sequences through torch's FlashAttention (each query reads
+                         only its own KV) instead of SDPA over the whole batch's KV with a mask
+                         (runtime/serving/varlen_attention.py); `--compare attention` measures the other one too.
 
 The SLOs are calibrated the same way on every engine: `--slo-factor` x the p90 TTFT and TPOT of a ratio-0 run at
 half mu0. mpc gets the capacity measured here (the library's `measure_capacity`) and, on the GPU, the graph-replayed
@@ -177,11 +180,12 @@ def gpu_engine(args):
                       num_blocks=64 if tiny else None, page_size=32 if tiny else 256,
                       max_memory_percent=None if tiny else 0.4, seed=args.seed, use_cuda_graph=not tiny,
                       kv_padding_tokens=0 if tiny else 4096, compile=args.compile,
-                      async_batching=args.async_batching)
+                      async_batching=args.async_batching, attention=args.attention)
     name = "CPU (tiny smoke test)" if tiny else torch.cuda.get_device_name(0)
     shape = "tiny Qwen2-MoE" if tiny else "Qwen1.5-MoE-A2.7B shape (random bf16), CUDA graphs"
     shape += ", torch.compile (transformers' default_compile_level=1)" if args.compile else ""
     shape += ", async batching" if args.async_batching else ""
+    shape += ", varlen attention (torch's FlashAttention)" if args.attention == "varlen" else ""
     shape += (f", norms and rotary embedding compiled ({args.compile_backend})" if args.compile_outside_experts
               else "")
     return BrownoutServer(bm, None, cfg), prof, f"{name}, {shape}, way 4"
@@ -285,15 +289,18 @@ def warm_up(srv, args) -> float:
 
 
 # same-process engine variants whose saturated rates `--compare` sets beside the main engine's (kv:N for any N)
-COMPARE = ("eager", "batching", "null", "kv:N")
+COMPARE = ("eager", "batching", "attention", "null", "kv:N")
+OTHER_ATTENTION = {"sdpa": "varlen", "varlen": "sdpa"}
 
 
-def compare_label(what: str, main_async: bool) -> str:
-    """The report's row label of a `--compare` variant."""
+def compare_label(what: str, main_cfg) -> str:
+    """The report's row label of a `--compare` variant of the engine configured by `main_cfg` (a ServeConfig)."""
     if what == "eager":
         return "same engine without torch.compile"
     if what == "batching":
-        return f"same engine with {'synchronous' if main_async else 'async'} batching"
+        return f"same engine with {'synchronous' if main_cfg.async_batching else 'async'} batching"
+    if what == "attention":
+        return f"same engine with {OTHER_ATTENTION[main_cfg.attention]} attention"
     if what == "null":
         return "same engine with null experts (zeros: the step brownout cannot shorten)"
     return f"same engine with KV padding {int(what[3:])}"
@@ -317,6 +324,8 @@ def compare_saturation(srv, args, what: str) -> dict:
         cfg = replace(cfg, compile=False)
     elif what == "batching":
         cfg = replace(cfg, async_batching=not cfg.async_batching)
+    elif what == "attention":
+        cfg = replace(cfg, attention=OTHER_ATTENTION[cfg.attention])
     elif what.startswith("kv:"):
         cfg = replace(cfg, kv_padding_tokens=int(what[3:]))
     other = BrownoutServer(srv.bm, None, cfg)
@@ -330,10 +339,10 @@ def compare_saturation(srv, args, what: str) -> dict:
     finally:
         if outside is not None:
             compile_outside_experts(srv.model, outside.backend)
-    log(f"{compare_label(what, srv.cfg.async_batching)} (warm-up {w:.0f} s): mu0 {sat[0.0]['req_s']:.2f} req/s, "
+    log(f"{compare_label(what, srv.cfg)} (warm-up {w:.0f} s): mu0 {sat[0.0]['req_s']:.2f} req/s, "
         f"mu1 {sat[1.0]['req_s']:.2f} req/s ({sat[1.0]['req_s'] / sat[0.0]['req_s']:.2f}x); step p50 "
         f"{1e3 * sat[0.0]['step_p50']:.1f} / {1e3 * sat[1.0]['step_p50']:.1f} ms")
-    return {"label": compare_label(what, srv.cfg.async_batching), "warmup_s": w,
+    return {"label": compare_label(what, srv.cfg), "warmup_s": w,
             **{str(r): v for r, v in sat.items()}}
 
 
@@ -534,7 +543,7 @@ def sat_lines(doc: dict) -> list[str]:
     """The saturated rates at ratios 0 and 1 (and, when measured, those of the same engine without compile)."""
     rows = [("this engine", doc["calibration"].get("saturation"))]
     if doc.get("eager_saturation"):  # results written before --compare
-        rows.insert(0, (compare_label("eager", False), doc["eager_saturation"]))
+        rows.insert(0, (compare_label("eager", None), doc["eager_saturation"]))
     rows[:0] = [(sat["label"], sat) for sat in (doc.get("compare_saturation") or {}).values()]
     rows = [(label, sat) for label, sat in rows if sat]
     if not rows:
@@ -652,9 +661,13 @@ def main(argv=None) -> None:
                     help="--engine gpu: transformers' async batching (the host prepares the next step while the GPU "
                          "runs this one; steps timed by CUDA events). --engine sim: its model (no host gap between "
                          "steps, each step's feedback a step late)")
+    ap.add_argument("--attention", choices=("sdpa", "varlen"), default="sdpa",
+                    help="--engine gpu: the engine's attention (ServeConfig.attention): sdpa, masked over the whole "
+                         "batch's KV, or varlen, packed sequences through torch's FlashAttention")
     ap.add_argument("--compare", default="",
                     help="first measure the saturated rates of same-process variants of the engine, comma-separated: "
                          "eager (without --compile / --compile-outside-experts), batching (the other batching mode), "
+                         "attention (the other --attention), "
                          "null (null experts: the floor brownout cannot shorten), kv:N (the KV length padded to "
                          "multiples of N tokens for the graphs; the main engine pads to 4096)")
     ap.add_argument("--eager-saturation", action="store_true", help="the same as --compare eager")

@@ -58,10 +58,15 @@ def test_compare_variants_are_checked_before_anything_runs(capsys):
     the run at once with a one-line message, before a model is built."""
     from eval.robustness import compare_label, compare_ok, main
 
-    assert all(compare_ok(w) for w in ("eager", "batching", "null", "kv:1024"))
+    from runtime.serving import ServeConfig
+
+    assert all(compare_ok(w) for w in ("eager", "batching", "attention", "null", "kv:1024"))
     assert not any(compare_ok(w) for w in ("kv:N", "kv:", "kv:0", "kv:x", "fast"))
-    assert compare_label("kv:256", True) == "same engine with KV padding 256"
-    assert compare_label("batching", True) == "same engine with synchronous batching"
+    main_cfg = ServeConfig(async_batching=True, attention="varlen")
+    assert compare_label("kv:256", main_cfg) == "same engine with KV padding 256"
+    assert compare_label("batching", main_cfg) == "same engine with synchronous batching"
+    assert compare_label("attention", main_cfg) == "same engine with sdpa attention"
+    assert compare_label("attention", ServeConfig()) == "same engine with varlen attention"
     for argv, msg in ((["--engine", "gpu", "--tiny", "--compare", "kv:x"], "--compare: unknown ['kv:x']"),
                       (["--compare", "null"], "are for --engine gpu"),
                       (["--engine", "gpu", "--tiny", "--async-batching"], "--async-batching needs CUDA"),

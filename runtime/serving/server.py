@@ -112,6 +112,11 @@ class ServeConfig:
     # the GPU runs this one, so its bookkeeping leaves the step's latency; steps are timed on the GPU by CUDA events
     # and the controller hears of a step about one step after its launch (see the module docstring)
     async_batching: bool = False
+    # the engine's attention: "sdpa" (the model's own; transformers masks each step's attention over the whole
+    # batch's gathered KV) or "varlen" (packed sequences, each query reads only its own KV: torch's FlashAttention-2
+    # on CUDA in half precision, its PyTorch twin elsewhere; runtime/serving/varlen_attention.py). The model's
+    # attention is switched for the engine's lifetime and switched back when it stops
+    attention: str = "sdpa"
     seed: int = 0
     record_steps: bool = True
 
@@ -180,6 +185,7 @@ class BrownoutServer:
         self._hook: Callable[[], None] | None = None
         self._runs = 0
         self._graph_safe_before: bool | None = None  # the handle's mode before start switched it (None: untouched)
+        self._attention_before: list | None = None  # the model's attention before start switched it (None: untouched)
         self._cuda = next(self.model.parameters()).device.type == "cuda"
 
     def __enter__(self) -> "BrownoutServer":
@@ -204,6 +210,13 @@ class BrownoutServer:
                   max_memory_percent=self.cfg.max_memory_percent)
         if self.cfg.compile:  # transformers' default compile of its paths: mode "default", dynamic shapes
             kw["default_compile_level"] = 1
+            if self.cfg.attention == "varlen":
+                # transformers leaves the varlen path uncompiled under a flash attention (its max lengths change
+                # every step); ours is kept out of the graph instead (varlen_attention_forward), so ask for the
+                # config level 1 gives with SDPA
+                from transformers import CompileConfig
+
+                kw["varlen_compile_config"] = CompileConfig(mode="default", fullgraph=False, dynamic=True)
             # 5.24 compiles the attention forward once per layer (it guards on layer_idx): past Dynamo's default
             # limit of 8 entries the later layers would run eagerly
             from ..compile_outside import raise_recompile_limits
@@ -253,9 +266,15 @@ class BrownoutServer:
             return
         if self.cfg.async_batching and not self._cuda:
             raise BrownoutError("async_batching needs the model on CUDA (transformers overlaps steps on CUDA streams)")
+        if self.cfg.attention not in ("sdpa", "varlen"):
+            raise BrownoutError(f"ServeConfig.attention: 'sdpa' or 'varlen', got {self.cfg.attention!r}")
         if self.cfg.use_cuda_graph or (self.cfg.compile and self._cuda):
             self._enter_graph_safe()
         try:
+            if self.cfg.attention == "varlen":
+                from .varlen_attention import use_varlen_attention
+
+                self._attention_before = use_varlen_attention(self.model)
             self._last_ratio = None  # the handle's ratio may have been turned outside the server
             self._apply_ratio(0.0)
             mgr = self._manager()
@@ -268,6 +287,7 @@ class BrownoutServer:
             mgr.start()
         except BaseException:
             self._leave_graph_safe()
+            self._restore_attention()
             raise
         self._mgr = mgr
 
@@ -278,6 +298,13 @@ class BrownoutServer:
         before = bool(self.bm.graph_safe)
         self.bm.set_graph_safe(True)
         self._graph_safe_before = before
+
+    def _restore_attention(self) -> None:
+        before, self._attention_before = self._attention_before, None
+        if before is not None:
+            from .varlen_attention import restore_attention
+
+            restore_attention(before)
 
     def _leave_graph_safe(self) -> None:
         before, self._graph_safe_before = self._graph_safe_before, None
@@ -306,6 +333,7 @@ class BrownoutServer:
                 self._apply_ratio(0.0)
             finally:
                 self._leave_graph_safe()
+                self._restore_attention()
 
     def _reopen_admission(self) -> None:
         """Work around a transformers continuous-batching stall (seen on 5.24): when the cache fills, the scheduler
