@@ -325,6 +325,22 @@ def test_mpc_backlog_floor_is_the_smallest_ratio_that_reaches_the_queue_in_time(
     assert c.queue_floor == 0.0
 
 
+def test_mpc_offered_load_right_after_a_start_is_not_diluted_by_the_empty_window():
+    """A run that starts loaded: 1.5 s in, with fewer than `load_count` arrivals per 2 s window, the load is read over
+    the 1.5 s since the first arrival, not over a 2 s window that reaches back before it (which would read 75%)."""
+    c = make_controller("mpc", 0.25, 0.15, capacity={0.0: 1000.0, 1.0: 2500.0}, load_count=64)
+    t = 0.0
+    for _ in range(30):  # 20 req/s x 10 tokens from t = 0
+        c.observe_arrival(t, 1, 10)
+        t += 0.05
+    assert c.offered_load(t) == pytest.approx(200.0, rel=0.05)
+    c.reset()  # a new run: its own start, which the first arrival marks (its own tokens are not counted)
+    c.observe_arrival(100.0, 1, 10)
+    assert c.offered_load(100.2) == 0.0
+    c.observe_arrival(100.5, 1, 10)
+    assert c.offered_load(101.0) == pytest.approx(10.0, rel=0.05)
+
+
 def test_mpc_offered_load_follows_a_burst_within_load_count_arrivals():
     """The offered load is taken over the last `load_count` arrivals (within `load_window`): after a step from 10 to
     40 req/s it reads the new rate once `load_count` arrivals of it came (0.8 s at 32), not a 2 s window later."""

@@ -495,6 +495,7 @@ class ModelPredictive(Controller):
             w.clear()
         with self._arr_lock:
             self._arrivals.clear()
+            self._first: float | None = None  # the first arrival since reset
 
     def _observe_queue(self, age, waiting, now, running=None) -> None:
         slo = self.slo["prefill"]
@@ -527,6 +528,8 @@ class ModelPredictive(Controller):
     def _observe_arrival(self, now, prompt_tokens, output_tokens) -> None:
         with self._arr_lock:
             self._arrivals.add(now, output_tokens)
+            if self._first is None:
+                self._first = now
 
     def _arm(self, now: float, load: float, hold_s: float | None = None) -> None:
         """Arm the load floor for `hold_s` (default `load_window`) s; `load` (output tokens/s) is what the hold
@@ -556,10 +559,17 @@ class ModelPredictive(Controller):
         count = self.load_count if count is None else int(count)
         window = [t for _, t in snap]
         start = snap[-count - 1][0] if len(window) > count else None
-        recent, span = window, self.load_window
+        # the window reaches back no further than the first arrival since `reset`: for `load_window` s after a start
+        # the load would read low by the share of the window before it (a run that starts loaded read 72% of its
+        # Poisson rate 1.6 s in, under ratio 0's rate, and the floor let go). Over that shorter span the first
+        # arrival only marks its start: counted too, a few arrivals would read high
+        full, whole = self.load_window, window
+        if self._first is not None and now - self._first < self.load_window and window:
+            full, whole = max(now - self._first, 1e-3), window[1:]
+        recent, span = whole, full
         if start is not None:
             last, last_span = window[-count:], max(now - start, 1e-3)
-            if sum(last) / last_span >= sum(window) / self.load_window:  # the count reads more: take it
+            if sum(last) / last_span >= sum(whole) / full:  # the count reads more: take it
                 recent, span = last, last_span
         return float(sum(recent)), float(sum(t * t for t in recent)), len(recent), span
 
