@@ -125,6 +125,17 @@ def test_server_switches_the_attention_for_the_engine_only(tiny_model):
         mgr.destroy()
 
 
+def test_an_older_transformers_is_refused_in_one_line(tiny_model, monkeypatch):
+    """5.17's engine renames the attention "paged|<name>" and wants its own paged wrapper: refused before any
+    engine starts, the model's attention untouched."""
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    with pytest.raises(BrownoutError, match="transformers >= 5.24") as e:
+        va.use_varlen_attention(tiny_model)
+    assert "\n" not in str(e.value) and tiny_model.config._attn_implementation == "sdpa"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or va._FLASH is None, reason="torch's FlashAttention needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("h,hkv,window", [(16, 16, None), (32, 4, None), (16, 8, 64)])

@@ -32,6 +32,11 @@ finds the step's end event passed: about when transformers hands its tokens out,
 request's first token is known only after that update, so a request stays "prefilling" to the hook until its
 last prompt chunk has run.
 
+Attention (`ServeConfig.attention`). With "sdpa" (the default, the model's own) transformers attends every step over
+the whole batch's gathered KV with a mask. "varlen" switches the model, for the engine's lifetime, to torch's
+variable-length FlashAttention (`varlen_attention.py`): the engine then packs the sequences and each query reads only
+its own KV (checked on transformers 5.24).
+
 CUDA graphs (`use_cuda_graph=True`): a captured graph replays what it captured, so the server switches the handle to
 graph-safe mode when the engine starts (`set_graph_safe(True)`: the brownout layers run their backend at every
 ratio, 0 included, and read the ratio from a device scalar that `set_ratio` rewrites in place, so graphs captured

@@ -27,6 +27,8 @@ import torch
 from ..errors import BrownoutError
 
 NAME = "brownout_flash_varlen"  # "flash" in the name is what makes transformers' engine pack sequences for it
+# checked on 5.24; 5.17's engine renames the attention "paged|<name>" and expects a paged wrapper registered for it
+MIN_TRANSFORMERS = (5, 24)
 
 
 def _flash_fn():
@@ -51,8 +53,7 @@ def varlen_attention_reference(q, k, v, cu_q, cu_k, scale: float, sliding_window
     """q [Tq, H, D], k / v [Tk, Hkv, D], cu_q / cu_k [N + 1] cumulative lengths -> [Tq, H, D] (zeros past cu_q[-1])."""
     out = torch.zeros_like(q)
     rep = q.shape[1] // k.shape[1]
-    for s, (q0, q1, k0, k1) in enumerate(zip(cu_q[:-1].tolist(), cu_q[1:].tolist(),
-                                             cu_k[:-1].tolist(), cu_k[1:].tolist())):
+    for q0, q1, k0, k1 in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
         nq, nk = q1 - q0, k1 - k0
         if nq == 0:
             continue
@@ -129,8 +130,14 @@ def use_varlen_attention(model) -> list:
     Set on the configs directly: `model.set_attn_implementation` would take a name with "flash" in it for a
     flash_attn package or a hub kernel and try to load one (modeling_utils, transformers 5.24).
     """
+    import transformers
+    from packaging.version import Version
     from transformers import PreTrainedModel
 
+    if Version(transformers.__version__).release < MIN_TRANSFORMERS:
+        raise BrownoutError(f"attention='varlen' needs transformers >= {'.'.join(map(str, MIN_TRANSFORMERS))} (this "
+                            f"is {transformers.__version__}, whose engine wraps a flash attention in its own paged "
+                            f"call); use attention='sdpa'")
     register()
     configs = {id(m.config): m.config for m in model.modules() if isinstance(m, PreTrainedModel)}
     if any(not hasattr(c, "_attn_implementation_internal") for c in configs.values()):
