@@ -326,19 +326,20 @@ def test_mpc_backlog_floor_is_the_smallest_ratio_that_reaches_the_queue_in_time(
 
 
 def test_mpc_offered_load_right_after_a_start_is_not_diluted_by_the_empty_window():
-    """A run that starts loaded: 1.5 s in, with fewer than `load_count` arrivals per 2 s window, the load is read over
-    the 1.5 s since the first arrival, not over a 2 s window that reaches back before it (which would read 75%)."""
-    c = make_controller("mpc", 0.25, 0.15, capacity={0.0: 1000.0, 1.0: 2500.0}, load_count=64)
+    """A run that starts loaded: 1.5 s in, once `load_count` arrivals came, the load is read over the 1.5 s since the
+    first arrival (which marks the start, its own tokens not counted), not over a 2 s window that reaches back before
+    it (which reads 75%); with fewer arrivals, over the whole window still."""
+    c = make_controller("mpc", 0.25, 0.15, capacity={0.0: 1000.0, 1.0: 2500.0}, load_count=16)
     t = 0.0
-    for _ in range(30):  # 20 req/s x 10 tokens from t = 0
+    for i in range(31):  # 20 req/s x 10 tokens from t = 0, checked at 0.5 s (10 arrivals) and at 1.5 s (30)
+        if i == 10:
+            assert c._recent(t)[3] == 2.0  # fewer than load_count: the whole window
         c.observe_arrival(t, 1, 10)
         t += 0.05
-    assert c.offered_load(t) == pytest.approx(200.0, rel=0.05)
-    c.reset()  # a new run: its own start, which the first arrival marks (its own tokens are not counted)
+    assert c.offered_load(1.5) == pytest.approx(200.0, rel=0.05)
+    c.reset()  # a new run: its own start
     c.observe_arrival(100.0, 1, 10)
-    assert c.offered_load(100.2) == 0.0
-    c.observe_arrival(100.5, 1, 10)
-    assert c.offered_load(101.0) == pytest.approx(10.0, rel=0.05)
+    assert c.offered_load(101.0) == pytest.approx(5.0)  # one arrival, over the whole window
 
 
 def test_mpc_offered_load_follows_a_burst_within_load_count_arrivals():

@@ -496,6 +496,7 @@ class ModelPredictive(Controller):
         with self._arr_lock:
             self._arrivals.clear()
             self._first: float | None = None  # the first arrival since reset
+            self._since_first = 0  # arrivals since reset
 
     def _observe_queue(self, age, waiting, now, running=None) -> None:
         slo = self.slo["prefill"]
@@ -530,6 +531,7 @@ class ModelPredictive(Controller):
             self._arrivals.add(now, output_tokens)
             if self._first is None:
                 self._first = now
+            self._since_first += 1
 
     def _arm(self, now: float, load: float, hold_s: float | None = None) -> None:
         """Arm the load floor for `hold_s` (default `load_window`) s; `load` (output tokens/s) is what the hold
@@ -559,12 +561,14 @@ class ModelPredictive(Controller):
         count = self.load_count if count is None else int(count)
         window = [t for _, t in snap]
         start = snap[-count - 1][0] if len(window) > count else None
-        # the window reaches back no further than the first arrival since `reset`: for `load_window` s after a start
-        # the load would read low by the share of the window before it (a run that starts loaded read 72% of its
-        # Poisson rate 1.6 s in, under ratio 0's rate, and the floor let go). Over that shorter span the first
-        # arrival only marks its start: counted too, a few arrivals would read high
+        # once `count` arrivals have come since `reset`, the window reaches back no further than the first of them:
+        # for `load_window` s after a start the load would read low by the share of the window before it (a run that
+        # starts loaded read 72% of its Poisson rate 1.6 s in, under ratio 0's rate, and the floor let go). Over
+        # that shorter span the first arrival only marks its start. With fewer arrivals the short span reads high
+        # too often (on an 8-slot engine such reads armed the floor before a burst where ratio 0 held)
         full, whole = self.load_window, window
-        if self._first is not None and now - self._first < self.load_window and window:
+        if (self._first is not None and now - self._first < self.load_window and window
+                and self._since_first >= count):
             full, whole = max(now - self._first, 1e-3), window[1:]
         recent, span = whole, full
         if start is not None:
