@@ -55,6 +55,7 @@ import torch
 from runtime.serving import (BrownoutServer, FixedRatio, LatencyProfile, ServeConfig, burst_test, capacity,
                              make_controller, median_saturation, poisson, saturation_trace, summarize, timeline)
 from runtime.serving.calibration import REPEATS
+from runtime.serving.server import ATTENTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -529,7 +530,7 @@ def main(argv=None) -> None:
                     help="transformers' async batching (CUDA): the host prepares the next step while the GPU runs "
                          "this one; steps are timed by CUDA events. On an H200 it served 23-31%% more at ratios 0 "
                          "and 1 (eval/results/README.md, \"Async batching on 5.24\")")
-    ap.add_argument("--attention", choices=("sdpa", "varlen"), default="sdpa",
+    ap.add_argument("--attention", choices=ATTENTIONS, default="sdpa",
                     help="the engine's attention (ServeConfig.attention): sdpa, masked over the whole batch's KV, or "
                          "varlen, packed sequences through torch's FlashAttention (its PyTorch twin on the CPU)")
     ap.add_argument("--stop-if-no-gain", action="store_true",

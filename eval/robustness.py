@@ -75,6 +75,7 @@ from runtime.compile_outside import compiled_outside
 from runtime.serving import (BrownoutServer, FixedRatio, LatencyProfile, ServeConfig, burst_test, make_controller,
                              median_saturation, poisson, ramp, saturation_trace, spike, summarize, timeline)
 from runtime.serving.calibration import REPEATS, saturation_runs
+from runtime.serving.server import ATTENTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "eval" / "results"
@@ -661,7 +662,7 @@ def main(argv=None) -> None:
                     help="--engine gpu: transformers' async batching (the host prepares the next step while the GPU "
                          "runs this one; steps timed by CUDA events). --engine sim: its model (no host gap between "
                          "steps, each step's feedback a step late)")
-    ap.add_argument("--attention", choices=("sdpa", "varlen"), default="sdpa",
+    ap.add_argument("--attention", choices=ATTENTIONS, default="sdpa",
                     help="--engine gpu: the engine's attention (ServeConfig.attention): sdpa, masked over the whole "
                          "batch's KV, or varlen, packed sequences through torch's FlashAttention")
     ap.add_argument("--compare", default="",

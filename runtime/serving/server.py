@@ -86,6 +86,9 @@ OK, REJECTED, TIMEOUT, FAILED = "ok", "rejected", "timeout", "failed"
 CPU_CACHE_TOKENS_PER_REQUEST = 1024
 
 
+ATTENTIONS = ("sdpa", "varlen")  # what ServeConfig.attention takes
+
+
 @dataclass
 class ServeConfig:
     max_batch: int = 64  # requests per step (transformers' max_requests_per_batch)
@@ -271,8 +274,8 @@ class BrownoutServer:
             return
         if self.cfg.async_batching and not self._cuda:
             raise BrownoutError("async_batching needs the model on CUDA (transformers overlaps steps on CUDA streams)")
-        if self.cfg.attention not in ("sdpa", "varlen"):
-            raise BrownoutError(f"ServeConfig.attention: 'sdpa' or 'varlen', got {self.cfg.attention!r}")
+        if self.cfg.attention not in ATTENTIONS:
+            raise BrownoutError(f"ServeConfig.attention: one of {ATTENTIONS}, got {self.cfg.attention!r}")
         if self.cfg.use_cuda_graph or (self.cfg.compile and self._cuda):
             self._enter_graph_safe()
         try:
