@@ -137,6 +137,10 @@ class SimServer:
         deadline = (reqs[-1].t if reqs else 0.0) + cfg.drain_timeout_s
         late: deque[list] = deque()  # async batching: each step's observations, held back one step
 
+        def feed(obs: list) -> None:  # one step's observations, to the controller
+            for args in obs:
+                ctl.observe(*args)
+
         def admit_until(t: float) -> None:
             nonlocal i
             while i < n and reqs[i].t <= t:
@@ -152,10 +156,8 @@ class SimServer:
         while True:
             admit_until(now)
             if not running and not waiting:
-                for obs in late:  # async: idle, so every step's end has been seen
-                    for args in obs:
-                        ctl.observe(*args)
-                late.clear()
+                while late:  # async: idle, so every step's end has been seen
+                    feed(late.popleft())
                 if i >= n:
                     break
                 now = reqs[i].t  # idle until the next arrival
@@ -179,8 +181,7 @@ class SimServer:
             pre = [r for r in running if r.key in chunks]
             n_pre, n_dec = sum(chunks.values()), len(dec)
             while len(late) > 1:  # async: the steps before the last one are what the host has seen end by now
-                for args in late.popleft():
-                    ctl.observe(*args)
+                feed(late.popleft())
             age = now - waiting[0].rec.arrival if waiting else 0.0
             ctl.observe_queue(age, len(waiting), now, len(pre) + len(dec))
             ratio = ctl.step_ratio(bool(pre), bool(dec), now, n_pre + n_dec)
@@ -214,8 +215,7 @@ class SimServer:
             if cfg.async_batching:
                 late.append(obs)
             else:
-                for args in obs:
-                    ctl.observe(*args)
+                feed(obs)
             if cfg.record_steps:
                 steps.append(StepRecord(t0, now, step, n_pre, n_dec, len(pre) + len(dec), ratio, len(waiting)))
             done = {r.key for r in finished}
