@@ -444,8 +444,9 @@ def test_saturation_doubles_the_rate_while_the_queue_runs_dry():
 
 
 def test_capacity_is_the_median_of_interleaved_runs():
-    """measure_capacity keeps, per ratio, the run of median rate out of REPEATS, the ratios interleaved and each
-    run on another saturation trace; every run's rate is listed. repeats < 1 is refused."""
+    """measure_capacity first makes WARM_RUNS run(s) it throws away, then keeps, per ratio, the run of median rate
+    out of REPEATS, the ratios interleaved and each run on another saturation trace; every kept run's rate is
+    listed. repeats < 1 and warm_runs < 0 are refused."""
     from runtime.serving import calibration, median_saturation
     from runtime.serving.server import ServeResult, StepRecord
 
@@ -459,17 +460,20 @@ def test_capacity_is_the_median_of_interleaved_runs():
             steps = [StepRecord(0.1 * i, 0.1 * i + 0.1, 0.1, 0, d, 8, controller.r, 4) for i in range(20)]
             return ServeResult([], steps, 2.0, {}, "fixed")
 
-    assert calibration.REPEATS == 3
-    eng = Fake([8, 4, 2, 5, 6, 3])  # ratio 0 gets 8, 2, 6 tokens per step; ratio 1 gets 4, 5, 3
+    assert calibration.REPEATS == 3 and calibration.WARM_RUNS == 1
+    eng = Fake([1, 8, 4, 2, 5, 6, 3])  # a warm run (1, not kept); ratio 0 gets 8, 2, 6 tokens per step; 1 gets 4, 5, 3
     cap = measure_capacity(eng, seconds=2.0, rate=10.0, max_prompt=8, max_output=16)
-    assert [c[0] for c in eng.calls] == [0.0, 1.0] * 3  # interleaved
-    assert len({c[1:] for c in eng.calls[::2]}) == 3  # three different saturation traces
+    assert [c[0] for c in eng.calls] == [0.0] + [0.0, 1.0] * 3  # the warm run, then interleaved
+    assert len({c[1:] for c in eng.calls[::2]}) == 4  # four different saturation traces, the warm one included
     assert cap == {0.0: pytest.approx(6 / 0.1), 1.0: pytest.approx(4 / 0.1)}  # 20 steps in 2 s: tokens/step x 10
-    m = median_saturation(Fake([8, 4, 2, 5]), repeats=2, seconds=2.0, rate=10.0, max_prompt=8, max_output=16)
+    m = median_saturation(Fake([8, 4, 2, 5]), repeats=2, warm_runs=0, seconds=2.0, rate=10.0, max_prompt=8,
+                          max_output=16)
     assert m[0.0]["tok_s"] == pytest.approx(20.0) and m[1.0]["tok_s"] == pytest.approx(40.0)  # the lower median
     assert m[0.0]["runs"] == pytest.approx([4 * m[0.0]["req_s"], m[0.0]["req_s"]])  # 80 and 20 tokens/s, in order
     with pytest.raises(BrownoutError):
         median_saturation(Fake([]), repeats=0)
+    with pytest.raises(BrownoutError):
+        median_saturation(Fake([]), warm_runs=-1)
 
 
 def test_capacity_interpolation():

@@ -21,7 +21,8 @@ ratio, by one of two loads:
                        after the last arrival), the rate taken from min(1, seconds / 4) s on.
 
 `measure_capacity` takes the median of `REPEATS` such runs per ratio (`median_saturation`): on the H200 engine one
-run's rate moved by up to 10-12% (max - min over mean) between runs of the same process.
+run's rate moved by up to 10-12% (max - min over mean) between runs of the same process. Before them it makes
+`WARM_RUNS` run(s) it does not keep: a fresh engine's first saturated run is slow (new batch shapes to capture).
 
 Everything here is a real-time run of `BrownoutServer.run`; it takes about `seconds` + 1 s per ratio and run.
 """
@@ -42,8 +43,13 @@ log = logging.getLogger(__name__)
 DRY_SHARE = 0.1  # share of saturation steps with nobody waiting above which the rate is likely understated
 MAX_DOUBLINGS = 2  # re-runs at twice the arrival rate when the queue ran dry (120 -> 480 req/s at most by default)
 REPEATS = 3  # saturation runs per ratio in `measure_capacity`: the median of three
+# Saturation runs made and thrown away before the kept ones. On the H200 engines the first saturated run after a
+# warm-up with a queue at t = 0 served 27-39% less than the next ones in all three processes measured
+# (eval/results/README.md, "Varlen attention in the engine"): arrivals over time bring batch shapes whose CUDA graphs
+# (and compiled kernels) the warm-up had not made yet, and the median of three only partly hid it.
+WARM_RUNS = 1
 
-__all__ = ["DRY_SHARE", "MAX_DOUBLINGS", "REPEATS", "measure_capacity", "measure_saturation", "median_saturation",
+__all__ = ["DRY_SHARE", "MAX_DOUBLINGS", "REPEATS", "WARM_RUNS", "measure_capacity", "measure_saturation", "median_saturation",
            "mean_output_len", "saturation_runs", "saturation_trace", "service_rate"]
 
 
@@ -133,14 +139,18 @@ def _run_fixed(server, trace: Trace, ratio: float, **driver):
     return res
 
 
-def saturation_runs(server, ratios=(0.0, 1.0), repeats: int = REPEATS, seed: int = 11,
+def saturation_runs(server, ratios=(0.0, 1.0), repeats: int = REPEATS, seed: int = 11, warm_runs: int = WARM_RUNS,
                     **kw) -> dict[float, list[dict]]:
     """{ratio: [`measure_saturation` dict per run]}: `repeats` runs per ratio, each on another saturation trace
     (seed, seed + 1, ...), the ratios interleaved (0, 1, 0, 1, ...: a drift of the engine reaches every ratio
-    alike)."""
-    if repeats < 1:
-        raise BrownoutError(f"repeats must be >= 1, got {repeats}")
+    alike). First `warm_runs` runs at the first ratio (traces seed - 1, seed - 2, ...) whose rates are not kept."""
+    if repeats < 1 or warm_runs < 0:
+        raise BrownoutError(f"repeats must be >= 1 and warm_runs >= 0, got {repeats} and {warm_runs}")
     runs: dict[float, list[dict]] = {float(r): [] for r in ratios}
+    for i in range(warm_runs):  # not kept: see WARM_RUNS
+        m = measure_saturation(server, float(ratios[0]), seed=seed - 1 - i, **kw)
+        log.info("saturation warm run %d of %d at ratio %g (not kept): %.2f req/s", i + 1, warm_runs,
+                 float(ratios[0]), m["req_s"])
     for i in range(repeats):
         for r in runs:
             runs[r].append(measure_saturation(server, r, seed=seed + i, **kw))
@@ -148,14 +158,14 @@ def saturation_runs(server, ratios=(0.0, 1.0), repeats: int = REPEATS, seed: int
     return runs
 
 
-def median_saturation(server, ratios=(0.0, 1.0), repeats: int = REPEATS, seed: int = 11,
+def median_saturation(server, ratios=(0.0, 1.0), repeats: int = REPEATS, seed: int = 11, warm_runs: int = WARM_RUNS,
                       **kw) -> dict[float, dict]:
-    """{ratio: the `measure_saturation` run of median rate} over the `saturation_runs` (`repeats` per ratio,
-    interleaved, each on another saturation trace). One run's rate moves by about +-5% between runs of the same engine (the GPU engine of
+    """{ratio: the `measure_saturation` run of median rate} over the `saturation_runs` (`warm_runs` thrown away, then
+    `repeats` per ratio, interleaved, each on another saturation trace). One run's rate moves by about +-5% between runs of the same engine (the GPU engine of
     eval/results/README.md, "Calibration repeated"); the median of three leaves out one outlier either way. Each
     dict gets "runs": every run's req/s, in order."""
     out = {}
-    for r, rs in saturation_runs(server, ratios, repeats, seed, **kw).items():
+    for r, rs in saturation_runs(server, ratios, repeats, seed, warm_runs, **kw).items():
         ok = sorted((x for x in rs if math.isfinite(x["tok_s"])), key=lambda x: x["tok_s"])
         best = ok[(len(ok) - 1) // 2] if ok else rs[0]  # the lower median of an even count: no overstatement
         out[r] = {**best, "runs": [x["req_s"] for x in rs]}
@@ -164,7 +174,8 @@ def median_saturation(server, ratios=(0.0, 1.0), repeats: int = REPEATS, seed: i
 
 def measure_capacity(server, ratios=(0.0, 1.0), repeats: int = REPEATS, **kw) -> dict[float, float]:
     """{ratio: saturated decode tokens per second} of `server`'s engine, the median of `repeats`
-    `measure_saturation` runs per ratio (`median_saturation`; keywords as in `measure_saturation`): the `capacity`
+    `measure_saturation` runs per ratio after `warm_runs` (default `WARM_RUNS`) thrown away (`median_saturation`;
+    other keywords as in `measure_saturation`): the `capacity`
     of `make_controller("mpc", ...)`. Raises BrownoutError if a ratio served no decode step in its window (a load
     too short or an engine that failed)."""
     cap = {}
