@@ -290,7 +290,7 @@ def warm_up(srv, args) -> float:
 
 
 # same-process engine variants whose saturated rates `--compare` sets beside the main engine's (kv:N for any N)
-COMPARE = ("eager", "batching", "attention", "null", "kv:N")
+COMPARE = ("eager", "batching", "attention", "null", "leftalone", "kv:N")
 OTHER_ATTENTION = {"sdpa": "varlen", "varlen": "sdpa"}
 
 
@@ -304,6 +304,8 @@ def compare_label(what: str, main_cfg) -> str:
         return f"same engine with {OTHER_ATTENTION[main_cfg.attention]} attention"
     if what == "null":
         return "same engine with null experts (zeros: the step brownout cannot shorten)"
+    if what == "leftalone":
+        return "same engine with the left-alone layers on the model's own experts implementation"
     return f"same engine with KV padding {int(what[3:])}"
 
 
@@ -311,6 +313,20 @@ def compare_ok(what: str) -> bool:
     if what.startswith("kv:"):
         return what[3:].isdigit() and int(what[3:]) > 0
     return what in COMPARE and what != "kv:N"
+
+
+class OwnLeftAlone:
+    """A BrownoutMoE handle whose graph-safe mode keeps the left-alone layers on the model's own implementation
+    (`set_graph_safe(on, left_alone="own")`): the `--compare leftalone` variant."""
+
+    def __init__(self, bm):
+        self._bm = bm
+
+    def set_graph_safe(self, on: bool) -> None:
+        self._bm.set_graph_safe(on, left_alone="own")
+
+    def __getattr__(self, name):
+        return getattr(self._bm, name)
 
 
 def compare_saturation(srv, args, what: str) -> dict:
@@ -329,7 +345,7 @@ def compare_saturation(srv, args, what: str) -> dict:
         cfg = replace(cfg, attention=OTHER_ATTENTION[cfg.attention])
     elif what.startswith("kv:"):
         cfg = replace(cfg, kv_padding_tokens=int(what[3:]))
-    other = BrownoutServer(srv.bm, None, cfg)
+    other = BrownoutServer(OwnLeftAlone(srv.bm) if what == "leftalone" else srv.bm, None, cfg)
     outside = compiled_outside(srv.model) if what == "eager" else None
     if outside is not None:
         outside.undo()
@@ -669,7 +685,9 @@ def main(argv=None) -> None:
                     help="first measure the saturated rates of same-process variants of the engine, comma-separated: "
                          "eager (without --compile / --compile-outside-experts), batching (the other batching mode), "
                          "attention (the other --attention), "
-                         "null (null experts: the floor brownout cannot shorten), kv:N (the KV length padded to "
+                         "null (null experts: the floor brownout cannot shorten), leftalone (the layers without a "
+                         "united tier on the model's own experts implementation instead of the fused kernel), "
+                         "kv:N (the KV length padded to "
                          "multiples of N tokens for the graphs; the main engine pads to 4096)")
     ap.add_argument("--eager-saturation", action="store_true", help="the same as --compare eager")
     ap.add_argument("--report", default=None, metavar="JSON",

@@ -13,6 +13,9 @@ place by `set_ratio`, never from a Python float, which torch.compile would bake 
     brownout::experts_triton(... same arguments ...) -> out
         runtime.kernels: the one-launch remap reading `keep` on the device + the fused two-tier kernel, so a CUDA
         graph captured from the compiled model follows `set_ratio` too
+    brownout::experts_fused(hidden_states, top_k_index, top_k_weights, gate_up, down) -> out
+        the fused kernel over the experts as routed, no remap and no ratio: what a layer the checkpoint left alone
+        runs in graph-safe mode (runtime.experts_impl)
 
 The two experts ops cover one layout, the one `expressible` accepts: gate and up concatenated, not transposed, no
 bias, no post-expert norm, the default gate with SiLU (what the fused kernel computes). A layer of another layout
@@ -97,6 +100,19 @@ def experts_triton(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k
     ratio = host_ratio(keep) if policy == "mass" else 1.0
     ids, weights = kernels.remap(top_k_index, top_k_weights, expert_to_group, num_groups, ratio, policy, keep=keep)
     return kernels.fused_moe.fused_moe(hidden_states, gate_up, down, ids, weights, num_slabs=gate_up.shape[0])
+
+
+@torch.library.custom_op("brownout::experts_fused", mutates_args=())
+def experts_fused(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                  gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """The experts forward of the `LAYOUT` layout through the fused kernel, the routing as given (no united tier)."""
+    return kernels.fused_moe.fused_moe(hidden_states, gate_up, down, top_k_index, top_k_weights,
+                                       num_slabs=gate_up.shape[0])
+
+
+@experts_fused.register_fake
+def _(hidden_states, top_k_index, top_k_weights, gate_up, down):
+    return torch.empty_like(hidden_states)
 
 
 def _fake_experts(hidden_states, top_k_index, top_k_weights, expert_to_group, keep, gate_up, down, num_groups, policy):

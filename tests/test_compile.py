@@ -120,6 +120,31 @@ def test_grouped_backend_compiles_its_remap_op(tiny_dir, united):
     bm.detach()
 
 
+def test_graph_safe_left_alone_layers_compile_to_the_fused_op(tiny_dir, tmp_path):
+    """Graph-safe mode puts a left-alone layer on the fused kernel (the Triton interpreter here); compiled, it is the
+    `experts_fused` op in the one graph, next to the united layers' `experts_triton`, and the graph follows
+    set_ratio without recompiling."""
+    model = load(tiny_dir(FAMILY))
+    x = _inputs(model)
+    opts = {**FAST, "way": 2, "grouping": "similarity", "merge": "activation", "skip_layers": [0]}
+    bm = BrownoutMoE.attach(model, str(build(tiny_dir(FAMILY), BuildOptions(out=str(tmp_path / "u"), **opts))),
+                            backend="triton")
+    bm.set_graph_safe(True)
+    assert bm.left_alone_on_kernel == [0]
+    want = {r: _eager(model, x, bm, r) for r in (0.0, 1.0)}
+    rec, run = _compiled(model)
+    with torch.no_grad():
+        bm.set_ratio(0.0)
+        torch.testing.assert_close(run(x), want[0.0], rtol=1e-4, atol=1e-4)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            bm.set_ratio(1.0)
+            torch.testing.assert_close(run(x), want[1.0], rtol=1e-4, atol=1e-4)
+    assert rec.count(torch.ops.brownout.experts_fused.default) == 1
+    assert rec.count(torch.ops.brownout.experts_triton.default) == len(bm.layers)
+    assert len(rec.graphs) == 1
+    bm.detach()
+
+
 def test_expressible_is_the_default_silu_layout(tiny_dir):
     from runtime.discover import find_moe_layers
 

@@ -56,17 +56,29 @@ def test_trace_rates_follow_the_measured_service_rates():
 def test_compare_variants_are_checked_before_anything_runs(capsys):
     """`--compare` names same-process engine variants; a bad one (or one for an engine that cannot take it) stops
     the run at once with a one-line message, before a model is built."""
-    from eval.robustness import compare_label, compare_ok, main
+    from eval.robustness import OwnLeftAlone, compare_label, compare_ok, main
 
     from runtime.serving import ServeConfig
 
-    assert all(compare_ok(w) for w in ("eager", "batching", "attention", "null", "kv:1024"))
+    assert all(compare_ok(w) for w in ("eager", "batching", "attention", "null", "leftalone", "kv:1024"))
     assert not any(compare_ok(w) for w in ("kv:N", "kv:", "kv:0", "kv:x", "fast"))
     main_cfg = ServeConfig(async_batching=True, attention="varlen")
     assert compare_label("kv:256", main_cfg) == "same engine with KV padding 256"
     assert compare_label("batching", main_cfg) == "same engine with synchronous batching"
     assert compare_label("attention", main_cfg) == "same engine with sdpa attention"
     assert compare_label("attention", ServeConfig()) == "same engine with varlen attention"
+    assert "left-alone layers on the model's own" in compare_label("leftalone", main_cfg)
+
+    class Handle:  # what `--compare leftalone` wraps: its server's graph-safe switch keeps the model's own there
+        graph_safe, calls = False, []
+
+        def set_graph_safe(self, on, left_alone="kernel"):
+            self.calls.append((on, left_alone))
+
+    h = OwnLeftAlone(Handle())
+    h.set_graph_safe(True)
+    h.set_graph_safe(False)
+    assert h.calls == [(True, "own"), (False, "own")] and h.graph_safe is False
     for argv, msg in ((["--engine", "gpu", "--tiny", "--compare", "kv:x"], "--compare: unknown ['kv:x']"),
                       (["--compare", "null"], "are for --engine gpu"),
                       (["--engine", "gpu", "--tiny", "--async-batching"], "--async-batching needs CUDA"),

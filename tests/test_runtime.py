@@ -263,6 +263,51 @@ def test_graph_safe_ratio_zero_runs_the_backend(tiny_dir, united, monkeypatch):
     bm.detach()
 
 
+def test_graph_safe_runs_left_alone_layers_on_the_kernel(tiny_dir, united, monkeypatch):
+    """In graph-safe mode a layer the checkpoint left alone runs the fused kernel over its own experts (the Triton
+    interpreter here): the model's computation within float rounding, at every ratio. left_alone="own" keeps the
+    model's implementation there; off again, ratio 0 is the model bit for bit; a bad choice is refused."""
+    from runtime import kernels
+
+    slabs_per_call = []
+    fused = kernels.fused_moe.fused_moe
+    monkeypatch.setattr(kernels.fused_moe, "fused_moe",
+                        lambda *a, **k: slabs_per_call.append(a[1].shape[0]) or fused(*a, **k))
+    model = load(tiny_dir("qwen3_moe"))
+    x = _inputs(model)
+    with torch.no_grad():
+        want = model(x).logits
+        bm = BrownoutMoE.attach(model, united("qwen3_moe", skip_layers=[0]), backend="triton")
+        left = sorted(set(bm.moe) - set(bm.layers))
+        assert left == [0] and bm.layers and bm.left_alone_on_kernel == []
+        E = bm.moe[0].num_experts
+        bm.set_ratio(1.0)
+        want1 = model(x).logits  # the left-alone layer on the model's own implementation
+        with pytest.raises(BrownoutError, match="left_alone must be"):
+            bm.set_graph_safe(True, left_alone="fast")
+        assert not bm.graph_safe
+        bm.set_graph_safe(True)
+        assert bm.left_alone_on_kernel == [0] and "on the fused kernel (graph-safe mode): [0]" in bm.summary()
+        slabs_per_call.clear()
+        torch.testing.assert_close(model(x).logits, want1, rtol=1e-4, atol=1e-4)
+        # one call per MoE layer: the left-alone one over its E experts, each united one over E + G slabs
+        assert sorted(slabs_per_call) == sorted([E] + [E + st.num_groups for st in bm.layers.values()])
+        bm.set_ratio(0.0)
+        torch.testing.assert_close(model(x).logits, want, rtol=1e-4, atol=1e-4)
+        bm.set_graph_safe(True, left_alone="own")
+        slabs_per_call.clear()
+        torch.testing.assert_close(model(x).logits, want, rtol=1e-4, atol=1e-4)
+        assert bm.left_alone_on_kernel == [] and E not in slabs_per_call
+        bm.set_graph_safe(True)
+        bm.set_graph_safe(False)
+        assert bm.left_alone_on_kernel == [] and torch.equal(model(x).logits, want)
+        bm.set_graph_safe(True)
+    bm.detach()  # clears the left-alone layer's kernel flag with the rest
+    assert not any(k.startswith("_brownout") for k in vars(bm.moe[0].experts))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, want)
+
+
 def test_kernel_path_follows_the_ratio_in_device_memory(tiny_dir, united):
     """The triton backend (Triton interpreter here) computes what the reference backend does, and set_ratio rewrites
     the same device scalar the kernel reads, so a CUDA graph captured once serves every later ratio."""
