@@ -308,6 +308,24 @@ def test_graph_safe_runs_left_alone_layers_on_the_kernel(tiny_dir, united, monke
         assert torch.equal(model(x).logits, want)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_left_alone_layers_on_the_cuda_kernel_match_the_model(tiny_dir, united, dtype):
+    """On CUDA, in bf16 and fp16, a left-alone layer on the fused kernel gives the model's logits within the dtype's
+    rounding (the comparison is the same model in graph-safe mode with left_alone="own")."""
+    model = load(tiny_dir("qwen3_moe")).to("cuda", dtype)
+    x = _inputs(model).cuda()
+    bm = BrownoutMoE.attach(model, united("qwen3_moe", skip_layers=[0]), backend="triton")
+    with torch.no_grad():
+        bm.set_graph_safe(True, left_alone="own")
+        want = model(x).logits.float()
+        bm.set_graph_safe(True)
+        assert bm.left_alone_on_kernel == [0]
+        got = model(x).logits.float()
+    bm.detach()
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()
+
+
 def test_kernel_path_follows_the_ratio_in_device_memory(tiny_dir, united):
     """The triton backend (Triton interpreter here) computes what the reference backend does, and set_ratio rewrites
     the same device scalar the kernel reads, so a CUDA graph captured once serves every later ratio."""
