@@ -61,6 +61,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import sys
 import time
@@ -729,6 +730,9 @@ def main(argv=None) -> None:
     if gpu and not args.tiny and not torch.cuda.is_available():
         raise SystemExit("--engine gpu needs CUDA (or --tiny); --engine throttled runs on the CPU")
     sim = args.engine == "sim"
+    if gpu:  # each saturation run's rate, the thrown-away warm run's included, in the log
+        logging.basicConfig(format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+        logging.getLogger("runtime.serving.calibration").setLevel(logging.INFO)
     if args.sim_like:
         if not sim or args.sim_laws or args.seeds:
             raise SystemExit("--sim-like replays one GPU run on the H200 model: --engine sim, one --seed, no --sim-laws")

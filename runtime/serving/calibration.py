@@ -163,12 +163,12 @@ def median_saturation(server, ratios=(0.0, 1.0), repeats: int = REPEATS, seed: i
     """{ratio: the `measure_saturation` run of median rate} over the `saturation_runs` (`warm_runs` thrown away, then
     `repeats` per ratio, interleaved, each on another saturation trace). One run's rate moves by about +-5% between runs of the same engine (the GPU engine of
     eval/results/README.md, "Calibration repeated"); the median of three leaves out one outlier either way. Each
-    dict gets "runs": every run's req/s, in order."""
+    dict gets "runs": every kept run's req/s, in order, and "step_p50_runs": their median step times."""
     out = {}
     for r, rs in saturation_runs(server, ratios, repeats, seed, warm_runs, **kw).items():
         ok = sorted((x for x in rs if math.isfinite(x["tok_s"])), key=lambda x: x["tok_s"])
         best = ok[(len(ok) - 1) // 2] if ok else rs[0]  # the lower median of an even count: no overstatement
-        out[r] = {**best, "runs": [x["req_s"] for x in rs]}
+        out[r] = {**best, "runs": [x["req_s"] for x in rs], "step_p50_runs": [x.get("step_p50") for x in rs]}
     return out
 
 
