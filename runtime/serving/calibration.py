@@ -22,7 +22,7 @@ ratio, by one of two loads:
 
 `measure_capacity` takes the median of `REPEATS` such runs per ratio (`median_saturation`): on the H200 engine one
 run's rate moved by up to 10-12% (max - min over mean) between runs of the same process. Before them it makes
-`WARM_RUNS` run(s) it does not keep: a fresh engine's first saturated run is slow (new batch shapes to capture).
+`WARM_RUNS` run(s) it does not keep: one of a fresh engine's first saturated runs is often slow.
 
 Everything here is a real-time run of `BrownoutServer.run`; it takes about `seconds` + 1 s per ratio and run.
 """
@@ -43,10 +43,10 @@ log = logging.getLogger(__name__)
 DRY_SHARE = 0.1  # share of saturation steps with nobody waiting above which the rate is likely understated
 MAX_DOUBLINGS = 2  # re-runs at twice the arrival rate when the queue ran dry (120 -> 480 req/s at most by default)
 REPEATS = 3  # saturation runs per ratio in `measure_capacity`: the median of three
-# Saturation runs made and thrown away before the kept ones. On the H200 engines the first saturated run after a
-# warm-up with a queue at t = 0 served 27-39% less than the next ones in all three processes measured
-# (eval/results/README.md, "Varlen attention in the engine"): arrivals over time bring batch shapes whose CUDA graphs
-# (and compiled kernels) the warm-up had not made yet, and the median of three only partly hid it.
+# Saturation runs made and thrown away before the kept ones. On the compiled H200 engines one of the first three
+# saturated runs served 27-39% less than the others, with the same step time, in each of seven processes: the first
+# run in the three without a warm run, then the warm run twice and a kept run twice (eval/results/README.md,
+# "Left-alone layers on the fused kernel"). A warm run removes it at times; the median removes one more outlier.
 WARM_RUNS = 1
 
 __all__ = ["DRY_SHARE", "MAX_DOUBLINGS", "REPEATS", "WARM_RUNS", "measure_capacity", "measure_saturation", "median_saturation",
