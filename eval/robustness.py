@@ -209,7 +209,10 @@ def sim_engine(args, seed: int, law: tuple[float, float] | None = None):
         what, prof = f"each step {law[0]:g} ms x (1 - {law[1]:g} x ratio)", None
     else:
         path = Path(args.sim_profile or sim_serving.H200_PROFILE)
-        steps = sim_serving.h200_step_model(path, args.sim_jitter)
+        try:
+            steps = sim_serving.h200_step_model(path, args.sim_jitter)
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"--sim-profile: {path} gives no step model ({type(e).__name__}: {e})")
         steps.run_jitter = args.sim_run_jitter
         cfg = ServeConfig(max_batch=64, max_batch_tokens=1024, max_queue=args.max_queue, queue_timeout_s=30.0,
                           request_timeout_s=60.0, drain_timeout_s=args.drain_seconds, seed=seed,
@@ -480,6 +483,8 @@ def run_matrix(srv, prof, device: str, args, save=lambda doc: None, t_start: flo
                              args.lengths, args.max_prompt, args.max_output)
         configs = [f"fixed:{r:g}" for r in FIXED] + ["salc", "mpc"]
         doc = {"device": device, "calibration": cal, "duration": args.duration, "traces": {}, "skipped": []}
+        if prof is not None and like is None:  # the engine's step profile: what a simulated twin of it starts from
+            doc["profile"] = {"tokens": list(prof.tokens), "ratios": list(prof.ratios), "lat": prof.lat}
         if compared:
             doc["compare_saturation"] = compared
         if repeats is not None:
@@ -628,8 +633,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", default=None,
                     help="--engine sim: the matrix once per trace seed, e.g. 0-9 or 0,3,5 (default: --seed)")
     ap.add_argument("--sim-profile", default=None,
-                    help="--engine sim: a bench_serving JSON whose step profile and saturation set the step model "
-                         "(default: the H200 one in eval/results, eval.sim_serving.H200_PROFILE)")
+                    help="--engine sim: a bench_serving JSON, or a robustness GPU JSON from this version on, whose "
+                         "step profile and saturation set the step model (default: the H200 one in eval/results, "
+                         "eval.sim_serving.H200_PROFILE)")
     ap.add_argument("--sim-jitter", type=float, default=0.05, help="--engine sim: sigma of each step's log-normal "
                     "time factor")
     ap.add_argument("--sim-run-jitter", type=float, default=0.0,

@@ -72,15 +72,24 @@ class StepModel:
 
 def h200_step_model(path: Path = H200_PROFILE, jitter: float = 0.05) -> StepModel:
     """The step model of the H200 serving engine (Qwen1.5-MoE shape, 4-way tier, fused kernel in CUDA graphs):
-    the graph-replayed forward profile of one bench_serving run, plus the in-step and host time that run's
-    saturation measured at ratios 0 and 1 (step p50 less the forward at a full batch of 64 decode tokens plus one
-    prompt chunk; wall per step less step, from the share of wall time spent in steps), averaged over the two."""
+    the graph-replayed forward profile of one GPU run, plus the in-step and host time that run's saturation
+    measured at ratios 0 and 1 (step p50 less the forward at a full batch of 64 decode tokens plus one prompt chunk;
+    wall per step less step, from the share of wall time spent in steps), averaged over the two.
+    `path`: a bench_serving JSON, or an eval.robustness GPU JSON (its first engine) from a version that saves the
+    engine's profile; ValueError for one without."""
     doc = json.loads(Path(path).read_text())
+    if "engines" in doc:  # eval.robustness: the engine's profile and its calibration's saturated runs
+        doc = doc["engines"][0]
+        if "profile" not in doc:
+            raise ValueError(f"{path} holds no step profile (a robustness run from before profiles were saved, or "
+                             f"not a GPU engine's)")
+        sats = {0.0: doc["calibration"]["saturation"]["0.0"], 1.0: doc["calibration"]["saturation"]["1.0"]}
+    else:
+        sats = {0.0: doc["calibration"]["sat_r0"], 1.0: doc["calibration"]["sat_r1"]}
     p = doc["profile"]
     prof = LatencyProfile(p["tokens"], p["ratios"], p["lat"])
     in_step, gap = [], []
-    for r, key in ((0.0, "sat_r0"), (1.0, "sat_r1")):
-        sat = doc["calibration"][key]
+    for r, sat in sats.items():
         tokens = sat["batch_mean"] + 64  # a full decode batch plus about one prompt chunk a step
         in_step.append(sat["step_p50"] - prof.predict(int(tokens), r))
         gap.append(sat["step_p50"] * (1.0 / sat["step_share"] - 1.0))

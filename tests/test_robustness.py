@@ -138,3 +138,8 @@ def test_tiny_engine_with_norms_and_rope_compiled(tmp_path):
     assert all(r["all"]["status"].get("ok", 0) > 0 for r in runs.values())
     md = (tmp_path / "t.md").read_text()
     assert "| same engine without torch.compile |" in md and "| same engine with null experts" in md
+    from eval import sim_serving  # the engine's step profile is kept: a simulated twin of it can start from the file
+
+    assert doc["profile"]["tokens"] == [1, 8, 32, 64] and len(doc["profile"]["lat"]) == 4
+    m = sim_serving.h200_step_model(tmp_path / "t.json")
+    assert m.profile.lat == doc["profile"]["lat"] and m.in_step_s >= 0 and m.gap_s >= 0

@@ -112,6 +112,22 @@ def test_h200_step_model_from_the_results_file():
                                                                          rel=0.3)
 
 
+def test_h200_step_model_from_a_robustness_file(tmp_path):
+    """A robustness GPU JSON that saved its engine's profile gives the same step model as the bench_serving JSON with
+    the same profile and saturated runs; one without a profile is refused in one line."""
+    doc = json.loads(sim_serving.H200_PROFILE.read_text())
+    cal = doc["calibration"]
+    rob = {"engines": [{"profile": doc["profile"],
+                        "calibration": {"saturation": {"0.0": cal["sat_r0"], "1.0": cal["sat_r1"]}}}]}
+    (tmp_path / "r.json").write_text(json.dumps(rob))
+    a, b = sim_serving.h200_step_model(), sim_serving.h200_step_model(tmp_path / "r.json")
+    assert (a.in_step_s, a.gap_s, a.profile.lat) == (b.in_step_s, b.gap_s, b.profile.lat)
+    del rob["engines"][0]["profile"]
+    (tmp_path / "r.json").write_text(json.dumps(rob))
+    with pytest.raises(ValueError, match="holds no step profile"):
+        sim_serving.h200_step_model(tmp_path / "r.json")
+
+
 def test_robustness_matrix_on_the_sim(tmp_path):
     """`python -m eval.robustness --engine sim` over two trace seeds: one section per seed, the summary over them,
     ours under a keyword variant recorded in the JSON."""
