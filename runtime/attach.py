@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .backends import AUTO, choose_backend, check_backend_name
 from .checkpoint import UnitedCheckpoint, config_hash, fingerprint_tensors, probe_matches, weight_probe
 from .discover import MoELayer, find_moe_layers
 from .errors import BrownoutError
-from . import kernels
 from .experts_impl import NAME, LayerState, clear_state, leave_alone, on_kernel, set_on_kernel, set_state
 from .placement import EPPlacement, Placement, choose_placement, full_tensor
 from .placement.base import local_tensor
@@ -210,8 +210,7 @@ class BrownoutMoE:
         if self.strategy.name != "local" or not kernels.HAS_TRITON:
             return False
         p = layer.experts.gate_up_proj
-        return isinstance(p, torch.Tensor) and type(p) in (torch.Tensor, torch.nn.Parameter) \
-            and kernels.supported(layer.experts, p.dtype, p.device)
+        return type(p) in (torch.Tensor, torch.nn.Parameter) and kernels.supported(layer.experts, p.dtype, p.device)
 
     @property
     def left_alone_on_kernel(self) -> list[int]:

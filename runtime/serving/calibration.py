@@ -49,8 +49,8 @@ REPEATS = 3  # saturation runs per ratio in `measure_capacity`: the median of th
 # "Left-alone layers on the fused kernel"). A warm run removes it at times; the median removes one more outlier.
 WARM_RUNS = 1
 
-__all__ = ["DRY_SHARE", "MAX_DOUBLINGS", "REPEATS", "WARM_RUNS", "measure_capacity", "measure_saturation", "median_saturation",
-           "mean_output_len", "saturation_runs", "saturation_trace", "service_rate"]
+__all__ = ["DRY_SHARE", "MAX_DOUBLINGS", "REPEATS", "WARM_RUNS", "measure_capacity", "measure_saturation",
+           "median_saturation", "mean_output_len", "saturation_runs", "saturation_trace", "service_rate"]
 
 
 def saturation_trace(n: int, lengths: str = "alpaca", seed: int = 0, max_prompt: int = 512,
@@ -161,9 +161,10 @@ def saturation_runs(server, ratios=(0.0, 1.0), repeats: int = REPEATS, seed: int
 def median_saturation(server, ratios=(0.0, 1.0), repeats: int = REPEATS, seed: int = 11, warm_runs: int = WARM_RUNS,
                       **kw) -> dict[float, dict]:
     """{ratio: the `measure_saturation` run of median rate} over the `saturation_runs` (`warm_runs` thrown away, then
-    `repeats` per ratio, interleaved, each on another saturation trace). One run's rate moves by about +-5% between runs of the same engine (the GPU engine of
-    eval/results/README.md, "Calibration repeated"); the median of three leaves out one outlier either way. Each
-    dict gets "runs": every kept run's req/s, in order, and "step_p50_runs": their median step times."""
+    `repeats` per ratio, interleaved, each on another saturation trace). One run's rate moves by about +-5% between
+    runs of the same engine (the GPU engine of eval/results/README.md, "Calibration repeated"); the median of three
+    leaves out one outlier either way. Each dict gets "runs": every kept run's req/s, in order, and
+    "step_p50_runs": their median step times."""
     out = {}
     for r, rs in saturation_runs(server, ratios, repeats, seed, warm_runs, **kw).items():
         ok = sorted((x for x in rs if math.isfinite(x["tok_s"])), key=lambda x: x["tok_s"])
@@ -175,9 +176,8 @@ def median_saturation(server, ratios=(0.0, 1.0), repeats: int = REPEATS, seed: i
 def measure_capacity(server, ratios=(0.0, 1.0), repeats: int = REPEATS, **kw) -> dict[float, float]:
     """{ratio: saturated decode tokens per second} of `server`'s engine, the median of `repeats`
     `measure_saturation` runs per ratio after `warm_runs` (default `WARM_RUNS`) thrown away (`median_saturation`;
-    other keywords as in `measure_saturation`): the `capacity`
-    of `make_controller("mpc", ...)`. Raises BrownoutError if a ratio served no decode step in its window (a load
-    too short or an engine that failed)."""
+    other keywords as in `measure_saturation`): the `capacity` of `make_controller("mpc", ...)`. Raises
+    BrownoutError if a ratio served no decode step in its window (a load too short or an engine that failed)."""
     cap = {}
     for r, m in median_saturation(server, ratios, repeats, **kw).items():
         tok_s = m["tok_s"]
