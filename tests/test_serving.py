@@ -464,12 +464,13 @@ def test_capacity_is_the_median_of_interleaved_runs():
     eng = Fake([1, 8, 4, 2, 5, 6, 3])  # a warm run (1, not kept); ratio 0 gets 8, 2, 6 tokens per step; 1 gets 4, 5, 3
     cap = measure_capacity(eng, seconds=2.0, rate=10.0, max_prompt=8, max_output=16)
     assert [c[0] for c in eng.calls] == [0.0] + [0.0, 1.0] * 3  # the warm run, then interleaved
-    assert len({c[1:] for c in eng.calls[::2]}) == 4  # four different saturation traces, the warm one included
+    assert len({c[1:] for c in eng.calls[:1] + eng.calls[1::2]}) == 4  # the warm run's and ratio 0's: all differ
     assert cap == {0.0: pytest.approx(6 / 0.1), 1.0: pytest.approx(4 / 0.1)}  # 20 steps in 2 s: tokens/step x 10
     m = median_saturation(Fake([8, 4, 2, 5]), repeats=2, warm_runs=0, seconds=2.0, rate=10.0, max_prompt=8,
                           max_output=16)
     assert m[0.0]["tok_s"] == pytest.approx(20.0) and m[1.0]["tok_s"] == pytest.approx(40.0)  # the lower median
     assert m[0.0]["runs"] == pytest.approx([4 * m[0.0]["req_s"], m[0.0]["req_s"]])  # 80 and 20 tokens/s, in order
+    assert m[0.0]["step_p50_runs"] == pytest.approx([0.1, 0.1])  # each kept run's step time beside its rate
     with pytest.raises(BrownoutError):
         median_saturation(Fake([]), repeats=0)
     with pytest.raises(BrownoutError):
