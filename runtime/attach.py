@@ -207,7 +207,7 @@ class BrownoutMoE:
 
     def _kernel_runs(self, layer: MoELayer) -> bool:
         """The fused kernel computes this left-alone layer exactly (an unsharded layer of its layout and dtype)."""
-        if self.strategy.name != "local" or not kernels.HAS_TRITON:
+        if self.strategy.name != "local":
             return False
         p = layer.experts.gate_up_proj
         return type(p) in (torch.Tensor, torch.nn.Parameter) and kernels.supported(layer.experts, p.dtype, p.device)

@@ -566,14 +566,13 @@ class ModelPredictive(Controller):
         # starts loaded read 72% of its Poisson rate 1.6 s in, under ratio 0's rate, and the floor let go). Over
         # that shorter span the first arrival only marks its start. With fewer arrivals the short span reads high
         # too often (on an 8-slot engine such reads armed the floor before a burst where ratio 0 held)
-        full, whole = self.load_window, window
+        recent, span = window, self.load_window
         if (self._first is not None and now - self._first < self.load_window and window
                 and self._since_first >= count):
-            full, whole = max(now - self._first, 1e-3), window[1:]
-        recent, span = whole, full
+            recent, span = window[1:], max(now - self._first, 1e-3)
         if start is not None:
             last, last_span = window[-count:], max(now - start, 1e-3)
-            if sum(last) / last_span >= sum(whole) / full:  # the count reads more: take it
+            if sum(last) / last_span >= sum(recent) / span:  # the count reads more: take it
                 recent, span = last, last_span
         return float(sum(recent)), float(sum(t * t for t in recent)), len(recent), span
 
