@@ -338,3 +338,20 @@ def test_profile_gemm_shares(tmp_path):
     bk.write_profile_md({"device": "X", "copy_bw_TBps": 4.0, "bf16_TFLOPs": 800, "rows": [row]}, path)
     line = [ln for ln in path.read_text().splitlines() if ln.startswith("| olmoe-1b-7b")][-1]
     assert line == "| olmoe-1b-7b | 512 | 4 | 1.0 | 60.0 | align_two 160.0 | align_one 150.0 | 0.938 |"
+
+
+def test_tuner_routings_are_per_point_and_held_out_from_the_bench(monkeypatch):
+    # the tile tuner scores on routings of its own seeds, one generator per point: a point's routing does not move
+    # when other buckets are skipped (--buckets), and none is the bench's (seed 0's generator, drawn in turn)
+    from eval import bench_kernel as bk
+    monkeypatch.setattr(bk, "dev", "cpu")
+    E, k = 60, 4
+    a = bk.tune_routing(128, E, k, bk.TUNE_SEEDS[0])
+    assert torch.equal(a[0], bk.tune_routing(128, E, k, bk.TUNE_SEEDS[0])[0])  # the same point, the same routing
+    assert not torch.equal(a[0], bk.tune_routing(128, E, k, bk.TUNE_SEEDS[1])[0])  # seeds differ
+    assert 0 not in bk.TUNE_SEEDS and len(bk.TUNE_SEEDS) >= 2
+    gen = torch.Generator().manual_seed(0)
+    bench_draws = [bk.routing(T, E, k, gen)[0] for T in bk.TOKENS]  # the bench's first shape at every T
+    for seed in bk.TUNE_SEEDS:
+        for T, drawn in zip(bk.TOKENS, bench_draws):
+            assert not torch.equal(bk.tune_routing(T, E, k, seed)[0], drawn)
