@@ -235,12 +235,13 @@ def parse_seeds(spec: str) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------------ runs
-def saturation_pair(srv, args) -> dict:
+def saturation_pair(srv, args, full_queue: str = "hold") -> dict:
     """Saturated service rates at ratios 0 and 1 on `srv`'s engine (the calibration's measurement): the median of
-    `--sat-repeats` runs each, as the library's `measure_capacity`."""
+    `--sat-repeats` runs each, as the library's `measure_capacity` (`full_queue`: its admission, see
+    `measure_saturation`)."""
     lens = dict(lengths=args.lengths, max_prompt=args.max_prompt, max_output=args.max_output)
     return median_saturation(srv, (0.0, 1.0), args.sat_repeats, seconds=args.sat_seconds, queue=args.sat_queue,
-                             rate=args.sat_rate, **lens)
+                             rate=args.sat_rate, full_queue=full_queue, **lens)
 
 
 def calibration_repeats(srv, args) -> list[dict]:
@@ -294,7 +295,7 @@ def warm_up(srv, args) -> float:
 
 
 # same-process engine variants whose saturated rates `--compare` sets beside the main engine's (kv:N for any N)
-COMPARE = ("eager", "batching", "attention", "null", "leftalone", "kv:N")
+COMPARE = ("eager", "batching", "attention", "null", "leftalone", "reject", "kv:N")
 OTHER_ATTENTION = {"sdpa": "varlen", "varlen": "sdpa"}
 
 
@@ -310,6 +311,8 @@ def compare_label(what: str, main_cfg) -> str:
         return "same engine with null experts (zeros: the step brownout cannot shorten)"
     if what == "leftalone":
         return "same engine with the left-alone layers on the model's own experts implementation"
+    if what == "reject":
+        return "same engine, saturation runs rejecting the excess (serving's full queue) instead of holding it"
     return f"same engine with KV padding {int(what[3:])}"
 
 
@@ -340,6 +343,11 @@ def compare_saturation(srv, args, what: str) -> dict:
     implementation for zeros (the ratio is still set, nothing reads it)."""
     from eval.compile_check import null_experts_impl  # importing it registers the null implementation
 
+    if what == "reject":  # the driver's admission only: the running engine itself, no second warm-up
+        sat = saturation_pair(srv, args, full_queue="reject")
+        log(f"{compare_label(what, srv.cfg)}: mu0 {sat[0.0]['req_s']:.2f} req/s, mu1 {sat[1.0]['req_s']:.2f} req/s "
+            f"({sat[1.0]['req_s'] / sat[0.0]['req_s']:.2f}x); runs {sat[0.0]['runs']} / {sat[1.0]['runs']}")
+        return {"label": compare_label(what, srv.cfg), "warmup_s": 0.0, **{str(r): v for r, v in sat.items()}}
     cfg = srv.cfg
     if what == "eager":
         cfg = replace(cfg, compile=False)
@@ -694,7 +702,8 @@ def main(argv=None) -> None:
                          "attention (the other --attention), "
                          "null (null experts: the floor brownout cannot shorten), leftalone (the layers without a "
                          "united tier on the model's own experts implementation instead of the fused kernel), "
-                         "kv:N (the KV length padded to "
+                         "reject (the saturation runs turn a full queue's excess away, as serving does, instead of "
+                         "holding it in order), kv:N (the KV length padded to "
                          "multiples of N tokens for the graphs; the main engine pads to 4096)")
     ap.add_argument("--eager-saturation", action="store_true", help="the same as --compare eager")
     ap.add_argument("--report", default=None, metavar="JSON",

@@ -15,8 +15,8 @@ What it models (transformers' continuous batching as the GPU engine is configure
     copy-out: what the graph-replayed forward profile leaves out), times a log-normal jitter; then `gap_s` of host
     work before the next step; optionally (`run_jitter`) both times one factor per run, drawn at its start: the
     engine's speed moving between runs, as the GPU's does;
-  - the driver's bounded queue (`max_queue`, the excess rejected) and the drain deadline (`drain_timeout_s` after
-    the last arrival, what is left cancelled);
+  - the driver's bounded queue (`max_queue`, the excess rejected, or held in order with `full_queue="hold"`) and
+    the drain deadline (`drain_timeout_s` after the last arrival, what is left cancelled);
   - with `cfg.async_batching` (transformers' async batching), the host's work overlapped with the GPU's: no gap
     between steps, a step lasting the longer of its own time and the host's `gap_s`, and each step's `observe`
     reaching the controller one step late, after the next step's ratio is chosen (the server hears of a step at
@@ -150,10 +150,15 @@ class SimServer:
             for args in obs:
                 ctl.observe(*args)
 
+        last_arrival = reqs[-1].t if reqs else 0.0
+        hold = getattr(cfg, "full_queue", "reject") == "hold"
+
         def admit_until(t: float) -> None:
             nonlocal i
             while i < n and reqs[i].t <= t:
                 q, rec = reqs[i], recs[i]
+                if hold and len(waiting) >= cfg.max_queue and t <= last_arrival:
+                    break  # held at the door in order until there is room (ServeConfig.full_queue)
                 i += 1
                 if len(waiting) >= cfg.max_queue:
                     rec.status = REJECTED

@@ -588,3 +588,15 @@ def test_bench_serving_calibrates_on_the_median_of_repeated_runs(monkeypatch):
     assert cal["burst_rate"] == pytest.approx(1.25 * 40.0)  # (1 + 60/40) / 2 x mu0
     with pytest.raises(SystemExit):
         bs.main(["--sat-repeats", "0"])
+
+
+def test_a_held_queue_admits_in_trace_order(tiny_model):
+    """full_queue="hold" on the real engine: a burst far over its rate is served as a prefix of the trace (held at
+    the door in order), the rest turned away once the last arrival time has passed; a bad value is refused."""
+    tr = _trace([(0.002 * i, 8, 3) for i in range(150)])  # 500 req/s for 0.3 s
+    res = BrownoutServer(Handle(tiny_model), FixedRatio(0.0), _cfg(max_batch=2, max_queue=2, full_queue="hold")).run(tr)
+    ok = [r.rid for r in res.requests if r.status == "ok"]
+    assert set(r.status for r in res.requests) <= {"ok", "rejected"}
+    assert ok == list(range(len(ok))) and 2 <= len(ok) < 150
+    with pytest.raises(BrownoutError, match="full_queue"):
+        BrownoutServer(Handle(tiny_model), FixedRatio(0.0), _cfg(full_queue="drop")).run(tr)

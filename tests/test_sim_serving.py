@@ -202,3 +202,36 @@ def test_scaled_step_model():
     res = sim_serving.SimServer(m, ServeConfig(max_batch=4, max_batch_tokens=64)).run(
         Trace([Request(0, 0.0, 3, 3)], {}), controller=FixedRatio(0.0))
     assert res.steps[1].t0 - res.steps[0].t1 == pytest.approx(0.004)  # the gap at ratio 0, doubled
+
+
+def test_a_held_queue_serves_the_trace_in_order_and_turns_away_only_after_its_last_arrival():
+    """full_queue="hold": arrivals that find max_queue waiting wait at the door in trace order, so what is served is
+    a prefix of the trace, whatever the engine's speed; what is still at the door when the last arrival time has
+    passed is rejected. "reject" (serving) turns the excess away as it comes, so the served set has gaps."""
+    tr = Trace([Request(i, 0.001 * i, 2, 4) for i in range(200)], {})  # 1000 req/s, far over the engine's rate
+    served = {}
+    for mode in ("reject", "hold"):
+        for step_s in (0.004, 0.006):
+            cfg = ServeConfig(max_batch=2, max_batch_tokens=16, max_queue=3, drain_timeout_s=1.0, full_queue=mode)
+            res = sim_serving.SimServer(_flat(step_s), cfg).run(tr, controller=FixedRatio(0.0))
+            ok = [r.rid for r in res.requests if r.status == OK]
+            assert set(r.status for r in res.requests) <= {OK, REJECTED}
+            served[mode, step_s] = ok
+    for step_s in (0.004, 0.006):
+        ok = served["hold", step_s]
+        assert ok == list(range(len(ok))) and 5 < len(ok) < 200  # a prefix, then the rest turned away
+        assert served["reject", step_s] != list(range(len(served["reject", step_s])))  # gaps
+    assert len(served["hold", 0.004]) > len(served["hold", 0.006])  # the faster engine reaches further
+
+
+def test_saturation_runs_hold_the_queue_by_default():
+    """The calibration's saturation runs admit in trace order (full_queue="hold") unless told otherwise, and say
+    which admission they used."""
+    steps = sim_serving.law_step_model(10.0, 0.5)
+    srv = sim_serving.SimServer(steps, ServeConfig(max_batch=8, max_batch_tokens=64))
+    from runtime.serving import measure_saturation
+    held = measure_saturation(srv, 0.0, seconds=2.0, max_prompt=8, max_output=16)
+    turned = measure_saturation(srv, 0.0, seconds=2.0, max_prompt=8, max_output=16, full_queue="reject")
+    assert held["full_queue"] == "hold" and turned["full_queue"] == "reject"
+    assert held["tok_s"] == pytest.approx(turned["tok_s"], rel=0.1)  # the same engine, the same rate
+    assert srv.cfg == ServeConfig(max_batch=8, max_batch_tokens=64)  # the driver settings are put back

@@ -9,7 +9,11 @@ measured on the server's own engine (same batching, cache and CUDA graphs as the
 ratio, by one of two loads:
 
   queue > 0 (default)  Poisson arrivals at `rate` req/s for `seconds`, far above any service rate; the driver
-                       admits at most `queue` waiting requests and rejects the rest. The rate is taken over the steps
+                       keeps at most `queue` requests waiting and holds the rest at the door in arrival order
+                       (`full_queue="hold"`, see `ServeConfig`): every run of a trace then serves the same
+                       requests in the same order, at either ratio, so runs differ only in the engine's speed.
+                       ("reject", what serving does with a full queue, turns the excess away instead, and which
+                       requests get in then depends on when slots happened to free.) The rate is taken over the steps
                        from min(1, seconds / 4) s to `seconds` (start-up and drain left out). transformers' scheduler
                        spends host time per waiting request on every step, so a deep queue understates the rate the
                        engine serves in operation; a shallow one keeps the batch full at the operating cost. The
@@ -86,12 +90,13 @@ def service_rate(res, t_from: float, t_to: float = math.inf, mean_out: float = 1
 
 def measure_saturation(server, ratio: float, *, seconds: float = 6.0, queue: int = 16, rate: float = 120.0,
                        lengths: str = "alpaca", max_prompt: int = 512, max_output: int = 256,
-                       mean_out: float | None = None, seed: int = 11) -> dict:
+                       mean_out: float | None = None, seed: int = 11, full_queue: str = "hold") -> dict:
     """The saturated service rate of `server`'s engine at a fixed `ratio` (see the module docstring for the loads):
     `service_rate`'s dict, plus "dry_steps" (share of the window's steps with nobody waiting) and "rate" (the
-    arrival rate of the run it comes from, doubled while the queue ran dry) when `queue` > 0.
-    `rate` must be well above the service rate, but not so far that rejecting the excess competes with the engine
-    for the host. `mean_out` (default: `mean_output_len` of the preset) converts tokens/s to requests/s.
+    arrival rate of the run it comes from, doubled while the queue ran dry) and "full_queue" (the admission) when
+    `queue` > 0.
+    `rate` must be well above the service rate (with `full_queue="reject"`, not so far that rejecting the excess
+    competes with the engine for the host). `mean_out` (default: `mean_output_len` of the preset) converts tokens/s to requests/s.
 
     Only the driver's settings of `server.cfg` (queue bound, drain, step records) are changed for the run, then put
     back; inside `with server:` the running engine is measured, otherwise one is started for the run."""
@@ -108,11 +113,11 @@ def measure_saturation(server, ratio: float, *, seconds: float = 6.0, queue: int
     for attempt in range(MAX_DOUBLINGS + 1):
         tr = poisson(rate, seconds, lengths=lengths, seed=seed, max_requests=int(rate * seconds) + 100,
                      max_prompt=max_prompt, max_output=max_output)
-        res = _run_fixed(server, tr, ratio, max_queue=queue, drain_timeout_s=1.0)
+        res = _run_fixed(server, tr, ratio, max_queue=queue, drain_timeout_s=1.0, full_queue=full_queue)
         out = service_rate(res, *window, mean_out=mean_out)
         st = [x for x in res.steps if window[0] <= x.t0 < window[1]]
         out["dry_steps"] = sum(x.waiting == 0 for x in st) / max(1, len(st))
-        out["rate"] = rate
+        out["rate"], out["full_queue"] = rate, full_queue
         if out["dry_steps"] <= DRY_SHARE:
             break
         if attempt < MAX_DOUBLINGS:

@@ -55,7 +55,9 @@ Clock: real time. Requests are submitted by a driver (the caller's thread) when 
 against the server, never for it.
 
 Admission: at most `max_queue` requests wait (admitted, not yet scheduled); an arrival beyond that is rejected at
-once with status "rejected". A request that has not been scheduled `queue_timeout_s` after arriving, or is not
+once with status "rejected" (`full_queue="reject"`, serving), or held at the door in trace order until there is room
+and rejected only if the trace's last arrival time passes first (`full_queue="hold"`, the saturation runs of
+`calibration`: every run then admits the same requests in the same order, whatever its speed and timing). A request that has not been scheduled `queue_timeout_s` after arriving, or is not
 finished `request_timeout_s` after arriving, is cancelled with status "timeout"; after the last arrival the driver
 waits at most `drain_timeout_s`, then cancels what is left and stops the engine (hard stop if it does not exit),
 so a run always ends.
@@ -87,13 +89,18 @@ CPU_CACHE_TOKENS_PER_REQUEST = 1024
 
 
 ATTENTIONS = ("sdpa", "varlen")  # what ServeConfig.attention takes
+FULL_QUEUE = ("reject", "hold")  # what ServeConfig.full_queue takes
 
 
 @dataclass
 class ServeConfig:
     max_batch: int = 64  # requests per step (transformers' max_requests_per_batch)
     max_batch_tokens: int = 1024  # query tokens per step (prompt chunks + decode tokens)
-    max_queue: int = 256  # admitted requests waiting to be scheduled; more are rejected
+    max_queue: int = 256  # admitted requests waiting to be scheduled; more are rejected (or held, below)
+    # a full queue: "reject" the arrival (serving), or "hold" it and the ones behind it until there is room, up to
+    # the trace's last arrival time (a closed loop at max_queue waiting: which requests a saturated run serves no
+    # longer depends on when slots happened to free; see the module docstring)
+    full_queue: str = "reject"
     queue_timeout_s: float = 30.0
     request_timeout_s: float = 120.0
     drain_timeout_s: float = 60.0
@@ -400,6 +407,8 @@ class BrownoutServer:
         `with server:` the engine (and its CUDA graphs) stays up between runs; otherwise each run starts and stops
         one."""
         cfg = self.cfg
+        if cfg.full_queue not in FULL_QUEUE:
+            raise BrownoutError(f"ServeConfig.full_queue: one of {FULL_QUEUE}, got {cfg.full_queue!r}")
         ctl = controller or self.controller
         ctl.reset()
         if hasattr(ctl, "bind"):  # the engine's batch size: the MPC's queueing model needs it
@@ -507,12 +516,17 @@ class BrownoutServer:
             while True:
                 now = time.perf_counter() - t_start[0]
                 # 1. submit due arrivals
+                held = False
                 while i < n and reqs[i].t <= now:
                     q = reqs[i]
                     rid = f"{tag}{q.rid}"
                     rec = recs[rid]
-                    i += 1
                     waiting.difference_update([w for w in waiting if w in started])
+                    if (cfg.full_queue == "hold" and len(waiting) >= cfg.max_queue and mgr.is_running()
+                            and now <= last_arrival):
+                        held = True  # at the door, with everything behind it, until a waiting request is scheduled
+                        break
+                    i += 1
                     if len(waiting) >= cfg.max_queue or not mgr.is_running():
                         rec.status = REJECTED
                         continue
@@ -527,6 +541,8 @@ class BrownoutServer:
                     ctl.observe_arrival(now, q.prompt_len, q.output_len)
                 # 2. collect results
                 wait = 0.002 if i >= n else max(0.0, min(0.02, reqs[i].t - (time.perf_counter() - t_start[0])))
+                if held:  # not a busy loop while the queue is full: the engine thread needs the GIL
+                    wait = 0.002
                 res = mgr.get_result(timeout=wait) if outstanding else None
                 while res is not None:
                     self._finish(res, recs, outstanding, t_start[0])
