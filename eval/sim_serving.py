@@ -151,7 +151,7 @@ class SimServer:
                 ctl.observe(*args)
 
         last_arrival = reqs[-1].t if reqs else 0.0
-        hold = getattr(cfg, "full_queue", "reject") == "hold"
+        hold = cfg.full_queue == "hold"
 
         def admit_until(t: float) -> None:
             nonlocal i

@@ -96,7 +96,8 @@ def measure_saturation(server, ratio: float, *, seconds: float = 6.0, queue: int
     arrival rate of the run it comes from, doubled while the queue ran dry) and "full_queue" (the admission) when
     `queue` > 0.
     `rate` must be well above the service rate (with `full_queue="reject"`, not so far that rejecting the excess
-    competes with the engine for the host). `mean_out` (default: `mean_output_len` of the preset) converts tokens/s to requests/s.
+    competes with the engine for the host). `mean_out` (default: `mean_output_len` of the preset) converts tokens/s
+    to requests/s.
 
     Only the driver's settings of `server.cfg` (queue bound, drain, step records) are changed for the run, then put
     back; inside `with server:` the running engine is measured, otherwise one is started for the run."""

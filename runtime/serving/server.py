@@ -57,10 +57,10 @@ against the server, never for it.
 Admission: at most `max_queue` requests wait (admitted, not yet scheduled); an arrival beyond that is rejected at
 once with status "rejected" (`full_queue="reject"`, serving), or held at the door in trace order until there is room
 and rejected only if the trace's last arrival time passes first (`full_queue="hold"`, the saturation runs of
-`calibration`: every run then admits the same requests in the same order, whatever its speed and timing). A request that has not been scheduled `queue_timeout_s` after arriving, or is not
-finished `request_timeout_s` after arriving, is cancelled with status "timeout"; after the last arrival the driver
-waits at most `drain_timeout_s`, then cancels what is left and stops the engine (hard stop if it does not exit),
-so a run always ends.
+`calibration`: every run then admits the same requests in the same order, whatever its speed and timing). A request
+that has not been scheduled `queue_timeout_s` after arriving, or is not finished `request_timeout_s` after arriving,
+is cancelled with status "timeout"; after the last arrival the driver waits at most `drain_timeout_s`, then cancels
+what is left and stops the engine (hard stop if it does not exit), so a run always ends.
 
 Per-token records: every generated token's time; its latency is TTFT (first token: time since arrival) or the
 inter-token gap. Tokens of a rejected / timed-out / failed request that were never produced count as SLO misses
