@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from eval import robustness, sim_serving
-from runtime.serving import FixedRatio, LatencyProfile, Request, ServeConfig, Trace, measure_capacity, poisson
+from runtime.serving import (FixedRatio, LatencyProfile, Request, ServeConfig, Trace, measure_capacity,
+                             measure_saturation, poisson)
 from runtime.serving.server import OK, REJECTED, TIMEOUT
 
 
@@ -229,7 +230,6 @@ def test_saturation_runs_hold_the_queue_by_default():
     which admission they used."""
     steps = sim_serving.law_step_model(10.0, 0.5)
     srv = sim_serving.SimServer(steps, ServeConfig(max_batch=8, max_batch_tokens=64))
-    from runtime.serving import measure_saturation
     held = measure_saturation(srv, 0.0, seconds=2.0, max_prompt=8, max_output=16)
     turned = measure_saturation(srv, 0.0, seconds=2.0, max_prompt=8, max_output=16, full_queue="reject")
     assert held["full_queue"] == "hold" and turned["full_queue"] == "reject"
