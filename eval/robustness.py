@@ -588,6 +588,10 @@ def sat_lines(doc: dict) -> list[str]:
         out.append(f"| {label} | {a['req_s']:.2f} | {b['req_s']:.2f} | {b['req_s'] / a['req_s']:.2f}x | "
                    f"{1e3 * a['step_p50']:.1f} / {1e3 * b['step_p50']:.1f} | {a['tok_s']:.0f} / {b['tok_s']:.0f} | "
                    f"{pct(a.get('step_share'))} / {pct(b.get('step_share'))} | {runs} |")
+    main = doc["calibration"].get("saturation") or {}
+    held = (main.get("0.0") or {}).get("full_queue", "reject")  # files from before full_queue turned it away
+    how = "held a full queue in trace order" if held == "hold" else "turned a full queue away"
+    out += ["", f'This engine\'s saturation runs {how} (`full_queue="{held}"`).']
     return out + [""]
 
 

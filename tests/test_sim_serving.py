@@ -141,6 +141,8 @@ def test_robustness_matrix_on_the_sim(tmp_path):
     assert "timeline" not in runs["mpc"] and "verdict" in doc["engines"][0]["traces"]["burst2"]  # kept small
     md = (tmp_path / "t.md").read_text()
     assert "trace seed 1" in md and "## Over all runs above" in md and (tmp_path / "t.png").exists()
+    assert doc["engines"][0]["calibration"]["saturation"]["1.0"]["full_queue"] == "hold"
+    assert 'saturation runs held a full queue in trace order (`full_queue="hold"`)' in md
     with pytest.raises(SystemExit):
         robustness.main(["--engine", "throttled", "--seeds", "0-1"])
     for bad in (["--sat-repeats", "0"], ["--calibration-repeats", "2", "--repeat-sat-seconds", "x"]):
