@@ -610,8 +610,7 @@ def tune(out_dir=configs.CONFIG_DIR, budget_s=300.0, buckets=None, seeds=TUNE_SE
             log.append({"shape": name, "T": T, "best": best, "score": score, "routings": kinds,
                         "tried": [{"ms": m, "cfg": c} for m, c in res]})
             print(f"TUNE {name} T={T}: score {score:.3f} ms {' / '.join(kinds)}: {res_of(res, best)} {best} "
-                  f"({len(res)} tried, "
-                  f"{time.time() - t_start:.0f}s)", flush=True)
+                  f"({len(res)} tried, {time.time() - t_start:.0f}s)", flush=True)
         del sl
         torch.cuda.empty_cache()
         out_path.write_text(json.dumps(table, indent=1))  # after every shape: a cut-off run keeps its part

@@ -340,14 +340,23 @@ def compare_saturation(srv, args, what: str) -> dict:
     """The handle served by a variant of `srv`'s engine (`what`, one of COMPARE; everything else equal), saturated
     at ratios 0 and 1 in the same process as the main engine. For "eager", compiled norms and rope
     (`--compile-outside-experts`) are undone for it and compiled again after; "null" swaps the model's experts
-    implementation for zeros (the ratio is still set, nothing reads it)."""
+    implementation for zeros (the ratio is still set, nothing reads it); "reject" changes only the driver's
+    admission, so it runs on `srv`'s engine itself, with no second warm-up."""
+    if what == "reject":
+        w, sat = 0.0, saturation_pair(srv, args, full_queue="reject")
+    else:
+        w, sat = _variant_saturation(srv, args, what)
+    log(f"{compare_label(what, srv.cfg)} (warm-up {w:.0f} s): mu0 {sat[0.0]['req_s']:.2f} req/s, "
+        f"mu1 {sat[1.0]['req_s']:.2f} req/s ({sat[1.0]['req_s'] / sat[0.0]['req_s']:.2f}x); step p50 "
+        f"{1e3 * sat[0.0]['step_p50']:.1f} / {1e3 * sat[1.0]['step_p50']:.1f} ms")
+    return {"label": compare_label(what, srv.cfg), "warmup_s": w,
+            **{str(r): v for r, v in sat.items()}}
+
+
+def _variant_saturation(srv, args, what: str) -> tuple[float, dict]:
+    """(warm-up s, `saturation_pair`) of a second server on `srv`'s handle, configured as the variant `what`."""
     from eval.compile_check import null_experts_impl  # importing it registers the null implementation
 
-    if what == "reject":  # the driver's admission only: the running engine itself, no second warm-up
-        sat = saturation_pair(srv, args, full_queue="reject")
-        log(f"{compare_label(what, srv.cfg)}: mu0 {sat[0.0]['req_s']:.2f} req/s, mu1 {sat[1.0]['req_s']:.2f} req/s "
-            f"({sat[1.0]['req_s'] / sat[0.0]['req_s']:.2f}x); runs {sat[0.0]['runs']} / {sat[1.0]['runs']}")
-        return {"label": compare_label(what, srv.cfg), "warmup_s": 0.0, **{str(r): v for r, v in sat.items()}}
     cfg = srv.cfg
     if what == "eager":
         cfg = replace(cfg, compile=False)
@@ -363,16 +372,10 @@ def compare_saturation(srv, args, what: str) -> dict:
         outside.undo()
     try:
         with torch.no_grad(), (null_experts_impl(srv.model) if what == "null" else contextlib.nullcontext()), other:
-            w = warm_up(other, args)
-            sat = saturation_pair(other, args)
+            return warm_up(other, args), saturation_pair(other, args)
     finally:
         if outside is not None:
             compile_outside_experts(srv.model, outside.backend)
-    log(f"{compare_label(what, srv.cfg)} (warm-up {w:.0f} s): mu0 {sat[0.0]['req_s']:.2f} req/s, "
-        f"mu1 {sat[1.0]['req_s']:.2f} req/s ({sat[1.0]['req_s'] / sat[0.0]['req_s']:.2f}x); step p50 "
-        f"{1e3 * sat[0.0]['step_p50']:.1f} / {1e3 * sat[1.0]['step_p50']:.1f} ms")
-    return {"label": compare_label(what, srv.cfg), "warmup_s": w,
-            **{str(r): v for r, v in sat.items()}}
 
 
 def calibrate(srv, args) -> dict:

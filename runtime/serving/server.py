@@ -540,9 +540,9 @@ class BrownoutServer:
                     waiting.add(rid)
                     ctl.observe_arrival(now, q.prompt_len, q.output_len)
                 # 2. collect results
-                wait = 0.002 if i >= n else max(0.0, min(0.02, reqs[i].t - (time.perf_counter() - t_start[0])))
-                if held:  # not a busy loop while the queue is full: the engine thread needs the GIL
-                    wait = 0.002
+                # (held: a full queue; poll, do not spin, since the engine thread needs the GIL)
+                wait = (0.002 if i >= n or held
+                        else max(0.0, min(0.02, reqs[i].t - (time.perf_counter() - t_start[0]))))
                 res = mgr.get_result(timeout=wait) if outstanding else None
                 while res is not None:
                     self._finish(res, recs, outstanding, t_start[0])
