@@ -98,23 +98,7 @@ def test_prefill_atomic_sum_fp32():
     _check(*_case(11, 4, 4, 9, 0.5, torch.float32, seed=3), PREFILL_ATOMIC)
 
 
-@pytest.mark.parametrize("k", [2, 8])
-@pytest.mark.parametrize("ratio", [0.0, 1.0])
-@pytest.mark.parametrize("config", [PREFILL, PREFILL_ATOMIC, PREFILL_TMA], ids=["store", "atomic", "tma"])
-def test_persistent_prefill_fp32(k, ratio, config):
-    # persistent: 4 programs under the interpreter (one "SM"), so each walks several of the live tiles
-    persistent = dict(config, persistent=1)
-    x, gu, dn, a = _case(11, 4, k, 9, ratio, torch.float32, seed=400 + k)
-    tiles = fm._grid(10_000, 1, "cpu")[0]
-    assert tiles == 4
-    _check(x, gu, dn, a, persistent)
-    S = gu.shape[0]
-    out_p = fm.fused_moe(x, gu, dn, a.ids, a.weights, num_slabs=S, config=persistent)
-    out_o = fm.fused_moe(x, gu, dn, a.ids, a.weights, num_slabs=S, config=config)
-    assert torch.allclose(out_p, out_o, atol=1e-6, rtol=1e-6)
-
-
-@pytest.mark.parametrize("config", [PREFILL, DECODE, PREFILL_TMA, dict(PREFILL, persistent=2)])
+@pytest.mark.parametrize("config", [PREFILL, DECODE, PREFILL_TMA])
 def test_fp16(config):
     _check(*_case(11, 4, 4, 5, 0.5, torch.float16, seed=5), config)
 

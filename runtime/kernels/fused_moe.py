@@ -126,14 +126,6 @@ if HAS_TRITON:
         tl.store(block_slab_ptr + pos // BLOCK_M, ks, mask=live & (rank % BLOCK_M == 0))
 
     @triton.jit
-    def _grouped(tile, num_m, num_n, GROUP_M: tl.constexpr):
-        """Tile index -> (row block, N tile): GROUP_M row blocks share an N sweep (a slab's weights stay in L2)."""
-        num_in_group = GROUP_M * num_n
-        first_m = (tile // num_in_group) * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        return first_m + ((tile % num_in_group) % size_m), (tile % num_in_group) // size_m
-
-    @triton.jit
     def _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr, num_slots, S, num_n,
               DECODE: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr, NUM_M):
         """-> (slab, slot rows [BLOCK_M], row mask, pid_n, active)."""
@@ -148,7 +140,13 @@ if HAS_TRITON:
             slot = rows
             row_mask = all_ids == s
         else:
-            pid_m, pid_n = _grouped(pid, NUM_M, num_n, GROUP_M)
+            # grouped ordering: GROUP_M row blocks share the N sweep (weights of a slab stay in L2)
+            num_in_group = GROUP_M * num_n
+            group = pid // num_in_group
+            first_m = group * GROUP_M
+            size_m = tl.minimum(NUM_M - first_m, GROUP_M)
+            pid_m = first_m + ((pid % num_in_group) % size_m)
+            pid_n = (pid % num_in_group) // size_m
             total = tl.load(total_ptr)
             active = pid_m * BLOCK_M < total
             s = tl.load(block_slab_ptr + pid_m)  # pid_m < NUM_M: in bounds; garbage past `total`, unused
@@ -166,142 +164,96 @@ if HAS_TRITON:
         return a
 
     @triton.jit
-    def _gate_up_tile(x_ptr, w_ptr, w_desc, inter_ptr, s, slot, row_mask, pid_n, N, K,
-                      stride_xm, stride_ws, stride_wn, stride_im, top_k, EVEN_K: tl.constexpr, TMA: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """One [BLOCK_M, BLOCK_N] tile of inter = silu(gate_s . x) * (up_s . x) for the slot rows of slab s."""
-        token = slot // top_k
-        offs_k = tl.arange(0, BLOCK_K)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        offs_nc = tl.where(n_mask, offs_n, 0)
-        x_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-        wg_ptrs = w_ptr + s.to(tl.int64) * stride_ws + offs_nc[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-        wu_ptrs = wg_ptrs + N * stride_wn
-        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        row_g = s * (2 * N) + pid_n * BLOCK_N
-        for k0 in range(0, K, BLOCK_K):
-            a = _load_rows(x_ptrs, row_mask, offs_k, K - k0, EVEN_K)
-            if TMA:
-                bg = w_desc.load([row_g, k0]).T
-                bu = w_desc.load([row_g + N, k0]).T
-            elif EVEN_K:
-                bg = tl.load(wg_ptrs)
-                bu = tl.load(wu_ptrs)
-            else:
-                k_mask = offs_k < K - k0
-                bg = tl.load(wg_ptrs, mask=k_mask[:, None], other=0.0)
-                bu = tl.load(wu_ptrs, mask=k_mask[:, None], other=0.0)
-            acc_g = tl.dot(a, bg, acc_g)
-            acc_u = tl.dot(a, bu, acc_u)
-            x_ptrs += BLOCK_K
-            wg_ptrs += BLOCK_K
-            wu_ptrs += BLOCK_K
-        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-        i_ptrs = inter_ptr + slot[:, None].to(tl.int64) * stride_im + offs_n[None, :]
-        tl.store(i_ptrs, h.to(inter_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
-
-    @triton.jit
     def _gate_up_kernel(x_ptr, w_ptr, w_desc, inter_ptr, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
-                        num_slots, S, N, K, NUM_M, num_progs,
+                        num_slots, S, N, K, NUM_M,
                         stride_xm, stride_ws, stride_wn, stride_im,
                         top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
-                        PERSISTENT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                         USE_PDL: tl.constexpr):
         """inter[slot, n] = silu(gate_s[n] . x[tok]) * (up_s[n] . x[tok]); N = I, K = H.
         TMA: the weight tiles come through a tensor descriptor over gate_up viewed [S * 2N, K] (the copy engine; rows
-        past a half or the end are other rows or zeros, and only feed the masked-off columns).
-        PERSISTENT (prefill only): `num_progs` programs walk the live tiles (the padded length read on the GPU) in
-        grouped order, in one flattened loop the compiler pipelines across tiles, so a tile's epilogue overlaps the
-        next tile's loads; otherwise a program per possible tile, the ones past the padded length exiting at once."""
+        past a half or the end are other rows or zeros, and only feed the masked-off columns)."""
         pdl_start(USE_PDL)  # the ids / alignment come from the kernel just before
+        pid = tl.program_id(0)
         num_n = tl.cdiv(N, BLOCK_N)
-        if PERSISTENT:
-            num_m = tl.load(total_ptr) // BLOCK_M
-            rows = tl.arange(0, BLOCK_M)
-            for tile in tl.range(tl.program_id(0), num_m * num_n, num_progs, flatten=True):
-                pid_m, pid_n = _grouped(tile, num_m, num_n, GROUP_M)
-                s = tl.load(block_slab_ptr + pid_m)
-                slot = tl.load(sorted_ptr + pid_m * BLOCK_M + rows)
-                _gate_up_tile(x_ptr, w_ptr, w_desc, inter_ptr, s, slot, slot < num_slots, pid_n, N, K,
-                              stride_xm, stride_ws, stride_wn, stride_im, top_k, EVEN_K, TMA,
-                              BLOCK_M, BLOCK_N, BLOCK_K)
-        else:
-            s, slot, row_mask, pid_n, active = _rows(tl.program_id(0), ids_ptr, sorted_ptr, block_slab_ptr,
-                                                      total_ptr, num_slots, S, num_n, DECODE, BLOCK_M, GROUP_M,
-                                                      NUM_M)
-            if active:
-                _gate_up_tile(x_ptr, w_ptr, w_desc, inter_ptr, s, slot, row_mask, pid_n, N, K,
-                              stride_xm, stride_ws, stride_wn, stride_im, top_k, EVEN_K, TMA,
-                              BLOCK_M, BLOCK_N, BLOCK_K)
-
-    @triton.jit
-    def _down_tile(inter_ptr, w_ptr, w_desc, out_ptr, weights_ptr, s, slot, row_mask, pid_n, N, K,
-                   stride_im, stride_ws, stride_wn, stride_om, top_k, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
-                   TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """One [BLOCK_M, BLOCK_N] tile of y = weight * (down_s . inter) for the slot rows of slab s."""
-        offs_k = tl.arange(0, BLOCK_K)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        offs_nc = tl.where(n_mask, offs_n, 0)
-        a_ptrs = inter_ptr + slot[:, None].to(tl.int64) * stride_im + offs_k[None, :]
-        b_ptrs = w_ptr + s.to(tl.int64) * stride_ws + offs_nc[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        row_d = s * N + pid_n * BLOCK_N  # TMA: down viewed [S * N, K]
-        for k0 in range(0, K, BLOCK_K):
-            a = _load_rows(a_ptrs, row_mask, offs_k, K - k0, EVEN_K)
-            if TMA:
-                b = w_desc.load([row_d, k0]).T
-            elif EVEN_K:
-                b = tl.load(b_ptrs)
-            else:
-                b = tl.load(b_ptrs, mask=(offs_k < K - k0)[:, None], other=0.0)
-            acc = tl.dot(a, b, acc)
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
-        rw = tl.load(weights_ptr + slot, mask=row_mask, other=0.0).to(tl.float32)
-        acc = acc * rw[:, None]
-        mask = row_mask[:, None] & n_mask[None, :]
-        if ATOMIC:
+        s, slot, row_mask, pid_n, active = _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr, num_slots, S,
+                                                  num_n, DECODE, BLOCK_M, GROUP_M, NUM_M)
+        if active:
             token = slot // top_k
-            o_ptrs = out_ptr + token[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-            tl.atomic_add(o_ptrs, acc, mask=mask, sem="relaxed")
-        else:
-            o_ptrs = out_ptr + slot[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            offs_k = tl.arange(0, BLOCK_K)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < N
+            offs_nc = tl.where(n_mask, offs_n, 0)
+            x_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+            wg_ptrs = w_ptr + s.to(tl.int64) * stride_ws + offs_nc[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+            wu_ptrs = wg_ptrs + N * stride_wn
+            acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            row_g = s * (2 * N) + pid_n * BLOCK_N
+            for k0 in range(0, K, BLOCK_K):
+                a = _load_rows(x_ptrs, row_mask, offs_k, K - k0, EVEN_K)
+                if TMA:
+                    bg = w_desc.load([row_g, k0]).T
+                    bu = w_desc.load([row_g + N, k0]).T
+                elif EVEN_K:
+                    bg = tl.load(wg_ptrs)
+                    bu = tl.load(wu_ptrs)
+                else:
+                    k_mask = offs_k < K - k0
+                    bg = tl.load(wg_ptrs, mask=k_mask[:, None], other=0.0)
+                    bu = tl.load(wu_ptrs, mask=k_mask[:, None], other=0.0)
+                acc_g = tl.dot(a, bg, acc_g)
+                acc_u = tl.dot(a, bu, acc_u)
+                x_ptrs += BLOCK_K
+                wg_ptrs += BLOCK_K
+                wu_ptrs += BLOCK_K
+            h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+            i_ptrs = inter_ptr + slot[:, None].to(tl.int64) * stride_im + offs_n[None, :]
+            tl.store(i_ptrs, h.to(inter_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
     @triton.jit
     def _down_kernel(inter_ptr, w_ptr, w_desc, out_ptr, weights_ptr, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
-                     num_slots, S, N, K, NUM_M, num_progs,
+                     num_slots, S, N, K, NUM_M,
                      stride_im, stride_ws, stride_wn, stride_om,
                      top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, TMA: tl.constexpr,
-                     PERSISTENT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                      USE_PDL: tl.constexpr):
-        """y[slot, n] = weights[slot] * (down_s[n] . inter[slot]); N = H, K = I. Store per slot, or atomically per
-        token. PERSISTENT as in `_gate_up_kernel`."""
+        """y[slot, n] = weights[slot] * (down_s[n] . inter[slot]); N = H, K = I. Store per slot, or atomically per token."""
         pdl_start(USE_PDL)  # waits for `inter`; nothing is read before (no stale-cache questions)
+        pid = tl.program_id(0)
         num_n = tl.cdiv(N, BLOCK_N)
-        if PERSISTENT:
-            num_m = tl.load(total_ptr) // BLOCK_M
-            rows = tl.arange(0, BLOCK_M)
-            for tile in tl.range(tl.program_id(0), num_m * num_n, num_progs, flatten=True):
-                pid_m, pid_n = _grouped(tile, num_m, num_n, GROUP_M)
-                s = tl.load(block_slab_ptr + pid_m)
-                slot = tl.load(sorted_ptr + pid_m * BLOCK_M + rows)
-                _down_tile(inter_ptr, w_ptr, w_desc, out_ptr, weights_ptr, s, slot, slot < num_slots, pid_n, N, K,
-                           stride_im, stride_ws, stride_wn, stride_om, top_k, EVEN_K, ATOMIC, TMA,
-                           BLOCK_M, BLOCK_N, BLOCK_K)
-        else:
-            s, slot, row_mask, pid_n, active = _rows(tl.program_id(0), ids_ptr, sorted_ptr, block_slab_ptr,
-                                                      total_ptr, num_slots, S, num_n, DECODE, BLOCK_M, GROUP_M,
-                                                      NUM_M)
-            if active:
-                _down_tile(inter_ptr, w_ptr, w_desc, out_ptr, weights_ptr, s, slot, row_mask, pid_n, N, K,
-                           stride_im, stride_ws, stride_wn, stride_om, top_k, EVEN_K, ATOMIC, TMA,
-                           BLOCK_M, BLOCK_N, BLOCK_K)
+        s, slot, row_mask, pid_n, active = _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr, num_slots, S,
+                                                  num_n, DECODE, BLOCK_M, GROUP_M, NUM_M)
+        if active:
+            offs_k = tl.arange(0, BLOCK_K)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < N
+            offs_nc = tl.where(n_mask, offs_n, 0)
+            a_ptrs = inter_ptr + slot[:, None].to(tl.int64) * stride_im + offs_k[None, :]
+            b_ptrs = w_ptr + s.to(tl.int64) * stride_ws + offs_nc[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            row_d = s * N + pid_n * BLOCK_N  # TMA: down viewed [S * N, K]
+            for k0 in range(0, K, BLOCK_K):
+                a = _load_rows(a_ptrs, row_mask, offs_k, K - k0, EVEN_K)
+                if TMA:
+                    b = w_desc.load([row_d, k0]).T
+                elif EVEN_K:
+                    b = tl.load(b_ptrs)
+                else:
+                    b = tl.load(b_ptrs, mask=(offs_k < K - k0)[:, None], other=0.0)
+                acc = tl.dot(a, b, acc)
+                a_ptrs += BLOCK_K
+                b_ptrs += BLOCK_K
+            rw = tl.load(weights_ptr + slot, mask=row_mask, other=0.0).to(tl.float32)
+            acc = acc * rw[:, None]
+            mask = row_mask[:, None] & n_mask[None, :]
+            if ATOMIC:
+                token = slot // top_k
+                o_ptrs = out_ptr + token[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+                tl.atomic_add(o_ptrs, acc, mask=mask, sem="relaxed")
+            else:
+                o_ptrs = out_ptr + slot[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+                tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, N, S, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -323,8 +275,7 @@ if HAS_TRITON:
 
 _DEFAULTS = {
     # mode decode: no alignment, rows = all slots (M = T*k padded); prefill: aligned BLOCK_M blocks.
-    # gu / dn: [BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages] (BLOCK_M ignored in decode mode);
-    # optional: "tma" (weight tiles through tensor descriptors), "persistent" (prefill: programs an SM, 0 = off)
+    # gu / dn: [BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages] (BLOCK_M ignored in decode mode)
     "decode": {"mode": "decode", "gu": [16, 32, 128, 1, 4, 4], "dn": [16, 32, 128, 1, 4, 4], "sum": "store"},
     "small": {"mode": "prefill", "gu": [16, 64, 128, 1, 4, 4], "dn": [16, 64, 128, 1, 4, 4], "sum": "store"},
     "mid": {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4], "sum": "store"},
@@ -397,20 +348,6 @@ def get_config(T: int, H: int, I: int, k: int, device=None) -> dict:
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_type: str, index: int | None) -> int:
-    # under the Triton interpreter any count is correct; a few programs walk several tiles each
-    return torch.cuda.get_device_properties(index).multi_processor_count if device_type == "cuda" else 4
-
-
-def _grid(max_tiles: int, per_sm: int, device) -> tuple[int]:
-    """A program per possible tile, or (persistent) `per_sm` programs an SM, never more than the tiles."""
-    if per_sm <= 0:
-        return (max_tiles,)
-    device = torch.device(device)
-    return (max(1, min(max_tiles, per_sm * _sm_count(device.type, device.index))),)
 
 
 def moe_align(ids_flat: torch.Tensor, num_slabs: int, block_m: int, pdl: bool = False):
@@ -493,20 +430,18 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
         y = torch.zeros(T, H, dtype=torch.float32, device=dev)
     else:
         y = torch.empty(num_slots, H, dtype=x.dtype, device=dev)
-    # persistent (prefill): `per_sm` programs an SM walk the live tiles; else a program per possible tile
-    per_sm = 0 if decode else int(cfg.get("persistent", 0))
-    grid_g = _grid(num_m_g * triton.cdiv(I, gn), per_sm, dev)
+    grid_g = (num_m_g * triton.cdiv(I, gn),)
     _gate_up_kernel[grid_g](x, gate_up, gu_desc, inter, ids_flat, sorted_ids, block_slab, total,
-                            num_slots, S, I, H, num_m_g, grid_g[0],
+                            num_slots, S, I, H, num_m_g,
                             x.stride(0), gate_up.stride(0), gate_up.stride(1), inter.stride(0),
-                            k, DECODE=decode, EVEN_K=(H % gk == 0), TMA=tma, PERSISTENT=per_sm > 0,
+                            k, DECODE=decode, EVEN_K=(H % gk == 0), TMA=tma,
                             BLOCK_M=gm, BLOCK_N=gn, BLOCK_K=gk, GROUP_M=ggm, num_warps=gw, num_stages=gs,
                             **launch_opts(pdl))
-    grid_d = _grid(num_m_d * triton.cdiv(H, dn_), per_sm, dev)
+    grid_d = (num_m_d * triton.cdiv(H, dn_),)
     _down_kernel[grid_d](inter, down, dn_desc, y, weights.view(-1), ids_flat, sorted_ids, block_slab, total,
-                         num_slots, S, H, I, num_m_d, grid_d[0],
+                         num_slots, S, H, I, num_m_d,
                          inter.stride(0), down.stride(0), down.stride(1), y.stride(0),
-                         k, DECODE=decode, EVEN_K=(I % dk == 0), ATOMIC=atomic, TMA=tma, PERSISTENT=per_sm > 0,
+                         k, DECODE=decode, EVEN_K=(I % dk == 0), ATOMIC=atomic, TMA=tma,
                          BLOCK_M=dm, BLOCK_N=dn_, BLOCK_K=dk, GROUP_M=dgm, num_warps=dw, num_stages=ds,
                          **launch_opts(pdl))
     if atomic:
