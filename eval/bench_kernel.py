@@ -6,6 +6,9 @@
     python -m eval.bench_kernel profile OUT.json    # kernel breakdown of a call (profiler) and PDL off / on, each GEMM
                                                     # against its share of the limit, the vendor grouped GEMM
                                                     # (torch._grouped_mm) on the same rows (+ .md); --points
+    python -m eval.bench_kernel ncu-target          # one call a point inside a profiler range, for Nsight Compute
+                                                    # (the ncu command line is in `ncu_target`'s docstring)
+    python -m eval.bench_kernel ncu-md RAW.csv LOG  # its table (+ .md) from the report's raw CSV and the run's stdout
 
 `tune` writes the table of the GPU it runs on as DIR/<device name, spaces as underscores>.json, by default into
 runtime/kernels/configs/ where the kernel looks it up (`runtime.kernels.configs`).
@@ -24,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import statistics
 import time
 from pathlib import Path
@@ -466,6 +470,104 @@ def profile_calls(out_path, points=None, vendor=True, seed=0):
     return res
 
 
+NCU_POINTS = [("olmoe-1b-7b", 512, 4, 1.0), ("olmoe-1b-7b", 512, 2, 0.0), ("qwen1.5-moe-a2.7b", 512, 4, 1.0),
+              ("qwen1.5-moe-a2.7b", 1, 2, 0.0), ("qwen3-30b-a3b", 4096, 2, 0.0), ("qwen3-30b-a3b", 128, 4, 1.0)]
+
+
+def ncu_target(points=None, seed=0):
+    """The process for Nsight Compute to profile: per point, one call of the fused kernel inside a
+    cudaProfilerStart/Stop range, after two warm-up calls (Triton's compile stays outside the range). Run it as
+        ncu --profile-from-start off --clock-control none -k regex:"_gate_up_kernel|_down_kernel" --set full \\
+            -o REPORT python -m eval.bench_kernel ncu-target --points ...
+    so the report holds a gate/up and a down kernel per point, in the printed order. ncu flushes the caches before
+    each kernel it replays (cold weights, as in the bench)."""
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(seed)
+    torch.set_grad_enabled(False)
+    for i, (name, T, way, ratio) in enumerate(points or NCU_POINTS):
+        E, k, H, I = SHAPES[name]
+        gu0 = torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16) * 0.02
+        dn0 = torch.randn(E, H, I, device=dev, dtype=torch.bfloat16) * 0.02
+        gu, dn, G, e2g = make_slabs(E, H, I, way, gu0, dn0)
+        del gu0, dn0
+        x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+        idx, w = routing(T, E, k, gen)
+        a = policy.remap(idx, w, e2g, G, ratio)
+        S = E + G
+        rm = remapper(idx, w, e2g, G, ratio)
+        for _ in range(2):
+            fm.fused_moe(x, gu, dn, *rm(), num_slabs=S)
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()
+        fm.fused_moe(x, gu, dn, *rm(), num_slabs=S)
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+        print(f"NCU_POINT {i} {name} T={T} w{way} r{ratio}: slabs {int(policy.slabs_read(a.ids, S))}, live slots "
+              f"{int((a.ids < S).sum())}, config {json.dumps(fm.get_config(T, H, I, k))}", flush=True)
+        del gu, dn
+        torch.cuda.empty_cache()
+
+
+NCU_SCALE = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "hz": 1, "Khz": 1e3, "Mhz": 1e6, "Ghz": 1e9,
+             "nsecond": 1e-9, "ns": 1e-9, "usecond": 1e-6, "us": 1e-6, "msecond": 1e-3, "ms": 1e-3}
+NCU_STALL = re.compile(r"^smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.ratio$")
+
+
+def ncu_md(raw_csv, log_path, out_path):
+    """Markdown of an `ncu --import REPORT --csv --page raw` export of an `ncu-target` run: per kernel its launch
+    (grid, registers, shared memory, blocks an SM, waves), time and clock, DRAM and SM throughput, the tensor pipe,
+    occupancy and issue, and the three largest stall reasons (warps stalled per issued instruction). `log_path`: the
+    run's stdout, whose NCU_POINT lines name the points (a gate/up and a down kernel each, in order)."""
+    import csv
+
+    rows = list(csv.reader(open(raw_csv)))
+    hdr, units, data = rows[0], rows[1], [r for r in rows[2:] if r]
+    col = {h: i for i, h in enumerate(hdr)}
+    points = [ln.split(":")[0].split(" ", 2)[2] for ln in open(log_path) if ln.startswith("NCU_POINT")]
+
+    def v(r, name, unit=None):
+        """The metric in `unit` (byte, hz or second, scaled), else as ncu printed it."""
+        x = float(r[col[name]].replace(",", ""))
+        if unit is None:
+            return x
+        got = units[col[name]].split("/")[0]
+        return x * NCU_SCALE[got] / NCU_SCALE[unit]
+
+    dev_name = data[0][col["device__attribute_display_name"]] if data else "?"
+    lines = [f"# Nsight Compute on the fused kernel's two GEMMs ({dev_name})", "",
+             "Made by `python -m eval.bench_kernel ncu-md` from the raw CSV of a report of `ncu-target` (its "
+             "docstring has the ncu command). One call a point, routing seed 0, the shipped tile table; ncu flushed "
+             "the caches before each kernel and left the clocks alone (`--clock-control none`), so a kernel's time "
+             "here is at the SM clock shown and runs longer than in the bench. `grid` counts every program, also "
+             "those past the padded length that exit at once. `blocks/SM`: the tightest of the launch's occupancy "
+             "limits. `DRAM %`: bytes read over the time, of the peak. `tensor pipe %`: cycles the tensor pipe was "
+             "busy, of the active cycles. Stalls: warps stalled for that reason per issued instruction.", "",
+             "| point | kernel | grid | regs | smem KB | blocks/SM | waves | us | SM GHz | DRAM MB | DRAM % | SM % "
+             "| tensor pipe % | MMA | warps active % | eligible/cycle | issue % | top stalls (warps per issue) |",
+             "|" + "---|" * 18]
+    for j, r in enumerate(data):
+        limits = [v(r, f"launch__occupancy_limit_{x}") for x in ("blocks", "registers", "shared_mem", "warps")]
+        stalls = sorted(((v(r, h), NCU_STALL.match(h).group(1)) for h in hdr
+                         if NCU_STALL.match(h) and NCU_STALL.match(h).group(1) != "selected"), reverse=True)[:3]
+        wgmma = v(r, "sm__inst_executed_pipe_tensor_op_gmma.avg.pct_of_peak_sustained_active") > 0
+        lines.append("| " + " | ".join([
+            points[j // 2] if j // 2 < len(points) else "?", r[col["Kernel Name"]].strip("_").replace("_kernel", ""),
+            f"{v(r, 'launch__grid_size'):.0f}", f"{v(r, 'launch__registers_per_thread'):.0f}",
+            f"{v(r, 'launch__shared_mem_per_block', 'Kbyte'):.0f}", f"{min(limits):.0f}",
+            f"{v(r, 'launch__waves_per_multiprocessor'):.2f}", f"{v(r, 'gpu__time_duration.sum', 'us'):.1f}",
+            f"{v(r, 'sm__cycles_elapsed.avg.per_second', 'Ghz'):.2f}", f"{v(r, 'dram__bytes_read.sum', 'Mbyte'):.0f}",
+            f"{v(r, 'dram__bytes_read.sum.pct_of_peak_sustained_elapsed'):.0f}",
+            f"{v(r, 'sm__throughput.avg.pct_of_peak_sustained_elapsed'):.0f}",
+            f"{v(r, 'sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active'):.0f}",
+            "wgmma" if wgmma else "mma.sync",
+            f"{v(r, 'sm__warps_active.avg.pct_of_peak_sustained_active'):.0f}",
+            f"{v(r, 'smsp__warps_eligible.avg.per_cycle_active'):.2f}",
+            f"{v(r, 'smsp__issue_active.avg.pct_of_peak_sustained_active'):.0f}",
+            ", ".join(f"{n} {x:.2f}" for x, n in stalls)]) + " |")
+    Path(out_path).write_text("\n".join(lines) + "\n")
+    return lines
+
+
 def write_profile_md(res, path):
     """Markdown of a profile run: per point the graph time with PDL off / on and the kernels of the call (PDL off, so
     the durations do not overlap)."""
@@ -574,7 +676,7 @@ def tune(out_dir=configs.CONFIG_DIR, budget_s=300.0, buckets=None, seeds=TUNE_SE
     its time / the best time on each. Several seeds, none of them the bench's: tiles picked on one routing can lose
     on another by 17% (Qwen1.5 T = 128, way 4 ratio 1, H200), and a bench on the tuner's own routing would not show it.
     One config per bucket because a CUDA graph freezes the config it captured while the ratio it reads keeps moving.
-    Stages: gate/up tiles (with a default down), then down tiles, then the top-k sum mode.
+    Stages: gate/up tiles (with a default down), then down tiles, then the top-k sum mode, then TMA weight tiles.
     Writes out_dir/<this GPU's table name> (`configs.file_name`) after every shape; -> (its path, the tuning log).
     `buckets` (T values): re-tune only those, keeping the other entries of the table already there."""
     t_start = time.time()
@@ -903,18 +1005,25 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(prog="python -m eval.bench_kernel", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("cmd", nargs="?", default="bench", choices=["check", "tune", "bench", "profile", "profile-md"])
+    ap.add_argument("cmd", nargs="?", default="bench", choices=["check", "tune", "bench", "profile", "profile-md",
+                                                                "ncu-target", "ncu-md"])
     ap.add_argument("path", nargs="?", help="check: JSON out; tune: config folder; bench: result folder; "
                     "profile: JSON out; profile-md: an earlier profile's JSON")
-    ap.add_argument("log", nargs="?", help="tune: where to write the tuning log (JSON)")
-    ap.add_argument("--points", help="profile: shape:T:way:ratio,... (default: a fixed set over all four shapes)")
+    ap.add_argument("log", nargs="?", help="tune: where to write the tuning log (JSON); ncu-md: the ncu-target "
+                    "run's stdout")
+    ap.add_argument("--points", help="profile, ncu-target: shape:T:way:ratio,... (default: a fixed set over all "
+                    "four shapes)")
     ap.add_argument("--no-vendor", action="store_true", help="profile: skip the vendor grouped GEMM yardstick")
     ap.add_argument("--seed", type=int, default=0, help="profile, bench: seed of the random routings (the tuner "
                     f"scores on seeds {', '.join(map(str, TUNE_SEEDS))} of its own draws, never on the bench's)")
     ap.add_argument("--buckets", help=f"tune: re-tune only these T buckets of {TOKENS} (e.g. 1,8), keeping the "
                     "other entries of the table already there")
     a = ap.parse_args(argv)
-    if a.cmd == "profile-md":  # the markdown of an earlier profile run's JSON
+    if a.cmd == "ncu-md":  # the table of an ncu report's raw CSV export
+        if not (a.path and a.log):
+            ap.error("ncu-md needs the raw CSV (ncu --import REPORT --csv --page raw) and the ncu-target run's stdout")
+        print("\n".join(ncu_md(a.path, a.log, Path(a.path).with_suffix(".md"))))
+    elif a.cmd == "profile-md":  # the markdown of an earlier profile run's JSON
         if not a.path:
             ap.error("profile-md needs the JSON of a profile run")
         write_profile_md(json.load(open(a.path)), Path(a.path).with_suffix(".md"))
@@ -922,8 +1031,7 @@ def main(argv=None) -> None:
         rows = check()
         if a.path:
             json.dump(rows, open(a.path, "w"), indent=1)
-    elif a.cmd == "profile":
-        out = a.path or "kernel_profile.json"
+    elif a.cmd in ("profile", "ncu-target"):
         points = None
         if a.points:
             try:
@@ -933,6 +1041,9 @@ def main(argv=None) -> None:
             bad = sorted({p[0] for p in points} - set(SHAPES))
             if bad:
                 ap.error(f"unknown shape {bad[0]!r}; known: {', '.join(SHAPES)}")
+        if a.cmd == "ncu-target":
+            return ncu_target(points, seed=a.seed)
+        out = a.path or "kernel_profile.json"
         write_profile_md(profile_calls(out, points, vendor=not a.no_vendor, seed=a.seed), Path(out).with_suffix(".md"))
     elif a.cmd == "tune":
         try:

@@ -340,6 +340,53 @@ def test_profile_gemm_shares(tmp_path):
     assert line == "| olmoe-1b-7b | 512 | 4 | 1.0 | 60.0 | align_two 160.0 | align_one 150.0 | 0.938 |"
 
 
+def test_ncu_md_reads_a_raw_export(tmp_path):
+    # eval/bench_kernel.py ncu-md: one row per kernel, named by the run's NCU_POINT lines (two kernels a point),
+    # values scaled by the units row, the tightest occupancy limit, the three largest stalls
+    import csv
+
+    from eval import bench_kernel as bk
+    cols = {"ID": ("", ["0", "1"]), "Kernel Name": ("", ["_gate_up_kernel", "_down_kernel"]),
+            "device__attribute_display_name": ("", ["NVIDIA H200", "NVIDIA H200"]),
+            "launch__grid_size": ("", ["1,792", "896"]), "launch__registers_per_thread": ("register/thread",
+                                                                                       ["101", "178"]),
+            "launch__shared_mem_per_block": ("Kbyte/block", ["99.38", "149.0"]),
+            "launch__waves_per_multiprocessor": ("", ["6.79", "6.79"]),
+            "gpu__time_duration.sum": ("msecond", ["0.0946", "0.0467"]),
+            "sm__cycles_elapsed.avg.per_second": ("Mhz", ["1603.2", "1730"]),
+            "dram__bytes_read.sum": ("Gbyte", ["0.1431", "0.0758"]),
+            "dram__bytes_read.sum.pct_of_peak_sustained_elapsed": ("%", ["31.2", "34"]),
+            "sm__throughput.avg.pct_of_peak_sustained_elapsed": ("%", ["47.1", "44"]),
+            "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active": ("%", ["63.4", "60"]),
+            "sm__inst_executed_pipe_tensor_op_gmma.avg.pct_of_peak_sustained_active": ("%", ["7.9", "0"]),
+            "sm__warps_active.avg.pct_of_peak_sustained_active": ("%", ["24", "12"]),
+            "smsp__warps_eligible.avg.per_cycle_active": ("warp", ["0.81", "0.28"]),
+            "smsp__issue_active.avg.pct_of_peak_sustained_active": ("%", ["44", "21"])}
+    for lim, vals in (("blocks", ["32", "32"]), ("registers", ["2", "1"]), ("shared_mem", ["2", "1"]),
+                      ("warps", ["8", "8"])):
+        cols[f"launch__occupancy_limit_{lim}"] = ("block", vals)
+    for stall, vals in (("long_scoreboard", ["2.15", "3.82"]), ("barrier", ["1.81", "1.93"]),
+                        ("wait", ["1.33", "1.44"]), ("selected", ["1", "1"]), ("drain", ["0.04", "0.18"])):
+        cols[f"smsp__average_warps_issue_stalled_{stall}_per_issue_active.ratio"] = ("inst", vals)
+    raw = tmp_path / "r.csv"
+    with open(raw, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(list(cols))
+        w.writerow([u for u, _ in cols.values()])
+        for j in range(2):
+            w.writerow([v[j] for _, v in cols.values()])
+    log = tmp_path / "log.txt"
+    log.write_text("==PROF== Connected\nNCU_POINT 0 olmoe-1b-7b T=512 w4 r1.0: slabs 16, live slots 3534\n")
+    bk.ncu_md(raw, log, tmp_path / "r.md")
+    text = (tmp_path / "r.md").read_text()
+    assert "(NVIDIA H200)" in text.splitlines()[0]
+    rows = [ln for ln in text.splitlines() if ln.startswith("| olmoe")]
+    assert rows[0] == ("| olmoe-1b-7b T=512 w4 r1.0 | gate_up | 1792 | 101 | 99 | 2 | 6.79 | 94.6 | 1.60 | 143 | 31 "
+                       "| 47 | 63 | wgmma | 24 | 0.81 | 44 | long_scoreboard 2.15, barrier 1.81, wait 1.33 |")
+    assert rows[1].startswith("| olmoe-1b-7b T=512 w4 r1.0 | down | 896 | 178 | 149 | 1 | 6.79 | 46.7 | 1.73 | 76 ")
+    assert "| mma.sync |" in rows[1] and rows[1].endswith("long_scoreboard 3.82, barrier 1.93, wait 1.44 |")
+
+
 def test_tuner_routings_are_per_point_and_held_out_from_the_bench(monkeypatch):
     # the tile tuner scores on routings of its own seeds, one generator per point: a point's routing does not move
     # when other buckets are skipped (--buckets), and none is the bench's (seed 0's generator, drawn in turn)
