@@ -75,7 +75,7 @@ from runtime import compile_outside_experts
 from runtime.compile_outside import compiled_outside
 from runtime.serving import (BrownoutServer, FixedRatio, LatencyProfile, ServeConfig, burst_test, make_controller,
                              median_saturation, poisson, ramp, saturation_trace, spike, summarize, timeline)
-from runtime.serving.calibration import REPEATS, saturation_runs
+from runtime.serving.calibration import REPEATS, measure_saturation, median_run, saturation_runs
 from runtime.serving.server import ATTENTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -341,9 +341,15 @@ def compare_saturation(srv, args, what: str) -> dict:
     at ratios 0 and 1 in the same process as the main engine. For "eager", compiled norms and rope
     (`--compile-outside-experts`) are undone for it and compiled again after; "null" swaps the model's experts
     implementation for zeros (the ratio is still set, nothing reads it); "reject" changes only the driver's
-    admission, so it runs on `srv`'s engine itself, with no second warm-up."""
+    admission, so it runs on `srv`'s engine itself (`interleaved_admissions`), started once for it, with the holding
+    runs it was interleaved with under "hold_interleaved"."""
     if what == "reject":
-        w, sat = 0.0, saturation_pair(srv, args, full_queue="reject")
+        with torch.no_grad(), srv:  # one engine for all the runs (outside `with`, each run would start its own)
+            w = warm_up(srv, args)
+            both = interleaved_admissions(srv, args)
+        hold = {"label": "same engine, holding a full queue, in the runs interleaved with the rejecting ones",
+                **{str(r): v for r, v in both["hold"].items()}}
+        sat = {**both["reject"], "hold_interleaved": hold}
     else:
         w, sat = _variant_saturation(srv, args, what)
     log(f"{compare_label(what, srv.cfg)} (warm-up {w:.0f} s): mu0 {sat[0.0]['req_s']:.2f} req/s, "
@@ -351,6 +357,28 @@ def compare_saturation(srv, args, what: str) -> dict:
         f"{1e3 * sat[0.0]['step_p50']:.1f} / {1e3 * sat[1.0]['step_p50']:.1f} ms")
     return {"label": compare_label(what, srv.cfg), "warmup_s": w,
             **{str(r): v for r, v in sat.items()}}
+
+
+def interleaved_admissions(srv, args) -> dict:
+    """{"hold": {0.0: run, 1.0: run}, "reject": ...}: saturated rates of one engine under both admissions of a full
+    queue, `--sat-repeats` runs each per ratio after one warm run, the admissions in ABBA order (hold, reject, reject,
+    hold, ...), repeat i on saturation trace seed 11 + i for both: a drift of the engine (a compiled one still
+    settling) reaches both alike. Call it inside `with srv:`."""
+    kw = dict(seconds=args.sat_seconds, queue=args.sat_queue, rate=args.sat_rate, lengths=args.lengths,
+              max_prompt=args.max_prompt, max_output=args.max_output)
+    measure_saturation(srv, 0.0, seed=10, full_queue="hold", **kw)  # warm run, not kept
+    runs = {fq: {0.0: [], 1.0: []} for fq in ("hold", "reject")}
+    order = ("hold", "reject")
+    for i in range(args.sat_repeats):
+        for fq in order:
+            for r in (0.0, 1.0):
+                m = measure_saturation(srv, r, seed=11 + i, full_queue=fq, **kw)
+                runs[fq][r].append(m)
+                log(f"saturation run {i + 1} of {args.sat_repeats}, {fq}, ratio {r:g}: {m['req_s']:.2f} req/s, "
+                    f"step p50 / mean {1e3 * m['step_p50']:.1f} / {1e3 * m['step_mean']:.1f} ms, decode share "
+                    f"{m['decode_share']:.2f}")
+        order = order[::-1]
+    return {fq: {r: median_run(rs) for r, rs in by_r.items()} for fq, by_r in runs.items()}
 
 
 def _variant_saturation(srv, args, what: str) -> tuple[float, dict]:
@@ -578,7 +606,8 @@ def sat_lines(doc: dict) -> list[str]:
     rows = [("this engine", doc["calibration"].get("saturation"))]
     if doc.get("eager_saturation"):  # results written before --compare
         rows.insert(0, (compare_label("eager", None), doc["eager_saturation"]))
-    rows[:0] = [(sat["label"], sat) for sat in (doc.get("compare_saturation") or {}).values()]
+    rows[:0] = [(x["label"], x) for sat in (doc.get("compare_saturation") or {}).values()
+                for x in (sat, sat.get("hold_interleaved")) if x]
     rows = [(label, sat) for label, sat in rows if sat]
     if not rows:
         return []

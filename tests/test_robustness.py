@@ -109,6 +109,63 @@ def test_report_and_plot(tmp_path):
     md = markdown([doc], "python -m eval.robustness --compile --compare batching")
     assert "| same engine with async batching | 8.00 | 9.00 | 1.12x |" in md
     assert "| this engine | 10.00 | 14.00 | 1.40x | 20.0 / 20.0 | 500 / 700 | 80.0% / 75.0% |" in md
+    # --compare reject: its row, then the holding runs it was interleaved with
+    doc["compare_saturation"] = {"reject": {"label": "rejecting", "0.0": sat(6.0, 0.9), "1.0": sat(7.0, 0.9),
+                                            "hold_interleaved": {"label": "holding, interleaved",
+                                                                 "0.0": sat(10.0, 0.9), "1.0": sat(15.0, 0.9)}}}
+    md = markdown([doc], "python -m eval.robustness --compile --compare reject")
+    lines = md.splitlines()
+    i = lines.index(next(ln for ln in lines if ln.startswith("| rejecting | 6.00 | 7.00 | 1.17x |")))
+    assert lines[i + 1].startswith("| holding, interleaved | 10.00 | 15.00 | 1.50x |")
+
+
+def test_admissions_are_interleaved_abba(monkeypatch):
+    """`--compare reject`: both admissions on one engine, in ABBA order, repeat i on the same trace seed for both,
+    after one warm run; the median run of each (admission, ratio) is kept."""
+    import argparse
+
+    import eval.robustness as rb
+
+    calls = []
+
+    def fake(srv, r, seed, full_queue, **kw):
+        calls.append((full_queue, r, seed))
+        rate = {"hold": 10.0, "reject": 5.0}[full_queue] * (1 + r) + seed % 3
+        return {"tok_s": 50 * rate, "req_s": rate, "step_p50": 0.01, "step_mean": 0.011, "decode_share": 0.9}
+
+    monkeypatch.setattr(rb, "measure_saturation", fake)
+    args = argparse.Namespace(sat_repeats=3, sat_seconds=1.0, sat_queue=4, sat_rate=50.0, lengths="alpaca",
+                              max_prompt=64, max_output=16)
+    out = rb.interleaved_admissions(None, args)
+    assert calls[0] == ("hold", 0.0, 10)  # the warm run
+    order = [(fq, seed) for fq, r, seed in calls[1:] if r == 0.0]
+    assert order == [("hold", 11), ("reject", 11), ("reject", 12), ("hold", 12), ("hold", 13), ("reject", 13)]
+    assert len(calls) == 1 + 3 * 2 * 2
+    # seeds 11, 12, 13 add 2, 0, 1: the median run is seed 13's
+    assert out["hold"][0.0]["req_s"] == 11.0 and out["reject"][1.0]["req_s"] == 11.0
+    assert out["hold"][1.0]["runs"] == [22.0, 20.0, 21.0]
+
+    # compare_saturation("reject") runs them all on one engine, started once (outside `with`, every run of
+    # `server.run` starts and stops an engine of its own: cold runs, a void comparison)
+
+    class Srv:
+        cfg, up, starts = None, False, 0
+
+        def __enter__(self):
+            self.up, self.starts = True, self.starts + 1
+            return self
+
+        def __exit__(self, *exc):
+            self.up = False
+
+    srv = Srv()
+    seen = []
+    monkeypatch.setattr(rb, "warm_up", lambda s, a: seen.append(s.up) or 1.0)
+    monkeypatch.setattr(rb, "measure_saturation", lambda s, *a, **k: seen.append(s.up) or fake(s, *a, **k))
+    row = rb.compare_saturation(srv, args, "reject")
+    assert srv.starts == 1 and len(seen) == 2 + 12 and all(seen)
+    assert row["0.0"]["req_s"] == out["reject"][0.0]["req_s"]
+    assert row["hold_interleaved"]["1.0"]["req_s"] == out["hold"][1.0]["req_s"]
 
 
 def test_tiny_engine_with_norms_and_rope_compiled(tmp_path):

@@ -393,7 +393,14 @@ def test_service_rate_counts_decode_tokens_over_the_window():
     assert r["tok_s"] == pytest.approx(80 / 0.98) and r["req_s"] == pytest.approx(r["tok_s"] / 4)
     assert r["step_p50"] == pytest.approx(0.08) and r["batch_mean"] == 8
     assert r["step_share"] == pytest.approx(0.8 / 0.98)  # 10 steps of 80 ms in 0.98 s; the rest is host work
+    assert r["step_mean"] == pytest.approx(0.08) and r["decode_share"] == 1.0
     assert math.isnan(service_rate(res, 5.0)["tok_s"])
+    # one long step (a compile) moves the mean, not the median; steps that carry prefill rows lower the decode share
+    steps[7] = StepRecord(t0=0.7, t1=1.5, step_s=0.8, prefill_tokens=0, decode_tokens=8, requests=8, ratio=0.0)
+    steps[8] = StepRecord(t0=0.8, t1=0.88, step_s=0.08, prefill_tokens=64, decode_tokens=4, requests=8, ratio=0.0)
+    r = service_rate(res, 0.5, 1.5)
+    assert r["step_p50"] == pytest.approx(0.08) and r["step_mean"] == pytest.approx((9 * 0.08 + 0.8) / 10)
+    assert r["decode_share"] == pytest.approx(76 / 80)
 
 
 def test_measure_capacity_on_the_engine():

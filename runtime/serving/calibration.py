@@ -54,7 +54,7 @@ REPEATS = 3  # saturation runs per ratio in `measure_capacity`: the median of th
 WARM_RUNS = 1
 
 __all__ = ["DRY_SHARE", "MAX_DOUBLINGS", "REPEATS", "WARM_RUNS", "measure_capacity", "measure_saturation",
-           "median_saturation", "mean_output_len", "saturation_runs", "saturation_trace", "service_rate"]
+           "median_run", "median_saturation", "mean_output_len", "saturation_runs", "saturation_trace", "service_rate"]
 
 
 def saturation_trace(n: int, lengths: str = "alpaca", seed: int = 0, max_prompt: int = 512,
@@ -74,7 +74,9 @@ def mean_output_len(lengths: str = "alpaca", max_prompt: int = 512, max_output: 
 def service_rate(res, t_from: float, t_to: float = math.inf, mean_out: float = 1.0) -> dict:
     """Decode tokens per second over the steps of a `ServeResult` that start in [t_from, t_to), and requests per
     second at `mean_out` output tokens each: {"tok_s", "req_s", "step_p50" (s), "batch_mean", "step_share"} (NaN
-    rates if no step started in the window). "step_share" is the share of the window's wall time spent inside steps
+    rates if no step started in the window), "step_mean" (s; far above the median when a few steps ran long, such
+    as a compile), "decode_share" (decode tokens over the requests of the steps: below 1 when steps carry prefill
+    work). "step_share" is the share of the window's wall time spent inside steps
     (forward, sampling, copy-out); the rest is the engine's host work between steps (scheduling, batch preparation,
     bookkeeping), which brownout cannot shorten."""
     steps = [s for s in res.steps if t_from <= s.t0 < t_to]
@@ -84,7 +86,9 @@ def service_rate(res, t_from: float, t_to: float = math.inf, mean_out: float = 1
     toks = sum(s.decode_tokens for s in steps)
     return {"tok_s": toks / span, "req_s": toks / span / mean_out,
             "step_p50": float(np.median([s.step_s for s in steps])),
+            "step_mean": float(np.mean([s.step_s for s in steps])),
             "batch_mean": float(np.mean([s.requests for s in steps])),
+            "decode_share": toks / max(1, sum(s.requests for s in steps)),
             "step_share": sum(s.step_s for s in steps) / span if span > 0 else float("nan")}
 
 
@@ -171,12 +175,15 @@ def median_saturation(server, ratios=(0.0, 1.0), repeats: int = REPEATS, seed: i
     runs of the same engine (the GPU engine of eval/results/README.md, "Calibration repeated"); the median of three
     leaves out one outlier either way. Each dict gets "runs": every kept run's req/s, in order, and
     "step_p50_runs": their median step times."""
-    out = {}
-    for r, rs in saturation_runs(server, ratios, repeats, seed, warm_runs, **kw).items():
-        ok = sorted((x for x in rs if math.isfinite(x["tok_s"])), key=lambda x: x["tok_s"])
-        best = ok[(len(ok) - 1) // 2] if ok else rs[0]  # the lower median of an even count: no overstatement
-        out[r] = {**best, "runs": [x["req_s"] for x in rs], "step_p50_runs": [x.get("step_p50") for x in rs]}
-    return out
+    return {r: median_run(rs) for r, rs in saturation_runs(server, ratios, repeats, seed, warm_runs, **kw).items()}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """Of `measure_saturation` runs, the one of median decode rate (the lower median of an even count: no
+    overstatement), with "runs" (every run's req/s, in order) and "step_p50_runs" (their median step times)."""
+    ok = sorted((x for x in runs if math.isfinite(x["tok_s"])), key=lambda x: x["tok_s"])
+    best = ok[(len(ok) - 1) // 2] if ok else runs[0]
+    return {**best, "runs": [x["req_s"] for x in runs], "step_p50_runs": [x.get("step_p50") for x in runs]}
 
 
 def measure_capacity(server, ratios=(0.0, 1.0), repeats: int = REPEATS, **kw) -> dict[float, float]:
