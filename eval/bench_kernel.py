@@ -726,11 +726,26 @@ def res_of(res, cfg):
     return next(("/".join(f"{v:.4f}" for v in m) for m, c in res if c == cfg), "-")
 
 
+TUNE_MAX_RELERR = 1.5e-2  # as `check`: a candidate whose output is further from the reference is never picked
+
+
 def _tune_point(x, routings, slots):
-    """-> (best config, its score, [(ms per routing, config)]) where score = sum over routings of ms / best ms."""
-    def time_one(cfg, gu, dn, ids, w):
+    """-> (best config, its score, [(ms per routing, config)]) where score = sum over routings of ms / best ms.
+    Each candidate's output on each routing is checked against the PyTorch reference first: one that does not
+    compile, does not fit, or computes something else (relative error over TUNE_MAX_RELERR) is timed as inf."""
+    refs = [slab_forward(_Gate(), {"gate_up_proj": gu.float(), "down_proj": dn.float()}, x.float(), ids, w.float())
+            for gu, dn, ids, w in routings]
+
+    def time_one(cfg, gu, dn, ids, w, ref):
         try:
-            g, _ = capture(lambda: fm.fused_moe(x, gu, dn, ids, w, config=cfg))
+            g, out = capture(lambda: fm.fused_moe(x, gu, dn, ids, w, config=cfg))
+            out.fill_(float("nan"))  # what the check reads is the replay's
+            g.replay()
+            torch.cuda.synchronize()
+            err = relerr(out, ref)
+            if not err <= TUNE_MAX_RELERR:
+                print(f"  skip {cfg}: relative error {err:.3g} against the reference", flush=True)
+                return float("inf")
             ms = time_graph(g, reps=12)
             del g
             return ms
@@ -742,7 +757,7 @@ def _tune_point(x, routings, slots):
 
     def run(cands):
         for c in cands:
-            res.append(([time_one(c, *r) for r in routings], c))
+            res.append(([time_one(c, *r, ref) for r, ref in zip(routings, refs)], c))
         lows = [min(m[j] for m, _ in res) for j in range(len(routings))]
         scored = [(sum(mj / lj for mj, lj in zip(m, lows)), c) for m, c in res]
         return min(scored, key=lambda t: t[0])

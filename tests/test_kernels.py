@@ -387,6 +387,50 @@ def test_ncu_md_reads_a_raw_export(tmp_path):
     assert "| mma.sync |" in rows[1] and rows[1].endswith("long_scoreboard 3.82, barrier 1.93, wait 1.44 |")
 
 
+def test_tuner_never_picks_a_wrong_candidate(monkeypatch):
+    # eval/bench_kernel.py's tuner checks each candidate's output against the reference before timing it: a config
+    # that computes something else is timed as inf, however fast it would be (graphs and timings faked on the CPU)
+    from eval import bench_kernel as bk
+
+    class Graph:
+        def __init__(self, fn, out, cfg):
+            self.fn, self.out, self.cfg = fn, out, cfg
+
+        def replay(self):
+            self.out.copy_(self.fn())
+
+    bad_gu = [32, 32, 32, 4, 4, 2]
+    real = fm.fused_moe
+
+    def fused(x, gu, dn, ids, w, config=None, **kw):
+        out = real(x, gu, dn, ids, w, config=config, **kw)
+        return out * 1.5 if config and config["gu"] == bad_gu else out  # fast and wrong
+
+    def capture(fn):
+        out = fn()
+        return Graph(fn, out, current[0]), out
+
+    current = [None]
+
+    def fused_spy(x, gu, dn, ids, w, config=None, **kw):
+        current[0] = config
+        return fused(x, gu, dn, ids, w, config=config, **kw)
+
+    monkeypatch.setattr(fm, "fused_moe", fused_spy)
+    monkeypatch.setattr(bk, "capture", capture)
+    monkeypatch.setattr(bk, "time_graph", lambda g, reps=25: 0.001 if g.cfg["gu"] == bad_gu else 1.0)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(bk, "DECODE_T", [(16, 32, 4, 2)])
+    monkeypatch.setattr(bk, "MID_GU", [tuple(bad_gu), (16, 16, 32, 2, 4, 2)])
+    monkeypatch.setattr(bk, "MID_DN", [(32, 32, 4, 2)])
+    x, gu, dn, a = _case(11, 4, 4, 9, 0.5, torch.float32, seed=21)
+    best, score, res = bk._tune_point(x, [(gu, dn, a.ids, a.weights)], 9 * 4)
+    assert best["gu"] != bad_gu
+    tried_bad = [ms for ms, c in res if c["gu"] == bad_gu]
+    assert tried_bad and all(m == [float("inf")] for m in tried_bad)
+    assert all(m == [1.0] for m, c in res if c["gu"] != bad_gu)  # every correct candidate was timed
+
+
 def test_tuner_routings_are_per_point_and_held_out_from_the_bench(monkeypatch):
     # the tile tuner scores on routings of its own seeds, one generator per point: a point's routing does not move
     # when other buckets are skipped (--buckets), and none is the bench's (seed 0's generator, drawn in turn)
