@@ -374,9 +374,10 @@ def interleaved_admissions(srv, args) -> dict:
             for r in (0.0, 1.0):
                 m = measure_saturation(srv, r, seed=11 + i, full_queue=fq, **kw)
                 runs[fq][r].append(m)
+                nan = float("nan")  # a run with no step in its window has rates only
                 log(f"saturation run {i + 1} of {args.sat_repeats}, {fq}, ratio {r:g}: {m['req_s']:.2f} req/s, "
-                    f"step p50 / mean {1e3 * m['step_p50']:.1f} / {1e3 * m['step_mean']:.1f} ms, decode share "
-                    f"{m['decode_share']:.2f}")
+                    f"step p50 / mean {1e3 * m.get('step_p50', nan):.1f} / {1e3 * m.get('step_mean', nan):.1f} ms, "
+                    f"decode share {m.get('decode_share', nan):.2f}")
         order = order[::-1]
     return {fq: {r: median_run(rs) for r, rs in by_r.items()} for fq, by_r in runs.items()}
 

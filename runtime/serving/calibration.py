@@ -73,12 +73,12 @@ def mean_output_len(lengths: str = "alpaca", max_prompt: int = 512, max_output: 
 
 def service_rate(res, t_from: float, t_to: float = math.inf, mean_out: float = 1.0) -> dict:
     """Decode tokens per second over the steps of a `ServeResult` that start in [t_from, t_to), and requests per
-    second at `mean_out` output tokens each: {"tok_s", "req_s", "step_p50" (s), "batch_mean", "step_share"} (NaN
-    rates if no step started in the window), "step_mean" (s; far above the median when a few steps ran long, such
-    as a compile), "decode_share" (decode tokens over the requests of the steps: below 1 when steps carry prefill
-    work). "step_share" is the share of the window's wall time spent inside steps
-    (forward, sampling, copy-out); the rest is the engine's host work between steps (scheduling, batch preparation,
-    bookkeeping), which brownout cannot shorten."""
+    second at `mean_out` output tokens each: {"tok_s", "req_s", "step_p50" (s), "step_mean" (s), "batch_mean",
+    "decode_share", "step_share"} (only NaN rates if no step started in the window).
+    "step_mean" is far above the median when a few steps ran long (a compile, say). "decode_share" is decode tokens
+    over the requests of the steps: below 1 when steps carry prefill work. "step_share" is the share of the window's
+    wall time spent inside steps (forward, sampling, copy-out); the rest is the engine's host work between steps
+    (scheduling, batch preparation, bookkeeping), which brownout cannot shorten."""
     steps = [s for s in res.steps if t_from <= s.t0 < t_to]
     if not steps:
         return {"tok_s": float("nan"), "req_s": float("nan")}
