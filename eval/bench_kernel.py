@@ -547,8 +547,8 @@ def ncu_md(raw_csv, log_path, out_path):
              "|" + "---|" * 18]
     for j, r in enumerate(data):
         limits = [v(r, f"launch__occupancy_limit_{x}") for x in ("blocks", "registers", "shared_mem", "warps")]
-        stalls = sorted(((v(r, h), NCU_STALL.match(h).group(1)) for h in hdr
-                         if NCU_STALL.match(h) and NCU_STALL.match(h).group(1) != "selected"), reverse=True)[:3]
+        stalls = sorted(((v(r, h), m.group(1)) for h in hdr
+                         if (m := NCU_STALL.match(h)) and m.group(1) != "selected"), reverse=True)[:3]
         wgmma = v(r, "sm__inst_executed_pipe_tensor_op_gmma.avg.pct_of_peak_sustained_active") > 0
         lines.append("| " + " | ".join([
             points[j // 2] if j // 2 < len(points) else "?", r[col["Kernel Name"]].strip("_").replace("_kernel", ""),
@@ -1023,7 +1023,7 @@ def main(argv=None) -> None:
     ap.add_argument("cmd", nargs="?", default="bench", choices=["check", "tune", "bench", "profile", "profile-md",
                                                                 "ncu-target", "ncu-md"])
     ap.add_argument("path", nargs="?", help="check: JSON out; tune: config folder; bench: result folder; "
-                    "profile: JSON out; profile-md: an earlier profile's JSON")
+                    "profile: JSON out; profile-md: an earlier profile's JSON; ncu-md: the report's raw CSV")
     ap.add_argument("log", nargs="?", help="tune: where to write the tuning log (JSON); ncu-md: the ncu-target "
                     "run's stdout")
     ap.add_argument("--points", help="profile, ncu-target: shape:T:way:ratio,... (default: a fixed set over all "
@@ -1037,7 +1037,14 @@ def main(argv=None) -> None:
     if a.cmd == "ncu-md":  # the table of an ncu report's raw CSV export
         if not (a.path and a.log):
             ap.error("ncu-md needs the raw CSV (ncu --import REPORT --csv --page raw) and the ncu-target run's stdout")
-        print("\n".join(ncu_md(a.path, a.log, Path(a.path).with_suffix(".md"))))
+        if Path(a.path).suffix.lower() != ".csv":  # the table goes beside it as .md: never over the input
+            ap.error(f"ncu-md: {a.path} is not a .csv file")
+        try:
+            print("\n".join(ncu_md(a.path, a.log, Path(a.path).with_suffix(".md"))))
+        except OSError as e:
+            ap.error(f"ncu-md: {e}")
+        except (KeyError, IndexError, ValueError) as e:
+            ap.error(f"ncu-md: {a.path} is not a raw CSV export of an ncu-target report ({type(e).__name__}: {e})")
     elif a.cmd == "profile-md":  # the markdown of an earlier profile run's JSON
         if not a.path:
             ap.error("profile-md needs the JSON of a profile run")
