@@ -235,13 +235,17 @@ def parse_seeds(spec: str) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------------ runs
+def saturation_kw(args) -> dict:
+    """The keywords of `measure_saturation` that the command line sets: window, queue, rate and request lengths."""
+    return dict(seconds=args.sat_seconds, queue=args.sat_queue, rate=args.sat_rate, lengths=args.lengths,
+                max_prompt=args.max_prompt, max_output=args.max_output)
+
+
 def saturation_pair(srv, args, full_queue: str = "hold") -> dict:
     """Saturated service rates at ratios 0 and 1 on `srv`'s engine (the calibration's measurement): the median of
     `--sat-repeats` runs each, as the library's `measure_capacity` (`full_queue`: its admission, see
     `measure_saturation`)."""
-    lens = dict(lengths=args.lengths, max_prompt=args.max_prompt, max_output=args.max_output)
-    return median_saturation(srv, (0.0, 1.0), args.sat_repeats, seconds=args.sat_seconds, queue=args.sat_queue,
-                             rate=args.sat_rate, full_queue=full_queue, **lens)
+    return median_saturation(srv, (0.0, 1.0), args.sat_repeats, full_queue=full_queue, **saturation_kw(args))
 
 
 def calibration_repeats(srv, args) -> list[dict]:
@@ -364,8 +368,8 @@ def interleaved_admissions(srv, args) -> dict:
     queue, `--sat-repeats` runs each per ratio after one warm run, the admissions in ABBA order (hold, reject, reject,
     hold, ...), repeat i on saturation trace seed 11 + i for both: a drift of the engine (a compiled one still
     settling) reaches both alike. Call it inside `with srv:`."""
-    kw = dict(seconds=args.sat_seconds, queue=args.sat_queue, rate=args.sat_rate, lengths=args.lengths,
-              max_prompt=args.max_prompt, max_output=args.max_output)
+    kw = saturation_kw(args)
+    nan = float("nan")  # a run with no step in its window has rates only
     measure_saturation(srv, 0.0, seed=10, full_queue="hold", **kw)  # warm run, not kept
     runs = {fq: {0.0: [], 1.0: []} for fq in ("hold", "reject")}
     order = ("hold", "reject")
@@ -374,7 +378,6 @@ def interleaved_admissions(srv, args) -> dict:
             for r in (0.0, 1.0):
                 m = measure_saturation(srv, r, seed=11 + i, full_queue=fq, **kw)
                 runs[fq][r].append(m)
-                nan = float("nan")  # a run with no step in its window has rates only
                 log(f"saturation run {i + 1} of {args.sat_repeats}, {fq}, ratio {r:g}: {m['req_s']:.2f} req/s, "
                     f"step p50 / mean {1e3 * m.get('step_p50', nan):.1f} / {1e3 * m.get('step_mean', nan):.1f} ms, "
                     f"decode share {m.get('decode_share', nan):.2f}")

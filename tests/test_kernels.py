@@ -401,8 +401,10 @@ def test_tuner_never_picks_a_wrong_candidate(monkeypatch):
 
     bad_gu = [32, 32, 32, 4, 4, 2]
     real = fm.fused_moe
+    current = [None]  # the config of the last call, for the fake graph to time
 
     def fused(x, gu, dn, ids, w, config=None, **kw):
+        current[0] = config
         out = real(x, gu, dn, ids, w, config=config, **kw)
         return out * 1.5 if config and config["gu"] == bad_gu else out  # fast and wrong
 
@@ -410,13 +412,7 @@ def test_tuner_never_picks_a_wrong_candidate(monkeypatch):
         out = fn()
         return Graph(fn, out, current[0]), out
 
-    current = [None]
-
-    def fused_spy(x, gu, dn, ids, w, config=None, **kw):
-        current[0] = config
-        return fused(x, gu, dn, ids, w, config=config, **kw)
-
-    monkeypatch.setattr(fm, "fused_moe", fused_spy)
+    monkeypatch.setattr(fm, "fused_moe", fused)
     monkeypatch.setattr(bk, "capture", capture)
     monkeypatch.setattr(bk, "time_graph", lambda g, reps=25: 0.001 if g.cfg["gu"] == bad_gu else 1.0)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
