@@ -249,6 +249,11 @@ def check():
         "prefill64": {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4], "sum": "store"},
         "large-atomic": {"mode": "prefill", "gu": [128, 64, 64, 8, 8, 3], "dn": [128, 128, 64, 8, 8, 3],
                          "sum": "atomic"},
+        # the activation rows copied in slab order and read through TMA, inter kept in that order
+        "prefill64-tma-sorted": {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4],
+                                 "sum": "store", "tma": True, "sorted_rows": True},
+        "large-tma-sorted-atomic": {"mode": "prefill", "gu": [128, 64, 64, 8, 8, 3], "dn": [128, 128, 64, 8, 8, 3],
+                                    "sum": "atomic", "tma": True, "sorted_rows": True},
         # the same tiles with the alignment's memset and two kernels instead of the one-program sort
         "prefill64-align2": {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4],
                              "sum": "store"},
@@ -676,7 +681,8 @@ def tune(out_dir=configs.CONFIG_DIR, budget_s=300.0, buckets=None, seeds=TUNE_SE
     its time / the best time on each. Several seeds, none of them the bench's: tiles picked on one routing can lose
     on another by 17% (Qwen1.5 T = 128, way 4 ratio 1, H200), and a bench on the tuner's own routing would not show it.
     One config per bucket because a CUDA graph freezes the config it captured while the ratio it reads keeps moving.
-    Stages: gate/up tiles (with a default down), then down tiles, then the top-k sum mode, then TMA weight tiles.
+    Stages: gate/up tiles (with a default down), then down tiles, then the top-k sum mode, then TMA weight tiles,
+    then (prefill with TMA) the activation rows in slab order through TMA as well.
     Writes out_dir/<this GPU's table name> (`configs.file_name`) after every shape; -> (its path, the tuning log).
     `buckets` (T values): re-tune only those, keeping the other entries of the table already there."""
     t_start = time.time()
@@ -784,6 +790,8 @@ def _tune_point(x, routings, slots):
     stage1 = sorted(res[:len(cands)], key=lambda r: sum(r[0]))[:3]
     tma = [dict(best, tma=True)] + [dict(best, gu=c["gu"], tma=True) for _, c in stage1 if c["gu"] != best["gu"]]
     score, best = run(tma)
+    if best["mode"] == "prefill" and best.get("tma"):  # the activation rows through TMA too, copied in slab order
+        score, best = run([dict(best, sorted_rows=True)])
     return best, score, res
 
 

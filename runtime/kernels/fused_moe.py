@@ -24,7 +24,9 @@ multiplied in -> either [T*k, H] per-slot rows then a sum over k (deterministic,
 
 Tile configs per (H, I, k) and T bucket live in a table per GPU model (`runtime.kernels.configs`), one per bucket for
 every ratio (a CUDA graph freezes the config it captured while the ratio keeps moving); a config may take its weight
-tiles through TMA tensor descriptors ("tma"). On Hopper and newer every kernel launches with programmatic dependent
+tiles through TMA tensor descriptors ("tma"), and in prefill its activation rows too ("sorted_rows": x's rows copied
+in slab order by one more kernel, the intermediate kept in that order; Nsight Compute found the gathered row loads
+to be what the GEMMs' warps wait on most, eval/results/kernel_ncu_h200.md). On Hopper and newer every kernel launches with programmatic dependent
 launch (`runtime.kernels.pdl`): it may start while the previous kernel finishes and waits for it before its first
 access.
 """
@@ -128,7 +130,7 @@ if HAS_TRITON:
     @triton.jit
     def _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr, num_slots, S, num_n,
               DECODE: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr, NUM_M):
-        """-> (slab, slot rows [BLOCK_M], row mask, pid_n, active)."""
+        """-> (slab, slot rows [BLOCK_M], row mask, pid_m, pid_n, active)."""
         rows = tl.arange(0, BLOCK_M)
         if DECODE:
             pid_m = pid // num_n
@@ -152,7 +154,7 @@ if HAS_TRITON:
             s = tl.load(block_slab_ptr + pid_m)  # pid_m < NUM_M: in bounds; garbage past `total`, unused
             slot = tl.load(sorted_ptr + pid_m * BLOCK_M + rows)
             row_mask = slot < num_slots
-        return s, slot, row_mask, pid_n, active
+        return s, slot, row_mask, pid_m, pid_n, active
 
     @triton.jit
     def _load_rows(ptrs, row_mask, offs_k, k_left, EVEN_K: tl.constexpr):
@@ -164,20 +166,23 @@ if HAS_TRITON:
         return a
 
     @triton.jit
-    def _gate_up_kernel(x_ptr, w_ptr, w_desc, inter_ptr, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
+    def _gate_up_kernel(x_ptr, x_desc, w_ptr, w_desc, inter_ptr, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
                         num_slots, S, N, K, NUM_M,
                         stride_xm, stride_ws, stride_wn, stride_im,
-                        top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
+                        top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr, SORTED: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                         USE_PDL: tl.constexpr):
         """inter[slot, n] = silu(gate_s[n] . x[tok]) * (up_s[n] . x[tok]); N = I, K = H.
         TMA: the weight tiles come through a tensor descriptor over gate_up viewed [S * 2N, K] (the copy engine; rows
-        past a half or the end are other rows or zeros, and only feed the masked-off columns)."""
+        past a half or the end are other rows or zeros, and only feed the masked-off columns).
+        SORTED (prefill, with TMA): the activation rows too, from x_desc over the rows already copied in slab order
+        (`_gather_rows_kernel`); inter is then written in that order (row = aligned position), for the down GEMM
+        to read the same way."""
         pdl_start(USE_PDL)  # the ids / alignment come from the kernel just before
         pid = tl.program_id(0)
         num_n = tl.cdiv(N, BLOCK_N)
-        s, slot, row_mask, pid_n, active = _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr, num_slots, S,
-                                                  num_n, DECODE, BLOCK_M, GROUP_M, NUM_M)
+        s, slot, row_mask, pid_m, pid_n, active = _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
+                                                        num_slots, S, num_n, DECODE, BLOCK_M, GROUP_M, NUM_M)
         if active:
             token = slot // top_k
             offs_k = tl.arange(0, BLOCK_K)
@@ -191,7 +196,10 @@ if HAS_TRITON:
             acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             row_g = s * (2 * N) + pid_n * BLOCK_N
             for k0 in range(0, K, BLOCK_K):
-                a = _load_rows(x_ptrs, row_mask, offs_k, K - k0, EVEN_K)
+                if SORTED:
+                    a = x_desc.load([pid_m * BLOCK_M, k0])
+                else:
+                    a = _load_rows(x_ptrs, row_mask, offs_k, K - k0, EVEN_K)
                 if TMA:
                     bg = w_desc.load([row_g, k0]).T
                     bu = w_desc.load([row_g + N, k0]).T
@@ -208,22 +216,29 @@ if HAS_TRITON:
                 wg_ptrs += BLOCK_K
                 wu_ptrs += BLOCK_K
             h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-            i_ptrs = inter_ptr + slot[:, None].to(tl.int64) * stride_im + offs_n[None, :]
-            tl.store(i_ptrs, h.to(inter_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+            if SORTED:  # every row of the block, padding too (zeros: its activation rows were): no stale rows
+                i_ptrs = inter_ptr + (pid_m * BLOCK_M + tl.arange(0, BLOCK_M))[:, None].to(tl.int64) * stride_im \
+                    + offs_n[None, :]
+                tl.store(i_ptrs, h.to(inter_ptr.dtype.element_ty), mask=n_mask[None, :])
+            else:
+                i_ptrs = inter_ptr + slot[:, None].to(tl.int64) * stride_im + offs_n[None, :]
+                tl.store(i_ptrs, h.to(inter_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
     @triton.jit
-    def _down_kernel(inter_ptr, w_ptr, w_desc, out_ptr, weights_ptr, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
-                     num_slots, S, N, K, NUM_M,
+    def _down_kernel(inter_ptr, i_desc, w_ptr, w_desc, out_ptr, weights_ptr, ids_ptr, sorted_ptr, block_slab_ptr,
+                     total_ptr, num_slots, S, N, K, NUM_M,
                      stride_im, stride_ws, stride_wn, stride_om,
                      top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, TMA: tl.constexpr,
+                     SORTED: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                      USE_PDL: tl.constexpr):
-        """y[slot, n] = weights[slot] * (down_s[n] . inter[slot]); N = H, K = I. Store per slot, or atomically per token."""
+        """y[slot, n] = weights[slot] * (down_s[n] . inter[slot]); N = H, K = I. Store per slot, or atomically per token.
+        SORTED: inter's rows are in aligned order (as `_gate_up_kernel` wrote them), read through i_desc."""
         pdl_start(USE_PDL)  # waits for `inter`; nothing is read before (no stale-cache questions)
         pid = tl.program_id(0)
         num_n = tl.cdiv(N, BLOCK_N)
-        s, slot, row_mask, pid_n, active = _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr, num_slots, S,
-                                                  num_n, DECODE, BLOCK_M, GROUP_M, NUM_M)
+        s, slot, row_mask, pid_m, pid_n, active = _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
+                                                        num_slots, S, num_n, DECODE, BLOCK_M, GROUP_M, NUM_M)
         if active:
             offs_k = tl.arange(0, BLOCK_K)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -234,7 +249,10 @@ if HAS_TRITON:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             row_d = s * N + pid_n * BLOCK_N  # TMA: down viewed [S * N, K]
             for k0 in range(0, K, BLOCK_K):
-                a = _load_rows(a_ptrs, row_mask, offs_k, K - k0, EVEN_K)
+                if SORTED:
+                    a = i_desc.load([pid_m * BLOCK_M, k0])
+                else:
+                    a = _load_rows(a_ptrs, row_mask, offs_k, K - k0, EVEN_K)
                 if TMA:
                     b = w_desc.load([row_d, k0]).T
                 elif EVEN_K:
@@ -256,6 +274,25 @@ if HAS_TRITON:
                 tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _gather_rows_kernel(x_ptr, sorted_ptr, total_ptr, xs_ptr, num_slots, H, stride_xm, stride_sm, top_k,
+                            BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr):
+        """xs[p] = x[token of the slot at aligned position p] for one BLOCK_M block of positions, zeros where the
+        position is padding; blocks past the padded length exit at once."""
+        pdl_start(USE_PDL)
+        pid_m = tl.program_id(0)
+        if pid_m * BLOCK_M < tl.load(total_ptr):
+            pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            slot = tl.load(sorted_ptr + pos)
+            live = slot < num_slots
+            token = tl.where(live, slot // top_k, 0)
+            for h0 in range(0, H, BLOCK_H):
+                offs = h0 + tl.arange(0, BLOCK_H)
+                m = live[:, None] & (offs < H)[None, :]
+                v = tl.load(x_ptr + token[:, None].to(tl.int64) * stride_xm + offs[None, :], mask=m, other=0.0)
+                tl.store(xs_ptr + pos[:, None].to(tl.int64) * stride_sm + offs[None, :], v,
+                         mask=(offs < H)[None, :])
+
+    @triton.jit
     def _topk_sum_kernel(y_ptr, ids_ptr, out_ptr, N, S, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr,
                          USE_PDL: tl.constexpr):
         """out[t, n] = sum over the token's live slots j of y[t*k + j, n] (skipped slots were never written)."""
@@ -275,7 +312,9 @@ if HAS_TRITON:
 
 _DEFAULTS = {
     # mode decode: no alignment, rows = all slots (M = T*k padded); prefill: aligned BLOCK_M blocks.
-    # gu / dn: [BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages] (BLOCK_M ignored in decode mode)
+    # gu / dn: [BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages] (BLOCK_M ignored in decode mode);
+    # optional: "tma" (weight tiles through tensor descriptors), "sorted_rows" (prefill with tma: the activation
+    # rows too, copied in slab order first)
     "decode": {"mode": "decode", "gu": [16, 32, 128, 1, 4, 4], "dn": [16, 32, 128, 1, 4, 4], "sum": "store"},
     "small": {"mode": "prefill", "gu": [16, 64, 128, 1, 4, 4], "dn": [16, 64, 128, 1, 4, 4], "sum": "store"},
     "mid": {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4], "sum": "store"},
@@ -425,23 +464,35 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
         dn_desc = TensorDescriptor.from_tensor(down.view(-1, I), block_shape=[dn_, dk])
     else:
         gu_desc, dn_desc = gate_up, down  # unused
-    inter = torch.empty(num_slots, I, dtype=x.dtype, device=dev)
+    # activation rows through TMA too: x's rows copied in slab order first, inter kept in that order (one more
+    # write and read of the rows, against gathered loads in both GEMMs)
+    sorted_rows = tma and not decode and bool(cfg.get("sorted_rows"))
+    if sorted_rows:
+        xs = torch.empty(num_m_g * gm, H, dtype=x.dtype, device=dev)
+        _gather_rows_kernel[(num_m_g,)](x, sorted_ids, total, xs, num_slots, H, x.stride(0), xs.stride(0), k,
+                                        BLOCK_M=gm, BLOCK_H=min(256, _pow2(H)), num_warps=4, **launch_opts(pdl))
+        inter = torch.empty(num_m_g * gm, I, dtype=x.dtype, device=dev)
+        x_desc = TensorDescriptor.from_tensor(xs, block_shape=[gm, gk])
+        i_desc = TensorDescriptor.from_tensor(inter, block_shape=[dm, dk])
+    else:
+        inter = torch.empty(num_slots, I, dtype=x.dtype, device=dev)
+        x_desc = i_desc = inter  # unused
     if atomic:  # zeroed before the first kernel, so the kernels chain directly (PDL)
         y = torch.zeros(T, H, dtype=torch.float32, device=dev)
     else:
         y = torch.empty(num_slots, H, dtype=x.dtype, device=dev)
     grid_g = (num_m_g * triton.cdiv(I, gn),)
-    _gate_up_kernel[grid_g](x, gate_up, gu_desc, inter, ids_flat, sorted_ids, block_slab, total,
+    _gate_up_kernel[grid_g](x, x_desc, gate_up, gu_desc, inter, ids_flat, sorted_ids, block_slab, total,
                             num_slots, S, I, H, num_m_g,
                             x.stride(0), gate_up.stride(0), gate_up.stride(1), inter.stride(0),
-                            k, DECODE=decode, EVEN_K=(H % gk == 0), TMA=tma,
+                            k, DECODE=decode, EVEN_K=(H % gk == 0), TMA=tma, SORTED=sorted_rows,
                             BLOCK_M=gm, BLOCK_N=gn, BLOCK_K=gk, GROUP_M=ggm, num_warps=gw, num_stages=gs,
                             **launch_opts(pdl))
     grid_d = (num_m_d * triton.cdiv(H, dn_),)
-    _down_kernel[grid_d](inter, down, dn_desc, y, weights.view(-1), ids_flat, sorted_ids, block_slab, total,
+    _down_kernel[grid_d](inter, i_desc, down, dn_desc, y, weights.view(-1), ids_flat, sorted_ids, block_slab, total,
                          num_slots, S, H, I, num_m_d,
                          inter.stride(0), down.stride(0), down.stride(1), y.stride(0),
-                         k, DECODE=decode, EVEN_K=(I % dk == 0), ATOMIC=atomic, TMA=tma,
+                         k, DECODE=decode, EVEN_K=(I % dk == 0), ATOMIC=atomic, TMA=tma, SORTED=sorted_rows,
                          BLOCK_M=dm, BLOCK_N=dn_, BLOCK_K=dk, GROUP_M=dgm, num_warps=dw, num_stages=ds,
                          **launch_opts(pdl))
     if atomic:
