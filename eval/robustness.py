@@ -63,6 +63,7 @@ import contextlib
 import json
 import logging
 import math
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -538,8 +539,9 @@ def run_matrix(srv, prof, device: str, args, save=lambda doc: None, t_start: flo
                                            "verdict": t["verdict"]} for n, t in like["traces"].items()}}
         t_start = time.time() if t_start is None else t_start
         save(doc)  # the calibration alone (an empty --traces measures only that)
+        again = [c for c in args.repeat_configs.split(",") if c] if args.trace_repeats > 1 else []
         for name, (tr, change_at) in traces.items():
-            need = (len(configs) + args.rehearse) * (tr.duration + 1.0)
+            need = (len(configs) + args.rehearse + (args.trace_repeats - 1) * len(again)) * (tr.duration + 1.0)
             if time.time() - t_start + need > args.time_budget:
                 log(f"  trace {name}: skipped (about {need:.0f} s would end past --time-budget)")
                 doc["skipped"].append(name)
@@ -551,8 +553,48 @@ def run_matrix(srv, prof, device: str, args, save=lambda doc: None, t_start: flo
             v = verdict(runs)
             log(f"  -> {name}: {v}")
             doc["traces"][name] = {"meta": tr.meta, "change_at": change_at, "runs": runs, "verdict": v}
+            if again:
+                doc["traces"][name]["repeats"] = trace_repeats(srv, again, args.trace_repeats, runs, tr, change_at,
+                                                               cal, prof)
             save(doc)
     return doc
+
+
+def trace_repeats(srv, configs: list[str], n: int, first: dict, tr, change_at, cal, prof) -> dict:
+    """{config: [run, ...]}: `configs` served on the same trace `n` times in all, the matrix's run first, then
+    rounds in alternating order (a drift of the engine reaches each config alike). How far one trace's late shares
+    move between runs of the same config: the noise under a verdict that compares two configs' single runs."""
+    out = {c: [first[c]] for c in configs}
+    order = list(configs)
+    for _ in range(n - 1):
+        order.reverse()
+        for c in order:
+            out[c].append(run_one(srv, c, tr, change_at, cal, prof))
+    return out
+
+
+def repeats_lines(doc: dict) -> list[str]:
+    """The traces served more than once (`--trace-repeats`): each config's worst late share per run, and ours
+    against ratio 1 run by run where both ran."""
+    rows = []
+    for name, t in doc["traces"].items():
+        reps = t.get("repeats")
+        if not reps:
+            continue
+        for c, runs in reps.items():
+            w = [worst(r["all"]) for r in runs]
+            rows.append(f"| {name} | {c} | {len(w)} | {', '.join(pct(x) for x in w)} | {pct(min(w))} - {pct(max(w))} "
+                        f"| {fmt(statistics.median(r['all']['mean_ratio_time'] or 0.0 for r in runs))} |")
+        if "mpc" in reps and "fixed:1" in reps:
+            d = [worst(a["all"]) - worst(b["all"]) for a, b in zip(reps["mpc"], reps["fixed:1"])]
+            rows.append(f"| {name} | ours - ratio 1, run by run | {len(d)} | "
+                        f"{', '.join(f'{100 * x:+.1f}' for x in d)} points | median {100 * statistics.median(d):+.1f} "
+                        f"| |")
+    if not rows:
+        return []
+    return ["### The same trace served again (`--trace-repeats`)", "",
+            "| trace | config | runs | worst late share of each run (the matrix's first) | range | median mean ratio |",
+            "|---|---|---|---|---|---|", *rows, ""]
 
 
 # ------------------------------------------------------------------------------------------------------ report
@@ -592,6 +634,7 @@ def markdown(docs: list[dict], command: str) -> str:
                          f"{pct(v.get('ours_worst'))} | {fmt(v.get('ours_mean_ratio'))} | "
                          f"{'yes' if v.get('met') else 'no'} |")
         lines.append("")
+        lines += repeats_lines(doc)
     if len(docs) > 1:  # several engines or trace seeds: how often each trace's target was met
         names = list(dict.fromkeys(n for d in docs for n in d["traces"]))
         lines += ["## Over all runs above", "", "| trace | met | of | misses by under-reaction (late) | "
@@ -718,6 +761,10 @@ def main(argv=None) -> None:
     ap.add_argument("--drain-seconds", type=float, default=5.0)
     ap.add_argument("--max-queue", type=int, default=128)
     ap.add_argument("--time-budget", type=float, default=math.inf, help="s: skip traces that would end past this")
+    ap.add_argument("--trace-repeats", type=int, default=1,
+                    help="serve each trace this many times in all with --repeat-configs (the matrix's run first, then "
+                         "rounds in alternating order): how far a trace's late shares move between runs")
+    ap.add_argument("--repeat-configs", default="fixed:1,mpc", help="the configs --trace-repeats serves again")
     ap.add_argument("--rehearse", action="store_true", help="serve each trace once untimed first (graph captures)")
     ap.add_argument("--cache", default=str(ROOT / ".bench_cache"))
     ap.add_argument("--out", default=str(RESULTS))
@@ -751,6 +798,11 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.sat_repeats < 1 or args.calibration_repeats < 0:
         ap.error("--sat-repeats must be >= 1 and --calibration-repeats >= 0")
+    known = {f"fixed:{r:g}" for r in FIXED} | {"salc", "mpc"}
+    bad = [c for c in args.repeat_configs.split(",") if c and c not in known]
+    if args.trace_repeats < 1 or bad or not any(args.repeat_configs.split(",")):
+        ap.error(f"--trace-repeats wants >= 1 and --repeat-configs configs of the matrix ({', '.join(sorted(known))})"
+                 + (f"; got {', '.join(bad)}" if bad else ""))
     try:
         args.repeat_windows = [float(x) for x in args.repeat_sat_seconds.split(",") if x]
     except ValueError:
@@ -823,8 +875,10 @@ def main(argv=None) -> None:
         if not done:
             return
         if sim:  # many seeds: the per-run timelines would make tens of MB; the metrics and verdicts stay
-            done = [{**d, "traces": {n: {**t, "runs": {c: {k: v for k, v in r.items() if k != "timeline"}
-                                                        for c, r in t["runs"].items()}}
+            bare = lambda r: {k: v for k, v in r.items() if k != "timeline"}  # noqa: E731
+            done = [{**d, "traces": {n: {**t, "runs": {c: bare(r) for c, r in t["runs"].items()},
+                                         **({"repeats": {c: [bare(r) for r in rs] for c, rs in t["repeats"].items()}}
+                                            if "repeats" in t else {})}
                                      for n, t in d["traces"].items()}} for d in done]
         full = {"command": command, "torch": torch.__version__, "mpc_kw": MPC_KW, "engines": done}
         (out / f"{tag}.json").write_text(json.dumps(full, indent=1 if not sim else None))

@@ -148,6 +148,9 @@ def test_serve_records_complete(tiny_model):
     assert m0["violation_prefill"] == 1.0 and m0["violation_decode"] == 1.0
     tl = timeline(res, 0.5)
     assert len(tl["t"]) == len(tl["ratio"]) and sum(tl["arrivals_per_s"]) * 0.5 == pytest.approx(5)
+    # the batch per step, binned: never more than the requests of the run, and some step ran each request
+    busy = [n for n in tl["running"] if n is not None]
+    assert busy and max(busy) <= 5 and min(busy) >= 1
 
 
 def test_the_controller_sees_each_steps_batch_size(tiny_model):

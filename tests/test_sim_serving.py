@@ -150,6 +150,24 @@ def test_robustness_matrix_on_the_sim(tmp_path):
             robustness.main(["--engine", "sim"] + bad)
 
 
+def test_trace_repeats_serve_the_same_trace_again(tmp_path):
+    """--trace-repeats 3: fixed 1 and ours served twice more on the same trace, the matrix's run first in each list;
+    with run jitter the runs differ, and the report lists each run's worst share and ours minus ratio 1 run by run.
+    A config outside the matrix or fewer than one round is a one-line error."""
+    robustness.main(["--engine", "sim", "--seeds", "0", "--traces", "burst2", "--duration", "2", "--drain-seconds",
+                     "1", "--sim-run-jitter", "0.1", "--trace-repeats", "3", "--out", str(tmp_path), "--tag", "t"])
+    t = json.loads((tmp_path / "t.json").read_text())["engines"][0]["traces"]["burst2"]
+    reps = t["repeats"]
+    assert set(reps) == {"fixed:1", "mpc"} and all(len(v) == 3 for v in reps.values())
+    assert reps["mpc"][0]["all"] == t["runs"]["mpc"]["all"]  # the first is the matrix's own run
+    assert len({json.dumps(r["all"]["ttft"]) for r in reps["fixed:1"]}) == 3  # three runs, not one copied
+    md = (tmp_path / "t.md").read_text()
+    assert "The same trace served again" in md and "| burst2 | ours - ratio 1, run by run | 3 |" in md
+    for bad in (["--trace-repeats", "0"], ["--trace-repeats", "2", "--repeat-configs", "fixed:0.3"]):
+        with pytest.raises(SystemExit):
+            robustness.main(["--engine", "sim"] + bad)
+
+
 def test_run_jitter_scales_whole_runs():
     """run_jitter: one speed factor per run on every step and gap (steps of a run all move together, runs differ,
     the same seed repeats them); run_jitter 0 draws nothing, so the per-step jitter sequence stays as it was."""

@@ -705,7 +705,8 @@ def capacity(points: list[tuple[float, float]], target: float = 0.9) -> float | 
 
 
 def timeline(res: ServeResult, bin_s: float = 1.0) -> dict:
-    """Per-bin series for plots: arrivals/s, p90 TTFT and TPOT of tokens produced in the bin, mean step ratio."""
+    """Per-bin series for plots: arrivals/s, p90 TTFT and TPOT of tokens produced in the bin, mean step ratio, and
+    per step the mean of requests waiting and of requests running (the batch: how many slots were taken)."""
     end = max([res.wall_s] + [r.arrival for r in res.requests])
     nb = max(1, int(math.ceil(end / bin_s)))
     arr = [0] * nb
@@ -714,6 +715,7 @@ def timeline(res: ServeResult, bin_s: float = 1.0) -> dict:
     rsum = [0.0] * nb
     rdur = [0.0] * nb
     wsum = [0.0] * nb
+    nsum = [0.0] * nb
     wn = [0] * nb
     for r in res.requests:
         b = min(nb - 1, int(r.arrival / bin_s))
@@ -727,9 +729,11 @@ def timeline(res: ServeResult, bin_s: float = 1.0) -> dict:
         rsum[b] += s.ratio * s.step_s
         rdur[b] += s.step_s
         wsum[b] += s.waiting
+        nsum[b] += s.requests
         wn[b] += 1
     q = lambda v: quantile(v, 0.9) if v else None  # noqa: E731
     return {"t": [(i + 0.5) * bin_s for i in range(nb)], "arrivals_per_s": [a / bin_s for a in arr],
             "ttft_p90": [q(v) for v in ttft], "tpot_p90": [q(v) for v in tpot],
             "ratio": [rsum[i] / rdur[i] if rdur[i] > 0 else None for i in range(nb)],
-            "waiting": [wsum[i] / wn[i] if wn[i] else None for i in range(nb)]}
+            "waiting": [wsum[i] / wn[i] if wn[i] else None for i in range(nb)],
+            "running": [nsum[i] / wn[i] if wn[i] else None for i in range(nb)]}
