@@ -25,10 +25,10 @@ multiplied in -> either [T*k, H] per-slot rows then a sum over k (deterministic,
 Tile configs per (H, I, k) and T bucket live in a table per GPU model (`runtime.kernels.configs`), one per bucket for
 every ratio (a CUDA graph freezes the config it captured while the ratio keeps moving); a config may take its weight
 tiles through TMA tensor descriptors ("tma"), and in prefill its activation rows too ("sorted_rows": x's rows copied
-in slab order by one more kernel, the intermediate kept in that order; Nsight Compute found the gathered row loads
-to be what the GEMMs' warps wait on most, eval/results/kernel_ncu_h200.md). On Hopper and newer every kernel launches with programmatic dependent
-launch (`runtime.kernels.pdl`): it may start while the previous kernel finishes and waits for it before its first
-access.
+in slab order by one more kernel, the intermediate kept in that order). Nsight Compute found the gathered row loads
+to be what the GEMMs' warps wait on most (eval/results/kernel_ncu_h200.md); the copy pays off only at large T (the
+H200's tuner took it at T = 4096 only). On Hopper and newer every kernel launches with programmatic dependent launch
+(`runtime.kernels.pdl`): it may start while the previous kernel finishes and waits for it before its first access.
 """
 from __future__ import annotations
 
