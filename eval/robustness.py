@@ -85,7 +85,7 @@ FIXED = [0.0, 0.25, 0.5, 0.75, 1.0]
 TRACES = ["burst1.5", "burst2", "burst3", "ramp", "spike", "poisson"]
 OK_SHARE = 0.05  # the target's violation bound
 RATIO_SLACK = 0.1  # ours may spend this much more mean ratio than the smallest fixed ratio that holds
-NO_WORSE = 0.01  # "no worse than ratio 1": at most this much more of all tokens late
+NO_WORSE = 0.01  # "no worse than ratio 1": at most this much more late, in the larger of the two shares (`worst`)
 
 
 # ------------------------------------------------------------------------------------------------------ traces
