@@ -82,6 +82,7 @@ from runtime.serving.server import ATTENTIONS
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "eval" / "results"
 FIXED = [0.0, 0.25, 0.5, 0.75, 1.0]
+CONFIGS = [f"fixed:{r:g}" for r in FIXED] + ["salc", "mpc"]  # what the matrix serves on each trace, in order
 TRACES = ["burst1.5", "burst2", "burst3", "ramp", "spike", "poisson"]
 OK_SHARE = 0.05  # the target's violation bound
 RATIO_SLACK = 0.1  # ours may spend this much more mean ratio than the smallest fixed ratio that holds
@@ -525,7 +526,7 @@ def run_matrix(srv, prof, device: str, args, save=lambda doc: None, t_start: flo
         names = [n for n in args.traces.split(",") if n]
         traces = make_traces(names, cal["mu0"], cal["mu1"], args.duration, args.seed,
                              args.lengths, args.max_prompt, args.max_output)
-        configs = [f"fixed:{r:g}" for r in FIXED] + ["salc", "mpc"]
+        configs = CONFIGS
         doc = {"device": device, "calibration": cal, "duration": args.duration, "traces": {}, "skipped": []}
         if prof is not None and like is None:  # the engine's step profile: what a simulated twin of it starts from
             doc["profile"] = {"tokens": list(prof.tokens), "ratios": list(prof.ratios), "lat": prof.lat}
@@ -798,10 +799,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.sat_repeats < 1 or args.calibration_repeats < 0:
         ap.error("--sat-repeats must be >= 1 and --calibration-repeats >= 0")
-    known = {f"fixed:{r:g}" for r in FIXED} | {"salc", "mpc"}
-    bad = [c for c in args.repeat_configs.split(",") if c and c not in known]
+    bad = [c for c in args.repeat_configs.split(",") if c and c not in CONFIGS]
     if args.trace_repeats < 1 or bad or not any(args.repeat_configs.split(",")):
-        ap.error(f"--trace-repeats wants >= 1 and --repeat-configs configs of the matrix ({', '.join(sorted(known))})"
+        ap.error(f"--trace-repeats wants >= 1 and --repeat-configs configs of the matrix ({', '.join(CONFIGS)})"
                  + (f"; got {', '.join(bad)}" if bad else ""))
     try:
         args.repeat_windows = [float(x) for x in args.repeat_sat_seconds.split(",") if x]
