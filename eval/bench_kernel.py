@@ -18,9 +18,10 @@ measured in the same run (as ../shared/bench/anchor_moe_layer.py). Distinct slab
 FLOPs = 2 * 3 * H * I * (live slots).
 
 Timing. CUDA graph: the call (remap + kernels, as the runtime makes it) is captured once and replayed; before each
-replay a 256 MiB buffer is overwritten so no weights stay in the 50 MB L2 (cold weights, as in a real forward where
-the other layers evict them); per-replay CUDA events, median of the repeats. Eager: back-to-back calls between two
-events (as the anchor does), so CPU launch overhead counts; weights may then be partly L2-resident for small shapes.
+replay a 256 MiB buffer is read so no weights stay in the 50 MB L2 (cold weights, as in a real forward where the
+other layers' weight reads evict them, and the L2 then holds clean lines); per-replay CUDA events, median of the
+repeats. Eager: back-to-back calls between two events (as the anchor does), so CPU launch overhead counts; weights
+may then be partly L2-resident for small shapes.
 """
 from __future__ import annotations
 
@@ -65,13 +66,38 @@ class _Gate(torch.nn.Module):
 
 
 _FLUSH = None
+# How the L2 is emptied before each timed replay (`--flush`). "read": a 256 MiB buffer is read, and the L2 then holds
+# clean lines of other data, as in a forward, where the layers before read their weights and write only small
+# activations. "write" (what the benches did up to December 2026): the buffer is overwritten, which leaves the L2
+# full of dirty lines that the call's own reads must first write back: up to the L2's size of write traffic the limit
+# does not count, a large share of a decode call that reads 20-80 MB.
+FLUSH_MODES = ("read", "write")
+FLUSH = os.environ.get("BENCH_FLUSH", "read")
+FLUSH_KERNEL_US = 30  # a flush of 256 MiB takes longer than this; a call's own zero fills and casts are shorter
 
 
 def _flush():
     global _FLUSH
     if _FLUSH is None:
-        _FLUSH = torch.empty(256 * 1024**2, dtype=torch.int8, device=dev)
-    _FLUSH.fill_(1)
+        _FLUSH = torch.ones(256 * 1024**2 // 4, dtype=torch.float32, device=dev)
+    if FLUSH == "write":
+        _FLUSH.fill_(1)
+    else:
+        _FLUSH.sum()
+
+
+def set_flush(mode):
+    """Set how `_flush` empties the L2 ("read" or "write") for the rest of the process."""
+    global FLUSH
+    if mode not in FLUSH_MODES:
+        raise ValueError(f"flush mode {mode!r}; one of {FLUSH_MODES}")
+    FLUSH = mode
+
+
+def _is_flush_kernel(name, dur_us):
+    """Whether a profiler kernel event is `_flush`'s (a fill or a reduction over 256 MiB), by name and length."""
+    n = name.lower()
+    return dur_us > FLUSH_KERNEL_US and ("fill" in n or "reduce" in n)
 
 
 def bench_eager(fn, iters=20, warmup=3):
@@ -331,7 +357,7 @@ def kernel_spans(call, reps=10):
     ks = sorted((e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel"), key=lambda e: e["ts"])
     replays, cur = [], []
     for e in ks:
-        if "fill" in e["name"].lower() and e["dur"] > 30:  # the 256 MiB L2 flush; a call's own zero fills are short
+        if _is_flush_kernel(e["name"], e["dur"]):
             if cur:
                 replays.append(cur)
             cur = []
@@ -476,7 +502,7 @@ def profile_calls(out_path, points=None, vendor=True, seed=0):
         del sl
         torch.cuda.empty_cache()
         res = {"device": torch.cuda.get_device_name(), "copy_bw_TBps": bw / 1e12, "bf16_TFLOPs": flops / 1e12,
-               "seed": seed, "rows": rows}
+               "seed": seed, "flush": FLUSH, "rows": rows}
         Path(out_path).write_text(json.dumps(res, indent=1))  # after every shape: a cut-off run keeps its part
     return res
 
@@ -585,7 +611,7 @@ def write_profile_md(res, path):
     L = [f"# Where the time of one call goes ({res['device']})", "",
          f"Measured ceilings: copy {res['copy_bw_TBps']:.2f} TB/s, bf16 matmul {res['bf16_TFLOPs']:.0f} TFLOP/s. "
          f"Routing and inputs from seed {res.get('seed', 0)}. Graph-replayed calls as in kernel_bench (L2 flushed "
-         "before each replay); kernel durations from the PyTorch "
+         f"before each replay by a {res.get('flush', 'write')}); kernel durations from the PyTorch "
          "profiler's trace, median over the replays, with PDL off so they do not overlap. `gap` = graph time (PDL off) "
          "- the sum of the kernels: time inside the replay with no kernel of the call running.", "",
          "| shape | T | way | ratio | limit us | PDL off us | PDL on us | kernels (us, PDL off) | gap us |",
@@ -711,7 +737,7 @@ def tune(out_dir=configs.CONFIG_DIR, budget_s=300.0, buckets=None, seeds=TUNE_SE
     t_start = time.time()
     device = torch.cuda.get_device_name()
     out_path = Path(out_dir) / configs.file_name(device)
-    table = {"shapes": {}, "device": device, "pdl": pdl.MODE, "tune_seeds": list(seeds),
+    table = {"shapes": {}, "device": device, "pdl": pdl.MODE, "tune_seeds": list(seeds), "flush": FLUSH,
              "note": "chosen by python -m eval.bench_kernel tune: one config per T bucket for all ratios"}
     if buckets:
         check_buckets(buckets)
@@ -836,7 +862,7 @@ def bench(outdir, budget_s=420.0, seed=0):
     bw, flops = measure_limits()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
            "triton": __import__("triton").__version__, "copy_bw_TBps": bw / 1e12, "bf16_TFLOPs": flops / 1e12,
-           "timing": __doc__.split("Timing.")[1].strip(), "routing_seed": seed, "rows": []}
+           "timing": __doc__.split("Timing.")[1].strip(), "flush": FLUSH, "routing_seed": seed, "rows": []}
     print(json.dumps({k: v for k, v in res.items() if k not in ("rows", "timing")}), flush=True)
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed)  # drawn in turn over the points; the tuner never scores on seed 0's routings
@@ -969,6 +995,7 @@ def write_md(res, path):
          f"transformers {res['transformers']})", "",
          f"Measured ceilings: copy {res['copy_bw_TBps']:.2f} TB/s, bf16 matmul {res['bf16_TFLOPs']:.0f} TFLOP/s. "
          "% = physical limit / time (higher is better).", "", res["timing"], "",
+         f"This run's L2 flush: {res.get('flush', 'write')} (`--flush`; runs before December 2026 wrote).", "",
          f"Routings drawn from seed {res.get('routing_seed', 0)}; the tile tuner scores on seeds of its own "
          f"({', '.join(map(str, TUNE_SEEDS))}), so these points are held out from it.", ""]
     rows = res["rows"]
@@ -1067,7 +1094,12 @@ def main(argv=None) -> None:
                     f"scores on seeds {', '.join(map(str, TUNE_SEEDS))} of its own draws, never on the bench's)")
     ap.add_argument("--buckets", help=f"tune: re-tune only these T buckets of {TOKENS} (e.g. 1,8), keeping the "
                     "other entries of the table already there")
+    ap.add_argument("--flush", choices=FLUSH_MODES, default=FLUSH,
+                    help="tune, bench, profile: how the L2 is emptied before each timed replay: read a 256 MiB buffer "
+                    "(clean lines, as in a forward; default) or overwrite it (dirty lines the call must write back "
+                    "first, as the benches did up to December 2026); env BENCH_FLUSH")
     a = ap.parse_args(argv)
+    set_flush(a.flush)
     if a.cmd == "ncu-md":  # the table of an ncu report's raw CSV export
         if not (a.path and a.log):
             ap.error("ncu-md needs the raw CSV (ncu --import REPORT --csv --page raw) and the ncu-target run's stdout")

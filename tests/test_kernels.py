@@ -372,6 +372,15 @@ def test_ep_local_routing_is_ep_ids_then_the_all_reduce_mask():
     assert torch.equal(kept, (a.weights != 0).long())
 
 
+def test_flush_kernel_is_told_apart():
+    # the profile splits its trace into replays at the L2 flush, a fill (--flush write) or a reduction (read)
+    from eval import bench_kernel as bk
+    assert bk._is_flush_kernel("void at::native::reduce_kernel<512, 1, ReduceOp<float, func_wrapper_t>>", 60.0)
+    assert bk._is_flush_kernel("void at::native::vectorized_elementwise_kernel<4, FillFunctor<float>>", 80.0)
+    assert not bk._is_flush_kernel("void at::native::vectorized_elementwise_kernel<4, FillFunctor<float>>", 2.0)
+    assert not bk._is_flush_kernel("_gate_up_kernel", 100.0)
+
+
 def test_stream_read_probe():
     # the bandwidth probe of eval/bench_kernel.py against its torch twin: per-chunk sums, a partial last chunk
     from eval import bench_kernel as bk
