@@ -280,12 +280,6 @@ def check():
                                  "sum": "store", "tma": True, "sorted_rows": True},
         "large-tma-sorted-atomic": {"mode": "prefill", "gu": [128, 64, 64, 8, 8, 3], "dn": [128, 128, 64, 8, 8, 3],
                                     "sum": "atomic", "tma": True, "sorted_rows": True},
-        # both GEMMs in one kernel, the output summed by fp32 atomics
-        "decode-fused": {"mode": "decode", "gu": [16, 32, 128, 1, 4, 4], "dn": [16, 64, 64, 1, 4, 4], "fused": True},
-        "decode-fused-tma": {"mode": "decode", "gu": [16, 64, 128, 1, 4, 4], "dn": [16, 128, 64, 1, 4, 4],
-                             "fused": True, "tma": True},
-        "prefill16-fused-tma": {"mode": "prefill", "gu": [16, 32, 256, 1, 4, 3], "dn": [16, 64, 64, 1, 4, 3],
-                                "fused": True, "tma": True},
         # the same tiles with the alignment's memset and two kernels instead of the one-program sort
         "prefill64-align2": {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4],
                              "sum": "store"},
@@ -677,12 +671,6 @@ MID_DN = [(64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3), (2
 LARGE_GU = [(64, 64, 64, 8, 4, 4), (64, 128, 64, 8, 8, 3), (128, 64, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3),
             (128, 128, 64, 8, 8, 4), (128, 64, 64, 8, 8, 4), (64, 128, 64, 8, 4, 4), (128, 128, 32, 8, 8, 5)]
 LARGE_DN = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (256, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 4)]
-# both GEMMs in one kernel (config "fused"): (BLOCK_N over I, BLOCK_K over H, BLOCK_H of the down part, warps,
-# stages), each with and without TMA weight tiles; tried up to FUSED_MAX_SLOTS top-k slots (its fp32 atomics grow
-# with the rows times the chunks of I)
-FUSED_T = [(32, 128, 64, 4, 4), (64, 128, 64, 4, 4), (32, 256, 128, 4, 3), (64, 64, 128, 4, 5), (16, 256, 64, 4, 3),
-           (128, 128, 64, 8, 3)]
-FUSED_MAX_SLOTS = 256
 
 
 def _cfg(mode, gu, dn, sm="store"):
@@ -693,16 +681,6 @@ def _dec(t):
     """(BLOCK_N, BLOCK_K, warps, stages) -> the [BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages] of a decode config
     (BLOCK_M is then set by the slot count)."""
     return (16,) + tuple(t[:2]) + (1,) + tuple(t[2:4])
-
-
-def _fused(mode, t, tma):
-    """(BLOCK_N, BLOCK_K, BLOCK_H, warps, stages) -> a one-kernel config (BLOCK_M 16; set by the slots in decode)."""
-    bn, bk, bh, w, st = t
-    cfg = _cfg(mode, (16, bn, bk, 1, w, st), (16, bh, 64, 1, w, st))
-    cfg["fused"] = True
-    if tma:
-        cfg["tma"] = True
-    return cfg
 
 
 def check_buckets(buckets):
@@ -730,8 +708,7 @@ def tune(out_dir=configs.CONFIG_DIR, budget_s=300.0, buckets=None, seeds=TUNE_SE
     on another by 17% (Qwen1.5 T = 128, way 4 ratio 1, H200), and a bench on the tuner's own routing would not show it.
     One config per bucket because a CUDA graph freezes the config it captured while the ratio it reads keeps moving.
     Stages: gate/up tiles (with a default down), then down tiles, then the top-k sum mode, then TMA weight tiles,
-    then (prefill with TMA) the activation rows in slab order through TMA as well, then (few slots) both GEMMs in one
-    kernel.
+    then (prefill with TMA) the activation rows in slab order through TMA as well.
     Writes out_dir/<this GPU's table name> (`configs.file_name`) after every shape; -> (its path, the tuning log).
     `buckets` (T values): re-tune only those, keeping the other entries of the table already there."""
     t_start = time.time()
@@ -841,9 +818,6 @@ def _tune_point(x, routings, slots):
     score, best = run(tma)
     if best["mode"] == "prefill" and best.get("tma"):  # the activation rows through TMA too, copied in slab order
         score, best = run([dict(best, sorted_rows=True)])
-    if slots <= FUSED_MAX_SLOTS:  # both GEMMs in one kernel, no intermediate in memory
-        mode = "decode" if slots <= fm.DECODE_MAX_SLOTS else "prefill"
-        score, best = run([_fused(mode, t, tma) for t in FUSED_T for tma in (True, False)])
     return best, score, res
 
 

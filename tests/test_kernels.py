@@ -137,36 +137,7 @@ def test_sorted_rows_copy():
     assert (xs[:n][~live] == 0).all() and xs[n:].isnan().all()  # past the padded length: untouched
 
 
-# both GEMMs in one kernel (I in chunks of 16; dn's BLOCK_N = 32 is the down part's BLOCK_H, H = 48 not a multiple),
-# the output summed by fp32 atomics; decode and prefill rows, pointer and TMA weight tiles
-FUSED = [dict(DECODE, fused=True), dict(PREFILL, fused=True), dict(DECODE_TMA, fused=True),
-         dict(PREFILL_TMA, fused=True)]
-
-
-@pytest.mark.parametrize("k,ratio,config", [(1, 0.0, FUSED[0]), (4, 1.0, FUSED[0]), (8, 0.5, FUSED[2]),
-                                            (2, 0.5, FUSED[1]), (8, 1.0, FUSED[1]), (4, 0.0, FUSED[3])],
-                         ids=["decode-k1", "decode-k4", "decode-tma", "prefill-k2", "prefill-k8", "prefill-tma"])
-def test_fused_fp32(k, ratio, config, monkeypatch):
-    T = 3 if config["mode"] == "decode" else 9
-    x, gu, dn, a = _case(11, 4, k, T, ratio, torch.float32, seed=700 + k)
-    launches = []
-
-    class Spy:  # the one-kernel path ran, and nothing else of the two-kernel path
-        def __init__(self, name):
-            self.name, self.kernel = name, getattr(fm, name)
-
-        def __getitem__(self, grid):
-            launches.append(self.name)
-            return self.kernel[grid]
-
-    for name in ("_fused_kernel", "_gate_up_kernel", "_down_kernel", "_topk_sum_kernel"):
-        monkeypatch.setattr(fm, name, Spy(name))
-    _check(x, gu, dn, a, config)
-    assert launches == ["_fused_kernel"]
-
-
-@pytest.mark.parametrize("config", [PREFILL, DECODE, PREFILL_TMA, dict(PREFILL_TMA, sorted_rows=True), FUSED[0],
-                                    FUSED[3]])
+@pytest.mark.parametrize("config", [PREFILL, DECODE, PREFILL_TMA, dict(PREFILL_TMA, sorted_rows=True)])
 def test_fp16(config):
     _check(*_case(11, 4, 4, 5, 0.5, torch.float16, seed=5), config)
 

@@ -21,9 +21,6 @@ captured in a CUDA graph:
 Stages: gate/up GEMM with silu(g)*u in the epilogue -> [T*k, I] intermediate; down GEMM with the routing weight
 multiplied in -> either [T*k, H] per-slot rows then a sum over k (deterministic, "store"), or fp32 atomics into a
 [T, H] buffer then a cast ("atomic").
-For few rows a slab a config may instead run both GEMMs in one kernel ("fused"): a program takes a chunk of I, makes
-that chunk of the intermediate and adds its share of the down GEMM into a [T, H] fp32 buffer by atomics, so no
-intermediate goes through memory and there is one streaming pass over the weights instead of two.
 
 Tile configs per (H, I, k) and T bucket live in a table per GPU model (`runtime.kernels.configs`), one per bucket for
 every ratio (a CUDA graph freezes the config it captured while the ratio keeps moving); a config may take its weight
@@ -277,71 +274,6 @@ if HAS_TRITON:
                 tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _fused_kernel(x_ptr, gu_ptr, gu_desc, dn_ptr, dn_desc, out_ptr, weights_ptr, ids_ptr, sorted_ptr,
-                      block_slab_ptr, total_ptr, num_slots, S, I, H, NUM_M,
-                      stride_xm, stride_gs, stride_gn, stride_ds, stride_dn, stride_om,
-                      top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
-                      GROUP_M: tl.constexpr, USE_PDL: tl.constexpr):
-        """Both GEMMs in one program, for few rows a slab: the rows of one slab times a BLOCK_N chunk of I give
-        h = silu(gate . x) * (up . x) for that chunk (rounded to the activation dtype, as the two-kernel path stores
-        it); then out[token] += weight * (down[:, chunk] . h) over all of H, BLOCK_H columns at a time, by fp32
-        atomics. The chunks of I are independent, so there is no intermediate in memory and no second launch: at
-        decode sizes each GEMM is a short streaming read, and two of them in a row pay two ramps and tails."""
-        pdl_start(USE_PDL)
-        pid = tl.program_id(0)
-        num_n = tl.cdiv(I, BLOCK_N)
-        s, slot, row_mask, pid_m, pid_n, active = _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
-                                                        num_slots, S, num_n, DECODE, BLOCK_M, GROUP_M, NUM_M)
-        if active:
-            token = slot // top_k
-            offs_k = tl.arange(0, BLOCK_K)
-            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < I
-            offs_nc = tl.where(n_mask, offs_n, 0)
-            x_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-            wg_ptrs = gu_ptr + s.to(tl.int64) * stride_gs + offs_nc[None, :].to(tl.int64) * stride_gn + offs_k[:, None]
-            wu_ptrs = wg_ptrs + I * stride_gn
-            acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            row_g = s * (2 * I) + pid_n * BLOCK_N
-            for k0 in range(0, H, BLOCK_K):
-                a = _load_rows(x_ptrs, row_mask, offs_k, H - k0, EVEN_K)
-                if TMA:
-                    bg = gu_desc.load([row_g, k0]).T
-                    bu = gu_desc.load([row_g + I, k0]).T
-                elif EVEN_K:
-                    bg = tl.load(wg_ptrs)
-                    bu = tl.load(wu_ptrs)
-                else:
-                    k_mask = offs_k < H - k0
-                    bg = tl.load(wg_ptrs, mask=k_mask[:, None], other=0.0)
-                    bu = tl.load(wu_ptrs, mask=k_mask[:, None], other=0.0)
-                acc_g = tl.dot(a, bg, acc_g)
-                acc_u = tl.dot(a, bu, acc_u)
-                x_ptrs += BLOCK_K
-                wg_ptrs += BLOCK_K
-                wu_ptrs += BLOCK_K
-            h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-            h = tl.where(n_mask[None, :], h, 0.0).to(x_ptr.dtype.element_ty)  # columns past I add nothing
-            rw = tl.load(weights_ptr + slot, mask=row_mask, other=0.0).to(tl.float32)
-            offs_h = tl.arange(0, BLOCK_H)
-            # b[n, j] = down[s, h0 + j, n]: rows of down, BLOCK_N contiguous elements each
-            d_ptrs = dn_ptr + s.to(tl.int64) * stride_ds + offs_h[None, :].to(tl.int64) * stride_dn \
-                + offs_nc[:, None]
-            o_ptrs = out_ptr + token[:, None].to(tl.int64) * stride_om + offs_h[None, :]
-            for h0 in range(0, H, BLOCK_H):
-                h_mask = offs_h < H - h0
-                if TMA:  # down viewed [S * H, I]: columns past I come as zeros; rows past H are masked below
-                    b = dn_desc.load([s * H + h0, pid_n * BLOCK_N]).T
-                else:
-                    b = tl.load(d_ptrs, mask=n_mask[:, None] & h_mask[None, :], other=0.0)
-                y = tl.dot(h, b) * rw[:, None]
-                tl.atomic_add(o_ptrs, y, mask=row_mask[:, None] & h_mask[None, :], sem="relaxed")
-                d_ptrs += BLOCK_H * stride_dn
-                o_ptrs += BLOCK_H
-
-    @triton.jit
     def _gather_rows_kernel(x_ptr, sorted_ptr, total_ptr, xs_ptr, num_slots, H, stride_xm, stride_sm, top_k,
                             BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr):
         """xs[p] = x[token of the slot at aligned position p] for one BLOCK_M block of positions, zeros where the
@@ -382,8 +314,7 @@ _DEFAULTS = {
     # mode decode: no alignment, rows = all slots (M = T*k padded); prefill: aligned BLOCK_M blocks.
     # gu / dn: [BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages] (BLOCK_M ignored in decode mode);
     # optional: "tma" (weight tiles through tensor descriptors), "sorted_rows" (prefill with tma: the activation
-    # rows too, copied in slab order first), "fused" (both GEMMs in one kernel: gu's tiles, dn's BLOCK_N as the
-    # down part's BLOCK_H; the sum is always fp32 atomics)
+    # rows too, copied in slab order first)
     "decode": {"mode": "decode", "gu": [16, 32, 128, 1, 4, 4], "dn": [16, 32, 128, 1, 4, 4], "sum": "store"},
     "small": {"mode": "prefill", "gu": [16, 64, 128, 1, 4, 4], "dn": [16, 64, 128, 1, 4, 4], "sum": "store"},
     "mid": {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4], "sum": "store"},
@@ -528,18 +459,6 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
     # weight tiles through TMA descriptors (tuned per shape; needs 16-byte aligned rows)
     tma = bool(cfg.get("tma")) and HAS_TMA and (H * gate_up.element_size()) % 16 == 0 \
         and (I * down.element_size()) % 16 == 0 and gate_up.is_contiguous() and down.is_contiguous()
-    if cfg.get("fused"):  # one kernel: dn's BLOCK_N is the BLOCK_H of its down part; "sum" does not apply
-        gu_desc = TensorDescriptor.from_tensor(gate_up.view(-1, H), block_shape=[gn, gk]) if tma else gate_up
-        dn_desc = TensorDescriptor.from_tensor(down.view(-1, I), block_shape=[dn_, gn]) if tma else down
-        y = torch.zeros(T, H, dtype=torch.float32, device=dev)
-        _fused_kernel[(num_m_g * triton.cdiv(I, gn),)](
-            x, gate_up, gu_desc, down, dn_desc, y, weights.view(-1), ids_flat, sorted_ids, block_slab, total,
-            num_slots, S, I, H, num_m_g,
-            x.stride(0), gate_up.stride(0), gate_up.stride(1), down.stride(0), down.stride(1), y.stride(0),
-            k, DECODE=decode, EVEN_K=(H % gk == 0), TMA=tma,
-            BLOCK_M=gm, BLOCK_N=gn, BLOCK_K=gk, BLOCK_H=dn_, GROUP_M=ggm, num_warps=gw, num_stages=gs,
-            **launch_opts(pdl))
-        return y.to(out_dtype)
     if tma:
         gu_desc = TensorDescriptor.from_tensor(gate_up.view(-1, H), block_shape=[gn, gk])
         dn_desc = TensorDescriptor.from_tensor(down.view(-1, I), block_shape=[dn_, dk])
