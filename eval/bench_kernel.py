@@ -18,10 +18,12 @@ measured in the same run (as ../shared/bench/anchor_moe_layer.py). Distinct slab
 FLOPs = 2 * 3 * H * I * (live slots).
 
 Timing. CUDA graph: the call (remap + kernels, as the runtime makes it) is captured once and replayed; before each
-replay a 256 MiB buffer is read so no weights stay in the 50 MB L2 (cold weights, as in a real forward where the
-other layers' weight reads evict them, and the L2 then holds clean lines); per-replay CUDA events, median of the
-repeats. Eager: back-to-back calls between two events (as the anchor does), so CPU launch overhead counts; weights
-may then be partly L2-resident for small shapes.
+replay one pass over a 256 MiB buffer leaves no weights in the 50 MB L2 (cold weights, as in a real forward where
+the other layers evict them): by default a read, which leaves clean lines as the other layers' weight reads do;
+`--flush write` overwrites the buffer instead (the benches before December 2026), which leaves dirty lines the
+call's own reads must first write back. Per-replay CUDA events, median of the repeats. Eager: back-to-back calls
+between two events (as the anchor does), so CPU launch overhead counts; weights may then be partly L2-resident for
+small shapes.
 """
 from __future__ import annotations
 
