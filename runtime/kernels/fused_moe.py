@@ -39,7 +39,7 @@ import torch
 
 from ..layout import is_plain_silu_layout
 from . import configs
-from .pdl import launch_opts, pdl_start, prefetch_l2, prefetch_mode, use_pdl
+from .pdl import launch_opts, pdl_start, use_pdl
 
 try:
     import triton
@@ -228,28 +228,17 @@ if HAS_TRITON:
     def _down_kernel(inter_ptr, i_desc, w_ptr, w_desc, out_ptr, weights_ptr, ids_ptr, sorted_ptr, block_slab_ptr,
                      total_ptr, num_slots, S, N, K, NUM_M,
                      stride_im, stride_ws, stride_wn, stride_om,
-                     top_k, row_bytes, DECODE: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
-                     TMA: tl.constexpr, SORTED: tl.constexpr,
+                     top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, TMA: tl.constexpr,
+                     SORTED: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
+                     USE_PDL: tl.constexpr):
         """y[slot, n] = weights[slot] * (down_s[n] . inter[slot]); N = H, K = I. Store per slot, or atomically per token.
-        SORTED: inter's rows are in aligned order (as `_gate_up_kernel` wrote them), read through i_desc.
-        PREFETCH (1, or 2 for evict-last lines; with PDL, down's rows contiguous, `row_bytes` each): before waiting
-        for the gate/up kernel, ask the L2 for this program's BLOCK_N rows of down. The slab comes from the ids or
-        the alignment, written before the gate/up kernel started (its own wait returned before it let this one
-        launch); `inter` is read only after the wait."""
+        SORTED: inter's rows are in aligned order (as `_gate_up_kernel` wrote them), read through i_desc."""
+        pdl_start(USE_PDL)  # waits for `inter`; nothing is read before (no stale-cache questions)
         pid = tl.program_id(0)
         num_n = tl.cdiv(N, BLOCK_N)
-        if PREFETCH == 0:
-            pdl_start(USE_PDL)  # waits for `inter`; nothing is read before (no stale-cache questions)
         s, slot, row_mask, pid_m, pid_n, active = _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
                                                         num_slots, S, num_n, DECODE, BLOCK_M, GROUP_M, NUM_M)
-        if PREFETCH > 0:
-            if active:
-                rows = tl.minimum(BLOCK_N, N - pid_n * BLOCK_N)
-                prefetch_l2(w_ptr + s.to(tl.int64) * stride_ws + (pid_n * BLOCK_N).to(tl.int64) * stride_wn,
-                            rows * row_bytes, EVICT_LAST=PREFETCH == 2, LINES=256)
-            pdl_start(USE_PDL)
         if active:
             offs_k = tl.arange(0, BLOCK_K)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -503,9 +492,9 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
     _down_kernel[grid_d](inter, i_desc, down, dn_desc, y, weights.view(-1), ids_flat, sorted_ids, block_slab, total,
                          num_slots, S, H, I, num_m_d,
                          inter.stride(0), down.stride(0), down.stride(1), y.stride(0),
-                         k, I * down.element_size(), DECODE=decode, EVEN_K=(I % dk == 0), ATOMIC=atomic, TMA=tma,
-                         SORTED=sorted_rows, BLOCK_M=dm, BLOCK_N=dn_, BLOCK_K=dk, GROUP_M=dgm, num_warps=dw,
-                         num_stages=ds, PREFETCH=prefetch_mode(pdl) if down.stride(1) == I else 0, **launch_opts(pdl))
+                         k, DECODE=decode, EVEN_K=(I % dk == 0), ATOMIC=atomic, TMA=tma, SORTED=sorted_rows,
+                         BLOCK_M=dm, BLOCK_N=dn_, BLOCK_K=dk, GROUP_M=dgm, num_warps=dw, num_stages=ds,
+                         **launch_opts(pdl))
     if atomic:
         return y.to(out_dtype)
     out = torch.empty(T, H, dtype=out_dtype, device=dev)
