@@ -74,7 +74,7 @@ _FLUSH = None
 # full of dirty lines that the call's own reads must first write back: up to the L2's size of write traffic the limit
 # does not count, a large share of a decode call that reads 20-80 MB.
 FLUSH_MODES = ("read", "write")
-FLUSH = os.environ.get("BENCH_FLUSH", "read")
+FLUSH = "read"  # set from BENCH_FLUSH below, through set_flush's check
 FLUSH_KERNEL_US = 30  # a flush of 256 MiB takes longer than this; a call's own zero fills and casts are shorter
 
 
@@ -94,6 +94,9 @@ def set_flush(mode):
     if mode not in FLUSH_MODES:
         raise ValueError(f"flush mode {mode!r}; one of {FLUSH_MODES}")
     FLUSH = mode
+
+
+set_flush(os.environ.get("BENCH_FLUSH", FLUSH))
 
 
 def _is_flush_kernel(name, dur_us):
@@ -1075,7 +1078,7 @@ def main(argv=None) -> None:
                     "(clean lines, as in a forward; default) or overwrite it (dirty lines the call must write back "
                     "first, as the benches did up to December 2026); env BENCH_FLUSH")
     a = ap.parse_args(argv)
-    set_flush(a.flush)
+    set_flush(a.flush)  # the default is the environment's value, already checked at import
     if a.cmd == "ncu-md":  # the table of an ncu report's raw CSV export
         if not (a.path and a.log):
             ap.error("ncu-md needs the raw CSV (ncu --import REPORT --csv --page raw) and the ncu-target run's stdout")

@@ -526,7 +526,6 @@ def run_matrix(srv, prof, device: str, args, save=lambda doc: None, t_start: flo
         names = [n for n in args.traces.split(",") if n]
         traces = make_traces(names, cal["mu0"], cal["mu1"], args.duration, args.seed,
                              args.lengths, args.max_prompt, args.max_output)
-        configs = CONFIGS
         doc = {"device": device, "calibration": cal, "duration": args.duration, "traces": {}, "skipped": []}
         if prof is not None and like is None:  # the engine's step profile: what a simulated twin of it starts from
             doc["profile"] = {"tokens": list(prof.tokens), "ratios": list(prof.ratios), "lat": prof.lat}
@@ -542,7 +541,7 @@ def run_matrix(srv, prof, device: str, args, save=lambda doc: None, t_start: flo
         save(doc)  # the calibration alone (an empty --traces measures only that)
         again = [c for c in args.repeat_configs.split(",") if c] if args.trace_repeats > 1 else []
         for name, (tr, change_at) in traces.items():
-            need = (len(configs) + args.rehearse + (args.trace_repeats - 1) * len(again)) * (tr.duration + 1.0)
+            need = (len(CONFIGS) + args.rehearse + (args.trace_repeats - 1) * len(again)) * (tr.duration + 1.0)
             if time.time() - t_start + need > args.time_budget:
                 log(f"  trace {name}: skipped (about {need:.0f} s would end past --time-budget)")
                 doc["skipped"].append(name)
@@ -550,7 +549,7 @@ def run_matrix(srv, prof, device: str, args, save=lambda doc: None, t_start: flo
             log(f"  trace {name}: {len(tr)} requests over {tr.duration:.1f} s, load change at {change_at:.1f} s")
             if args.rehearse:  # untimed: the engine captures the graphs of this trace's shapes
                 srv.run(tr, controller=FixedRatio(0.0))
-            runs = {c: run_one(srv, c, tr, change_at, cal, prof) for c in configs}
+            runs = {c: run_one(srv, c, tr, change_at, cal, prof) for c in CONFIGS}
             v = verdict(runs)
             log(f"  -> {name}: {v}")
             doc["traces"][name] = {"meta": tr.meta, "change_at": change_at, "runs": runs, "verdict": v}
