@@ -684,7 +684,7 @@ def _cfg(mode, gu, dn, sm="store"):
 
 def _dec(t):
     """(BLOCK_N, BLOCK_K, warps, stages) -> the [BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages] of a decode config
-    (BLOCK_M is then set by the slot count)."""
+    (BLOCK_M 16: the rows a program takes of its slab's slots)."""
     return (16,) + tuple(t[:2]) + (1,) + tuple(t[2:4])
 
 
@@ -815,6 +815,8 @@ def _tune_point(x, routings, slots):
         dns = [_cfg("prefill", best["gu"], (bm,) + c[:2] + (gm,) + c[2:])
                for c in (LARGE_DN if slots > 4096 else MID_DN)]
     score, best = run([c for c in dns if c != best])
+    if best["mode"] == "decode" and slots > 16:  # 32 rows a program: one weight read for up to 32 slots on a slab
+        score, best = run([dict(best, gu=[32] + best["gu"][1:], dn=[32] + best["dn"][1:])])
     if best["mode"] == "prefill" and slots >= 512:
         score, best = run([dict(best, sum="atomic")])
     # weight tiles through TMA descriptors: the best so far, and the three best gate/up tiles of the first stage

@@ -81,6 +81,18 @@ def test_decode_fp32(k, ratio):
     _check(*_case(11, 4, k, 3, ratio, torch.float32, seed=100 + k), DECODE)
 
 
+@pytest.mark.parametrize("gate_up_rows", [16, 32])
+def test_decode_many_slots_a_slab(gate_up_rows):
+    # more slots on one slab than a program's 16 rows: 20 tokens, k = 2, 2 groups, ratio 1, so a united slab holds
+    # up to 20 slots (one a token: the policy merges a token's slots on one slab), in chunks of BLOCK_M rows, each
+    # chunk its own program (40 slots pad to 64 in the scan); the gate/up GEMM with 16 or 32 rows a program, the
+    # down GEMM with 16
+    x, gu, dn, a = _case(6, 2, 2, 20, 1.0, torch.float32, seed=41)
+    counts = torch.bincount(a.ids.reshape(-1), minlength=gu.shape[0] + 1)[:gu.shape[0]]
+    assert counts.max() > 16, counts
+    _check(x, gu, dn, a, dict(DECODE, gu=[gate_up_rows] + DECODE["gu"][1:], dn=[16] + DECODE["dn"][1:]))
+
+
 @pytest.mark.parametrize("k", [1, 4, 8])
 @pytest.mark.parametrize("ratio", [0.0, 1.0])
 @pytest.mark.parametrize("config", [PREFILL_TMA, DECODE_TMA], ids=["prefill", "decode"])
