@@ -328,7 +328,10 @@ _DEFAULTS = {
     "mid": {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4], "sum": "store"},
     "large": {"mode": "prefill", "gu": [128, 64, 64, 8, 8, 3], "dn": [128, 128, 64, 8, 8, 3], "sum": "store"},
 }
-DECODE_MAX_SLOTS = 64
+# Decode mode (no alignment kernel; every program scans all the slots' ids) runs from a tuned entry up to
+# DECODE_MAX_SLOTS top-k slots, and is the untuned default up to DECODE_DEFAULT_MAX_SLOTS.
+DECODE_MAX_SLOTS = 256
+DECODE_DEFAULT_MAX_SLOTS = 64
 # Alignment in one program (`_align_one_kernel`) up to this many top-k slots, else the memset and two kernels. On an
 # H200 (eval/results/kernel_profile_variants_h200{,_seed1}.md) one program saved 0.2-8.4 us a call (mostly 1-4) at
 # 64-1024 slots and lost 8-66 us at 2048-4096 (its sort grows with the slots). A module setting so a benchmark can
@@ -367,7 +370,7 @@ def t_bucket(T: int) -> int:
 
 def default_config(T: int, k: int) -> dict:
     slots = T * k
-    if slots <= DECODE_MAX_SLOTS:
+    if slots <= DECODE_DEFAULT_MAX_SLOTS:
         return _DEFAULTS["decode"]
     if slots <= 512:
         return _DEFAULTS["small"]
