@@ -712,8 +712,8 @@ def tune(out_dir=configs.CONFIG_DIR, budget_s=300.0, buckets=None, seeds=TUNE_SE
     its time / the best time on each. Several seeds, none of them the bench's: tiles picked on one routing can lose
     on another by 17% (Qwen1.5 T = 128, way 4 ratio 1, H200), and a bench on the tuner's own routing would not show it.
     One config per bucket because a CUDA graph freezes the config it captured while the ratio it reads keeps moving.
-    Stages: gate/up tiles (with a default down), then down tiles, then the top-k sum mode, then TMA weight tiles,
-    then (prefill with TMA) the activation rows in slab order through TMA as well.
+    Stages: gate/up tiles (with a default down), then down tiles, then (decode) 32 rows a program, then the top-k
+    sum mode, then TMA weight tiles, then (prefill with TMA) the activation rows in slab order through TMA as well.
     Writes out_dir/<this GPU's table name> (`configs.file_name`) after every shape; -> (its path, the tuning log).
     `buckets` (T values): re-tune only those, keeping the other entries of the table already there."""
     t_start = time.time()
