@@ -684,7 +684,7 @@ def _cfg(mode, gu, dn, sm="store"):
 
 def _dec(t):
     """(BLOCK_N, BLOCK_K, warps, stages) -> the [BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages] of a decode config
-    (BLOCK_M 16: the rows a program takes of its slab's slots)."""
+    (BLOCK_M is then set by the slot count)."""
     return (16,) + tuple(t[:2]) + (1,) + tuple(t[2:4])
 
 
@@ -712,8 +712,8 @@ def tune(out_dir=configs.CONFIG_DIR, budget_s=300.0, buckets=None, seeds=TUNE_SE
     its time / the best time on each. Several seeds, none of them the bench's: tiles picked on one routing can lose
     on another by 17% (Qwen1.5 T = 128, way 4 ratio 1, H200), and a bench on the tuner's own routing would not show it.
     One config per bucket because a CUDA graph freezes the config it captured while the ratio it reads keeps moving.
-    Stages: gate/up tiles (with a default down), then down tiles, then (decode) 32 rows a program, then the top-k
-    sum mode, then TMA weight tiles, then (prefill with TMA) the activation rows in slab order through TMA as well.
+    Stages: gate/up tiles (with a default down), then down tiles, then the top-k sum mode, then TMA weight tiles,
+    then (prefill with TMA) the activation rows in slab order through TMA as well.
     Writes out_dir/<this GPU's table name> (`configs.file_name`) after every shape; -> (its path, the tuning log).
     `buckets` (T values): re-tune only those, keeping the other entries of the table already there."""
     t_start = time.time()
@@ -815,8 +815,6 @@ def _tune_point(x, routings, slots):
         dns = [_cfg("prefill", best["gu"], (bm,) + c[:2] + (gm,) + c[2:])
                for c in (LARGE_DN if slots > 4096 else MID_DN)]
     score, best = run([c for c in dns if c != best])
-    if best["mode"] == "decode" and slots > 16:  # 32 rows a program: one weight read for up to 32 slots on a slab
-        score, best = run([dict(best, gu=[32] + best["gu"][1:], dn=[32] + best["dn"][1:])])
     if best["mode"] == "prefill" and slots >= 512:
         score, best = run([dict(best, sum="atomic")])
     # weight tiles through TMA descriptors: the best so far, and the three best gate/up tiles of the first stage

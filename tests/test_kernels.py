@@ -81,18 +81,6 @@ def test_decode_fp32(k, ratio):
     _check(*_case(11, 4, k, 3, ratio, torch.float32, seed=100 + k), DECODE)
 
 
-@pytest.mark.parametrize("T,gate_up_rows", [(20, 16), (20, 32), (60, 16)])
-def test_decode_many_slots_a_slab(T, gate_up_rows):
-    # more slots on one slab than a program's 16 rows: T tokens, k = 2, 2 groups, ratio 1, so a united slab holds
-    # up to T slots (one a token: the policy merges a token's slots on one slab), in chunks of BLOCK_M rows, each
-    # chunk its own program (40 / 120 slots pad to 64 / 128 in the scan); the gate/up GEMM with 16 or 32 rows a
-    # program, the down GEMM with 16
-    x, gu, dn, a = _case(6, 2, 2, T, 1.0, torch.float32, seed=41)
-    counts = torch.bincount(a.ids.reshape(-1), minlength=gu.shape[0] + 1)[:gu.shape[0]]
-    assert counts.max() > 16, counts
-    _check(x, gu, dn, a, dict(DECODE, gu=[gate_up_rows] + DECODE["gu"][1:], dn=[16] + DECODE["dn"][1:]))
-
-
 @pytest.mark.parametrize("k", [1, 4, 8])
 @pytest.mark.parametrize("ratio", [0.0, 1.0])
 @pytest.mark.parametrize("config", [PREFILL_TMA, DECODE_TMA], ids=["prefill", "decode"])
@@ -259,18 +247,6 @@ def test_config_lookup():
     assert fm.get_config(4096, 2048, 768, 8)["mode"] == "prefill"
     assert fm.get_config(4096, 123, 45, 3) == fm.default_config(4096, 3)  # unknown shape: default
     assert fm.t_bucket(3) == 8 and fm.t_bucket(10**6) == 4096
-
-
-def test_decode_entries_are_bounded(monkeypatch):
-    # a tuned decode entry runs up to DECODE_MAX_SLOTS slots (each program scans them all), the untuned default only
-    # up to DECODE_DEFAULT_MAX_SLOTS; past the bound the lookup falls back to an aligned (prefill) config
-    from runtime.kernels import configs
-    dec = dict(DECODE)
-    monkeypatch.setattr(configs, "load", lambda name: {"shapes": {"48,40,8": {"32": dec}}})
-    assert fm.get_config(32, 48, 40, 8) is dec  # 256 slots
-    monkeypatch.setattr(fm, "DECODE_MAX_SLOTS", 128)
-    assert fm.get_config(32, 48, 40, 8)["mode"] == "prefill"
-    assert fm.default_config(8, 8)["mode"] == "decode" and fm.default_config(9, 8)["mode"] == "prefill"
 
 
 @pytest.mark.parametrize("E,G,k,T,ratio,pol", [

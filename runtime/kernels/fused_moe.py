@@ -11,10 +11,9 @@ Slab(x) = down @ (silu(gate @ x) * (up @ x)).
 Two paths, both free of host synchronisation and with shapes fixed by (T, k, S) alone, so a whole call can be
 captured in a CUDA graph:
 
-* decode (few slots, T*k <= a threshold): no alignment kernel. A program per (slot, N tile); every program scans all
-  the slots' ids. The slot of rank 0, BLOCK_M, 2 BLOCK_M, ... among the slots on its slab (a "leader") takes that
-  slot and the next BLOCK_M - 1 slots on the slab as its rows, compacted, and streams the slab's weight tile; the
-  other slots' programs exit at once. 2 GEMM launches + the top-k sum.
+* decode (few slots, T*k <= a threshold): no alignment at all. A program per (slot, N tile); the program of the first
+  slot that uses a slab (the "leader") gathers every slot on that slab as its rows (M = T*k padded to >= 16) and
+  streams the slab's weight tile once; the other slots' programs exit at once. 2 GEMM launches + the top-k sum.
 * prefill: vLLM-style alignment by slab on the GPU, then grouped GEMMs over BLOCK_M-row blocks of one slab each. Up
   to ALIGN_ONE_MAX_SLOTS slots the alignment is one program (histogram, scan, sort of (slab, slot) keys); above, a
   counts memset and two kernels (rank-by-atomic + sentinel fill, scan-and-scatter).
@@ -130,23 +129,18 @@ if HAS_TRITON:
 
     @triton.jit
     def _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr, num_slots, S, num_n,
-              DECODE: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr, NUM_M, SLOTS_PAD: tl.constexpr):
-        """-> (slab, slot rows [BLOCK_M], row mask, pid_m, pid_n, active). Decode: SLOTS_PAD >= num_slots, a power
-        of 2; a row past the slab's slots has slot 0 and a false mask."""
+              DECODE: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr, NUM_M):
+        """-> (slab, slot rows [BLOCK_M], row mask, pid_m, pid_n, active)."""
         rows = tl.arange(0, BLOCK_M)
         if DECODE:
             pid_m = pid // num_n
             pid_n = pid % num_n
-            offs = tl.arange(0, SLOTS_PAD)
-            all_ids = tl.load(ids_ptr + offs, mask=offs < num_slots, other=S).to(tl.int32)
+            all_ids = tl.load(ids_ptr + rows, mask=rows < num_slots, other=S).to(tl.int32)
             s = tl.load(ids_ptr + pid_m).to(tl.int32)
-            same = all_ids == s
-            rank = tl.cumsum(same.to(tl.int32), 0) - 1  # of each slot among the slots on slab s (where `same`)
-            mine = tl.sum((same & (offs < pid_m)).to(tl.int32), 0)  # this program's slot's rank
-            active = (s < S) & (mine % BLOCK_M == 0)
-            hit = same[None, :] & (rank[None, :] == (mine + rows)[:, None])  # [BLOCK_M, SLOTS_PAD]: row r <- rank
-            row_mask = tl.sum(hit.to(tl.int32), 1) > 0
-            slot = tl.sum(tl.where(hit, offs[None, :], 0), 1)
+            dup = tl.sum(((all_ids == s) & (rows < pid_m)).to(tl.int32), 0)
+            active = (s < S) & (dup == 0)
+            slot = rows
+            row_mask = all_ids == s
         else:
             # grouped ordering: GROUP_M row blocks share the N sweep (weights of a slab stay in L2)
             num_in_group = GROUP_M * num_n
@@ -177,7 +171,7 @@ if HAS_TRITON:
                         stride_xm, stride_ws, stride_wn, stride_im,
                         top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr, SORTED: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                        SLOTS_PAD: tl.constexpr, USE_PDL: tl.constexpr):
+                        USE_PDL: tl.constexpr):
         """inter[slot, n] = silu(gate_s[n] . x[tok]) * (up_s[n] . x[tok]); N = I, K = H.
         TMA: the weight tiles come through a tensor descriptor over gate_up viewed [S * 2N, K] (the copy engine; rows
         past a half or the end are other rows or zeros, and only feed the masked-off columns).
@@ -188,8 +182,7 @@ if HAS_TRITON:
         pid = tl.program_id(0)
         num_n = tl.cdiv(N, BLOCK_N)
         s, slot, row_mask, pid_m, pid_n, active = _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
-                                                        num_slots, S, num_n, DECODE, BLOCK_M, GROUP_M, NUM_M,
-                                                        SLOTS_PAD)
+                                                        num_slots, S, num_n, DECODE, BLOCK_M, GROUP_M, NUM_M)
         if active:
             token = slot // top_k
             offs_k = tl.arange(0, BLOCK_K)
@@ -238,15 +231,14 @@ if HAS_TRITON:
                      top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, TMA: tl.constexpr,
                      SORTED: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     SLOTS_PAD: tl.constexpr, USE_PDL: tl.constexpr):
+                     USE_PDL: tl.constexpr):
         """y[slot, n] = weights[slot] * (down_s[n] . inter[slot]); N = H, K = I. Store per slot, or atomically per token.
         SORTED: inter's rows are in aligned order (as `_gate_up_kernel` wrote them), read through i_desc."""
         pdl_start(USE_PDL)  # waits for `inter`; nothing is read before (no stale-cache questions)
         pid = tl.program_id(0)
         num_n = tl.cdiv(N, BLOCK_N)
         s, slot, row_mask, pid_m, pid_n, active = _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
-                                                        num_slots, S, num_n, DECODE, BLOCK_M, GROUP_M, NUM_M,
-                                                        SLOTS_PAD)
+                                                        num_slots, S, num_n, DECODE, BLOCK_M, GROUP_M, NUM_M)
         if active:
             offs_k = tl.arange(0, BLOCK_K)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -319,8 +311,8 @@ if HAS_TRITON:
 # configs
 
 _DEFAULTS = {
-    # mode decode: no alignment, each slab's slots compacted into BLOCK_M rows by the programs; prefill: aligned
-    # BLOCK_M blocks. gu / dn: [BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages] (GROUP_M unused in decode);
+    # mode decode: no alignment, rows = all slots (M = T*k padded); prefill: aligned BLOCK_M blocks.
+    # gu / dn: [BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages] (BLOCK_M ignored in decode mode);
     # optional: "tma" (weight tiles through tensor descriptors), "sorted_rows" (prefill with tma: the activation
     # rows too, copied in slab order first)
     "decode": {"mode": "decode", "gu": [16, 32, 128, 1, 4, 4], "dn": [16, 32, 128, 1, 4, 4], "sum": "store"},
@@ -328,10 +320,7 @@ _DEFAULTS = {
     "mid": {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4], "sum": "store"},
     "large": {"mode": "prefill", "gu": [128, 64, 64, 8, 8, 3], "dn": [128, 128, 64, 8, 8, 3], "sum": "store"},
 }
-# Decode mode (no alignment kernel; every program scans all the slots' ids) runs from a tuned entry up to
-# DECODE_MAX_SLOTS top-k slots, and is the untuned default up to DECODE_DEFAULT_MAX_SLOTS.
-DECODE_MAX_SLOTS = 256
-DECODE_DEFAULT_MAX_SLOTS = 64
+DECODE_MAX_SLOTS = 64
 # Alignment in one program (`_align_one_kernel`) up to this many top-k slots, else the memset and two kernels. On an
 # H200 (eval/results/kernel_profile_variants_h200{,_seed1}.md) one program saved 0.2-8.4 us a call (mostly 1-4) at
 # 64-1024 slots and lost 8-66 us at 2048-4096 (its sort grows with the slots). A module setting so a benchmark can
@@ -370,7 +359,7 @@ def t_bucket(T: int) -> int:
 
 def default_config(T: int, k: int) -> dict:
     slots = T * k
-    if slots <= DECODE_DEFAULT_MAX_SLOTS:
+    if slots <= DECODE_MAX_SLOTS:
         return _DEFAULTS["decode"]
     if slots <= 512:
         return _DEFAULTS["small"]
@@ -387,7 +376,7 @@ def get_config(T: int, H: int, I: int, k: int, device=None) -> dict:
     table = configs.load(device_name(device))
     entry = table["shapes"].get(shape_key(H, I, k), {}).get(str(t_bucket(T)))
     cfg = entry if entry is not None else default_config(T, k)
-    if cfg["mode"] == "decode" and T * k > DECODE_MAX_SLOTS:  # each decode program scans every slot: bounded
+    if cfg["mode"] == "decode" and T * k > DECODE_MAX_SLOTS:  # decode rows are all the slots: keep M bounded
         cfg = _DEFAULTS["mid"] if T * k > 512 else _DEFAULTS["small"]
     return cfg
 
@@ -457,8 +446,9 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
     ids_flat = ids.view(-1)
     dev = x.device
     pdl = use_pdl(dev)
-    slots_pad = _pow2(max(16, num_slots))  # decode: every program scans all the slots' ids
-    if decode:  # rows are addressed by slot, so each GEMM may take its own BLOCK_M
+    if decode:
+        bm = _pow2(max(16, num_slots))
+        gm = dm = bm
         sorted_ids = block_slab = total = ids_flat  # unused
         num_m_g = num_m_d = num_slots
     else:
@@ -496,15 +486,15 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
                             num_slots, S, I, H, num_m_g,
                             x.stride(0), gate_up.stride(0), gate_up.stride(1), inter.stride(0),
                             k, DECODE=decode, EVEN_K=(H % gk == 0), TMA=tma, SORTED=sorted_rows,
-                            BLOCK_M=gm, BLOCK_N=gn, BLOCK_K=gk, GROUP_M=ggm, SLOTS_PAD=slots_pad, num_warps=gw,
-                            num_stages=gs, **launch_opts(pdl))
+                            BLOCK_M=gm, BLOCK_N=gn, BLOCK_K=gk, GROUP_M=ggm, num_warps=gw, num_stages=gs,
+                            **launch_opts(pdl))
     grid_d = (num_m_d * triton.cdiv(H, dn_),)
     _down_kernel[grid_d](inter, i_desc, down, dn_desc, y, weights.view(-1), ids_flat, sorted_ids, block_slab, total,
                          num_slots, S, H, I, num_m_d,
                          inter.stride(0), down.stride(0), down.stride(1), y.stride(0),
                          k, DECODE=decode, EVEN_K=(I % dk == 0), ATOMIC=atomic, TMA=tma, SORTED=sorted_rows,
-                         BLOCK_M=dm, BLOCK_N=dn_, BLOCK_K=dk, GROUP_M=dgm, SLOTS_PAD=slots_pad, num_warps=dw,
-                         num_stages=ds, **launch_opts(pdl))
+                         BLOCK_M=dm, BLOCK_N=dn_, BLOCK_K=dk, GROUP_M=dgm, num_warps=dw, num_stages=ds,
+                         **launch_opts(pdl))
     if atomic:
         return y.to(out_dtype)
     out = torch.empty(T, H, dtype=out_dtype, device=dev)
