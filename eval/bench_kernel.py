@@ -285,10 +285,6 @@ def check():
                                  "sum": "store", "tma": True, "sorted_rows": True},
         "large-tma-sorted-atomic": {"mode": "prefill", "gu": [128, 64, 64, 8, 8, 3], "dn": [128, 128, 64, 8, 8, 3],
                                     "sum": "atomic", "tma": True, "sorted_rows": True},
-        # the top-k sum by the down kernel's last program a token tile
-        "decode-last": {"mode": "decode", "gu": [16, 32, 128, 1, 4, 4], "dn": [16, 32, 128, 1, 4, 4], "sum": "last"},
-        "prefill64-tma-sorted-last": {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4],
-                                      "sum": "last", "tma": True, "sorted_rows": True},
         # the same tiles with the alignment's memset and two kernels instead of the one-program sort
         "prefill64-align2": {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4],
                              "sum": "store"},
@@ -716,8 +712,7 @@ def tune(out_dir=configs.CONFIG_DIR, budget_s=300.0, buckets=None, seeds=TUNE_SE
     its time / the best time on each. Several seeds, none of them the bench's: tiles picked on one routing can lose
     on another by 17% (Qwen1.5 T = 128, way 4 ratio 1, H200), and a bench on the tuner's own routing would not show it.
     One config per bucket because a CUDA graph freezes the config it captured while the ratio it reads keeps moving.
-    Stages: gate/up tiles (with a default down), then down tiles, then the top-k sum mode (atomic at >= 512 slots,
-    then "last"), then TMA weight tiles,
+    Stages: gate/up tiles (with a default down), then down tiles, then the top-k sum mode, then TMA weight tiles,
     then (prefill with TMA) the activation rows in slab order through TMA as well.
     Writes out_dir/<this GPU's table name> (`configs.file_name`) after every shape; -> (its path, the tuning log).
     `buckets` (T values): re-tune only those, keeping the other entries of the table already there."""
@@ -822,8 +817,6 @@ def _tune_point(x, routings, slots):
     score, best = run([c for c in dns if c != best])
     if best["mode"] == "prefill" and slots >= 512:
         score, best = run([dict(best, sum="atomic")])
-    # the top-k sum in the down kernel's last program a token tile (no third launch)
-    score, best = run([dict(best, sum="last")])
     # weight tiles through TMA descriptors: the best so far, and the three best gate/up tiles of the first stage
     stage1 = sorted(res[:len(cands)], key=lambda r: sum(r[0]))[:3]
     tma = [dict(best, tma=True)] + [dict(best, gu=c["gu"], tma=True) for _, c in stage1 if c["gu"] != best["gu"]]

@@ -20,8 +20,7 @@ captured in a CUDA graph:
 
 Stages: gate/up GEMM with silu(g)*u in the epilogue -> [T*k, I] intermediate; down GEMM with the routing weight
 multiplied in -> either [T*k, H] per-slot rows then a sum over k (deterministic, "store"), or fp32 atomics into a
-[T, H] buffer then a cast ("atomic"), or per-slot rows summed in the down kernel by the program that finishes a
-token's N tile last, found by an atomic arrival count per (token, N tile) ("last": deterministic, no third launch).
+[T, H] buffer then a cast ("atomic").
 
 Tile configs per (H, I, k) and T bucket live in a table per GPU model (`runtime.kernels.configs`), one per bucket for
 every ratio (a CUDA graph freezes the config it captured while the ratio keeps moving); a config may take its weight
@@ -167,62 +166,10 @@ if HAS_TRITON:
         return a
 
     @triton.jit
-    def _reset_sums(pid, cnt_ptr, out_ptr, ids_ptr, num_slots, S, H, num_cnt_n, top_k,
-                    CNT_N_PAD: tl.constexpr, TB: tl.constexpr, BLOCK_H: tl.constexpr):
-        """Sum mode "last", run by the gate/up programs (a grid-stride loop over blocks of TB tokens): zero the
-        down kernel's per (token, N tile) arrival counters, and write the zero output rows of tokens with no live
-        slot (no down program ever reaches them)."""
-        T = num_slots // top_k
-        offs_c = tl.arange(0, CNT_N_PAD)
-        for tb in range(pid, tl.cdiv(T, TB), tl.num_programs(0)):
-            tok = tb * TB + tl.arange(0, TB)
-            t_mask = tok < T
-            tl.store(cnt_ptr + tok[:, None] * num_cnt_n + offs_c[None, :], tl.zeros([TB, CNT_N_PAD], tl.int32),
-                     mask=t_mask[:, None] & (offs_c < num_cnt_n)[None, :])
-            live = tl.zeros([TB], tl.int32)
-            for j in range(top_k):
-                live += (tl.load(ids_ptr + tok * top_k + j, mask=t_mask, other=S) < S).to(tl.int32)
-            dead = t_mask & (live == 0)
-            if tl.sum(dead.to(tl.int32), 0) > 0:
-                for h0 in range(0, H, BLOCK_H):
-                    offs_h = h0 + tl.arange(0, BLOCK_H)
-                    tl.store(out_ptr + tok[:, None].to(tl.int64) * H + offs_h[None, :],
-                             tl.zeros([TB, BLOCK_H], out_ptr.dtype.element_ty),
-                             mask=dead[:, None] & (offs_h < H)[None, :])
-
-    @triton.jit
-    def _sum_last(slot, row_mask, offs_n, n_mask, pid_n, num_n, y_ptr, out_ptr, cnt_ptr, ids_ptr, S, N, top_k,
-                  stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Sum mode "last", after the down program stored its rows' per-slot results in y: each row counts its
-        arrival on its token's counter for this N tile; the row that arrives last (its token's live slots all
-        stored) sums them into out, in slot order and fp32 as `_topk_sum_kernel` does (the same bits)."""
-        token = slot // top_k
-        tl.debug_barrier()  # every thread's stores of this tile come before the arrival (release, below)
-        old = tl.atomic_add(cnt_ptr + token * num_n + pid_n, tl.full([BLOCK_M], 1, tl.int32), mask=row_mask,
-                            sem="acq_rel", scope="gpu")
-        live = tl.zeros([BLOCK_M], tl.int32)
-        for j in range(top_k):
-            live += (tl.load(ids_ptr + token * top_k + j, mask=row_mask, other=S) < S).to(tl.int32)
-        last = row_mask & (old == live - 1)
-        if tl.sum(last.to(tl.int32), 0) > 0:
-            tl.debug_barrier()  # the other programs' stores, acquired above, before any thread's loads
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for j in range(top_k):
-                sj = token * top_k + j
-                sid = tl.load(ids_ptr + sj, mask=last, other=S)
-                m = (last & (sid < S))[:, None] & n_mask[None, :]
-                # .cg: from the L2, where the other programs' stores are (not a stale L1 line)
-                acc += tl.load(y_ptr + sj[:, None].to(tl.int64) * N + offs_n[None, :], mask=m, other=0.0,
-                               cache_modifier=".cg").to(tl.float32)
-            tl.store(out_ptr + token[:, None].to(tl.int64) * stride_om + offs_n[None, :],
-                     acc.to(out_ptr.dtype.element_ty), mask=last[:, None] & n_mask[None, :])
-
-    @triton.jit
     def _gate_up_kernel(x_ptr, x_desc, w_ptr, w_desc, inter_ptr, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
-                        cnt_ptr, out_ptr, num_slots, S, N, K, NUM_M,
-                        stride_xm, stride_ws, stride_wn, stride_im, num_cnt_n,
+                        num_slots, S, N, K, NUM_M,
+                        stride_xm, stride_ws, stride_wn, stride_im,
                         top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr, SORTED: tl.constexpr,
-                        SUM_LAST: tl.constexpr, CNT_N_PAD: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                         USE_PDL: tl.constexpr):
         """inter[slot, n] = silu(gate_s[n] . x[tok]) * (up_s[n] . x[tok]); N = I, K = H.
@@ -233,8 +180,6 @@ if HAS_TRITON:
         to read the same way."""
         pdl_start(USE_PDL)  # the ids / alignment come from the kernel just before
         pid = tl.program_id(0)
-        if SUM_LAST:  # before the down kernel starts (it waits for this whole grid)
-            _reset_sums(pid, cnt_ptr, out_ptr, ids_ptr, num_slots, S, K, num_cnt_n, top_k, CNT_N_PAD, 16, 128)
         num_n = tl.cdiv(N, BLOCK_N)
         s, slot, row_mask, pid_m, pid_n, active = _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
                                                         num_slots, S, num_n, DECODE, BLOCK_M, GROUP_M, NUM_M)
@@ -281,15 +226,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _down_kernel(inter_ptr, i_desc, w_ptr, w_desc, out_ptr, weights_ptr, ids_ptr, sorted_ptr, block_slab_ptr,
-                     total_ptr, cnt_ptr, sum_ptr, num_slots, S, N, K, NUM_M,
-                     stride_im, stride_ws, stride_wn, stride_om, stride_sm,
+                     total_ptr, num_slots, S, N, K, NUM_M,
+                     stride_im, stride_ws, stride_wn, stride_om,
                      top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, TMA: tl.constexpr,
-                     SORTED: tl.constexpr, SUM_LAST: tl.constexpr,
+                     SORTED: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                      USE_PDL: tl.constexpr):
         """y[slot, n] = weights[slot] * (down_s[n] . inter[slot]); N = H, K = I. Store per slot, or atomically per token.
-        SORTED: inter's rows are in aligned order (as `_gate_up_kernel` wrote them), read through i_desc.
-        SUM_LAST: after storing per slot, the last program to finish a token's N tile writes its sum to sum_ptr."""
+        SORTED: inter's rows are in aligned order (as `_gate_up_kernel` wrote them), read through i_desc."""
         pdl_start(USE_PDL)  # waits for `inter`; nothing is read before (no stale-cache questions)
         pid = tl.program_id(0)
         num_n = tl.cdiv(N, BLOCK_N)
@@ -328,9 +272,6 @@ if HAS_TRITON:
             else:
                 o_ptrs = out_ptr + slot[:, None].to(tl.int64) * stride_om + offs_n[None, :]
                 tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-                if SUM_LAST:
-                    _sum_last(slot, row_mask, offs_n, n_mask, pid_n, num_n, out_ptr, sum_ptr, cnt_ptr, ids_ptr, S, N,
-                              top_k, stride_sm, BLOCK_M, BLOCK_N)
 
     @triton.jit
     def _gather_rows_kernel(x_ptr, sorted_ptr, total_ptr, xs_ptr, num_slots, H, stride_xm, stride_sm, top_k,
@@ -373,17 +314,13 @@ _DEFAULTS = {
     # mode decode: no alignment, rows = all slots (M = T*k padded); prefill: aligned BLOCK_M blocks.
     # gu / dn: [BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages] (BLOCK_M ignored in decode mode);
     # optional: "tma" (weight tiles through tensor descriptors), "sorted_rows" (prefill with tma: the activation
-    # rows too, copied in slab order first). "sum": one of SUM_MODES.
+    # rows too, copied in slab order first)
     "decode": {"mode": "decode", "gu": [16, 32, 128, 1, 4, 4], "dn": [16, 32, 128, 1, 4, 4], "sum": "store"},
     "small": {"mode": "prefill", "gu": [16, 64, 128, 1, 4, 4], "dn": [16, 64, 128, 1, 4, 4], "sum": "store"},
     "mid": {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4], "sum": "store"},
     "large": {"mode": "prefill", "gu": [128, 64, 64, 8, 8, 3], "dn": [128, 128, 64, 8, 8, 3], "sum": "store"},
 }
 DECODE_MAX_SLOTS = 64
-# How a token's k per-slot results become its output row: "store" (per-slot rows, then `_topk_sum_kernel`),
-# "atomic" (fp32 atomics into a zeroed [T, H] buffer, then a cast), "last" (per-slot rows; the down program that
-# finishes a token's N tile last sums it, no third launch; the same bits as "store").
-SUM_MODES = ("store", "atomic", "last")
 # Alignment in one program (`_align_one_kernel`) up to this many top-k slots, else the memset and two kernels. On an
 # H200 (eval/results/kernel_profile_variants_h200{,_seed1}.md) one program saved 0.2-8.4 us a call (mostly 1-4) at
 # 64-1024 slots and lost 8-66 us at 2048-4096 (its sort grows with the slots). A module setting so a benchmark can
@@ -505,10 +442,7 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
     decode = cfg["mode"] == "decode"
     gm, gn, gk, ggm, gw, gs = cfg["gu"]
     dm, dn_, dk, dgm, dw, ds = cfg["dn"]
-    sum_mode = cfg.get("sum", "store")
-    if sum_mode not in SUM_MODES:
-        raise ValueError(f"sum mode {sum_mode!r}: expected one of {SUM_MODES}")
-    atomic, last = sum_mode == "atomic", sum_mode == "last"
+    atomic = cfg.get("sum", "store") == "atomic"
     ids_flat = ids.view(-1)
     dev = x.device
     pdl = use_pdl(dev)
@@ -547,29 +481,23 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
         y = torch.zeros(T, H, dtype=torch.float32, device=dev)
     else:
         y = torch.empty(num_slots, H, dtype=x.dtype, device=dev)
-    num_n_d = triton.cdiv(H, dn_)
-    out = y if atomic else torch.empty(T, H, dtype=out_dtype, device=dev)  # store: written by the top-k sum
-    # "last": arrival counters per (token, down N tile), zeroed by the gate/up programs (no memset launch)
-    cnt = torch.empty(T * num_n_d if last else 1, dtype=torch.int32, device=dev)
     grid_g = (num_m_g * triton.cdiv(I, gn),)
-    _gate_up_kernel[grid_g](x, x_desc, gate_up, gu_desc, inter, ids_flat, sorted_ids, block_slab, total, cnt, out,
+    _gate_up_kernel[grid_g](x, x_desc, gate_up, gu_desc, inter, ids_flat, sorted_ids, block_slab, total,
                             num_slots, S, I, H, num_m_g,
-                            x.stride(0), gate_up.stride(0), gate_up.stride(1), inter.stride(0), num_n_d,
+                            x.stride(0), gate_up.stride(0), gate_up.stride(1), inter.stride(0),
                             k, DECODE=decode, EVEN_K=(H % gk == 0), TMA=tma, SORTED=sorted_rows,
-                            SUM_LAST=last, CNT_N_PAD=_pow2(num_n_d),
                             BLOCK_M=gm, BLOCK_N=gn, BLOCK_K=gk, GROUP_M=ggm, num_warps=gw, num_stages=gs,
                             **launch_opts(pdl))
-    grid_d = (num_m_d * num_n_d,)
+    grid_d = (num_m_d * triton.cdiv(H, dn_),)
     _down_kernel[grid_d](inter, i_desc, down, dn_desc, y, weights.view(-1), ids_flat, sorted_ids, block_slab, total,
-                         cnt, out, num_slots, S, H, I, num_m_d,
-                         inter.stride(0), down.stride(0), down.stride(1), y.stride(0), out.stride(0),
+                         num_slots, S, H, I, num_m_d,
+                         inter.stride(0), down.stride(0), down.stride(1), y.stride(0),
                          k, DECODE=decode, EVEN_K=(I % dk == 0), ATOMIC=atomic, TMA=tma, SORTED=sorted_rows,
-                         SUM_LAST=last, BLOCK_M=dm, BLOCK_N=dn_, BLOCK_K=dk, GROUP_M=dgm, num_warps=dw,
-                         num_stages=ds, **launch_opts(pdl))
+                         BLOCK_M=dm, BLOCK_N=dn_, BLOCK_K=dk, GROUP_M=dgm, num_warps=dw, num_stages=ds,
+                         **launch_opts(pdl))
     if atomic:
         return y.to(out_dtype)
-    if last:
-        return out
+    out = torch.empty(T, H, dtype=out_dtype, device=dev)
     bn = min(1024, _pow2(H))
     _topk_sum_kernel[(T, triton.cdiv(H, bn))](y, ids_flat, out, H, S, TOP_K=k, BLOCK_N=bn, num_warps=4,
                                               **launch_opts(pdl))
