@@ -272,7 +272,6 @@ def check():
     cfgs = {
         "default": None,
         "decode": {"mode": "decode", "gu": [16, 32, 128, 1, 4, 4], "dn": [16, 32, 128, 1, 4, 4], "sum": "store"},
-        "gemv": {"mode": "gemv", "gu": [1, 32, 128, 1, 4, 1], "dn": [1, 16, 256, 1, 4, 4], "sum": "store"},
         "decode-tma": {"mode": "decode", "gu": [16, 64, 128, 1, 4, 4], "dn": [16, 32, 128, 1, 4, 4], "sum": "store",
                        "tma": True},
         "prefill64-tma": {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4], "sum": "store",
@@ -306,7 +305,7 @@ def check():
                     ref = slab_forward(_Gate(), {"gate_up_proj": gu.float(), "down_proj": dn.float()}, x.float(),
                                        a.ids, a.weights.float())
                     for name, cfg in cfgs.items():
-                        if name.startswith(("decode", "gemv")) and T * k > fm.DECODE_MAX_SLOTS:
+                        if name.startswith("decode") and T * k > fm.DECODE_MAX_SLOTS:
                             continue
                         with align_one_max(0 if name.endswith("-align2") else fm.ALIGN_ONE_MAX_SLOTS):
                             out = fm.fused_moe(x, gu, dn, ids, ww, config=cfg)
@@ -671,22 +670,12 @@ def write_profile_md(res, path):
 
 DECODE_T = [(32, 128, 4, 4), (64, 128, 4, 4), (16, 256, 4, 4), (32, 256, 4, 3), (64, 64, 4, 5), (16, 128, 4, 6),
             (32, 64, 4, 6), (64, 128, 8, 4)]
-# gemv mode (BLOCK_N, BLOCK_K, warps, stages): stages x BLOCK_N x BLOCK_K x 2 weights in flight a program (x 2 for
-# gate/up); a decode call at T = 1 has a few hundred programs and needs some MB in flight to stream
-GEMV_T = [(32, 128, 4, 4), (16, 256, 4, 4), (32, 256, 8, 3), (64, 128, 8, 3), (16, 128, 4, 6), (32, 128, 4, 2),
-          (8, 512, 4, 3), (64, 64, 4, 5)]
-GEMV_TUNE_MAX_SLOTS = 32  # tried up to this many slots (every slot reads its own slab)
 MID_GU = [(16, 64, 128, 1, 4, 4), (32, 64, 128, 4, 4, 4), (64, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 3),
           (32, 128, 64, 4, 4, 4), (64, 128, 64, 8, 8, 4), (128, 64, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3)]
 MID_DN = [(64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3), (256, 64, 8, 3)]
 LARGE_GU = [(64, 64, 64, 8, 4, 4), (64, 128, 64, 8, 8, 3), (128, 64, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3),
             (128, 128, 64, 8, 8, 4), (128, 64, 64, 8, 8, 4), (64, 128, 64, 8, 4, 4), (128, 128, 32, 8, 8, 5)]
 LARGE_DN = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (256, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 4)]
-
-
-def _gv(t):
-    """(BLOCK_N, BLOCK_K, warps, stages) -> the [1, BLOCK_N, BLOCK_K, 1, warps, stages] of a gemv config."""
-    return (1,) + tuple(t[:2]) + (1,) + tuple(t[2:4])
 
 
 def _cfg(mode, gu, dn, sm="store"):
@@ -723,9 +712,8 @@ def tune(out_dir=configs.CONFIG_DIR, budget_s=300.0, buckets=None, seeds=TUNE_SE
     its time / the best time on each. Several seeds, none of them the bench's: tiles picked on one routing can lose
     on another by 17% (Qwen1.5 T = 128, way 4 ratio 1, H200), and a bench on the tuner's own routing would not show it.
     One config per bucket because a CUDA graph freezes the config it captured while the ratio it reads keeps moving.
-    Stages: gate/up tiles (with a default down; decode up to DECODE_MAX_SLOTS slots, gemv up to
-    GEMV_TUNE_MAX_SLOTS, prefill above 16), then down tiles, then the top-k sum mode, then (not gemv) TMA weight
-    tiles, then (prefill with TMA) the activation rows in slab order through TMA as well.
+    Stages: gate/up tiles (with a default down), then down tiles, then the top-k sum mode, then TMA weight tiles,
+    then (prefill with TMA) the activation rows in slab order through TMA as well.
     Writes out_dir/<this GPU's table name> (`configs.file_name`) after every shape; -> (its path, the tuning log).
     `buckets` (T values): re-tune only those, keeping the other entries of the table already there."""
     t_start = time.time()
@@ -814,8 +802,6 @@ def _tune_point(x, routings, slots):
     cands = []
     if slots <= fm.DECODE_MAX_SLOTS:
         cands = [_cfg("decode", _dec(c), _dec(DECODE_T[0])) for c in DECODE_T]
-    if slots <= GEMV_TUNE_MAX_SLOTS:
-        cands += [_cfg("gemv", _gv(c), _gv(GEMV_T[0])) for c in GEMV_T]
     if 16 < slots <= 4096:
         cands += [_cfg("prefill", c, (c[0],) + MID_DN[0][:2] + (c[3],) + MID_DN[0][2:]) for c in MID_GU]
     if slots > 4096:
@@ -824,8 +810,6 @@ def _tune_point(x, routings, slots):
     # down tiles with the chosen gate/up tiles
     if best["mode"] == "decode":
         dns = [_cfg("decode", best["gu"], _dec(c)) for c in DECODE_T]
-    elif best["mode"] == "gemv":
-        dns = [_cfg("gemv", best["gu"], _gv(c)) for c in GEMV_T]
     else:
         bm, gm = best["gu"][0], best["gu"][3]
         dns = [_cfg("prefill", best["gu"], (bm,) + c[:2] + (gm,) + c[2:])
@@ -833,8 +817,6 @@ def _tune_point(x, routings, slots):
     score, best = run([c for c in dns if c != best])
     if best["mode"] == "prefill" and slots >= 512:
         score, best = run([dict(best, sum="atomic")])
-    if best["mode"] == "gemv":  # pointer loads only
-        return best, score, res
     # weight tiles through TMA descriptors: the best so far, and the three best gate/up tiles of the first stage
     stage1 = sorted(res[:len(cands)], key=lambda r: sum(r[0]))[:3]
     tma = [dict(best, tma=True)] + [dict(best, gu=c["gu"], tma=True) for _, c in stage1 if c["gu"] != best["gu"]]

@@ -35,9 +35,6 @@ DECODE = {"mode": "decode", "gu": [16, 16, 32, 1, 4, 2], "dn": [16, 32, 32, 1, 4
 # runs into the next rows (gate into up, up into the next slab, the last slab past the end: zeros)
 PREFILL_TMA = dict(PREFILL, tma=True)
 DECODE_TMA = dict(DECODE, tma=True)
-# no tl.dot, one program a (slot, N tile): K = 48 / 40 not a multiple of 32; with BLOCK_K 8 both are
-GEMV = {"mode": "gemv", "gu": [1, 16, 32, 1, 4, 2], "dn": [1, 32, 32, 1, 4, 2], "sum": "store"}
-GEMV_EVEN = {"mode": "gemv", "gu": [1, 32, 8, 1, 4, 1], "dn": [1, 16, 8, 1, 4, 3], "sum": "store"}
 H, I = 48, 40
 
 
@@ -101,24 +98,6 @@ def test_prefill_atomic_sum_fp32():
     _check(*_case(11, 4, 4, 9, 0.5, torch.float32, seed=3), PREFILL_ATOMIC)
 
 
-@pytest.mark.parametrize("k,ratio,config", [(1, 0.0, GEMV), (4, 0.5, GEMV_EVEN), (8, 1.0, GEMV), (4, 1.0, GEMV_EVEN)])
-def test_gemv_fp32(k, ratio, config):
-    # T = 3: slots of different tokens share slabs too (each reads it itself)
-    _check(*_case(11, 4, k, 3, ratio, torch.float32, seed=700 + k), config)
-
-
-def test_gemv_t1_fp16():
-    _check(*_case(11, 4, 4, 1, 1.0, torch.float16, seed=71), GEMV)
-
-
-def test_bad_mode_and_sum():
-    x, gu, dn, a = _case(5, 2, 2, 3, 0.0, torch.float32, seed=1)
-    with pytest.raises(ValueError, match="kernel mode 'dense'"):
-        fm.fused_moe(x, gu, dn, a.ids, a.weights, num_slabs=7, config=dict(PREFILL, mode="dense"))
-    with pytest.raises(ValueError, match="'gemv' sums by 'store' only"):
-        fm.fused_moe(x, gu, dn, a.ids, a.weights, num_slabs=7, config=dict(GEMV, sum="atomic"))
-
-
 # each k, each ratio and each sum mode twice, in 6 of the 18 combinations (the interpreter takes ~4 s a case)
 @pytest.mark.parametrize("k,ratio,atomic", [(1, 0.0, False), (1, 0.5, True), (4, 0.5, False), (4, 1.0, True),
                                             (8, 1.0, False), (8, 0.0, True)])
@@ -163,7 +142,7 @@ def test_fp16(config):
     _check(*_case(11, 4, 4, 5, 0.5, torch.float16, seed=5), config)
 
 
-@pytest.mark.parametrize("config", [PREFILL, DECODE, GEMV])
+@pytest.mark.parametrize("config", [PREFILL, DECODE])
 def test_shared_group_dedup(config):
     # every token picks experts 0 and 2 (one group when G = 2, way 2 interleaved) and 1 (group 1):
     # at ratio 1 both 0 and 2 go to united slab E + 0 and are merged; the second slot is skipped

@@ -88,16 +88,6 @@ def test_get_config_reads_the_device_table(config_dir):
     assert fm.get_config(100, 64, 48, 2, "cpu") != mine  # another shape: a default
 
 
-def test_few_slot_modes_are_bounded(config_dir):
-    # decode (rows = all slots) and gemv (a slab read per slot) from a table only up to DECODE_MAX_SLOTS slots
-    fm = pytest.importorskip("runtime.kernels.fused_moe")
-    gemv = {"mode": "gemv", "gu": [1, 32, 128, 1, 4, 2], "dn": [1, 32, 128, 1, 4, 2], "sum": "store"}
-    configs.path_for("cpu").write_text(json.dumps({"device": "cpu", "shapes": {"64,32,8": {"8": gemv, "32": gemv}}}))
-    assert fm.get_config(8, 64, 32, 8, "cpu") == gemv  # 64 slots
-    assert fm.get_config(9, 64, 32, 8, "cpu")["mode"] == "prefill"  # 72 slots, bucket 32
-    assert fm.get_config(32, 64, 32, 8, "cpu")["mode"] == "prefill"
-
-
 def test_setup_ships_the_data_files():
     """setup.py's package_data globs match the files the package reads at run time."""
     import ast

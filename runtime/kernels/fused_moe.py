@@ -8,14 +8,12 @@ concatenated gate/up, SiLU gate, no bias:
 
 Slab(x) = down @ (silu(gate @ x) * (up @ x)).
 
-Three paths, all free of host synchronisation and with shapes fixed by (T, k, S) alone, so a whole call can be
+Two paths, both free of host synchronisation and with shapes fixed by (T, k, S) alone, so a whole call can be
 captured in a CUDA graph:
 
 * decode (few slots, T*k <= a threshold): no alignment at all. A program per (slot, N tile); the program of the first
   slot that uses a slab (the "leader") gathers every slot on that slab as its rows (M = T*k padded to >= 16) and
   streams the slab's weight tile once; the other slots' programs exit at once. 2 GEMM launches + the top-k sum.
-* gemv (from a tuned table, at T = 1): no alignment and no tl.dot. A program per (slot, N tile) multiplies its
-  slab's weight tile, loaded straight into registers, by the slot's row; every slot reads its own slab.
 * prefill: vLLM-style alignment by slab on the GPU, then grouped GEMMs over BLOCK_M-row blocks of one slab each. Up
   to ALIGN_ONE_MAX_SLOTS slots the alignment is one program (histogram, scan, sort of (slab, slot) keys); above, a
   counts memset and two kernels (rank-by-atomic + sentinel fill, scan-and-scatter).
@@ -276,84 +274,6 @@ if HAS_TRITON:
                 tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _gate_up_gemv_kernel(x_ptr, w_ptr, inter_ptr, ids_ptr, S, N, K, stride_xm, stride_ws, stride_wn, stride_im,
-                             top_k, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             NUM_STAGES: tl.constexpr, USE_PDL: tl.constexpr):
-        """Mode "gemv": inter[slot, n] = silu(gate_s[n] . x[tok]) * (up_s[n] . x[tok]) for one slot and one N tile
-        a program, without tl.dot: the weight tile comes into registers (through shared memory when NUM_STAGES > 1:
-        the loop's loads are pipelined) and is multiplied by x's row elementwise and summed over the K step. Every
-        slot reads its slab itself (no leader), so this pays only where slots rarely share a slab (T = 1: never,
-        after the remap's dedup)."""
-        pdl_start(USE_PDL)
-        pid = tl.program_id(0)
-        num_n = tl.cdiv(N, BLOCK_N)
-        slot = pid // num_n
-        pid_n = pid % num_n
-        s = tl.load(ids_ptr + slot).to(tl.int32)
-        if s < S:
-            token = slot // top_k
-            offs_k = tl.arange(0, BLOCK_K)
-            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < N
-            offs_nc = tl.where(n_mask, offs_n, 0)
-            wg_ptrs = w_ptr + s.to(tl.int64) * stride_ws + offs_nc[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-            wu_ptrs = wg_ptrs + N * stride_wn
-            x_ptrs = x_ptr + token.to(tl.int64) * stride_xm + offs_k
-            acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
-            acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
-                if EVEN_K:
-                    a = tl.load(x_ptrs).to(tl.float32)
-                    bg = tl.load(wg_ptrs)
-                    bu = tl.load(wu_ptrs)
-                else:
-                    k_mask = offs_k < K - k0
-                    a = tl.load(x_ptrs, mask=k_mask, other=0.0).to(tl.float32)
-                    bg = tl.load(wg_ptrs, mask=k_mask[None, :], other=0.0)
-                    bu = tl.load(wu_ptrs, mask=k_mask[None, :], other=0.0)
-                acc_g += tl.sum(bg.to(tl.float32) * a[None, :], 1)
-                acc_u += tl.sum(bu.to(tl.float32) * a[None, :], 1)
-                x_ptrs += BLOCK_K
-                wg_ptrs += BLOCK_K
-                wu_ptrs += BLOCK_K
-            h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-            tl.store(inter_ptr + slot.to(tl.int64) * stride_im + offs_n, h.to(inter_ptr.dtype.element_ty), mask=n_mask)
-
-    @triton.jit
-    def _down_gemv_kernel(inter_ptr, w_ptr, out_ptr, weights_ptr, ids_ptr, S, N, K, stride_im, stride_ws, stride_wn,
-                          stride_om, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          NUM_STAGES: tl.constexpr, USE_PDL: tl.constexpr):
-        """Mode "gemv": y[slot, n] = weights[slot] * (down_s[n] . inter[slot]), as `_gate_up_gemv_kernel`."""
-        pdl_start(USE_PDL)
-        pid = tl.program_id(0)
-        num_n = tl.cdiv(N, BLOCK_N)
-        slot = pid // num_n
-        pid_n = pid % num_n
-        s = tl.load(ids_ptr + slot).to(tl.int32)
-        if s < S:
-            offs_k = tl.arange(0, BLOCK_K)
-            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < N
-            offs_nc = tl.where(n_mask, offs_n, 0)
-            w_ptrs = w_ptr + s.to(tl.int64) * stride_ws + offs_nc[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-            a_ptrs = inter_ptr + slot.to(tl.int64) * stride_im + offs_k
-            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
-                if EVEN_K:
-                    a = tl.load(a_ptrs).to(tl.float32)
-                    b = tl.load(w_ptrs)
-                else:
-                    k_mask = offs_k < K - k0
-                    a = tl.load(a_ptrs, mask=k_mask, other=0.0).to(tl.float32)
-                    b = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
-                acc += tl.sum(b.to(tl.float32) * a[None, :], 1)
-                a_ptrs += BLOCK_K
-                w_ptrs += BLOCK_K
-            rw = tl.load(weights_ptr + slot).to(tl.float32)
-            y = acc * rw
-            tl.store(out_ptr + slot.to(tl.int64) * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
-
-    @triton.jit
     def _gather_rows_kernel(x_ptr, sorted_ptr, total_ptr, xs_ptr, num_slots, H, stride_xm, stride_sm, top_k,
                             BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr):
         """xs[p] = x[token of the slot at aligned position p] for one BLOCK_M block of positions, zeros where the
@@ -396,14 +316,11 @@ _DEFAULTS = {
     # optional: "tma" (weight tiles through tensor descriptors), "sorted_rows" (prefill with tma: the activation
     # rows too, copied in slab order first)
     "decode": {"mode": "decode", "gu": [16, 32, 128, 1, 4, 4], "dn": [16, 32, 128, 1, 4, 4], "sum": "store"},
-    # mode gemv: no tl.dot, one program a (slot, N tile), gu / dn [1, BLOCK_N, BLOCK_K, 1, num_warps, num_stages];
-    # pointer loads and the "store" sum only. Only from a tuned table (T = 1, where no two live slots share a slab).
     "small": {"mode": "prefill", "gu": [16, 64, 128, 1, 4, 4], "dn": [16, 64, 128, 1, 4, 4], "sum": "store"},
     "mid": {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4], "sum": "store"},
     "large": {"mode": "prefill", "gu": [128, 64, 64, 8, 8, 3], "dn": [128, 128, 64, 8, 8, 3], "sum": "store"},
 }
 DECODE_MAX_SLOTS = 64
-MODES = ("decode", "gemv", "prefill")
 # Alignment in one program (`_align_one_kernel`) up to this many top-k slots, else the memset and two kernels. On an
 # H200 (eval/results/kernel_profile_variants_h200{,_seed1}.md) one program saved 0.2-8.4 us a call (mostly 1-4) at
 # 64-1024 slots and lost 8-66 us at 2048-4096 (its sort grows with the slots). A module setting so a benchmark can
@@ -459,8 +376,7 @@ def get_config(T: int, H: int, I: int, k: int, device=None) -> dict:
     table = configs.load(device_name(device))
     entry = table["shapes"].get(shape_key(H, I, k), {}).get(str(t_bucket(T)))
     cfg = entry if entry is not None else default_config(T, k)
-    # decode rows are all the slots: keep M bounded; gemv reads a slab once per slot: only for few slots
-    if cfg["mode"] in ("decode", "gemv") and T * k > DECODE_MAX_SLOTS:
+    if cfg["mode"] == "decode" and T * k > DECODE_MAX_SLOTS:  # decode rows are all the slots: keep M bounded
         cfg = _DEFAULTS["mid"] if T * k > 512 else _DEFAULTS["small"]
     return cfg
 
@@ -523,8 +439,6 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
     if T == 0:
         return torch.zeros(0, H, dtype=out_dtype, device=x.device)
     cfg = config or get_config(T, H, I, k, x.device)
-    if cfg["mode"] not in MODES:
-        raise ValueError(f"kernel mode {cfg['mode']!r}: expected one of {MODES}")
     decode = cfg["mode"] == "decode"
     gm, gn, gk, ggm, gw, gs = cfg["gu"]
     dm, dn_, dk, dgm, dw, ds = cfg["dn"]
@@ -532,20 +446,6 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
     ids_flat = ids.view(-1)
     dev = x.device
     pdl = use_pdl(dev)
-    if cfg["mode"] == "gemv":
-        if atomic:
-            raise ValueError("kernel mode 'gemv' sums by 'store' only")
-        inter = torch.empty(num_slots, I, dtype=x.dtype, device=dev)
-        y = torch.empty(num_slots, H, dtype=x.dtype, device=dev)
-        _gate_up_gemv_kernel[(num_slots * triton.cdiv(I, gn),)](
-            x, gate_up, inter, ids_flat, S, I, H, x.stride(0), gate_up.stride(0), gate_up.stride(1),
-            inter.stride(0), k, EVEN_K=(H % gk == 0), BLOCK_N=gn, BLOCK_K=gk, NUM_STAGES=gs, num_warps=gw,
-            **launch_opts(pdl))
-        _down_gemv_kernel[(num_slots * triton.cdiv(H, dn_),)](
-            inter, down, y, weights.view(-1), ids_flat, S, H, I, inter.stride(0), down.stride(0), down.stride(1),
-            y.stride(0), EVEN_K=(I % dk == 0), BLOCK_N=dn_, BLOCK_K=dk, NUM_STAGES=ds, num_warps=dw,
-            **launch_opts(pdl))
-        return _topk_sum(y, ids_flat, T, H, k, S, out_dtype, pdl)
     if decode:
         bm = _pow2(max(16, num_slots))
         gm = dm = bm
@@ -597,12 +497,7 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
                          **launch_opts(pdl))
     if atomic:
         return y.to(out_dtype)
-    return _topk_sum(y, ids_flat, T, H, k, S, out_dtype, pdl)
-
-
-def _topk_sum(y, ids_flat, T, H, k, S, out_dtype, pdl):
-    """out [T, H] = the sum of each token's live per-slot rows of y [T*k, H]."""
-    out = torch.empty(T, H, dtype=out_dtype, device=y.device)
+    out = torch.empty(T, H, dtype=out_dtype, device=dev)
     bn = min(1024, _pow2(H))
     _topk_sum_kernel[(T, triton.cdiv(H, bn))](y, ids_flat, out, H, S, TOP_K=k, BLOCK_N=bn, num_warps=4,
                                               **launch_opts(pdl))
