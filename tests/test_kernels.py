@@ -98,6 +98,38 @@ def test_prefill_atomic_sum_fp32():
     _check(*_case(11, 4, 4, 9, 0.5, torch.float32, seed=3), PREFILL_ATOMIC)
 
 
+PREFILL32 = {"mode": "prefill", "gu": [32, 16, 32, 2, 4, 2], "dn": [32, 32, 32, 2, 4, 2], "sum": "store"}
+
+
+@pytest.mark.parametrize("config", [PREFILL32, dict(PREFILL32, sum="atomic"), dict(PREFILL32, tma=True)],
+                         ids=["store", "atomic", "tma"])
+def test_half_tail_blocks(config, monkeypatch):
+    # 32-row blocks, T = 40 x k = 2 on 11 skewed experts: blocks with more than 16 live rows (full tiles) and the
+    # slabs' last blocks with 16 or fewer (half-height tiles); the same output as with full tiles everywhere
+    x, gu, dn, a = _case(11, 4, 2, 40, 0.0, torch.float32, seed=41)
+    S = gu.shape[0]
+    sorted_ids, _, total, _ = fm.moe_align(a.ids.reshape(-1).to(torch.int32), S, 32)
+    live = (sorted_ids[: int(total)] < a.ids.numel()).view(-1, 32).sum(1)
+    assert (live > 16).any() and (live <= 16).any(), live
+    calls = []
+    real = fm._gate_up_kernel
+
+    class Spy:  # the launch asked for half tiles
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                calls.append(kw["HALF_TAIL"])
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(fm, "_gate_up_kernel", Spy())
+    half = _check(x, gu, dn, a, config)
+    out_half = fm.fused_moe(x, gu, dn, half.ids, half.weights, num_slabs=S, config=config)
+    monkeypatch.setattr(fm, "HALF_TAIL", False)
+    out_full = fm.fused_moe(x, gu, dn, half.ids, half.weights, num_slabs=S, config=config)
+    assert calls == [True, True, False]
+    assert torch.allclose(out_half, out_full, rtol=1e-6, atol=1e-6)
+
+
 # each k, each ratio and each sum mode twice, in 6 of the 18 combinations (the interpreter takes ~4 s a case)
 @pytest.mark.parametrize("k,ratio,atomic", [(1, 0.0, False), (1, 0.5, True), (4, 0.5, False), (4, 1.0, True),
                                             (8, 1.0, False), (8, 0.0, True)])

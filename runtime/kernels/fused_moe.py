@@ -166,13 +166,61 @@ if HAS_TRITON:
         return a
 
     @triton.jit
+    def _gate_up_tile(x_ptr, x_desc, w_ptr, w_desc, inter_ptr, s, slot, row_mask, pid_m, pid_n, N, K,
+                      stride_xm, stride_ws, stride_wn, stride_im, top_k, EVEN_K: tl.constexpr, TMA: tl.constexpr,
+                      SORTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One program's tile of `_gate_up_kernel` over the BLOCK_M rows `slot` (those of row_mask live)."""
+        token = slot // top_k
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        offs_nc = tl.where(n_mask, offs_n, 0)
+        x_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+        wg_ptrs = w_ptr + s.to(tl.int64) * stride_ws + offs_nc[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        wu_ptrs = wg_ptrs + N * stride_wn
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        row_g = s * (2 * N) + pid_n * BLOCK_N
+        for k0 in range(0, K, BLOCK_K):
+            if SORTED:
+                a = x_desc.load([pid_m * BLOCK_M, k0])
+            else:
+                a = _load_rows(x_ptrs, row_mask, offs_k, K - k0, EVEN_K)
+            if TMA:
+                bg = w_desc.load([row_g, k0]).T
+                bu = w_desc.load([row_g + N, k0]).T
+            elif EVEN_K:
+                bg = tl.load(wg_ptrs)
+                bu = tl.load(wu_ptrs)
+            else:
+                k_mask = offs_k < K - k0
+                bg = tl.load(wg_ptrs, mask=k_mask[:, None], other=0.0)
+                bu = tl.load(wu_ptrs, mask=k_mask[:, None], other=0.0)
+            acc_g = tl.dot(a, bg, acc_g)
+            acc_u = tl.dot(a, bu, acc_u)
+            x_ptrs += BLOCK_K
+            wg_ptrs += BLOCK_K
+            wu_ptrs += BLOCK_K
+        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+        if SORTED:  # every row of the block, padding too (zeros: its activation rows were): no stale rows
+            i_ptrs = inter_ptr + (pid_m * BLOCK_M + tl.arange(0, BLOCK_M))[:, None].to(tl.int64) * stride_im \
+                + offs_n[None, :]
+            tl.store(i_ptrs, h.to(inter_ptr.dtype.element_ty), mask=n_mask[None, :])
+        else:
+            i_ptrs = inter_ptr + slot[:, None].to(tl.int64) * stride_im + offs_n[None, :]
+            tl.store(i_ptrs, h.to(inter_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
     def _gate_up_kernel(x_ptr, x_desc, w_ptr, w_desc, inter_ptr, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
                         num_slots, S, N, K, NUM_M,
                         stride_xm, stride_ws, stride_wn, stride_im,
                         top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr, SORTED: tl.constexpr,
+                        HALF_TAIL: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                         USE_PDL: tl.constexpr):
         """inter[slot, n] = silu(gate_s[n] . x[tok]) * (up_s[n] . x[tok]); N = I, K = H.
+        HALF_TAIL (prefill, not SORTED): a row block with at most BLOCK_M / 2 live rows (the end of a slab's rows:
+        alignment puts them first) computes only its first half, so the padding costs half the MMA work.
         TMA: the weight tiles come through a tensor descriptor over gate_up viewed [S * 2N, K] (the copy engine; rows
         past a half or the end are other rows or zeros, and only feed the masked-off columns).
         SORTED (prefill, with TMA): the activation rows too, from x_desc over the rows already copied in slab order
@@ -184,52 +232,66 @@ if HAS_TRITON:
         s, slot, row_mask, pid_m, pid_n, active = _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
                                                         num_slots, S, num_n, DECODE, BLOCK_M, GROUP_M, NUM_M)
         if active:
-            token = slot // top_k
-            offs_k = tl.arange(0, BLOCK_K)
-            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < N
-            offs_nc = tl.where(n_mask, offs_n, 0)
-            x_ptrs = x_ptr + token[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-            wg_ptrs = w_ptr + s.to(tl.int64) * stride_ws + offs_nc[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-            wu_ptrs = wg_ptrs + N * stride_wn
-            acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            row_g = s * (2 * N) + pid_n * BLOCK_N
-            for k0 in range(0, K, BLOCK_K):
-                if SORTED:
-                    a = x_desc.load([pid_m * BLOCK_M, k0])
+            if HALF_TAIL:  # a block with at most half its rows live (a slab's last) runs as a half-height tile
+                if tl.sum(row_mask.to(tl.int32), 0) <= BLOCK_M // 2:
+                    half = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M // 2))
+                    _gate_up_tile(x_ptr, x_desc, w_ptr, w_desc, inter_ptr, s, half, half < num_slots, pid_m, pid_n,
+                                  N, K, stride_xm, stride_ws, stride_wn, stride_im, top_k, EVEN_K, TMA, SORTED,
+                                  BLOCK_M // 2, BLOCK_N, BLOCK_K)
                 else:
-                    a = _load_rows(x_ptrs, row_mask, offs_k, K - k0, EVEN_K)
-                if TMA:
-                    bg = w_desc.load([row_g, k0]).T
-                    bu = w_desc.load([row_g + N, k0]).T
-                elif EVEN_K:
-                    bg = tl.load(wg_ptrs)
-                    bu = tl.load(wu_ptrs)
-                else:
-                    k_mask = offs_k < K - k0
-                    bg = tl.load(wg_ptrs, mask=k_mask[:, None], other=0.0)
-                    bu = tl.load(wu_ptrs, mask=k_mask[:, None], other=0.0)
-                acc_g = tl.dot(a, bg, acc_g)
-                acc_u = tl.dot(a, bu, acc_u)
-                x_ptrs += BLOCK_K
-                wg_ptrs += BLOCK_K
-                wu_ptrs += BLOCK_K
-            h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-            if SORTED:  # every row of the block, padding too (zeros: its activation rows were): no stale rows
-                i_ptrs = inter_ptr + (pid_m * BLOCK_M + tl.arange(0, BLOCK_M))[:, None].to(tl.int64) * stride_im \
-                    + offs_n[None, :]
-                tl.store(i_ptrs, h.to(inter_ptr.dtype.element_ty), mask=n_mask[None, :])
+                    _gate_up_tile(x_ptr, x_desc, w_ptr, w_desc, inter_ptr, s, slot, row_mask, pid_m, pid_n, N, K,
+                                  stride_xm, stride_ws, stride_wn, stride_im, top_k, EVEN_K, TMA, SORTED, BLOCK_M,
+                                  BLOCK_N, BLOCK_K)
             else:
-                i_ptrs = inter_ptr + slot[:, None].to(tl.int64) * stride_im + offs_n[None, :]
-                tl.store(i_ptrs, h.to(inter_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+                _gate_up_tile(x_ptr, x_desc, w_ptr, w_desc, inter_ptr, s, slot, row_mask, pid_m, pid_n, N, K,
+                              stride_xm, stride_ws, stride_wn, stride_im, top_k, EVEN_K, TMA, SORTED, BLOCK_M,
+                              BLOCK_N, BLOCK_K)
+
+    @triton.jit
+    def _down_tile(inter_ptr, i_desc, w_ptr, w_desc, out_ptr, weights_ptr, s, slot, row_mask, pid_m, pid_n, N, K,
+                   stride_im, stride_ws, stride_wn, stride_om, top_k, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
+                   TMA: tl.constexpr, SORTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+        """One program's tile of `_down_kernel` over the BLOCK_M rows `slot` (those of row_mask live)."""
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        offs_nc = tl.where(n_mask, offs_n, 0)
+        a_ptrs = inter_ptr + slot[:, None].to(tl.int64) * stride_im + offs_k[None, :]
+        b_ptrs = w_ptr + s.to(tl.int64) * stride_ws + offs_nc[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        row_d = s * N + pid_n * BLOCK_N  # TMA: down viewed [S * N, K]
+        for k0 in range(0, K, BLOCK_K):
+            if SORTED:
+                a = i_desc.load([pid_m * BLOCK_M, k0])
+            else:
+                a = _load_rows(a_ptrs, row_mask, offs_k, K - k0, EVEN_K)
+            if TMA:
+                b = w_desc.load([row_d, k0]).T
+            elif EVEN_K:
+                b = tl.load(b_ptrs)
+            else:
+                b = tl.load(b_ptrs, mask=(offs_k < K - k0)[:, None], other=0.0)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        rw = tl.load(weights_ptr + slot, mask=row_mask, other=0.0).to(tl.float32)
+        acc = acc * rw[:, None]
+        mask = row_mask[:, None] & n_mask[None, :]
+        if ATOMIC:
+            token = slot // top_k
+            o_ptrs = out_ptr + token[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+            tl.atomic_add(o_ptrs, acc, mask=mask, sem="relaxed")
+        else:
+            o_ptrs = out_ptr + slot[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _down_kernel(inter_ptr, i_desc, w_ptr, w_desc, out_ptr, weights_ptr, ids_ptr, sorted_ptr, block_slab_ptr,
                      total_ptr, num_slots, S, N, K, NUM_M,
                      stride_im, stride_ws, stride_wn, stride_om,
                      top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, TMA: tl.constexpr,
-                     SORTED: tl.constexpr,
+                     SORTED: tl.constexpr, HALF_TAIL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                      USE_PDL: tl.constexpr):
         """y[slot, n] = weights[slot] * (down_s[n] . inter[slot]); N = H, K = I. Store per slot, or atomically per token.
@@ -240,38 +302,20 @@ if HAS_TRITON:
         s, slot, row_mask, pid_m, pid_n, active = _rows(pid, ids_ptr, sorted_ptr, block_slab_ptr, total_ptr,
                                                         num_slots, S, num_n, DECODE, BLOCK_M, GROUP_M, NUM_M)
         if active:
-            offs_k = tl.arange(0, BLOCK_K)
-            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < N
-            offs_nc = tl.where(n_mask, offs_n, 0)
-            a_ptrs = inter_ptr + slot[:, None].to(tl.int64) * stride_im + offs_k[None, :]
-            b_ptrs = w_ptr + s.to(tl.int64) * stride_ws + offs_nc[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            row_d = s * N + pid_n * BLOCK_N  # TMA: down viewed [S * N, K]
-            for k0 in range(0, K, BLOCK_K):
-                if SORTED:
-                    a = i_desc.load([pid_m * BLOCK_M, k0])
+            if HALF_TAIL:  # as in `_gate_up_kernel`
+                if tl.sum(row_mask.to(tl.int32), 0) <= BLOCK_M // 2:
+                    half = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M // 2))
+                    _down_tile(inter_ptr, i_desc, w_ptr, w_desc, out_ptr, weights_ptr, s, half, half < num_slots,
+                               pid_m, pid_n, N, K, stride_im, stride_ws, stride_wn, stride_om, top_k, EVEN_K, ATOMIC,
+                               TMA, SORTED, BLOCK_M // 2, BLOCK_N, BLOCK_K)
                 else:
-                    a = _load_rows(a_ptrs, row_mask, offs_k, K - k0, EVEN_K)
-                if TMA:
-                    b = w_desc.load([row_d, k0]).T
-                elif EVEN_K:
-                    b = tl.load(b_ptrs)
-                else:
-                    b = tl.load(b_ptrs, mask=(offs_k < K - k0)[:, None], other=0.0)
-                acc = tl.dot(a, b, acc)
-                a_ptrs += BLOCK_K
-                b_ptrs += BLOCK_K
-            rw = tl.load(weights_ptr + slot, mask=row_mask, other=0.0).to(tl.float32)
-            acc = acc * rw[:, None]
-            mask = row_mask[:, None] & n_mask[None, :]
-            if ATOMIC:
-                token = slot // top_k
-                o_ptrs = out_ptr + token[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-                tl.atomic_add(o_ptrs, acc, mask=mask, sem="relaxed")
+                    _down_tile(inter_ptr, i_desc, w_ptr, w_desc, out_ptr, weights_ptr, s, slot, row_mask, pid_m, pid_n,
+                               N, K, stride_im, stride_ws, stride_wn, stride_om, top_k, EVEN_K, ATOMIC, TMA, SORTED,
+                               BLOCK_M, BLOCK_N, BLOCK_K)
             else:
-                o_ptrs = out_ptr + slot[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-                tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+                _down_tile(inter_ptr, i_desc, w_ptr, w_desc, out_ptr, weights_ptr, s, slot, row_mask, pid_m, pid_n, N,
+                           K, stride_im, stride_ws, stride_wn, stride_om, top_k, EVEN_K, ATOMIC, TMA, SORTED, BLOCK_M,
+                           BLOCK_N, BLOCK_K)
 
     @triton.jit
     def _gather_rows_kernel(x_ptr, sorted_ptr, total_ptr, xs_ptr, num_slots, H, stride_xm, stride_sm, top_k,
@@ -327,6 +371,9 @@ DECODE_MAX_SLOTS = 64
 # time both paths (0: always the two-kernel path).
 ALIGN_ONE_MAX_SLOTS = int(os.environ.get("BROWNOUT_ALIGN_ONE_MAX_SLOTS", "1024"))
 ALIGN_ONE_WARPS = 8
+# Prefill blocks with at most half their rows live run as half-height tiles (`_gate_up_kernel`). A module setting so
+# a benchmark can time both; BROWNOUT_HALF_TAIL=0 turns it off at import.
+HALF_TAIL = os.environ.get("BROWNOUT_HALF_TAIL", "1") != "0"
 
 
 @functools.lru_cache(maxsize=None)
@@ -467,6 +514,9 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
     # activation rows through TMA too: x's rows copied in slab order first, inter kept in that order (one more
     # write and read of the rows, against gathered loads in both GEMMs)
     sorted_rows = tma and not decode and bool(cfg.get("sorted_rows"))
+    # half-height tiles for half-empty blocks: gathered rows only (TMA row tiles have a fixed height), and the half
+    # must still make a tl.dot (16 rows)
+    half_tail = HALF_TAIL and not decode and not sorted_rows and gm >= 32
     if sorted_rows:
         xs = torch.empty(num_m_g * gm, H, dtype=x.dtype, device=dev)
         _gather_rows_kernel[(num_m_g,)](x, sorted_ids, total, xs, num_slots, H, x.stride(0), xs.stride(0), k,
@@ -485,7 +535,7 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
     _gate_up_kernel[grid_g](x, x_desc, gate_up, gu_desc, inter, ids_flat, sorted_ids, block_slab, total,
                             num_slots, S, I, H, num_m_g,
                             x.stride(0), gate_up.stride(0), gate_up.stride(1), inter.stride(0),
-                            k, DECODE=decode, EVEN_K=(H % gk == 0), TMA=tma, SORTED=sorted_rows,
+                            k, DECODE=decode, EVEN_K=(H % gk == 0), TMA=tma, SORTED=sorted_rows, HALF_TAIL=half_tail,
                             BLOCK_M=gm, BLOCK_N=gn, BLOCK_K=gk, GROUP_M=ggm, num_warps=gw, num_stages=gs,
                             **launch_opts(pdl))
     grid_d = (num_m_d * triton.cdiv(H, dn_),)
@@ -493,8 +543,8 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
                          num_slots, S, H, I, num_m_d,
                          inter.stride(0), down.stride(0), down.stride(1), y.stride(0),
                          k, DECODE=decode, EVEN_K=(I % dk == 0), ATOMIC=atomic, TMA=tma, SORTED=sorted_rows,
-                         BLOCK_M=dm, BLOCK_N=dn_, BLOCK_K=dk, GROUP_M=dgm, num_warps=dw, num_stages=ds,
-                         **launch_opts(pdl))
+                         HALF_TAIL=half_tail, BLOCK_M=dm, BLOCK_N=dn_, BLOCK_K=dk, GROUP_M=dgm, num_warps=dw,
+                         num_stages=ds, **launch_opts(pdl))
     if atomic:
         return y.to(out_dtype)
     out = torch.empty(T, H, dtype=out_dtype, device=dev)
