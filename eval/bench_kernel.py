@@ -285,6 +285,11 @@ def check():
                                  "sum": "store", "tma": True, "sorted_rows": True},
         "large-tma-sorted-atomic": {"mode": "prefill", "gu": [128, 64, 64, 8, 8, 3], "dn": [128, 128, 64, 8, 8, 3],
                                     "sum": "atomic", "tma": True, "sorted_rows": True},
+        # blocks with at most half their rows live as half-height tiles
+        "prefill64-half": {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4], "sum": "store",
+                           "half_tail": True},
+        "large-tma-half-atomic": {"mode": "prefill", "gu": [128, 64, 64, 8, 8, 3], "dn": [128, 128, 64, 8, 8, 3],
+                                  "sum": "atomic", "tma": True, "half_tail": True},
         # the same tiles with the alignment's memset and two kernels instead of the one-program sort
         "prefill64-align2": {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4],
                              "sum": "store"},
@@ -713,7 +718,8 @@ def tune(out_dir=configs.CONFIG_DIR, budget_s=300.0, buckets=None, seeds=TUNE_SE
     on another by 17% (Qwen1.5 T = 128, way 4 ratio 1, H200), and a bench on the tuner's own routing would not show it.
     One config per bucket because a CUDA graph freezes the config it captured while the ratio it reads keeps moving.
     Stages: gate/up tiles (with a default down), then down tiles, then the top-k sum mode, then TMA weight tiles,
-    then (prefill with TMA) the activation rows in slab order through TMA as well.
+    then (prefill with TMA) the activation rows in slab order through TMA as well, then (prefill, >= 32-row blocks
+    of gathered rows) half-height tiles for half-empty blocks.
     Writes out_dir/<this GPU's table name> (`configs.file_name`) after every shape; -> (its path, the tuning log).
     `buckets` (T values): re-tune only those, keeping the other entries of the table already there."""
     t_start = time.time()
@@ -823,6 +829,8 @@ def _tune_point(x, routings, slots):
     score, best = run(tma)
     if best["mode"] == "prefill" and best.get("tma"):  # the activation rows through TMA too, copied in slab order
         score, best = run([dict(best, sorted_rows=True)])
+    if best["mode"] == "prefill" and best["gu"][0] >= 32 and not best.get("sorted_rows"):
+        score, best = run([dict(best, half_tail=True)])  # half-empty blocks (a slab's last) as half-height tiles
     return best, score, res
 
 

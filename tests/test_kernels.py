@@ -98,11 +98,12 @@ def test_prefill_atomic_sum_fp32():
     _check(*_case(11, 4, 4, 9, 0.5, torch.float32, seed=3), PREFILL_ATOMIC)
 
 
-PREFILL32 = {"mode": "prefill", "gu": [32, 16, 32, 2, 4, 2], "dn": [32, 32, 32, 2, 4, 2], "sum": "store"}
+PREFILL32_HALF = {"mode": "prefill", "gu": [32, 16, 32, 2, 4, 2], "dn": [32, 32, 32, 2, 4, 2], "sum": "store",
+                  "half_tail": True}
 
 
-@pytest.mark.parametrize("config", [PREFILL32, dict(PREFILL32, sum="atomic"), dict(PREFILL32, tma=True)],
-                         ids=["store", "atomic", "tma"])
+@pytest.mark.parametrize("config", [PREFILL32_HALF, dict(PREFILL32_HALF, sum="atomic"),
+                                    dict(PREFILL32_HALF, tma=True)], ids=["store", "atomic", "tma"])
 def test_half_tail_blocks(config, monkeypatch):
     # 32-row blocks, T = 40 x k = 2 on 11 skewed experts: blocks with more than 16 live rows (full tiles) and the
     # slabs' last blocks with 16 or fewer (half-height tiles); the same output as with full tiles everywhere
@@ -124,9 +125,11 @@ def test_half_tail_blocks(config, monkeypatch):
     monkeypatch.setattr(fm, "_gate_up_kernel", Spy())
     half = _check(x, gu, dn, a, config)
     out_half = fm.fused_moe(x, gu, dn, half.ids, half.weights, num_slabs=S, config=config)
-    monkeypatch.setattr(fm, "HALF_TAIL", False)
-    out_full = fm.fused_moe(x, gu, dn, half.ids, half.weights, num_slabs=S, config=config)
-    assert calls == [True, True, False]
+    out_full = fm.fused_moe(x, gu, dn, half.ids, half.weights, num_slabs=S, config=dict(config, half_tail=False))
+    # not where it cannot apply: 16-row blocks, or rows copied in slab order (TMA row tiles)
+    fm.fused_moe(x, gu, dn, half.ids, half.weights, num_slabs=S, config=dict(PREFILL, half_tail=True))
+    fm.fused_moe(x, gu, dn, half.ids, half.weights, num_slabs=S, config=dict(config, tma=True, sorted_rows=True))
+    assert calls == [True, True, False, False, False]
     assert torch.allclose(out_half, out_full, rtol=1e-6, atol=1e-6)
 
 

@@ -27,7 +27,8 @@ every ratio (a CUDA graph freezes the config it captured while the ratio keeps m
 tiles through TMA tensor descriptors ("tma"), and in prefill its activation rows too ("sorted_rows": x's rows copied
 in slab order by one more kernel, the intermediate kept in that order). Nsight Compute found the gathered row loads
 to be what the GEMMs' warps wait on most (eval/results/kernel_ncu_h200.md); the copy pays off only at large T (the
-H200's tuner took it at T = 4096 only). On Hopper and newer every kernel launches with programmatic dependent launch
+H200's tuner took it at T = 4096 only). With gathered rows, a prefill row block with at most half its rows live (a
+slab's last) may run a half-height tile ("half_tail"). On Hopper and newer every kernel launches with programmatic dependent launch
 (`runtime.kernels.pdl`): it may start while the previous kernel finishes and waits for it before its first access.
 """
 from __future__ import annotations
@@ -358,7 +359,8 @@ _DEFAULTS = {
     # mode decode: no alignment, rows = all slots (M = T*k padded); prefill: aligned BLOCK_M blocks.
     # gu / dn: [BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages] (BLOCK_M ignored in decode mode);
     # optional: "tma" (weight tiles through tensor descriptors), "sorted_rows" (prefill with tma: the activation
-    # rows too, copied in slab order first)
+    # rows too, copied in slab order first), "half_tail" (prefill, BLOCK_M >= 32, not sorted_rows: a block with at
+    # most BLOCK_M / 2 live rows runs a half-height tile)
     "decode": {"mode": "decode", "gu": [16, 32, 128, 1, 4, 4], "dn": [16, 32, 128, 1, 4, 4], "sum": "store"},
     "small": {"mode": "prefill", "gu": [16, 64, 128, 1, 4, 4], "dn": [16, 64, 128, 1, 4, 4], "sum": "store"},
     "mid": {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4], "sum": "store"},
@@ -371,9 +373,6 @@ DECODE_MAX_SLOTS = 64
 # time both paths (0: always the two-kernel path).
 ALIGN_ONE_MAX_SLOTS = int(os.environ.get("BROWNOUT_ALIGN_ONE_MAX_SLOTS", "1024"))
 ALIGN_ONE_WARPS = 8
-# Prefill blocks with at most half their rows live run as half-height tiles (`_gate_up_kernel`). A module setting so
-# a benchmark can time both; BROWNOUT_HALF_TAIL=0 turns it off at import.
-HALF_TAIL = os.environ.get("BROWNOUT_HALF_TAIL", "1") != "0"
 
 
 @functools.lru_cache(maxsize=None)
@@ -514,9 +513,9 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
     # activation rows through TMA too: x's rows copied in slab order first, inter kept in that order (one more
     # write and read of the rows, against gathered loads in both GEMMs)
     sorted_rows = tma and not decode and bool(cfg.get("sorted_rows"))
-    # half-height tiles for half-empty blocks: gathered rows only (TMA row tiles have a fixed height), and the half
-    # must still make a tl.dot (16 rows)
-    half_tail = HALF_TAIL and not decode and not sorted_rows and gm >= 32
+    # half-height tiles for half-empty blocks (tuned per bucket: on the H200 they won 3-6% at some points and lost
+    # 1-2% at others): gathered rows only (TMA row tiles have a fixed height), and the half must make a tl.dot
+    half_tail = bool(cfg.get("half_tail")) and not decode and not sorted_rows and gm >= 32
     if sorted_rows:
         xs = torch.empty(num_m_g * gm, H, dtype=x.dtype, device=dev)
         _gather_rows_kernel[(num_m_g,)](x, sorted_ids, total, xs, num_slots, H, x.stride(0), xs.stride(0), k,
