@@ -28,8 +28,9 @@ tiles through TMA tensor descriptors ("tma"), and in prefill its activation rows
 in slab order by one more kernel, the intermediate kept in that order). Nsight Compute found the gathered row loads
 to be what the GEMMs' warps wait on most (eval/results/kernel_ncu_h200.md); the copy pays off only at large T (the
 H200's tuner took it at T = 4096 only). With gathered rows, a prefill row block with at most half its rows live (a
-slab's last) may run a half-height tile ("half_tail"). On Hopper and newer every kernel launches with programmatic dependent launch
-(`runtime.kernels.pdl`): it may start while the previous kernel finishes and waits for it before its first access.
+slab's last) may run a half-height tile ("half_tail"). On Hopper and newer every kernel launches with programmatic
+dependent launch (`runtime.kernels.pdl`): it may start while the previous kernel finishes and waits for it before its
+first access.
 """
 from __future__ import annotations
 
@@ -513,8 +514,9 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
     # activation rows through TMA too: x's rows copied in slab order first, inter kept in that order (one more
     # write and read of the rows, against gathered loads in both GEMMs)
     sorted_rows = tma and not decode and bool(cfg.get("sorted_rows"))
-    # half-height tiles for half-empty blocks (tuned per bucket: on the H200 they won 3-6% at some points and lost
-    # 1-2% at others): gathered rows only (TMA row tiles have a fixed height), and the half must make a tl.dot
+    # half-height tiles for half-empty blocks (a per-bucket choice for the tuner: on the H200 they won 3-6% at some
+    # points and lost 1-2% at others): gathered rows only (TMA row tiles have a fixed height), and the half must
+    # make a tl.dot (16 rows)
     half_tail = bool(cfg.get("half_tail")) and not decode and not sorted_rows and gm >= 32
     if sorted_rows:
         xs = torch.empty(num_m_g * gm, H, dtype=x.dtype, device=dev)
