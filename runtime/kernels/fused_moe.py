@@ -168,6 +168,17 @@ if HAS_TRITON:
         return a
 
     @triton.jit
+    def _a_tile(desc, ptrs, row_mask, offs_k, pid_m, k0, K, SORTED: tl.constexpr, EVEN_K: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+        """A GEMM's [BLOCK_M, BLOCK_K] activation tile at K step k0: the block's rows through the descriptor (rows
+        already in slab order) or gathered by slot."""
+        if SORTED:
+            a = desc.load([pid_m * BLOCK_M, k0])
+        else:
+            a = _load_rows(ptrs, row_mask, offs_k, K - k0, EVEN_K)
+        return a
+
+    @triton.jit
     def _gate_up_tile(x_ptr, x_desc, w_ptr, w_desc, inter_ptr, s, slot, row_mask, pid_m, pid_n, N, K,
                       stride_xm, stride_ws, stride_wn, stride_im, top_k, EVEN_K: tl.constexpr, TMA: tl.constexpr,
                       SORTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -184,10 +195,7 @@ if HAS_TRITON:
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         row_g = s * (2 * N) + pid_n * BLOCK_N
         for k0 in range(0, K, BLOCK_K):
-            if SORTED:
-                a = x_desc.load([pid_m * BLOCK_M, k0])
-            else:
-                a = _load_rows(x_ptrs, row_mask, offs_k, K - k0, EVEN_K)
+            a = _a_tile(x_desc, x_ptrs, row_mask, offs_k, pid_m, k0, K, SORTED, EVEN_K, BLOCK_M)
             if TMA:
                 bg = w_desc.load([row_g, k0]).T
                 bu = w_desc.load([row_g + N, k0]).T
@@ -264,10 +272,7 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         row_d = s * N + pid_n * BLOCK_N  # TMA: down viewed [S * N, K]
         for k0 in range(0, K, BLOCK_K):
-            if SORTED:
-                a = i_desc.load([pid_m * BLOCK_M, k0])
-            else:
-                a = _load_rows(a_ptrs, row_mask, offs_k, K - k0, EVEN_K)
+            a = _a_tile(i_desc, a_ptrs, row_mask, offs_k, pid_m, k0, K, SORTED, EVEN_K, BLOCK_M)
             if TMA:
                 b = w_desc.load([row_d, k0]).T
             elif EVEN_K:
