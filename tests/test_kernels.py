@@ -123,12 +123,12 @@ def test_half_tail_blocks(config, monkeypatch):
             return launch
 
     monkeypatch.setattr(fm, "_gate_up_kernel", Spy())
-    half = _check(x, gu, dn, a, config)
-    out_half = fm.fused_moe(x, gu, dn, half.ids, half.weights, num_slabs=S, config=config)
-    out_full = fm.fused_moe(x, gu, dn, half.ids, half.weights, num_slabs=S, config=dict(config, half_tail=False))
+    _check(x, gu, dn, a, config)
+    out_half = fm.fused_moe(x, gu, dn, a.ids, a.weights, num_slabs=S, config=config)
+    out_full = fm.fused_moe(x, gu, dn, a.ids, a.weights, num_slabs=S, config=dict(config, half_tail=False))
     # not where it cannot apply: 16-row blocks, or rows copied in slab order (TMA row tiles)
-    fm.fused_moe(x, gu, dn, half.ids, half.weights, num_slabs=S, config=dict(PREFILL, half_tail=True))
-    fm.fused_moe(x, gu, dn, half.ids, half.weights, num_slabs=S, config=dict(config, tma=True, sorted_rows=True))
+    fm.fused_moe(x, gu, dn, a.ids, a.weights, num_slabs=S, config=dict(PREFILL, half_tail=True))
+    fm.fused_moe(x, gu, dn, a.ids, a.weights, num_slabs=S, config=dict(config, tma=True, sorted_rows=True))
     assert calls == [True, True, False, False, False]
     assert torch.allclose(out_half, out_full, rtol=1e-6, atol=1e-6)
 
