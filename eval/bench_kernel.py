@@ -718,8 +718,8 @@ def tune(out_dir=configs.CONFIG_DIR, budget_s=300.0, buckets=None, seeds=TUNE_SE
     on another by 17% (Qwen1.5 T = 128, way 4 ratio 1, H200), and a bench on the tuner's own routing would not show it.
     One config per bucket because a CUDA graph freezes the config it captured while the ratio it reads keeps moving.
     Stages: gate/up tiles (with a default down), then down tiles, then the top-k sum mode, then TMA weight tiles,
-    then (prefill with TMA) the activation rows in slab order through TMA as well, then (prefill, >= 32-row blocks
-    of gathered rows) half-height tiles for half-empty blocks.
+    then (prefill with TMA) the activation rows in slab order through TMA as well, then (prefill, gathered rows)
+    half-height tiles for half-empty blocks, on the best tiles and on blocks twice as tall.
     Writes out_dir/<this GPU's table name> (`configs.file_name`) after every shape; -> (its path, the tuning log).
     `buckets` (T values): re-tune only those, keeping the other entries of the table already there."""
     t_start = time.time()
@@ -824,13 +824,23 @@ def _tune_point(x, routings, slots):
     if best["mode"] == "prefill" and slots >= 512:
         score, best = run([dict(best, sum="atomic")])
     # weight tiles through TMA descriptors: the best so far, and the three best gate/up tiles of the first stage
-    stage1 = sorted(res[:len(cands)], key=lambda r: sum(r[0]))[:3]
+    first = sorted(res[:len(cands)], key=lambda r: sum(r[0]))
+    stage1 = first[:3]
     tma = [dict(best, tma=True)] + [dict(best, gu=c["gu"], tma=True) for _, c in stage1 if c["gu"] != best["gu"]]
     score, best = run(tma)
     if best["mode"] == "prefill" and best.get("tma"):  # the activation rows through TMA too, copied in slab order
         score, best = run([dict(best, sorted_rows=True)])
-    if best["mode"] == "prefill" and best["gu"][0] >= 32 and not best.get("sorted_rows"):
-        score, best = run([dict(best, half_tail=True)])  # half-empty blocks (a slab's last) as half-height tiles
+    if best["mode"] == "prefill" and not best.get("sorted_rows"):
+        # half-empty blocks (a slab's last) as half-height tiles: on the best tiles, and on twice-as-tall blocks,
+        # which read a slab's weights once where ratio 1's few slabs have many rows while ratio 0's half-empty
+        # blocks still cost half a tall tile
+        bm = best["gu"][0]
+        tall = [c["gu"] for m, c in first if c["gu"][0] == 2 * bm and sum(m) < float("inf")][:2]
+        tall += [[2 * bm] + best["gu"][1:]] if [2 * bm] + best["gu"][1:] not in tall else []
+        half = [dict(best, half_tail=True)] if bm >= 32 else []
+        half += [dict(best, gu=g, dn=[2 * bm] + best["dn"][1:3] + [g[3]] + best["dn"][4:], half_tail=True)
+                 for g in tall if 2 * bm <= 128]
+        score, best = run(half)
     return best, score, res
 
 

@@ -510,6 +510,49 @@ def test_tuner_never_picks_a_wrong_candidate(monkeypatch):
     assert all(m == [1.0] for m, c in res if c["gu"] != bad_gu)  # every correct candidate was timed
 
 
+def test_tuner_tries_half_tiles_on_the_best_and_on_twice_as_tall_blocks(monkeypatch):
+    # the tuner's last prefill stage: half-height tiles on the best config, and on blocks twice as tall (both GEMMs
+    # on the same alignment); the kernels are faked with the reference (only the candidates are under test here)
+    from eval import bench_kernel as bk
+    x, gu, dn, a = _case(11, 4, 4, 9, 0.5, torch.float32, seed=22)
+    ref = bk.slab_forward(bk._Gate(), {"gate_up_proj": gu, "down_proj": dn}, x, a.ids, a.weights)
+    current = [None]
+
+    def fused(x, gu, dn, ids, w, config=None, **kw):
+        current[0] = config
+        return ref.clone()
+
+    class Graph:
+        def __init__(self, cfg, out):
+            self.cfg, self.out = cfg, out
+
+        def replay(self):
+            self.out.copy_(ref)
+
+    def capture(fn):
+        out = fn()
+        return Graph(current[0], out), out
+
+    def timed(g, reps=25):  # 64-row tiles win alone; twice as tall with half tiles wins overall
+        c = g.cfg
+        return 0.5 if c.get("half_tail") and c["gu"][0] == 128 else 1.0 if c["gu"][0] == 64 else 2.0
+
+    monkeypatch.setattr(fm, "fused_moe", fused)
+    monkeypatch.setattr(bk, "capture", capture)
+    monkeypatch.setattr(bk, "time_graph", timed)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(bk, "MID_GU", [(64, 64, 64, 8, 4, 4), (128, 64, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3)])
+    monkeypatch.setattr(bk, "MID_DN", [(64, 128, 4, 4), (128, 64, 4, 4)])
+    best, score, res = bk._tune_point(x, [(gu, dn, a.ids, a.weights)], 256)
+    half = [c for _, c in res if c.get("half_tail")]
+    assert {c["gu"][0] for c in half} == {64, 128}  # on the best tiles, and on blocks twice as tall
+    assert all(c["dn"][0] == c["gu"][0] and c["dn"][3] == c["gu"][3] for c in half)
+    assert sorted(tuple(c["gu"]) for c in half if c["gu"][0] == 128) == [(128, 64, 64, 8, 4, 4), (128, 64, 64, 8, 8, 3),
+                                                                        (128, 128, 64, 8, 8, 3)]
+    assert best["half_tail"] and best["gu"][0] == best["dn"][0] == 128
+    assert all(m[0] < float("inf") for m, _ in res)  # every candidate passed the output check and was timed
+
+
 def test_tuner_routings_are_per_point_and_held_out_from_the_bench(monkeypatch):
     # the tile tuner scores on routings of its own seeds, one generator per point: a point's routing does not move
     # when other buckets are skipped (--buckets), and none is the bench's (seed 0's generator, drawn in turn)
