@@ -700,6 +700,11 @@ def check_buckets(buckets):
         raise ValueError(f"{bad[0]} is not a bucket; buckets: {TOKENS}")
 
 
+# (way, ratio) routings the tuner scores on, per seed: ratio 0 and ratio 1's few slabs of many rows. Scoring ratio
+# 0.5 too (way 4, `tune --score-mid-ratio`) cost 1.5x the tuning time and changed nothing measurable on the H200
+# (eval/results/README.md)
+TUNE_WAYS_RATIOS = ((2, 0.0), (4, 1.0))
+MID_RATIO = (4, 0.5)
 TUNE_SEEDS = (1, 2)  # routing seeds the tuner scores on; `bench` draws its routings from seed 0's stream (held out)
 
 
@@ -711,11 +716,22 @@ def tune_routing(T, E, k, seed):
     return routing(T, E, k, gen)
 
 
-def tune(out_dir=configs.CONFIG_DIR, budget_s=300.0, buckets=None, seeds=TUNE_SEEDS):
+def kept_buckets(old_table, buckets):
+    """{T bucket: the L2 flush it was tuned under} for the buckets a re-tune of `buckets` keeps from `old_table`
+    (tables from before the flush key were tuned under the write flush)."""
+    kept = {T: f for T, f in old_table.get("kept_buckets", {}).items() if int(T) not in buckets}
+    for T in map(str, TOKENS):
+        if int(T) not in buckets and T not in kept:
+            kept[T] = old_table.get("flush", "write")
+    return {T: kept[T] for T in sorted(kept, key=int)}
+
+
+def tune(out_dir=configs.CONFIG_DIR, budget_s=300.0, buckets=None, seeds=TUNE_SEEDS, ways_ratios=TUNE_WAYS_RATIOS):
     """Per shape and T bucket, one config for every ratio: each candidate is timed on the ratio-0 routing (way 2) and
-    on the way-4 ratio-1 remap (few slabs, many rows each) of each routing seed in `seeds`, and scored by the sum of
-    its time / the best time on each. Several seeds, none of them the bench's: tiles picked on one routing can lose
-    on another by 17% (Qwen1.5 T = 128, way 4 ratio 1, H200), and a bench on the tuner's own routing would not show it.
+    on the way-4 ratio-1 remap (few slabs, many rows each) of each routing seed in `seeds` (`ways_ratios`), and
+    scored by the sum of its time / the best time on each. Several seeds, none of them the bench's: tiles picked on
+    one routing can lose on another by 17% (Qwen1.5 T = 128, way 4 ratio 1, H200), and a bench on the tuner's own
+    routing would not show it.
     One config per bucket because a CUDA graph freezes the config it captured while the ratio it reads keeps moving.
     Stages: gate/up tiles (with a default down), then down tiles, then the top-k sum mode, then TMA weight tiles,
     then (prefill with TMA) the activation rows in slab order through TMA as well, then (prefill, gathered rows)
@@ -729,8 +745,10 @@ def tune(out_dir=configs.CONFIG_DIR, budget_s=300.0, buckets=None, seeds=TUNE_SE
              "note": "chosen by python -m eval.bench_kernel tune: one config per T bucket for all ratios"}
     if buckets:
         check_buckets(buckets)
-        if out_path.is_file():  # the other buckets stay as they were tuned
-            table["shapes"] = json.loads(out_path.read_text())["shapes"]
+        if out_path.is_file():  # the other buckets stay as they were tuned, and the table says under which flush
+            old = json.loads(out_path.read_text())
+            table["shapes"] = old["shapes"]
+            table["kept_buckets"] = kept_buckets(old, buckets)
     log = []
     for name, (E, k, H, I) in SHAPES.items():
         gu0 = torch.randn(E, 2 * I, H, device=dev, dtype=torch.bfloat16) * 0.02
@@ -746,7 +764,7 @@ def tune(out_dir=configs.CONFIG_DIR, budget_s=300.0, buckets=None, seeds=TUNE_SE
             routings, kinds = [], []
             for seed in seeds:
                 idx, w = tune_routing(T, E, k, seed)
-                for way, ratio in ((2, 0.0), (4, 1.0)):
+                for way, ratio in ways_ratios:
                     gu, dn, G, e2g = sl[way]
                     routings.append((gu, dn) + fused_remap(idx, w, e2g, G, ratio))
                     kinds.append(f"seed {seed} way {way} ratio {ratio:g}")
@@ -1091,6 +1109,8 @@ def main(argv=None) -> None:
                     f"scores on seeds {', '.join(map(str, TUNE_SEEDS))} of its own draws, never on the bench's)")
     ap.add_argument("--buckets", help=f"tune: re-tune only these T buckets of {TOKENS} (e.g. 1,8), keeping the "
                     "other entries of the table already there")
+    ap.add_argument("--score-mid-ratio", action="store_true", help="tune: score each candidate on way-4 ratio-0.5 "
+                    "routings too (1.5x the time; no measurable gain on the H200)")
     ap.add_argument("--flush", choices=FLUSH_MODES, default=FLUSH,
                     help="tune, bench, profile: how the L2 is emptied before each timed replay: read a 256 MiB buffer "
                     "(clean lines, as in a forward; default) or overwrite it (dirty lines the call must write back "
@@ -1139,7 +1159,8 @@ def main(argv=None) -> None:
             check_buckets(buckets or [])
         except ValueError as e:
             ap.error(f"--buckets: {e}")
-        _, log = tune(a.path or configs.CONFIG_DIR, float(os.environ.get("TUNE_BUDGET_S", "300")), buckets)
+        _, log = tune(a.path or configs.CONFIG_DIR, float(os.environ.get("TUNE_BUDGET_S", "300")), buckets,
+                      ways_ratios=TUNE_WAYS_RATIOS + ((MID_RATIO,) if a.score_mid_ratio else ()))
         if a.log:
             json.dump(log, open(a.log, "w"), indent=1)
     else:

@@ -553,6 +553,15 @@ def test_tuner_tries_half_tiles_on_the_best_and_on_twice_as_tall_blocks(monkeypa
     assert all(m[0] < float("inf") for m, _ in res)  # every candidate passed the output check and was timed
 
 
+def test_a_partial_retune_says_which_buckets_it_kept_and_under_which_flush():
+    from eval import bench_kernel as bk
+    before_the_key = {"shapes": {}}
+    once = {"shapes": {}, "flush": "read", "kept_buckets": bk.kept_buckets(before_the_key, [32, 128, 512, 4096])}
+    assert once["kept_buckets"] == {"1": "write", "8": "write"}
+    assert bk.kept_buckets(once, [1]) == {"8": "write", "32": "read", "128": "read", "512": "read", "4096": "read"}
+    assert bk.kept_buckets(once, [1, 8]) == {"32": "read", "128": "read", "512": "read", "4096": "read"}
+
+
 def test_tuner_routings_are_per_point_and_held_out_from_the_bench(monkeypatch):
     # the tile tuner scores on routings of its own seeds, one generator per point: a point's routing does not move
     # when other buckets are skipped (--buckets), and none is the bench's (seed 0's generator, drawn in turn)
