@@ -520,8 +520,8 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
     # write and read of the rows, against gathered loads in both GEMMs)
     sorted_rows = tma and not decode and bool(cfg.get("sorted_rows"))
     # half-height tiles for half-empty blocks (a per-bucket choice for the tuner: on the H200 they won 3-6% at some
-    # points and lost 1-2% at others): gathered rows only (TMA row tiles have a fixed height), and the half must
-    # make a tl.dot (16 rows)
+    # points and lost 1-2% at others; its table takes them at 10 of its 19 prefill buckets): gathered rows only
+    # (TMA row tiles have a fixed height), and the half must make a tl.dot (16 rows)
     half_tail = bool(cfg.get("half_tail")) and not decode and not sorted_rows and gm >= 32
     if sorted_rows:
         xs = torch.empty(num_m_g * gm, H, dtype=x.dtype, device=dev)
