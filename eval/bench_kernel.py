@@ -726,10 +726,11 @@ def kept_buckets(old_table, buckets):
     return {T: kept[T] for T in sorted(kept, key=int)}
 
 
-def tune(out_dir=configs.CONFIG_DIR, budget_s=300.0, buckets=None, seeds=TUNE_SEEDS, ways_ratios=TUNE_WAYS_RATIOS):
-    """Per shape and T bucket, one config for every ratio: each candidate is timed on the ratio-0 routing (way 2) and
-    on the way-4 ratio-1 remap (few slabs, many rows each) of each routing seed in `seeds` (`ways_ratios`), and
-    scored by the sum of its time / the best time on each. Several seeds, none of them the bench's: tiles picked on
+def tune(out_dir=configs.CONFIG_DIR, budget_s=300.0, buckets=None, seeds=TUNE_SEEDS,
+         ways_ratios=TUNE_WAYS_RATIOS):
+    """Per shape and T bucket, one config for every ratio: each candidate is timed on the `ways_ratios` remaps of each
+    routing seed in `seeds` (by default the ratio-0 routing at way 2 and the way-4 ratio-1 remap: few slabs, many
+    rows each), and scored by the sum of its time / the best time on each. Several seeds, none of them the bench's: tiles picked on
     one routing can lose on another by 17% (Qwen1.5 T = 128, way 4 ratio 1, H200), and a bench on the tuner's own
     routing would not show it.
     One config per bucket because a CUDA graph freezes the config it captured while the ratio it reads keeps moving.
