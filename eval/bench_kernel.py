@@ -730,9 +730,9 @@ def tune(out_dir=configs.CONFIG_DIR, budget_s=300.0, buckets=None, seeds=TUNE_SE
          ways_ratios=TUNE_WAYS_RATIOS):
     """Per shape and T bucket, one config for every ratio: each candidate is timed on the `ways_ratios` remaps of each
     routing seed in `seeds` (by default the ratio-0 routing at way 2 and the way-4 ratio-1 remap: few slabs, many
-    rows each), and scored by the sum of its time / the best time on each. Several seeds, none of them the bench's: tiles picked on
-    one routing can lose on another by 17% (Qwen1.5 T = 128, way 4 ratio 1, H200), and a bench on the tuner's own
-    routing would not show it.
+    rows each), and scored by the sum of its time / the best time on each. Several seeds, none of them the bench's:
+    tiles picked on one routing can lose on another by 17% (Qwen1.5 T = 128, way 4 ratio 1, H200), and a bench on the
+    tuner's own routing would not show it.
     One config per bucket because a CUDA graph freezes the config it captured while the ratio it reads keeps moving.
     Stages: gate/up tiles (with a default down), then down tiles, then the top-k sum mode, then TMA weight tiles,
     then (prefill with TMA) the activation rows in slab order through TMA as well, then (prefill, gathered rows)
@@ -854,11 +854,13 @@ def _tune_point(x, routings, slots):
         # which read a slab's weights once where ratio 1's few slabs have many rows while ratio 0's half-empty
         # blocks still cost half a tall tile
         bm = best["gu"][0]
-        tall = [c["gu"] for m, c in first if c["gu"][0] == 2 * bm and sum(m) < float("inf")][:2]
-        tall += [[2 * bm] + best["gu"][1:]] if [2 * bm] + best["gu"][1:] not in tall else []
         half = [dict(best, half_tail=True)] if bm >= 32 else []
-        half += [dict(best, gu=g, dn=[2 * bm] + best["dn"][1:3] + [g[3]] + best["dn"][4:], half_tail=True)
-                 for g in tall if 2 * bm <= 128]
+        if 2 * bm <= 128:
+            tall = [c["gu"] for m, c in first if c["gu"][0] == 2 * bm and sum(m) < float("inf")][:2]
+            best_tall = [2 * bm] + best["gu"][1:]
+            tall += [best_tall] if best_tall not in tall else []
+            half += [dict(best, gu=g, dn=[2 * bm] + best["dn"][1:3] + [g[3]] + best["dn"][4:], half_tail=True)
+                     for g in tall]
         score, best = run(half)
     return best, score, res
 
