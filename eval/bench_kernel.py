@@ -3,6 +3,7 @@
     python -m eval.bench_kernel check               # bf16/fp16 correctness on the GPU vs runtime.reference
     python -m eval.bench_kernel tune [DIR [LOG]]    # pick tile configs per (shape, T bucket) by measurement
     python -m eval.bench_kernel bench OUTDIR        # the table: kernel_bench.json / .md / .png
+    python -m eval.bench_kernel ab A.json B.json --out OUT.json   # two tile tables on the same calls (+ .md)
     python -m eval.bench_kernel profile OUT.json    # kernel breakdown of a call (profiler) and PDL off / on, each GEMM
                                                     # against its share of the limit, the vendor grouped GEMM
                                                     # (torch._grouped_mm) on the same rows (+ .md); --points
@@ -290,6 +291,11 @@ def check():
                            "half_tail": True},
         "large-tma-half-atomic": {"mode": "prefill", "gu": [128, 64, 64, 8, 8, 3], "dn": [128, 128, 64, 8, 8, 3],
                                   "sum": "atomic", "tma": True, "half_tail": True},
+        # the down GEMM and the top-k sum in one kernel (few slots; past FOLD_MAX_ROWS rows these run as "store")
+        "decode-tma-fold": {"mode": "decode", "gu": [16, 64, 128, 1, 4, 4], "dn": [16, 16, 128, 1, 4, 4],
+                            "sum": "fold", "tma": True},
+        "prefill16-fold": {"mode": "prefill", "gu": [16, 64, 128, 1, 4, 4], "dn": [16, 32, 256, 1, 4, 3],
+                           "sum": "fold"},
         # the same tiles with the alignment's memset and two kernels instead of the one-program sort
         "prefill64-align2": {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4],
                              "sum": "store"},
@@ -681,6 +687,10 @@ MID_DN = [(64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3), (2
 LARGE_GU = [(64, 64, 64, 8, 4, 4), (64, 128, 64, 8, 8, 3), (128, 64, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3),
             (128, 128, 64, 8, 8, 4), (128, 64, 64, 8, 8, 4), (64, 128, 64, 8, 4, 4), (128, 128, 32, 8, 8, 5)]
 LARGE_DN = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (256, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 4)]
+# sum mode "fold" (down GEMM + top-k sum in one kernel, a program per N tile): (BLOCK_N, BLOCK_K, warps, stages).
+# Few programs (H / BLOCK_N), each a long weight stream: narrow tiles, deep pipelines.
+FOLD_DN = [(16, 128, 4, 4), (16, 128, 4, 6), (16, 256, 4, 3), (16, 256, 4, 4), (32, 128, 4, 4), (32, 128, 4, 6),
+           (32, 256, 4, 3), (64, 128, 4, 4)]
 
 
 def _cfg(mode, gu, dn, sm="store"):
@@ -735,8 +745,9 @@ def tune(out_dir=configs.CONFIG_DIR, budget_s=300.0, buckets=None, seeds=TUNE_SE
     tuner's own routing would not show it.
     One config per bucket because a CUDA graph freezes the config it captured while the ratio it reads keeps moving.
     Stages: gate/up tiles (with a default down), then down tiles, then the top-k sum mode, then TMA weight tiles,
-    then (prefill with TMA) the activation rows in slab order through TMA as well, then (prefill, gathered rows)
-    half-height tiles for half-empty blocks, on the best tiles and on blocks twice as tall.
+    then (few slots) the down GEMM and the top-k sum in one kernel ("fold"), then (prefill with TMA) the activation
+    rows in slab order through TMA as well, then (prefill, gathered rows) half-height tiles for half-empty blocks,
+    on the best tiles and on blocks twice as tall.
     Writes out_dir/<this GPU's table name> (`configs.file_name`) after every shape; -> (its path, the tuning log).
     `buckets` (T values): re-tune only those, keeping the other entries of the table already there."""
     t_start = time.time()
@@ -847,7 +858,16 @@ def _tune_point(x, routings, slots):
     stage1 = first[:3]
     tma = [dict(best, tma=True)] + [dict(best, gu=c["gu"], tma=True) for _, c in stage1 if c["gu"] != best["gu"]]
     score, best = run(tma)
-    if best["mode"] == "prefill" and best.get("tma"):  # the activation rows through TMA too, copied in slab order
+    if fm.fold_rows(x.shape[0], slots // x.shape[0]) <= fm.FOLD_MAX_ROWS:
+        # few slots: the down GEMM and the top-k sum in one kernel, on the best gate/up tiles, TMA as they have it
+        # and, for the best of those, toggled
+        fold = [dict(best, sum="fold", dn=list(_dec(c))) for c in FOLD_DN]
+        res_before = len(res)
+        score, best = run(fold)
+        best_fold = min(res[res_before:], key=lambda r: sum(r[0]))[1]
+        score, best = run([dict(best_fold, tma=not best_fold.get("tma"))])
+    if best["mode"] == "prefill" and best.get("tma") and best.get("sum") != "fold":
+        # the activation rows through TMA too, copied in slab order
         score, best = run([dict(best, sorted_rows=True)])
     if best["mode"] == "prefill" and not best.get("sorted_rows"):
         # half-empty blocks (a slab's last) as half-height tiles: on the best tiles, and on twice-as-tall blocks,
@@ -863,6 +883,125 @@ def _tune_point(x, routings, slots):
                      for g in tall]
         score, best = run(half)
     return best, score, res
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# ab: two tables on the same calls
+
+
+def ab(table_a, table_b, out_path, seed=0, tokens=None, reps=25, dtype=torch.bfloat16, copies=1):
+    """Two tile config tables timed on the same calls in one process: the bench's routings (its `seed`, drawn in its
+    order, so a point's routing is the bench's), every way and ratio at the `tokens` buckets. Per call both configs
+    are captured and checked against the reference, then timed A, B, B, A (each a median of `reps` flushed replays);
+    a table's time is the mean of its two. `copies` > 1: the same weights also cloned to other allocations (a spacer
+    between), every call captured and timed on each copy in turn, a table's time the mean over them; the spread
+    over copies is what the placement of the weights in memory moves a time by.
+    -> the result dict, also written to out_path (+ .md: B / A per bucket). `dtype`: of the weights and activations
+    (the routing weights are bf16, as the bench's)."""
+    tabs = {n: json.loads(Path(p).read_text()) for n, p in (("a", table_a), ("b", table_b))}
+    bw, flops = measure_limits()
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": __import__("triton").__version__, "copy_bw_TBps": bw / 1e12, "bf16_TFLOPs": flops / 1e12,
+           "table_a": str(table_a), "table_b": str(table_b), "routing_seed": seed, "flush": FLUSH, "copies": copies,
+           "rows": []}
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(seed)
+    torch.set_grad_enabled(False)
+    for name, (E, k, H, I) in SHAPES.items():
+        gu0 = torch.randn(E, 2 * I, H, device=dev, dtype=dtype) * 0.02
+        dn0 = torch.randn(E, H, I, device=dev, dtype=dtype) * 0.02
+        slabs, spacers = {}, []
+        for way in WAYS:
+            gu, dn, G, e2g = make_slabs(E, H, I, way, gu0, dn0, dtype)
+            slabs[way] = [(gu, dn)]
+            for c in range(1, copies):  # other addresses: a spacer of a few MiB, then the clones
+                spacers.append(torch.empty((2 * c + 1) << 20, dtype=torch.uint8, device=dev))
+                slabs[way].append((gu.clone(), dn.clone()))
+            slabs[way] = (slabs[way], G, e2g)
+        del gu0, dn0
+        for T in TOKENS:
+            x = torch.randn(T, H, device=dev, dtype=dtype)
+            idx, w = routing(T, E, k, gen)  # drawn at every T, as the bench draws them
+            if tokens and T not in tokens:
+                continue
+            cfgs = {n: fm.config_in(t, T, H, I, k) for n, t in tabs.items()}
+            for way in WAYS:
+                tensors, G, e2g = slabs[way]
+                S = E + G
+                for ratio in RATIOS:
+                    a = policy.remap(idx, w, e2g, G, ratio)
+                    gu, dn = tensors[0]
+                    ref = slab_forward(_Gate(), {"gate_up_proj": gu, "down_proj": dn}, x, a.ids, a.weights)
+                    limit_ms = max(limit_terms_ms(int(policy.slabs_read(a.ids, S)), int((a.ids < S).sum()), H, I,
+                                                  bw, flops))
+                    row = {"shape": name, "tokens": T, "way": way, "ratio": ratio, "limit_ms": limit_ms,
+                           "config_a": cfgs["a"], "config_b": cfgs["b"], "relerr_a": 0.0, "relerr_b": 0.0,
+                           "ms_a_copies": [], "ms_b_copies": [], "ms_a_each": [], "ms_b_each": []}
+                    rm = remapper(idx, w, e2g, G, ratio)
+                    for gu, dn in tensors:
+                        graphs = {}
+                        for n, cfg in cfgs.items():
+                            g, out = capture(lambda cfg=cfg, gu=gu, dn=dn: fm.fused_moe(x, gu, dn, *rm(), num_slabs=S,
+                                                                                       config=cfg))
+                            out.fill_(float("nan"))
+                            g.replay()
+                            torch.cuda.synchronize()
+                            row[f"relerr_{n}"] = max(row[f"relerr_{n}"], relerr(out, ref))
+                            graphs[n] = g
+                        times = {"a": [], "b": []}
+                        for n in ("a", "b", "b", "a"):
+                            times[n].append(time_graph(graphs[n], reps))
+                        del graphs
+                        for n in ("a", "b"):
+                            row[f"ms_{n}_each"] += times[n]
+                            row[f"ms_{n}_copies"].append(statistics.mean(times[n]))
+                    for n in ("a", "b"):
+                        row[f"ms_{n}"] = statistics.mean(row[f"ms_{n}_copies"])
+                        row[f"pct_{n}"] = 100 * limit_ms / row[f"ms_{n}"]
+                    res["rows"].append(row)
+            pts = [r for r in res["rows"] if r["shape"] == name and r["tokens"] == T]
+            gm = statistics.geometric_mean(r["ms_b"] / r["ms_a"] for r in pts)
+            print(f"AB {name} T={T}: B/A {gm:.3f} | " + " ".join(
+                f"w{r['way']}r{r['ratio']:g}:{r['ms_a']:.4f}/{r['ms_b']:.4f}" for r in pts), flush=True)
+        del slabs, spacers
+        torch.cuda.empty_cache()
+    Path(out_path).write_text(json.dumps(res, indent=1))
+    write_ab_md(res, Path(out_path).with_suffix(".md"))
+    return res
+
+
+def write_ab_md(res, path):
+    """Per (shape, T): B / A as the geometric mean over the ways and ratios, its range, and the ratio-0 way-2 % of
+    the limit of each table; with copies, also B / A per copy (does the order hold at every placement?) and the
+    largest max / min over copies of one table's time at one call."""
+    copies = res.get("copies", 1)
+    L = [f"# Tile tables A / B on the same calls: {res['device']}, torch {res['torch']}, triton {res['triton']}",
+         "", f"A = `{res['table_a']}`, B = `{res['table_b']}`; bench routings of seed {res['routing_seed']}, L2 "
+         f"flush {res['flush']}; ceilings copy {res['copy_bw_TBps']:.2f} TB/s, bf16 {res['bf16_TFLOPs']:.0f} "
+         f"TFLOP/s. Each call timed A, B, B, A (medians of flushed graph replays) on each of {copies} copies of the "
+         "weights; a table's time is the mean.", ""]
+    head = "| shape | T | B / A (geomean over way x ratio) | range | ratio 0 way 2, % of limit A / B | worst relerr |"
+    if copies > 1:
+        head += " B / A per copy | max / min over copies |"
+    L += [head, "|" + "---|" * (head.count("|") - 1)]
+    keys = sorted({(r["shape"], r["tokens"]) for r in res["rows"]}, key=lambda t: (list(SHAPES).index(t[0]), t[1]))
+    for shape, T in keys:
+        pts = [r for r in res["rows"] if r["shape"] == shape and r["tokens"] == T]
+        q = [r["ms_b"] / r["ms_a"] for r in pts]
+        r0 = next((r for r in pts if r["way"] == 2 and r["ratio"] == 0.0), None)
+        pct = f"{r0['pct_a']:.0f} / {r0['pct_b']:.0f}" if r0 else "-"
+        err = max(max(r["relerr_a"], r["relerr_b"]) for r in pts)
+        line = (f"| {shape} | {T} | {statistics.geometric_mean(q):.3f} | {min(q):.3f}-{max(q):.3f} | {pct} | "
+                f"{err:.1e} |")
+        if copies > 1:
+            per = [statistics.geometric_mean(r["ms_b_copies"][c] / r["ms_a_copies"][c] for r in pts)
+                   for c in range(copies)]
+            spread = max(max(r[f"ms_{n}_copies"]) / min(r[f"ms_{n}_copies"]) for r in pts for n in "ab")
+            line += f" {' / '.join(f'{v:.3f}' for v in per)} | {spread:.3f} |"
+        L.append(line)
+    q = [r["ms_b"] / r["ms_a"] for r in res["rows"]]
+    L += ["", f"All {len(q)} calls: B / A geometric mean {statistics.geometric_mean(q):.3f}."]
+    Path(path).write_text("\n".join(L) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -1099,12 +1238,17 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(prog="python -m eval.bench_kernel", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("cmd", nargs="?", default="bench", choices=["check", "tune", "bench", "profile", "profile-md",
-                                                                "ncu-target", "ncu-md"])
+    ap.add_argument("cmd", nargs="?", default="bench", choices=["check", "tune", "bench", "ab", "profile",
+                                                                "profile-md", "ncu-target", "ncu-md"])
     ap.add_argument("path", nargs="?", help="check: JSON out; tune: config folder; bench: result folder; "
-                    "profile: JSON out; profile-md: an earlier profile's JSON; ncu-md: the report's raw CSV")
-    ap.add_argument("log", nargs="?", help="tune: where to write the tuning log (JSON); ncu-md: the ncu-target "
-                    "run's stdout")
+                    "ab: table A (JSON); profile: JSON out; profile-md: an earlier profile's JSON; ncu-md: the "
+                    "report's raw CSV")
+    ap.add_argument("log", nargs="?", help="tune: where to write the tuning log (JSON); ab: table B (JSON); "
+                    "ncu-md: the ncu-target run's stdout")
+    ap.add_argument("--out", help="ab: the result JSON (+ .md beside it)")
+    ap.add_argument("--tokens", help=f"ab: only these T buckets of {TOKENS} (default: all)")
+    ap.add_argument("--copies", type=int, default=1, help="ab: time every call on this many copies of the weights "
+                    "at other addresses (the spread is what placement in memory moves a time by)")
     ap.add_argument("--points", help="profile, ncu-target: shape:T:way:ratio,... (default: a fixed set over all "
                     "four shapes)")
     ap.add_argument("--no-vendor", action="store_true", help="profile: skip the vendor grouped GEMM yardstick")
@@ -1153,6 +1297,22 @@ def main(argv=None) -> None:
             return ncu_target(points, seed=a.seed)
         out = a.path or "kernel_profile.json"
         write_profile_md(profile_calls(out, points, vendor=not a.no_vendor, seed=a.seed), Path(out).with_suffix(".md"))
+    elif a.cmd == "ab":
+        if not (a.path and a.log and a.out):
+            ap.error("ab needs two tables and --out: ab TABLE_A.json TABLE_B.json --out OUT.json")
+        for t in (a.path, a.log):
+            if not Path(t).is_file():
+                ap.error(f"ab: no table at {t}")
+        if Path(a.out).suffix.lower() != ".json":
+            ap.error(f"ab: --out {a.out} is not a .json path")
+        try:
+            tokens = [int(t) for t in a.tokens.split(",")] if a.tokens else None
+            check_buckets(tokens or [])
+        except ValueError as e:
+            ap.error(f"--tokens: {e}")
+        if a.copies < 1:
+            ap.error(f"--copies {a.copies}: at least 1")
+        ab(a.path, a.log, a.out, seed=a.seed, tokens=tokens, copies=a.copies)
     elif a.cmd == "tune":
         try:
             buckets = [int(t) for t in a.buckets.split(",")] if a.buckets else None
