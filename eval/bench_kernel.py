@@ -291,11 +291,6 @@ def check():
                            "half_tail": True},
         "large-tma-half-atomic": {"mode": "prefill", "gu": [128, 64, 64, 8, 8, 3], "dn": [128, 128, 64, 8, 8, 3],
                                   "sum": "atomic", "tma": True, "half_tail": True},
-        # the down GEMM and the top-k sum in one kernel (few slots; past FOLD_MAX_ROWS rows these run as "store")
-        "decode-tma-fold": {"mode": "decode", "gu": [16, 64, 128, 1, 4, 4], "dn": [16, 16, 128, 1, 4, 4],
-                            "sum": "fold", "tma": True},
-        "prefill16-fold": {"mode": "prefill", "gu": [16, 64, 128, 1, 4, 4], "dn": [16, 32, 256, 1, 4, 3],
-                           "sum": "fold"},
         # the same tiles with the alignment's memset and two kernels instead of the one-program sort
         "prefill64-align2": {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4],
                              "sum": "store"},
@@ -687,10 +682,6 @@ MID_DN = [(64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3), (2
 LARGE_GU = [(64, 64, 64, 8, 4, 4), (64, 128, 64, 8, 8, 3), (128, 64, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3),
             (128, 128, 64, 8, 8, 4), (128, 64, 64, 8, 8, 4), (64, 128, 64, 8, 4, 4), (128, 128, 32, 8, 8, 5)]
 LARGE_DN = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (256, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 4)]
-# sum mode "fold" (down GEMM + top-k sum in one kernel, a program per N tile): (BLOCK_N, BLOCK_K, warps, stages).
-# Few programs (H / BLOCK_N), each a long weight stream: narrow tiles, deep pipelines.
-FOLD_DN = [(16, 128, 4, 4), (16, 128, 4, 6), (16, 256, 4, 3), (16, 256, 4, 4), (32, 128, 4, 4), (32, 128, 4, 6),
-           (32, 256, 4, 3), (64, 128, 4, 4)]
 
 
 def _cfg(mode, gu, dn, sm="store"):
@@ -745,9 +736,8 @@ def tune(out_dir=configs.CONFIG_DIR, budget_s=300.0, buckets=None, seeds=TUNE_SE
     tuner's own routing would not show it.
     One config per bucket because a CUDA graph freezes the config it captured while the ratio it reads keeps moving.
     Stages: gate/up tiles (with a default down), then down tiles, then the top-k sum mode, then TMA weight tiles,
-    then (few slots) the down GEMM and the top-k sum in one kernel ("fold"), then (prefill with TMA) the activation
-    rows in slab order through TMA as well, then (prefill, gathered rows) half-height tiles for half-empty blocks,
-    on the best tiles and on blocks twice as tall.
+    then (prefill with TMA) the activation rows in slab order through TMA as well, then (prefill, gathered rows)
+    half-height tiles for half-empty blocks, on the best tiles and on blocks twice as tall.
     Writes out_dir/<this GPU's table name> (`configs.file_name`) after every shape; -> (its path, the tuning log).
     `buckets` (T values): re-tune only those, keeping the other entries of the table already there."""
     t_start = time.time()
@@ -858,16 +848,7 @@ def _tune_point(x, routings, slots):
     stage1 = first[:3]
     tma = [dict(best, tma=True)] + [dict(best, gu=c["gu"], tma=True) for _, c in stage1 if c["gu"] != best["gu"]]
     score, best = run(tma)
-    if fm.fold_rows(x.shape[0], slots // x.shape[0]) <= fm.FOLD_MAX_ROWS:
-        # few slots: the down GEMM and the top-k sum in one kernel, on the best gate/up tiles, TMA as they have it
-        # and, for the best of those, toggled
-        fold = [dict(best, sum="fold", dn=list(_dec(c))) for c in FOLD_DN]
-        res_before = len(res)
-        score, best = run(fold)
-        best_fold = min(res[res_before:], key=lambda r: sum(r[0]))[1]
-        score, best = run([dict(best_fold, tma=not best_fold.get("tma"))])
-    if best["mode"] == "prefill" and best.get("tma") and best.get("sum") != "fold":
-        # the activation rows through TMA too, copied in slab order
+    if best["mode"] == "prefill" and best.get("tma"):  # the activation rows through TMA too, copied in slab order
         score, best = run([dict(best, sorted_rows=True)])
     if best["mode"] == "prefill" and not best.get("sorted_rows"):
         # half-empty blocks (a slab's last) as half-height tiles: on the best tiles, and on twice-as-tall blocks,

@@ -157,61 +157,6 @@ def test_sorted_rows_fp32(k, ratio, atomic, monkeypatch):
                           atol=1e-6, rtol=1e-6)
 
 
-def _launches(monkeypatch, *names):
-    """Count the launches of the named kernels of `fm` (they still run)."""
-    counts = dict.fromkeys(names, 0)
-
-    class Spy:
-        def __init__(self, name):
-            self.name, self.real = name, getattr(fm, name)
-
-        def __getitem__(self, grid):
-            counts[self.name] += 1
-            return self.real[grid]
-
-    for n in names:
-        monkeypatch.setattr(fm, n, Spy(n))
-    return counts
-
-
-FOLD_DECODE = dict(DECODE, dn=[16, 16, 32, 1, 4, 2], sum="fold")
-FOLD_PREFILL = dict(PREFILL, dn=[16, 32, 16, 2, 4, 3], sum="fold")
-
-
-# k = 6 pads to 8 slots a token; T = 16 x k = 4 fills 64 rows; N = H = 48 is 3 tiles of 16 but 1.5 of 32
-@pytest.mark.parametrize("config,k,T,ratio", [(FOLD_DECODE, 1, 1, 0.0), (FOLD_DECODE, 8, 2, 1.0),
-                                              (dict(FOLD_DECODE, tma=True), 6, 3, 0.5),
-                                              (FOLD_PREFILL, 4, 16, 1.0), (dict(FOLD_PREFILL, tma=True), 2, 7, 0.0)],
-                         ids=["decode-k1", "decode-k8", "decode-tma-k6", "prefill-k4", "prefill-tma-k2"])
-def test_fold_sum_is_the_down_gemm_and_the_topk_sum_in_one_kernel(config, k, T, ratio, monkeypatch):
-    launches = _launches(monkeypatch, "_down_fold_kernel", "_down_kernel", "_topk_sum_kernel")
-    x, gu, dn, a = _case(11, 4, k, T, ratio, torch.float32, seed=600 + 10 * k + T)
-    _check(x, gu, dn, a, config)
-    assert launches == {"_down_fold_kernel": 1, "_down_kernel": 0, "_topk_sum_kernel": 0}
-    store = fm.fused_moe(x, gu, dn, a.ids, a.weights, num_slabs=gu.shape[0], config=dict(config, sum="store"))
-    fold = fm.fused_moe(x, gu, dn, a.ids, a.weights, num_slabs=gu.shape[0], config=config)
-    assert torch.allclose(fold, store, atol=1e-5, rtol=1e-5)
-
-
-def test_fold_writes_zeros_for_a_token_with_every_slot_skipped():
-    # policy drop at ratio 0.75 skips every cold slot: a token routed only to cold experts gets a zero row (written,
-    # not left as whatever the output buffer held)
-    x, gu, dn, a = _case(11, 4, 2, 12, 0.75, torch.float32, seed=72, pol="drop")
-    dead = (a.ids == gu.shape[0]).all(1)
-    assert dead.any() and not dead.all(), a.ids
-    _check(x, gu, dn, a, FOLD_DECODE)
-    out = fm.fused_moe(x, gu, dn, a.ids, a.weights, num_slabs=gu.shape[0], config=FOLD_DECODE)
-    assert (out[dead] == 0).all() and (out[~dead] != 0).any()
-
-
-def test_fold_runs_as_store_past_its_rows(monkeypatch):
-    monkeypatch.setattr(fm, "FOLD_MAX_ROWS", 32)
-    launches = _launches(monkeypatch, "_down_fold_kernel", "_down_kernel", "_topk_sum_kernel")
-    assert fm.fold_rows(9, 4) == 64 and fm.fold_rows(1, 2) == 16 and fm.fold_rows(3, 6) == 32
-    _check(*_case(11, 4, 4, 9, 0.5, torch.float32, seed=73), FOLD_PREFILL)
-    assert launches == {"_down_fold_kernel": 0, "_down_kernel": 1, "_topk_sum_kernel": 1}
-
-
 def test_sorted_rows_copy():
     # the row copy alone: position p holds x[token of the slot aligned at p], zeros on padding
     x, gu, dn, a = _case(11, 4, 4, 9, 1.0, torch.float32, seed=9)
@@ -557,7 +502,6 @@ def test_tuner_never_picks_a_wrong_candidate(monkeypatch):
     monkeypatch.setattr(bk, "DECODE_T", [(16, 32, 4, 2)])
     monkeypatch.setattr(bk, "MID_GU", [tuple(bad_gu), (16, 16, 32, 2, 4, 2)])
     monkeypatch.setattr(bk, "MID_DN", [(32, 32, 4, 2)])
-    monkeypatch.setattr(bk, "FOLD_DN", [(16, 32, 4, 2)])
     x, gu, dn, a = _case(11, 4, 4, 9, 0.5, torch.float32, seed=21)
     best, score, res = bk._tune_point(x, [(gu, dn, a.ids, a.weights)], 9 * 4)
     assert best["gu"] != bad_gu
@@ -607,55 +551,6 @@ def test_tuner_tries_half_tiles_on_the_best_and_on_twice_as_tall_blocks(monkeypa
                                                                         (128, 128, 64, 8, 8, 3)]
     assert best["half_tail"] and best["gu"][0] == best["dn"][0] == 128
     assert all(m[0] < float("inf") for m, _ in res)  # every candidate passed the output check and was timed
-
-
-def test_tuner_tries_the_fold_sum_where_the_slots_fit(monkeypatch):
-    # few slots: after the TMA stage the tuner tries the down GEMM + top-k sum in one kernel over FOLD_DN's tiles on
-    # the best gate/up tiles, then the best of those with TMA toggled; many slots: never (kernels faked as above)
-    from eval import bench_kernel as bk
-    x, gu, dn, a = _case(11, 4, 4, 9, 0.5, torch.float32, seed=23)
-    ref = bk.slab_forward(bk._Gate(), {"gate_up_proj": gu, "down_proj": dn}, x, a.ids, a.weights)
-    current = [None]
-
-    def fused(x, gu, dn, ids, w, config=None, **kw):
-        current[0] = config
-        return ref.clone()
-
-    class Graph:
-        def __init__(self, cfg, out):
-            self.cfg, self.out = cfg, out
-
-        def replay(self):
-            self.out.copy_(ref)
-
-    def capture(fn):
-        out = fn()
-        return Graph(current[0], out), out
-
-    def timed(g, reps=25):  # fold wins, with 32-wide tiles more, through TMA most
-        c = g.cfg
-        if c["sum"] != "fold":
-            return 1.0
-        return 0.5 if c["dn"][1] != 32 else 0.4 if c.get("tma") else 0.45
-
-    monkeypatch.setattr(fm, "fused_moe", fused)
-    monkeypatch.setattr(bk, "capture", capture)
-    monkeypatch.setattr(bk, "time_graph", timed)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(bk, "DECODE_T", [(16, 32, 4, 2)])
-    monkeypatch.setattr(bk, "MID_GU", [(16, 16, 32, 2, 4, 2)])
-    monkeypatch.setattr(bk, "MID_DN", [(32, 32, 4, 2)])
-    monkeypatch.setattr(bk, "FOLD_DN", [(16, 32, 4, 2), (32, 64, 4, 3)])
-    best, score, res = bk._tune_point(x, [(gu, dn, a.ids, a.weights)], 9 * 4)
-    fold = [c for _, c in res if c["sum"] == "fold"]
-    assert [c["dn"][1:3] for c in fold] == [[16, 32], [32, 64], [32, 64]]
-    assert [bool(c.get("tma")) for c in fold][1:] == [False, True]  # the best fold tile, TMA toggled
-    assert all(c["gu"] == fold[0]["gu"] for c in fold)
-    assert best["sum"] == "fold" and best["dn"][1] == 32 and best["tma"]
-    many = x.repeat(8, 1)  # 72 tokens x 4: 512 fold rows, over FOLD_MAX_ROWS
-    monkeypatch.setattr(bk, "MID_GU", [(64, 64, 64, 8, 4, 4)])
-    _, _, res = bk._tune_point(many, [(gu, dn, a.ids, a.weights)], 72 * 4)
-    assert not [c for _, c in res if c["sum"] == "fold"]
 
 
 def test_ab_times_two_tables_on_the_bench_routings(monkeypatch, tmp_path):

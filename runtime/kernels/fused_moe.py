@@ -20,9 +20,7 @@ captured in a CUDA graph:
 
 Stages: gate/up GEMM with silu(g)*u in the epilogue -> [T*k, I] intermediate; down GEMM with the routing weight
 multiplied in -> either [T*k, H] per-slot rows then a sum over k (deterministic, "store"), or fp32 atomics into a
-[T, H] buffer then a cast ("atomic"), or for few slots ("fold") a program per N tile that holds every slot as a row,
-walks the batch's distinct slabs in one flat loop and sums each token's rows in registers (one launch, no per-slot
-rows in memory, the same summation order as "store" in fp32 without its rounding of each slot's row).
+[T, H] buffer then a cast ("atomic").
 
 Tile configs per (H, I, k) and T bucket live in a table per GPU model (`runtime.kernels.configs`), one per bucket for
 every ratio (a CUDA graph freezes the config it captured while the ratio keeps moving); a config may take its weight
@@ -327,65 +325,6 @@ if HAS_TRITON:
                            BLOCK_N, BLOCK_K)
 
     @triton.jit
-    def _down_fold_kernel(inter_ptr, w_ptr, w_desc, out_ptr, weights_ptr, ids_ptr, lead_ptr, T, S, N, K,
-                          stride_im, stride_ws, stride_wn, stride_om, top_k,
-                          EVEN_K: tl.constexpr, TMA: tl.constexpr, TP: tl.constexpr, KP: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
-        """out[t, n] = sum_j weights[t, j] * (down_{ids[t, j]}[n] . inter[t*k + j]) for few slots (sum mode "fold"):
-        the down GEMM and the top-k sum in one kernel, no per-slot rows in memory. A program per N tile holds every
-        slot as a row (row r = t * KP + j, TP * KP rows) and walks the distinct slabs of the batch in one flat loop of
-        (slab, K step): each slab's weight tile is read once, multiplied into the rows on that slab (the others are
-        masked off, so their loads fetch nothing), and one accumulator collects all of them. The rows are summed per
-        token in registers at the end. One long weight stream a program, where the per-slot down kernel runs a short
-        K loop per slot (I / BLOCK_K steps) and the top-k sum is one more launch."""
-        pdl_start(USE_PDL)  # `inter` comes from the gate/up kernel just before
-        pid_n = tl.program_id(0)
-        R: tl.constexpr = TP * KP
-        r = tl.arange(0, R)
-        tok = r // KP
-        j = r % KP
-        live = (tok < T) & (j < top_k)
-        slot = tok * top_k + j
-        row_s = tl.load(ids_ptr + slot, mask=live, other=S).to(tl.int32)
-        row_s = tl.where(live & (row_s < S), row_s, S)  # skipped or padding -> S, never a slab
-        # a row leads its slab if no row before it is on the same slab; the leaders' slabs, ascending, then S
-        before = (row_s[:, None] == row_s[None, :]) & (r[:, None] < r[None, :])
-        lead = (row_s < S) & (tl.sum(before.to(tl.int32), axis=0) == 0)
-        n_lead = tl.sum(lead.to(tl.int32), 0)
-        # through global memory (this program's row of `lead_ptr`): the loop below reads one slab a step as a scalar
-        tl.store(lead_ptr + pid_n * R + r, tl.sort(tl.where(lead, row_s, S)))
-        tl.debug_barrier()
-        offs_k = tl.arange(0, BLOCK_K)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        offs_nc = tl.where(n_mask, offs_n, 0)
-        a_ptrs = inter_ptr + slot[:, None].to(tl.int64) * stride_im + offs_k[None, :]
-        b_ptrs = w_ptr + offs_nc[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
-        k_steps = tl.cdiv(K, BLOCK_K)
-        acc = tl.zeros([R, BLOCK_N], dtype=tl.float32)
-        for i in range(0, n_lead * k_steps):  # flat: the weight stream does not restart at each slab
-            s = tl.load(lead_ptr + pid_n * R + i // k_steps)
-            k0 = (i % k_steps) * BLOCK_K
-            on_s = row_s == s
-            if EVEN_K:
-                a = tl.load(a_ptrs + k0, mask=on_s[:, None], other=0.0)
-            else:
-                a = tl.load(a_ptrs + k0, mask=on_s[:, None] & (offs_k < K - k0)[None, :], other=0.0)
-            if TMA:  # down viewed [S * N, K]
-                b = w_desc.load([s * N + pid_n * BLOCK_N, k0]).T
-            elif EVEN_K:
-                b = tl.load(b_ptrs + s.to(tl.int64) * stride_ws + k0)
-            else:
-                b = tl.load(b_ptrs + s.to(tl.int64) * stride_ws + k0, mask=(offs_k < K - k0)[:, None], other=0.0)
-            acc = tl.dot(a, b, acc)
-        rw = tl.load(weights_ptr + slot, mask=row_s < S, other=0.0).to(tl.float32)
-        acc = acc * rw[:, None]
-        y = tl.sum(tl.reshape(acc, [TP, KP, BLOCK_N]), axis=1)  # a token's KP rows are adjacent
-        t = tl.arange(0, TP)
-        o_ptrs = out_ptr + t[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-        tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=(t < T)[:, None] & n_mask[None, :])
-
-    @triton.jit
     def _gather_rows_kernel(x_ptr, sorted_ptr, total_ptr, xs_ptr, num_slots, H, stride_xm, stride_sm, top_k,
                             BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr):
         """xs[p] = x[token of the slot at aligned position p] for one BLOCK_M block of positions, zeros where the
@@ -427,23 +366,13 @@ _DEFAULTS = {
     # gu / dn: [BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages] (BLOCK_M ignored in decode mode);
     # optional: "tma" (weight tiles through tensor descriptors), "sorted_rows" (prefill with tma: the activation
     # rows too, copied in slab order first), "half_tail" (prefill, BLOCK_M >= 32, not sorted_rows: a block with at
-    # most BLOCK_M / 2 live rows runs a half-height tile). "sum": "store" | "atomic" | "fold" (fold_rows(T, k) <=
-    # FOLD_MAX_ROWS, not sorted_rows; dn's BLOCK_M and GROUP_M unused)
+    # most BLOCK_M / 2 live rows runs a half-height tile)
     "decode": {"mode": "decode", "gu": [16, 32, 128, 1, 4, 4], "dn": [16, 32, 128, 1, 4, 4], "sum": "store"},
     "small": {"mode": "prefill", "gu": [16, 64, 128, 1, 4, 4], "dn": [16, 64, 128, 1, 4, 4], "sum": "store"},
     "mid": {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4], "sum": "store"},
     "large": {"mode": "prefill", "gu": [128, 64, 64, 8, 8, 3], "dn": [128, 128, 64, 8, 8, 3], "sum": "store"},
 }
 DECODE_MAX_SLOTS = 64
-# Sum mode "fold" (`_down_fold_kernel`): every slot is a row of each program, TP tokens x KP slots (both powers of
-# two, at least 16 rows for tl.dot); beyond this many rows a config's "fold" runs as "store".
-FOLD_MAX_ROWS = 128
-
-
-def fold_rows(T: int, k: int) -> int:
-    """Rows of a "fold" program: T and k padded to powers of two, at least 16 in all."""
-    kp = _pow2(k)
-    return max(_pow2(T), -(-16 // kp)) * kp
 # Alignment in one program (`_align_one_kernel`) up to this many top-k slots, else the memset and two kernels. On an
 # H200 (eval/results/kernel_profile_variants_h200{,_seed1}.md) one program saved 0.2-8.4 us a call (mostly 1-4) at
 # 64-1024 slots and lost 8-66 us at 2048-4096 (its sort grows with the slots). A module setting so a benchmark can
@@ -608,11 +537,7 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
     else:
         inter = torch.empty(num_slots, I, dtype=x.dtype, device=dev)
         x_desc = i_desc = inter  # unused
-    # the down GEMM and the top-k sum in one kernel over every slot's row (few slots; inter indexed by slot)
-    fold = cfg.get("sum") == "fold" and not sorted_rows and fold_rows(T, k) <= FOLD_MAX_ROWS
-    if fold:
-        y = None
-    elif atomic:  # zeroed before the first kernel, so the kernels chain directly (PDL)
+    if atomic:  # zeroed before the first kernel, so the kernels chain directly (PDL)
         y = torch.zeros(T, H, dtype=torch.float32, device=dev)
     else:
         y = torch.empty(num_slots, H, dtype=x.dtype, device=dev)
@@ -623,17 +548,6 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
                             k, DECODE=decode, EVEN_K=(H % gk == 0), TMA=tma, SORTED=sorted_rows, HALF_TAIL=half_tail,
                             BLOCK_M=gm, BLOCK_N=gn, BLOCK_K=gk, GROUP_M=ggm, num_warps=gw, num_stages=gs,
                             **launch_opts(pdl))
-    if fold:
-        kp = _pow2(k)
-        rows = fold_rows(T, k)
-        grid_f = (triton.cdiv(H, dn_),)
-        out = torch.empty(T, H, dtype=out_dtype, device=dev)
-        lead = torch.empty(grid_f[0] * rows, dtype=torch.int32, device=dev)  # each program's list of slabs
-        _down_fold_kernel[grid_f](inter, down, dn_desc, out, weights.view(-1), ids_flat, lead, T, S, H, I,
-                                  inter.stride(0), down.stride(0), down.stride(1), out.stride(0), k,
-                                  EVEN_K=(I % dk == 0), TMA=tma, TP=rows // kp, KP=kp, BLOCK_N=dn_, BLOCK_K=dk,
-                                  num_warps=dw, num_stages=ds, **launch_opts(pdl))
-        return out
     grid_d = (num_m_d * triton.cdiv(H, dn_),)
     _down_kernel[grid_d](inter, i_desc, down, dn_desc, y, weights.view(-1), ids_flat, sorted_ids, block_slab, total,
                          num_slots, S, H, I, num_m_d,
