@@ -147,7 +147,31 @@ def capture(fn):
     return g, out
 
 
+# Replays (flushed, untimed) before the timed ones, for at least this long: a call timed right after a capture, a
+# compile or host-side work was up to 13% off on an H200 (a tuned T = 1 config and the A of an A/A, eval/results/
+# README.md); triton.testing.do_bench warms up for 25 ms too. BENCH_WARMUP_MS=0: none (the benches before December 2).
+WARMUP_MS = float(os.environ.get("BENCH_WARMUP_MS", "25"))
+
+
+def warm_up(g, ms=None):
+    """Replay `g` (each after a flush) for at least `ms` (default WARMUP_MS) of GPU time, at most 1000 times."""
+    ms = WARMUP_MS if ms is None else ms
+    if ms <= 0:
+        return
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    _flush()
+    g.replay()
+    e.record()
+    e.synchronize()
+    for _ in range(min(1000, int(ms / max(s.elapsed_time(e), 1e-3)))):
+        _flush()
+        g.replay()
+
+
 def time_graph(g, reps=25):
+    """Median ms of `reps` replays of `g`, each after an L2 flush and timed alone, after `warm_up`."""
+    warm_up(g)
     evs = []
     for _ in range(reps):
         _flush()

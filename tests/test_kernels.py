@@ -613,6 +613,41 @@ def test_ab_times_two_tables_on_the_bench_routings(monkeypatch, tmp_path):
     assert "| tiny | 8 | 0.500 | 0.500-0.500 | - |" in md and "| 0.500 / 0.500 | 1.000 |" in md
 
 
+def test_timing_warms_up_first(monkeypatch):
+    # every timed replay set starts after at least WARMUP_MS of flushed replays (events faked: 0.1 ms a replay)
+    from eval import bench_kernel as bk
+
+    class Event:
+        def __init__(self, **kw):
+            pass
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 0.1
+
+    class Graph:
+        replays = 0
+
+        def replay(self):
+            self.replays += 1
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(bk, "_flush", lambda: None)
+    monkeypatch.setattr(bk, "WARMUP_MS", 2.0)
+    g = Graph()
+    assert bk.time_graph(g, reps=5) == 0.1
+    assert g.replays == 1 + 20 + 5  # the probe, 2 ms of warm-up, the timed ones
+    g.replays = 0
+    bk.warm_up(g, 0)
+    assert g.replays == 0
+
+
 def test_a_partial_retune_says_which_buckets_it_kept_and_under_which_flush():
     from eval import bench_kernel as bk
     before_the_key = {"shapes": {}}
