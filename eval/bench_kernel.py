@@ -147,9 +147,10 @@ def capture(fn):
     return g, out
 
 
-# Replays (flushed, untimed) before the timed ones, for at least this long: a call timed right after a capture, a
-# compile or host-side work was up to 13% off on an H200 (a tuned T = 1 config and the A of an A/A, eval/results/
-# README.md); triton.testing.do_bench warms up for 25 ms too. BENCH_WARMUP_MS=0: none (the benches before December 2).
+# Replays (flushed, untimed) before the timed ones, for at least this long, as triton.testing.do_bench does: the tuner
+# and `ab` time a graph right after capturing it. On an H200 the same two Mixtral T = 1 configs compared 1.131x
+# without it and 1.059x with it; `bench`, which runs each call eagerly before capturing it, moved by 0.2-0.3% over
+# all points (eval/results/README.md). BENCH_WARMUP_MS=0: none (the benches before December 2).
 WARMUP_MS = float(os.environ.get("BENCH_WARMUP_MS", "25"))
 
 
