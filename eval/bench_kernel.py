@@ -22,9 +22,9 @@ Timing. CUDA graph: the call (remap + kernels, as the runtime makes it) is captu
 replay one pass over a 256 MiB buffer leaves no weights in the 50 MB L2 (cold weights, as in a real forward where
 the other layers evict them): by default a read, which leaves clean lines as the other layers' weight reads do;
 `--flush write` overwrites the buffer instead (the benches before December 2026), which leaves dirty lines the
-call's own reads must first write back. Per-replay CUDA events, median of the repeats. Eager: back-to-back calls
-between two events (as the anchor does), so CPU launch overhead counts; weights may then be partly L2-resident for
-small shapes.
+call's own reads must first write back. Per-replay CUDA events, median of the repeats, after 25 ms of untimed
+flushed replays (BENCH_WARMUP_MS). Eager: back-to-back calls between two events (as the anchor does), so CPU launch
+overhead counts; weights may then be partly L2-resident for small shapes.
 """
 from __future__ import annotations
 
