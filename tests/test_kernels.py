@@ -510,11 +510,10 @@ def test_tuner_never_picks_a_wrong_candidate(monkeypatch):
     assert all(m == [1.0] for m, c in res if c["gu"] != bad_gu)  # every correct candidate was timed
 
 
-def test_tuner_tries_half_tiles_on_the_best_and_on_twice_as_tall_blocks(monkeypatch):
-    # the tuner's last prefill stage: half-height tiles on the best config, and on blocks twice as tall (both GEMMs
-    # on the same alignment); the kernels are faked with the reference (only the candidates are under test here)
+def _fake_tuner_kernels(monkeypatch, x, gu, dn, a, timed):
+    """The tuner's kernels and timings faked on the CPU: every candidate computes the reference (only the candidates
+    are under test), its graph is timed by `timed(config)`."""
     from eval import bench_kernel as bk
-    x, gu, dn, a = _case(11, 4, 4, 9, 0.5, torch.float32, seed=22)
     ref = bk.slab_forward(bk._Gate(), {"gate_up_proj": gu, "down_proj": dn}, x, a.ids, a.weights)
     current = [None]
 
@@ -533,14 +532,22 @@ def test_tuner_tries_half_tiles_on_the_best_and_on_twice_as_tall_blocks(monkeypa
         out = fn()
         return Graph(current[0], out), out
 
-    def timed(g, reps=25):  # 64-row tiles win alone; twice as tall with half tiles wins overall
-        c = g.cfg
-        return 0.5 if c.get("half_tail") and c["gu"][0] == 128 else 1.0 if c["gu"][0] == 64 else 2.0
-
     monkeypatch.setattr(fm, "fused_moe", fused)
     monkeypatch.setattr(bk, "capture", capture)
-    monkeypatch.setattr(bk, "time_graph", timed)
+    monkeypatch.setattr(bk, "time_graph", lambda g, reps=25: timed(g.cfg))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+
+def test_tuner_tries_half_tiles_on_the_best_and_on_twice_as_tall_blocks(monkeypatch):
+    # the tuner's last prefill stage: half-height tiles on the best config, and on blocks twice as tall (both GEMMs
+    # on the same alignment)
+    from eval import bench_kernel as bk
+    x, gu, dn, a = _case(11, 4, 4, 9, 0.5, torch.float32, seed=22)
+
+    def timed(c):  # 64-row tiles win alone; twice as tall with half tiles wins overall
+        return 0.5 if c.get("half_tail") and c["gu"][0] == 128 else 1.0 if c["gu"][0] == 64 else 2.0
+
+    _fake_tuner_kernels(monkeypatch, x, gu, dn, a, timed)
     monkeypatch.setattr(bk, "MID_GU", [(64, 64, 64, 8, 4, 4), (128, 64, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3)])
     monkeypatch.setattr(bk, "MID_DN", [(64, 128, 4, 4), (128, 64, 4, 4)])
     best, score, res = bk._tune_point(x, [(gu, dn, a.ids, a.weights)], 256)
@@ -650,32 +657,11 @@ def test_timing_warms_up_first(monkeypatch):
 
 def test_tuner_keeps_the_incumbent_where_the_stages_miss_it(monkeypatch):
     # a re-tune times the table's current config too: the stages vary one part at a time and can miss a combination
-    # an earlier tuning found (kernels faked as above; the incumbent's tiles are in no candidate list)
+    # an earlier tuning found (the incumbent's tiles are in no candidate list)
     from eval import bench_kernel as bk
     x, gu, dn, a = _case(11, 4, 4, 9, 0.5, torch.float32, seed=24)
-    ref = bk.slab_forward(bk._Gate(), {"gate_up_proj": gu, "down_proj": dn}, x, a.ids, a.weights)
-    current = [None]
-
-    def fused(x, gu, dn, ids, w, config=None, **kw):
-        current[0] = config
-        return ref.clone()
-
-    class Graph:
-        def __init__(self, cfg, out):
-            self.cfg, self.out = cfg, out
-
-        def replay(self):
-            self.out.copy_(ref)
-
-    def capture(fn):
-        out = fn()
-        return Graph(current[0], out), out
-
     incumbent = {"mode": "decode", "gu": [16, 64, 128, 1, 4, 4], "dn": [16, 16, 256, 1, 4, 4], "sum": "store"}
-    monkeypatch.setattr(fm, "fused_moe", fused)
-    monkeypatch.setattr(bk, "capture", capture)
-    monkeypatch.setattr(bk, "time_graph", lambda g, reps=25: 0.5 if g.cfg == incumbent else 1.0)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    _fake_tuner_kernels(monkeypatch, x, gu, dn, a, lambda c: 0.5 if c == incumbent else 1.0)
     monkeypatch.setattr(bk, "DECODE_T", [(16, 32, 4, 2), (32, 64, 4, 3)])
     monkeypatch.setattr(bk, "MID_GU", [(16, 16, 32, 2, 4, 2)])
     monkeypatch.setattr(bk, "MID_DN", [(32, 32, 4, 2)])
