@@ -904,6 +904,7 @@ def _tune_point(x, routings, slots, incumbent=None):
 # ab: two tables on the same calls
 
 
+@torch.no_grad()  # not torch.set_grad_enabled(False): that would outlive the call
 def ab(table_a, table_b, out_path, seed=0, tokens=None, reps=25, dtype=torch.bfloat16, copies=1):
     """Two tile config tables timed on the same calls in one process: the bench's routings (its `seed`, drawn in its
     order, so a point's routing is the bench's), every way and ratio at the `tokens` buckets. Per call both configs
@@ -921,7 +922,6 @@ def ab(table_a, table_b, out_path, seed=0, tokens=None, reps=25, dtype=torch.bfl
            "rows": []}
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed)
-    torch.set_grad_enabled(False)
     for name, (E, k, H, I) in SHAPES.items():
         gu0 = torch.randn(E, 2 * I, H, device=dev, dtype=dtype) * 0.02
         dn0 = torch.randn(E, H, I, device=dev, dtype=dtype) * 0.02

@@ -607,6 +607,7 @@ def test_ab_times_two_tables_on_the_bench_routings(monkeypatch, tmp_path):
     real_remap = policy.remap
     monkeypatch.setattr(policy, "remap", lambda idx, *a, **kw: seen.append(idx) or real_remap(idx, *a, **kw))
     res = bk.ab(a_path, b_path, tmp_path / "ab.json", seed=0, tokens=[8], dtype=torch.float32, copies=2)
+    assert torch.is_grad_enabled()  # ab ran without gradients and left them on
     rows = res["rows"]
     assert len(rows) == len(bk.WAYS) * len(bk.RATIOS) and {r["tokens"] for r in rows} == {8}
     assert order == ["store", "atomic", "atomic", "store"] * 2 * len(rows)  # on each copy
