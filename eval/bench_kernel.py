@@ -702,8 +702,9 @@ def write_profile_md(res, path):
 DECODE_T = [(32, 128, 4, 4), (64, 128, 4, 4), (16, 256, 4, 4), (32, 256, 4, 3), (64, 64, 4, 5), (16, 128, 4, 6),
             (32, 64, 4, 6), (64, 128, 8, 4)]
 # The last MID entries are vLLM's tuned H200 tiles at T = 512 for the Mixtral and Qwen3 shapes (its file's
-# BLOCK_SIZE_N halved for our gate/up, which holds gate and up tiles of BLOCK_N each): its kernel with them beat
-# ours there by 1-6% (eval/vllm_yardstick.py, eval/results/README.md), and these stage/group counts were not tried.
+# BLOCK_SIZE_N halved for our gate/up, which holds gate and up tiles of BLOCK_N each). Its kernel with them beat ours
+# at Mixtral T = 512 ratio 0 by 3-6% and at Qwen3 T = 512 ratios 0.5-1 by 1-5% (eval/vllm_yardstick.py,
+# eval/results/README.md); these stage and group counts were not among ours.
 MID_GU = [(16, 64, 128, 1, 4, 4), (32, 64, 128, 4, 4, 4), (64, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 3),
           (32, 128, 64, 4, 4, 4), (64, 128, 64, 8, 8, 4), (128, 64, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3),
           (128, 128, 64, 16, 8, 4), (64, 64, 64, 1, 4, 3)]

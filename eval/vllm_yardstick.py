@@ -33,6 +33,7 @@ import ast
 import hashlib
 import importlib.util
 import json
+import shutil
 import statistics
 import sys
 import zipfile
@@ -88,16 +89,20 @@ def extract(wheel, out_dir) -> dict:
     tmp = out_dir.with_name(out_dir.name + ".part")
     if tmp.exists():
         raise FileExistsError(f"{tmp} exists (left by an earlier run?); remove it first")
-    (tmp / "configs").mkdir(parents=True)
-    (tmp / KERNEL_FILE).write_text(
-        f"# Extracted by eval/vllm_yardstick.py from {wheel.name} (sha256 {sha}), {KERNEL_SRC}, word for word.\n"
-        "# vLLM is Apache-2.0 licensed; used only as a timing yardstick, never by the runtime.\n"
-        "import triton\nimport triton.language as tl\n\n\n" + funcs + "\n")
-    for n, b in cfgs.items():
-        (tmp / "configs" / n).write_bytes(b)
     src = {"wheel": wheel.name, "sha256": sha, "kernel_source": KERNEL_SRC, "functions": list(KERNEL_FUNCS),
            "configs": len(cfgs)}
-    (tmp / "SOURCE.json").write_text(json.dumps(src, indent=1) + "\n")
+    (tmp / "configs").mkdir(parents=True)
+    try:
+        (tmp / KERNEL_FILE).write_text(
+            f"# Extracted by eval/vllm_yardstick.py from {wheel.name} (sha256 {sha}), {KERNEL_SRC}, word for word.\n"
+            "# vLLM is Apache-2.0 licensed; used only as a timing yardstick, never by the runtime.\n"
+            "import triton\nimport triton.language as tl\n\n\n" + funcs + "\n")
+        for n, b in cfgs.items():
+            (tmp / "configs" / n).write_bytes(b)
+        (tmp / "SOURCE.json").write_text(json.dumps(src, indent=1) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp)  # ours, made just above: nothing half-written stays
+        raise
     if out_dir.exists():
         out_dir.rmdir()  # empty, checked above
     tmp.rename(out_dir)  # all or nothing

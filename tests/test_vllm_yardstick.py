@@ -140,3 +140,17 @@ def test_vllm_call_matches_the_slab_reference(ratio, block_m):
     cfg = {"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 2}
     call = vy.VllmCall(vy.load_kernel(VENDOR), x, gu, dn, a.ids, a.weights, E + G, cfg)
     assert relerr(call.full(), ref) < 2e-3
+
+
+def test_extract_removes_its_own_half_written_folder_on_failure(tmp_path, monkeypatch):
+    real = Path.write_bytes
+
+    def fail(self, data):
+        if self.suffix == ".json":
+            raise OSError("disk full")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", fail)
+    with pytest.raises(OSError, match="disk full"):
+        vy.extract(fake_wheel(tmp_path), tmp_path / "v")
+    assert not (tmp_path / "v").exists() and not (tmp_path / "v.part").exists()
