@@ -290,8 +290,21 @@ def relerr(out, ref):
 # check
 
 
+def table_configs(table: dict) -> dict:
+    """{"table <shape key> T=<bucket>": config} for each distinct config of a tile table (the first bucket that has
+    it names it), so `check` runs what the tuner ships, in both dtypes, not only the families it lists."""
+    out, seen = {}, []
+    for key, buckets in table.get("shapes", {}).items():
+        for T, cfg in buckets.items():
+            if cfg not in seen:
+                seen.append(cfg)
+                out[f"table {key} T={T}"] = cfg
+    return out
+
+
 def check():
-    """bf16 and fp16 on the GPU vs the reference; every config family; poisoned outputs would show as NaN."""
+    """bf16 and fp16 on the GPU vs the reference; every config family and every distinct config of this GPU's tile
+    table (on small shapes); poisoned outputs would show as NaN."""
     gen = torch.Generator(device=dev)
     gen.manual_seed(1)
     rows = []
@@ -320,6 +333,7 @@ def check():
         "prefill64-align2": {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4],
                              "sum": "store"},
     }
+    cfgs.update(table_configs(configs.load(fm.device_name())))
     for dtype in (torch.bfloat16, torch.float16):
         for (E, k, H, I) in [(60, 4, 512, 352), (13, 8, 256, 200), (8, 2, 384, 448)]:
             for T in (1, 7, 33, 300):

@@ -696,3 +696,15 @@ def test_tuner_routings_are_per_point_and_held_out_from_the_bench(monkeypatch):
     for seed in bk.TUNE_SEEDS:
         for T, drawn in zip(bk.TOKENS, bench_draws):
             assert not torch.equal(bk.tune_routing(T, E, k, seed)[0], drawn)
+
+
+def test_check_runs_each_distinct_config_of_a_table_once():
+    from eval import bench_kernel as bk
+
+    a = {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4], "sum": "store"}
+    b = dict(a, tma=True)
+    table = {"shapes": {"4096,14336,2": {"1": a, "8": b, "32": dict(a)}, "2048,768,8": {"512": b, "4096": a}}}
+    got = bk.table_configs(table)
+    assert got == {"table 4096,14336,2 T=1": a, "table 4096,14336,2 T=8": b}
+    shipped = bk.table_configs(bk.configs.load("NVIDIA H200"))
+    assert len(shipped) > 4 and all(c["mode"] in ("decode", "prefill") for c in shipped.values())
