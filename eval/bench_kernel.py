@@ -64,6 +64,12 @@ class _Gate(torch.nn.Module):
         return torch.nn.functional.silu(g) * u
 
 
+def slab_reference(gu, dn, x, ids, weights):
+    """runtime.reference.slab_forward with the SiLU gate on stacked slabs gu [S, 2I, H], dn [S, H, I]: the output
+    every kernel here is checked against."""
+    return slab_forward(_Gate(), {"gate_up_proj": gu, "down_proj": dn}, x, ids, weights)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # timing
 

@@ -242,7 +242,6 @@ def bench(vendor_dir, out_path, seed=0, tokens=None, reps=25):
     from eval import bench_kernel as bk
     from runtime import policy
     from runtime.kernels import fused_moe as fm
-    from runtime.reference import slab_forward
     import triton
 
     kernel = load_kernel(vendor_dir)
@@ -271,7 +270,7 @@ def bench(vendor_dir, out_path, seed=0, tokens=None, reps=25):
                 a = policy.remap(idx, w, e2g, G, ratio)
                 live = int((a.ids < S).sum())
                 limit_ms = max(bk.limit_terms_ms(int(policy.slabs_read(a.ids, S)), live, H, I, bw, flops))
-                ref = slab_forward(bk._Gate(), {"gate_up_proj": gu, "down_proj": dn}, x, a.ids, a.weights)
+                ref = bk.slab_reference(gu, dn, x, a.ids, a.weights)
                 row = {"shape": name, "tokens": T, "way": way, "ratio": ratio, "limit_ms": limit_ms,
                        "ours_config": fm.get_config(T, H, I, k), "vllm_config": vcfg, "vllm_config_from": vfrom}
                 rm = bk.remapper(idx, w, e2g, G, ratio)

@@ -124,9 +124,8 @@ VENDOR = Path(os.environ.get("BROWNOUT_VLLM_VENDOR", Path(__file__).parents[1] /
 @pytest.mark.parametrize("block_m", [4, 16])
 def test_vllm_call_matches_the_slab_reference(ratio, block_m):
     pytest.importorskip("triton")
-    from eval.bench_kernel import _Gate, relerr
+    from eval.bench_kernel import relerr, slab_reference
     from runtime import policy
-    from runtime.reference import slab_forward
 
     g = torch.Generator().manual_seed(0)
     E, k, H, I, T, G = 6, 2, 64, 32, 5, 3
@@ -136,7 +135,7 @@ def test_vllm_call_matches_the_slab_reference(ratio, block_m):
     x = torch.randn(T, H, generator=g).to(dt)
     w, idx = torch.randn(T, E, generator=g).softmax(-1).topk(k, -1)
     a = policy.remap(idx, (w / w.sum(-1, keepdim=True)).to(dt), torch.arange(E) // 2, G, ratio)
-    ref = slab_forward(_Gate(), {"gate_up_proj": gu, "down_proj": dn}, x, a.ids, a.weights)
+    ref = slab_reference(gu, dn, x, a.ids, a.weights)
     cfg = {"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 2}
     call = vy.VllmCall(vy.load_kernel(VENDOR), x, gu, dn, a.ids, a.weights, E + G, cfg)
     assert relerr(call.full(), ref) < 2e-3
