@@ -153,3 +153,25 @@ def test_extract_removes_its_own_half_written_folder_on_failure(tmp_path, monkey
     with pytest.raises(OSError, match="disk full"):
         vy.extract(fake_wheel(tmp_path), tmp_path / "v")
     assert not (tmp_path / "v").exists() and not (tmp_path / "v.part").exists()
+
+
+def test_the_table_names_where_vllm_is_faster(tmp_path):
+    def row(T, ratio, ours, vllm, noremap=None):
+        r = {"shape": "olmoe-1b-7b", "tokens": T, "way": 2, "ratio": ratio, "limit_ms": 0.05, "ours_ms": ours,
+             "ours_pct": 5 / ours, "vllm_ms": vllm, "vllm_pct": 5 / vllm, "vllm_config_from": "default",
+             "ours_relerr": 1e-3, "vllm_relerr": 1e-3}
+        if noremap:
+            r.update(ours_noremap_ms=noremap, ours_noremap_pct=5 / noremap)
+        return r
+
+    res = {"device": "GPU", "torch": "t", "triton": "tr", "vllm": {"wheel": "vllm.whl"}, "routing_seed": 0,
+           "flush": "read", "copy_bw_TBps": 4.0, "bf16_TFLOPs": 800.0,
+           "rows": [row(8, 0.0, 0.10, 0.12), row(8, 1.0, 0.10, 0.09, noremap=0.08)]}
+    vy.write_md(res, tmp_path / "r.md")
+    text = (tmp_path / "r.md").read_text()
+    assert "| olmoe-1b-7b | 8 | 2 | 1 | 0.0500 | 0.1000 (50) | 0.0900 (56) | 0.90 | 0.0800 (62) |" in text
+    assert "vLLM faster at 1: olmoe-1b-7b T=8 w2 r1 (0.90)." in text
+    assert "against ours without the remap (1 calls): vLLM faster at 0." in text
+    pytest.importorskip("matplotlib")
+    vy.plot(dict(res, rows=res["rows"] + [dict(res["rows"][0], way=4, ratio=1.0)]), tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 1000
