@@ -353,8 +353,7 @@ def check():
                     ids, ww = fused_remap(idx, w, e2g, G, ratio)
                     a = policy.remap(idx, w, e2g, G, ratio)
                     same_ids = bool(torch.equal(ids, a.ids))
-                    ref = slab_forward(_Gate(), {"gate_up_proj": gu.float(), "down_proj": dn.float()}, x.float(),
-                                       a.ids, a.weights.float())
+                    ref = slab_reference(gu.float(), dn.float(), x.float(), a.ids, a.weights.float())
                     for name, cfg in cfgs.items():
                         if cfg is not None and cfg["mode"] == "decode" and T * k > fm.DECODE_MAX_SLOTS:
                             continue
@@ -859,8 +858,7 @@ def _tune_point(x, routings, slots, incumbent=None):
     `incumbent`: the config the table holds now, a first-stage candidate. The stages search one part of a config at a
     time, so they can miss a combination an earlier tuning found: re-tunes on an H200 lost 4-6% at T = 1 on the
     bench's routings that way (eval/results/README.md)."""
-    refs = [slab_forward(_Gate(), {"gate_up_proj": gu.float(), "down_proj": dn.float()}, x.float(), ids, w.float())
-            for gu, dn, ids, w in routings]
+    refs = [slab_reference(gu.float(), dn.float(), x.float(), ids, w.float()) for gu, dn, ids, w in routings]
 
     def time_one(cfg, gu, dn, ids, w, ref):
         try:
@@ -977,7 +975,7 @@ def ab(table_a, table_b, out_path, seed=0, tokens=None, reps=25, dtype=torch.bfl
                 for ratio in RATIOS:
                     a = policy.remap(idx, w, e2g, G, ratio)
                     gu, dn = tensors[0]
-                    ref = slab_forward(_Gate(), {"gate_up_proj": gu, "down_proj": dn}, x, a.ids, a.weights)
+                    ref = slab_reference(gu, dn, x, a.ids, a.weights)
                     limit_ms = max(limit_terms_ms(int(policy.slabs_read(a.ids, S)), int((a.ids < S).sum()), H, I,
                                                   bw, flops))
                     row = {"shape": name, "tokens": T, "way": way, "ratio": ratio, "limit_ms": limit_ms,
@@ -1105,7 +1103,7 @@ def bench(outdir, budget_s=420.0, seed=0):
 
                     try:
                         out = call()
-                        ref = slab_forward(_Gate(), {"gate_up_proj": gu, "down_proj": dn}, x, a.ids, a.weights)
+                        ref = slab_reference(gu, dn, x, a.ids, a.weights)
                         row["relerr_vs_reference"] = relerr(out, ref)
                         row["ours_eager_ms"] = bench_eager(call)
                         g, gout = capture(call)

@@ -514,7 +514,7 @@ def _fake_tuner_kernels(monkeypatch, x, gu, dn, a, timed):
     """The tuner's kernels and timings faked on the CPU: every candidate computes the reference (only the candidates
     are under test), its graph is timed by `timed(config)`."""
     from eval import bench_kernel as bk
-    ref = bk.slab_forward(bk._Gate(), {"gate_up_proj": gu, "down_proj": dn}, x, a.ids, a.weights)
+    ref = bk.slab_reference(gu, dn, x, a.ids, a.weights)
     current = [None]
 
     def fused(x, gu, dn, ids, w, config=None, **kw):
