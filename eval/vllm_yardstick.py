@@ -138,27 +138,19 @@ def pick_config(vendor_dir, E: int, N: int, M: int, device_name: str) -> tuple[d
 
 
 def align(ids: torch.Tensor, block_m: int, num_experts: int):
-    """vLLM's moe_align_block_size in PyTorch: the flat slot indices sorted by expert (stable), each expert's run
-    padded with the sentinel ids.numel() to a multiple of block_m; the expert of each block; the padded length.
-    Slots with ids >= num_experts are left out (here: slots the remap skipped).
+    """vLLM's moe_align_block_size, by our own alignment (`fused_moe.moe_align`: the same sort, each slab's slots
+    padded with the sentinel ids.numel() to a multiple of block_m, slots with ids >= num_experts left out; here:
+    slots the remap skipped), in vLLM's array sizes, so its kernel gets vLLM's grid.
     -> (sorted_token_ids int32 [numel + E*(block_m-1)], expert_ids int32 [that / block_m], num_post_pad int32 [1])."""
-    flat = ids.reshape(-1).long()
-    n = flat.numel()
-    live = torch.nonzero(flat < num_experts).squeeze(1)
-    counts = torch.bincount(flat[live], minlength=num_experts)
-    padded = (counts + block_m - 1) // block_m * block_m
-    starts = torch.cumsum(padded, 0) - padded
-    order = live[torch.argsort(flat[live], stable=True)]
-    e_sorted = flat[order]
-    rank = torch.arange(order.numel(), device=ids.device) - (torch.cumsum(counts, 0) - counts)[e_sorted]
-    max_len = n + num_experts * (block_m - 1)
+    from runtime.kernels import fused_moe as fm
+    n = ids.numel()
+    ours, block_slab, total, _ = fm.moe_align(ids.reshape(-1).to(torch.int32), num_experts, block_m)
+    max_len = n + num_experts * (block_m - 1)  # >= the padded total; ours may run past it on sentinels only
     sorted_ids = torch.full((max_len,), n, dtype=torch.int32, device=ids.device)
-    sorted_ids[starts[e_sorted] + rank] = order.to(torch.int32)
-    nblocks = -(-max_len // block_m)
-    expert_ids = torch.zeros(nblocks, dtype=torch.int32, device=ids.device)
-    block_expert = torch.repeat_interleave(torch.arange(num_experts, device=ids.device), padded // block_m)
-    expert_ids[:block_expert.numel()] = block_expert.to(torch.int32)
-    return sorted_ids, expert_ids, padded.sum().reshape(1).to(torch.int32)
+    sorted_ids[:min(max_len, ours.numel())] = ours[:max_len]
+    expert_ids = torch.zeros(-(-max_len // block_m), dtype=torch.int32, device=ids.device)
+    expert_ids[:block_slab.numel()] = block_slab  # read by vLLM's kernel only for blocks below the total
+    return sorted_ids, expert_ids, total
 
 
 # ------------------------------------------------------------------------------------------------------------------
