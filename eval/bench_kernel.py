@@ -4,6 +4,8 @@
     python -m eval.bench_kernel tune [DIR [LOG]]    # pick tile configs per (shape, T bucket) by measurement
     python -m eval.bench_kernel bench OUTDIR        # the table: kernel_bench.json / .md / .png
     python -m eval.bench_kernel ab A.json B.json --out OUT.json   # two tile tables on the same calls (+ .md)
+    python -m eval.bench_kernel variants --set ws=1 --out OUT.json # the table's entries with one option changed,
+                                                    # on the tuner's routings (+ .md)
     python -m eval.bench_kernel profile OUT.json    # kernel breakdown of a call (profiler) and PDL off / on, each GEMM
                                                     # against its share of the limit, the vendor grouped GEMM
                                                     # (torch._grouped_mm) on the same rows (+ .md); --points
@@ -851,6 +853,26 @@ def res_of(res, cfg):
 TUNE_MAX_RELERR = 1.5e-2  # as `check`: a candidate whose output is further from the reference is never picked
 
 
+def time_config(x, cfg, gu, dn, ids, w, ref, reps=12):
+    """Graph time (ms) of one call with `cfg`, after checking its replayed output against `ref`; inf for a config
+    that does not compile, does not fit, or computes something else (relative error over TUNE_MAX_RELERR)."""
+    try:
+        g, out = capture(lambda: fm.fused_moe(x, gu, dn, ids, w, config=cfg))
+        out.fill_(float("nan"))  # what the check reads is the replay's
+        g.replay()
+        torch.cuda.synchronize()
+        err = relerr(out, ref)
+        if not err <= TUNE_MAX_RELERR:
+            print(f"  skip {cfg}: relative error {err:.3g} against the reference", flush=True)
+            return float("inf")
+        ms = time_graph(g, reps=reps)
+        del g
+        return ms
+    except Exception as exc:  # a config that does not compile / fit: skip it
+        print(f"  skip {cfg}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+        return float("inf")
+
+
 def _tune_point(x, routings, slots, incumbent=None):
     """-> (best config, its score, [(ms per routing, config)]) where score = sum over routings of ms / best ms.
     Each candidate's output on each routing is checked against the PyTorch reference first: one that does not
@@ -859,29 +881,11 @@ def _tune_point(x, routings, slots, incumbent=None):
     time, so they can miss a combination an earlier tuning found: re-tunes on an H200 lost 4-6% at T = 1 on the
     bench's routings that way (eval/results/README.md)."""
     refs = [slab_reference(gu.float(), dn.float(), x.float(), ids, w.float()) for gu, dn, ids, w in routings]
-
-    def time_one(cfg, gu, dn, ids, w, ref):
-        try:
-            g, out = capture(lambda: fm.fused_moe(x, gu, dn, ids, w, config=cfg))
-            out.fill_(float("nan"))  # what the check reads is the replay's
-            g.replay()
-            torch.cuda.synchronize()
-            err = relerr(out, ref)
-            if not err <= TUNE_MAX_RELERR:
-                print(f"  skip {cfg}: relative error {err:.3g} against the reference", flush=True)
-                return float("inf")
-            ms = time_graph(g, reps=12)
-            del g
-            return ms
-        except Exception as exc:  # a config that does not compile / fit: skip it
-            print(f"  skip {cfg}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
-            return float("inf")
-
     res = []
 
     def run(cands):
         for c in cands:
-            res.append(([time_one(c, *r, ref) for r, ref in zip(routings, refs)], c))
+            res.append(([time_config(x, c, *r, ref) for r, ref in zip(routings, refs)], c))
         lows = [min(m[j] for m, _ in res) for j in range(len(routings))]
         scored = [(sum(mj / lj for mj, lj in zip(m, lows)), c) for m, c in res]
         return min(scored, key=lambda t: t[0])
@@ -927,6 +931,95 @@ def _tune_point(x, routings, slots, incumbent=None):
                      for g in tall]
         score, best = run(half)
     return best, score, res
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# variants: one change to the table's configs, on the tuner's routings
+
+
+def parse_overrides(texts):
+    """["ws=1,tma=1", ...] -> [{"ws": True, "tma": True}, ...]: the boolean config options a variant sets or clears
+    (ValueError on anything else, so a typo never times the table's own config under another name)."""
+    known = ("tma", "sorted_rows", "half_tail", "ws")
+    out = []
+    for text in texts:
+        o = {}
+        for item in text.split(","):
+            key, _, val = item.partition("=")
+            if key not in known or val not in ("0", "1"):
+                raise ValueError(f"{item!r}: want KEY=0 or KEY=1 with KEY one of {', '.join(known)}")
+            o[key] = val == "1"
+        out.append(o)
+    return out
+
+
+@torch.no_grad()
+def variants(out_path, overrides, buckets=None, seeds=TUNE_SEEDS, ways_ratios=TUNE_WAYS_RATIOS,
+             dtype=torch.bfloat16):
+    """This GPU's table entry at each (shape, T bucket), and the same entry with each of `overrides` applied, timed
+    on the tuner's routings (its seeds, ways and ratios; never the bench's) in the order base, variants..., base.
+    Each output is checked against the reference first; a variant that fails to compile or computes something else
+    is recorded as inf. -> the result (JSON at out_path, a table beside it as .md)."""
+    table = configs.load(fm.device_name())
+    bw, flops = measure_limits()
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": __import__("triton").__version__, "flush": FLUSH, "copy_bw_TBps": bw / 1e12,
+           "bf16_TFLOPs": flops / 1e12, "overrides": overrides, "seeds": list(seeds), "rows": []}
+    for name, (E, k, H, I) in SHAPES.items():
+        gu0 = torch.randn(E, 2 * I, H, device=dev, dtype=dtype) * 0.02
+        dn0 = torch.randn(E, H, I, device=dev, dtype=dtype) * 0.02
+        sl = {way: make_slabs(E, H, I, way, gu0, dn0, dtype) for way in (2, 4)}
+        del gu0, dn0
+        for T in (t for t in TOKENS if not buckets or t in buckets):
+            x = torch.randn(T, H, device=dev, dtype=dtype)
+            base = fm.config_in(table, T, H, I, k)
+            cands = [dict(base, **o) for o in overrides]
+            for seed in seeds:
+                idx, w = tune_routing(T, E, k, seed)
+                for way, ratio in ways_ratios:
+                    gu, dn, G, e2g = sl[way]
+                    ids, ww = fused_remap(idx, w, e2g, G, ratio)
+                    ref = slab_reference(gu.float(), dn.float(), x.float(), ids, ww.float())
+                    S = E + G
+                    limit_ms = max(limit_terms_ms(int(policy.slabs_read(ids, S)), int((ids < S).sum()), H, I, bw,
+                                                  flops))
+                    b0 = time_config(x, base, gu, dn, ids, ww, ref)
+                    ms = [time_config(x, c, gu, dn, ids, ww, ref) for c in cands]
+                    b1 = time_config(x, base, gu, dn, ids, ww, ref)
+                    row = {"shape": name, "tokens": T, "seed": seed, "way": way, "ratio": ratio, "base": base,
+                           "limit_ms": limit_ms, "base_ms": [b0, b1], "variant_ms": ms,
+                           "variant_over_base": [m / ((b0 + b1) / 2) for m in ms]}
+                    res["rows"].append(row)
+                    print(f"VARIANTS {name} T={T} seed {seed} w{way}r{ratio:g}: base {b0:.4f}/{b1:.4f} ms, "
+                          + " ".join(f"{q:.3f}" for q in row["variant_over_base"]), flush=True)
+        del sl
+        torch.cuda.empty_cache()
+    Path(out_path).write_text(json.dumps(res, indent=1))
+    write_variants_md(res, Path(out_path).with_suffix(".md"))
+    return res
+
+
+def write_variants_md(res, path):
+    """Per (shape, T): each variant's time over the base entry's, as the geometric mean over the routings and its
+    range; inf where it did not compile or was wrong."""
+    names = [",".join(f"{k}={int(v)}" for k, v in o.items()) for o in res["overrides"]]
+    L = [f"# One change to the tile table's entries: {res['device']}, torch {res['torch']}, triton {res['triton']}",
+         "", f"The tuner's routings (seeds {res['seeds']}), L2 flush {res['flush']}. Each cell: variant time / the "
+         "table entry's time (mean of the base timed before and after), geometric mean over the routings [range]; "
+         "inf: did not compile or fit, or its output was off the reference.", "",
+         "| shape | T | base ratio 0 % of limit | " + " | ".join(names) + " |",
+         "|---|---|---|" + "---|" * len(names)]
+    keys = sorted({(r["shape"], r["tokens"]) for r in res["rows"]}, key=lambda t: (list(SHAPES).index(t[0]), t[1]))
+    for shape, T in keys:
+        pts = [r for r in res["rows"] if r["shape"] == shape and r["tokens"] == T]
+        r0 = [100 * r["limit_ms"] / min(r["base_ms"]) for r in pts if r["ratio"] == 0.0]
+        cells = []
+        for j in range(len(names)):
+            q = [r["variant_over_base"][j] for r in pts]
+            cells.append("inf" if any(v == float("inf") for v in q) else
+                         f"{statistics.geometric_mean(q):.3f} [{min(q):.3f}-{max(q):.3f}]")
+        L.append(f"| {shape} | {T} | {'/'.join(f'{v:.0f}' for v in r0)} | " + " | ".join(cells) + " |")
+    Path(path).write_text("\n".join(L) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -1285,14 +1378,17 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(prog="python -m eval.bench_kernel", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("cmd", nargs="?", default="bench", choices=["check", "tune", "bench", "ab", "profile",
-                                                                "profile-md", "ncu-target", "ncu-md"])
+    ap.add_argument("cmd", nargs="?", default="bench", choices=["check", "tune", "bench", "ab", "variants",
+                                                                "profile", "profile-md", "ncu-target", "ncu-md"])
     ap.add_argument("path", nargs="?", help="check: JSON out; tune: config folder; bench: result folder; "
                     "ab: table A (JSON); profile: JSON out; profile-md: an earlier profile's JSON; ncu-md: the "
                     "report's raw CSV")
     ap.add_argument("log", nargs="?", help="tune: where to write the tuning log (JSON); ab: table B (JSON); "
                     "ncu-md: the ncu-target run's stdout")
-    ap.add_argument("--out", help="ab: the result JSON (+ .md beside it)")
+    ap.add_argument("--out", help="ab, variants: the result JSON (+ .md beside it)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=0|1,...", help="variants: one variant of "
+                    "every table entry, e.g. --set ws=1 --set ws=1,sorted_rows=1 (keys: tma, sorted_rows, half_tail, "
+                    "ws)")
     ap.add_argument("--tokens", help=f"ab: only these T buckets of {TOKENS} (default: all)")
     ap.add_argument("--copies", type=int, default=1, help="ab: time every call on this many copies of the weights "
                     "at other addresses (the spread is what placement in memory moves a time by)")
@@ -1301,8 +1397,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-vendor", action="store_true", help="profile: skip the vendor grouped GEMM yardstick")
     ap.add_argument("--seed", type=int, default=0, help="profile, bench: seed of the random routings (the tuner "
                     f"scores on seeds {', '.join(map(str, TUNE_SEEDS))} of its own draws, never on the bench's)")
-    ap.add_argument("--buckets", help=f"tune: re-tune only these T buckets of {TOKENS} (e.g. 1,8), keeping the "
-                    "other entries of the table already there")
+    ap.add_argument("--buckets", help=f"tune, variants: only these T buckets of {TOKENS} (e.g. 1,8); tune keeps "
+                    "the other entries of the table already there")
     ap.add_argument("--score-mid-ratio", action="store_true", help="tune: score each candidate on way-4 ratio-0.5 "
                     "routings too (1.5x the time; no measurable gain on the H200)")
     ap.add_argument("--flush", choices=FLUSH_MODES, default=FLUSH,
@@ -1360,6 +1456,18 @@ def main(argv=None) -> None:
         if a.copies < 1:
             ap.error(f"--copies {a.copies}: at least 1")
         ab(a.path, a.log, a.out, seed=a.seed, tokens=tokens, copies=a.copies)
+    elif a.cmd == "variants":
+        if not (a.out and a.set):
+            ap.error("variants needs --out and at least one --set: variants --set ws=1 --out OUT.json")
+        if Path(a.out).suffix.lower() != ".json":
+            ap.error(f"variants: --out {a.out} is not a .json path")
+        try:
+            overrides = parse_overrides(a.set)
+            buckets = [int(t) for t in a.buckets.split(",")] if a.buckets else None
+            check_buckets(buckets or [])
+        except ValueError as e:
+            ap.error(f"variants: {e}")
+        variants(a.out, overrides, buckets)
     elif a.cmd == "tune":
         try:
             buckets = [int(t) for t in a.buckets.split(",")] if a.buckets else None
