@@ -4,7 +4,7 @@
     python -m eval.bench_kernel tune [DIR [LOG]]    # pick tile configs per (shape, T bucket) by measurement
     python -m eval.bench_kernel bench OUTDIR        # the table: kernel_bench.json / .md / .png
     python -m eval.bench_kernel ab A.json B.json --out OUT.json   # two tile tables on the same calls (+ .md)
-    python -m eval.bench_kernel variants --set ws=1 --out OUT.json # the table's entries with one option changed,
+    python -m eval.bench_kernel variants --set tma=1 --out OUT.json   # the table's entries with one option changed,
                                                     # on the tuner's routings (+ .md)
     python -m eval.bench_kernel profile OUT.json    # kernel breakdown of a call (profiler) and PDL off / on, each GEMM
                                                     # against its share of the limit, the vendor grouped GEMM
@@ -938,9 +938,10 @@ def _tune_point(x, routings, slots, incumbent=None):
 
 
 def parse_overrides(texts):
-    """["ws=1,tma=1", ...] -> [{"ws": True, "tma": True}, ...]: the boolean config options a variant sets or clears
-    (ValueError on anything else, so a typo never times the table's own config under another name)."""
-    known = ("tma", "sorted_rows", "half_tail", "ws")
+    """["tma=1,sorted_rows=0", ...] -> [{"tma": True, "sorted_rows": False}, ...]: the boolean config options a
+    variant sets or clears (ValueError on anything else, so a typo never times the table's own config under another
+    name)."""
+    known = ("tma", "sorted_rows", "half_tail")
     out = []
     for text in texts:
         o = {}
@@ -1387,8 +1388,8 @@ def main(argv=None) -> None:
                     "ncu-md: the ncu-target run's stdout")
     ap.add_argument("--out", help="ab, variants: the result JSON (+ .md beside it)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=0|1,...", help="variants: one variant of "
-                    "every table entry, e.g. --set ws=1 --set ws=1,sorted_rows=1 (keys: tma, sorted_rows, half_tail, "
-                    "ws)")
+                    "every table entry, e.g. --set tma=1 --set tma=1,sorted_rows=1 (keys: tma, sorted_rows, "
+                    "half_tail)")
     ap.add_argument("--tokens", help=f"ab: only these T buckets of {TOKENS} (default: all)")
     ap.add_argument("--copies", type=int, default=1, help="ab: time every call on this many copies of the weights "
                     "at other addresses (the spread is what placement in memory moves a time by)")
@@ -1458,7 +1459,7 @@ def main(argv=None) -> None:
         ab(a.path, a.log, a.out, seed=a.seed, tokens=tokens, copies=a.copies)
     elif a.cmd == "variants":
         if not (a.out and a.set):
-            ap.error("variants needs --out and at least one --set: variants --set ws=1 --out OUT.json")
+            ap.error("variants needs --out and at least one --set: variants --set tma=1 --out OUT.json")
         if Path(a.out).suffix.lower() != ".json":
             ap.error(f"variants: --out {a.out} is not a .json path")
         try:

@@ -172,34 +172,6 @@ def test_sorted_rows_copy():
     assert (xs[:n][~live] == 0).all() and xs[n:].isnan().all()  # past the padded length: untouched
 
 
-def test_warp_specialised_loops_asked_where_they_apply(monkeypatch):
-    # ws: both GEMMs' K loops are launched with WS (Triton's warp specialisation; the interpreter runs the loop as
-    # it is, so this checks the launch and the output, the GPU check the compiled code); only prefill with TMA
-    x, gu, dn, a = _case(11, 4, 4, 9, 0.5, torch.float32, seed=61)
-    calls = []
-    real = {n: getattr(fm, n) for n in ("_gate_up_kernel", "_down_kernel")}
-
-    class Spy:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                calls.append((self.name, kw["WS"]))
-                return real[self.name][grid](*args, **kw)
-            return launch
-
-    for n in real:
-        monkeypatch.setattr(fm, n, Spy(n))
-    for config in (dict(PREFILL_TMA, ws=True), dict(PREFILL_TMA, sorted_rows=True, ws=True)):
-        _check(x, gu, dn, a, config)
-    assert calls == [("_gate_up_kernel", True), ("_down_kernel", True)] * 2
-    calls.clear()
-    for config in (dict(PREFILL, ws=True), dict(DECODE_TMA, ws=True), PREFILL_TMA):
-        _check(x, gu, dn, a, config)
-    assert [ws for _, ws in calls] == [False] * 6
-
-
 @pytest.mark.parametrize("config", [PREFILL, DECODE, PREFILL_TMA, dict(PREFILL_TMA, sorted_rows=True)])
 def test_fp16(config):
     _check(*_case(11, 4, 4, 5, 0.5, torch.float16, seed=5), config)
@@ -763,8 +735,8 @@ def test_variants_times_each_change_between_two_runs_of_the_table_entry(monkeypa
         return Graph(fn, out, current[0]), out
 
     def timed(g, reps=25):
-        order.append("ws" if g.cfg.get("ws") else "base")
-        return 0.8 if g.cfg.get("ws") else 1.0
+        order.append("half" if g.cfg.get("half_tail") else "base")
+        return 0.8 if g.cfg.get("half_tail") else 1.0
 
     monkeypatch.setattr(fm, "fused_moe", fused)
     monkeypatch.setattr(bk, "dev", "cpu")
@@ -775,16 +747,16 @@ def test_variants_times_each_change_between_two_runs_of_the_table_entry(monkeypa
     monkeypatch.setattr(bk.configs, "load", lambda name: {"shapes": {fm.shape_key(H, I, 4): {"8": base}}})
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "cpu")
-    overrides = bk.parse_overrides(["ws=1", "sorted_rows=1,ws=0"])
-    assert overrides == [{"ws": True}, {"sorted_rows": True, "ws": False}]
-    for bad in ("ws", "ws=2", "tiles=1", "ws=1,sortedrows=1"):
+    overrides = bk.parse_overrides(["half_tail=1", "sorted_rows=1,half_tail=0"])
+    assert overrides == [{"half_tail": True}, {"sorted_rows": True, "half_tail": False}]
+    for bad in ("tma", "tma=2", "tiles=1", "tma=1,sortedrows=1"):
         with pytest.raises(ValueError):
             bk.parse_overrides([bad])
     res = bk.variants(tmp_path / "v.json", overrides, buckets=[8], dtype=torch.float32)
     rows = res["rows"]
     assert len(rows) == len(bk.TUNE_SEEDS) * len(bk.TUNE_WAYS_RATIOS) and {r["tokens"] for r in rows} == {8}
-    assert order == ["base", "ws", "base"] * len(rows)  # the wrong variant was never timed
+    assert order == ["base", "half", "base"] * len(rows)  # the wrong variant was never timed
     assert all(r["base"] == base and r["variant_over_base"] == [0.8, float("inf")] for r in rows)
     assert json.loads((tmp_path / "v.json").read_text())["overrides"] == overrides
     md = (tmp_path / "v.md").read_text()
-    assert "| ws=1 | sorted_rows=1,ws=0 |" in md and "| 0.800 [0.800-0.800] | inf |" in md
+    assert "| half_tail=1 | sorted_rows=1,half_tail=0 |" in md and "| 0.800 [0.800-0.800] | inf |" in md

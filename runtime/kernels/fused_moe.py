@@ -181,8 +181,7 @@ if HAS_TRITON:
     @triton.jit
     def _gate_up_tile(x_ptr, x_desc, w_ptr, w_desc, inter_ptr, s, slot, row_mask, pid_m, pid_n, N, K,
                       stride_xm, stride_ws, stride_wn, stride_im, top_k, EVEN_K: tl.constexpr, TMA: tl.constexpr,
-                      SORTED: tl.constexpr, WS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+                      SORTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """One program's tile of `_gate_up_kernel` over the BLOCK_M rows `slot` (those of row_mask live)."""
         token = slot // top_k
         offs_k = tl.arange(0, BLOCK_K)
@@ -195,7 +194,7 @@ if HAS_TRITON:
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         row_g = s * (2 * N) + pid_n * BLOCK_N
-        for k0 in tl.range(0, K, BLOCK_K, warp_specialize=WS):  # WS: loads and MMAs in warp groups of their own
+        for k0 in range(0, K, BLOCK_K):
             a = _a_tile(x_desc, x_ptrs, row_mask, offs_k, pid_m, k0, K, SORTED, EVEN_K, BLOCK_M)
             if TMA:
                 bg = w_desc.load([row_g, k0]).T
@@ -226,7 +225,7 @@ if HAS_TRITON:
                         num_slots, S, N, K, NUM_M,
                         stride_xm, stride_ws, stride_wn, stride_im,
                         top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr, SORTED: tl.constexpr,
-                        HALF_TAIL: tl.constexpr, WS: tl.constexpr,
+                        HALF_TAIL: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                         USE_PDL: tl.constexpr):
         """inter[slot, n] = silu(gate_s[n] . x[tok]) * (up_s[n] . x[tok]); N = I, K = H.
@@ -247,22 +246,22 @@ if HAS_TRITON:
                 if tl.sum(row_mask.to(tl.int32), 0) <= BLOCK_M // 2:
                     half = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M // 2))
                     _gate_up_tile(x_ptr, x_desc, w_ptr, w_desc, inter_ptr, s, half, half < num_slots, pid_m, pid_n,
-                                  N, K, stride_xm, stride_ws, stride_wn, stride_im, top_k, EVEN_K, TMA, SORTED, WS,
+                                  N, K, stride_xm, stride_ws, stride_wn, stride_im, top_k, EVEN_K, TMA, SORTED,
                                   BLOCK_M // 2, BLOCK_N, BLOCK_K)
                 else:
                     _gate_up_tile(x_ptr, x_desc, w_ptr, w_desc, inter_ptr, s, slot, row_mask, pid_m, pid_n, N, K,
-                                  stride_xm, stride_ws, stride_wn, stride_im, top_k, EVEN_K, TMA, SORTED, WS, BLOCK_M,
+                                  stride_xm, stride_ws, stride_wn, stride_im, top_k, EVEN_K, TMA, SORTED, BLOCK_M,
                                   BLOCK_N, BLOCK_K)
             else:
                 _gate_up_tile(x_ptr, x_desc, w_ptr, w_desc, inter_ptr, s, slot, row_mask, pid_m, pid_n, N, K,
-                              stride_xm, stride_ws, stride_wn, stride_im, top_k, EVEN_K, TMA, SORTED, WS, BLOCK_M,
+                              stride_xm, stride_ws, stride_wn, stride_im, top_k, EVEN_K, TMA, SORTED, BLOCK_M,
                               BLOCK_N, BLOCK_K)
 
     @triton.jit
     def _down_tile(inter_ptr, i_desc, w_ptr, w_desc, out_ptr, weights_ptr, s, slot, row_mask, pid_m, pid_n, N, K,
                    stride_im, stride_ws, stride_wn, stride_om, top_k, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
-                   TMA: tl.constexpr, SORTED: tl.constexpr, WS: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   TMA: tl.constexpr, SORTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
         """One program's tile of `_down_kernel` over the BLOCK_M rows `slot` (those of row_mask live)."""
         offs_k = tl.arange(0, BLOCK_K)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -272,7 +271,7 @@ if HAS_TRITON:
         b_ptrs = w_ptr + s.to(tl.int64) * stride_ws + offs_nc[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         row_d = s * N + pid_n * BLOCK_N  # TMA: down viewed [S * N, K]
-        for k0 in tl.range(0, K, BLOCK_K, warp_specialize=WS):
+        for k0 in range(0, K, BLOCK_K):
             a = _a_tile(i_desc, a_ptrs, row_mask, offs_k, pid_m, k0, K, SORTED, EVEN_K, BLOCK_M)
             if TMA:
                 b = w_desc.load([row_d, k0]).T
@@ -299,7 +298,7 @@ if HAS_TRITON:
                      total_ptr, num_slots, S, N, K, NUM_M,
                      stride_im, stride_ws, stride_wn, stride_om,
                      top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, TMA: tl.constexpr,
-                     SORTED: tl.constexpr, HALF_TAIL: tl.constexpr, WS: tl.constexpr,
+                     SORTED: tl.constexpr, HALF_TAIL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                      USE_PDL: tl.constexpr):
         """y[slot, n] = weights[slot] * (down_s[n] . inter[slot]); N = H, K = I. Store per slot, or atomically per token.
@@ -315,15 +314,15 @@ if HAS_TRITON:
                     half = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M // 2))
                     _down_tile(inter_ptr, i_desc, w_ptr, w_desc, out_ptr, weights_ptr, s, half, half < num_slots,
                                pid_m, pid_n, N, K, stride_im, stride_ws, stride_wn, stride_om, top_k, EVEN_K, ATOMIC,
-                               TMA, SORTED, WS, BLOCK_M // 2, BLOCK_N, BLOCK_K)
+                               TMA, SORTED, BLOCK_M // 2, BLOCK_N, BLOCK_K)
                 else:
                     _down_tile(inter_ptr, i_desc, w_ptr, w_desc, out_ptr, weights_ptr, s, slot, row_mask, pid_m, pid_n,
-                               N, K, stride_im, stride_ws, stride_wn, stride_om, top_k, EVEN_K, ATOMIC, TMA, SORTED, WS,
+                               N, K, stride_im, stride_ws, stride_wn, stride_om, top_k, EVEN_K, ATOMIC, TMA, SORTED,
                                BLOCK_M, BLOCK_N, BLOCK_K)
             else:
                 _down_tile(inter_ptr, i_desc, w_ptr, w_desc, out_ptr, weights_ptr, s, slot, row_mask, pid_m, pid_n, N,
-                           K, stride_im, stride_ws, stride_wn, stride_om, top_k, EVEN_K, ATOMIC, TMA, SORTED, WS,
-                           BLOCK_M, BLOCK_N, BLOCK_K)
+                           K, stride_im, stride_ws, stride_wn, stride_om, top_k, EVEN_K, ATOMIC, TMA, SORTED, BLOCK_M,
+                           BLOCK_N, BLOCK_K)
 
     @triton.jit
     def _gather_rows_kernel(x_ptr, sorted_ptr, total_ptr, xs_ptr, num_slots, H, stride_xm, stride_sm, top_k,
@@ -528,9 +527,6 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
     # points and lost 1-2% at others; its table takes them at 10 of its 19 prefill buckets): gathered rows only
     # (TMA row tiles have a fixed height), and the half must make a tl.dot (16 rows)
     half_tail = bool(cfg.get("half_tail")) and not decode and not sorted_rows and gm >= 32
-    # Triton's automatic warp specialisation of the K loops (loads and MMAs in warp groups of their own, so one
-    # tile's loads overlap its math): a tuner option, prefill with TMA weight tiles only
-    ws = tma and not decode and bool(cfg.get("ws"))
     if sorted_rows:
         xs = torch.empty(num_m_g * gm, H, dtype=x.dtype, device=dev)
         _gather_rows_kernel[(num_m_g,)](x, sorted_ids, total, xs, num_slots, H, x.stride(0), xs.stride(0), k,
@@ -550,7 +546,6 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
                             num_slots, S, I, H, num_m_g,
                             x.stride(0), gate_up.stride(0), gate_up.stride(1), inter.stride(0),
                             k, DECODE=decode, EVEN_K=(H % gk == 0), TMA=tma, SORTED=sorted_rows, HALF_TAIL=half_tail,
-                            WS=ws,
                             BLOCK_M=gm, BLOCK_N=gn, BLOCK_K=gk, GROUP_M=ggm, num_warps=gw, num_stages=gs,
                             **launch_opts(pdl))
     grid_d = (num_m_d * triton.cdiv(H, dn_),)
@@ -558,7 +553,7 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
                          num_slots, S, H, I, num_m_d,
                          inter.stride(0), down.stride(0), down.stride(1), y.stride(0),
                          k, DECODE=decode, EVEN_K=(I % dk == 0), ATOMIC=atomic, TMA=tma, SORTED=sorted_rows,
-                         HALF_TAIL=half_tail, WS=ws, BLOCK_M=dm, BLOCK_N=dn_, BLOCK_K=dk, GROUP_M=dgm, num_warps=dw,
+                         HALF_TAIL=half_tail, BLOCK_M=dm, BLOCK_N=dn_, BLOCK_K=dk, GROUP_M=dgm, num_warps=dw,
                          num_stages=ds, **launch_opts(pdl))
     if atomic:
         return y.to(out_dtype)
