@@ -960,7 +960,7 @@ def variants(out_path, overrides, buckets=None, seeds=TUNE_SEEDS, ways_ratios=TU
     """This GPU's table entry at each (shape, T bucket), and the same entry with each of `overrides` applied, timed
     on the tuner's routings (its seeds, ways and ratios; never the bench's) in the order base, variants..., base.
     Each output is checked against the reference first; a variant that fails to compile or computes something else
-    is recorded as inf. -> the result (JSON at out_path, a table beside it as .md)."""
+    is recorded as inf, and as inf on the point's other routings without being run again. -> the result (JSON at out_path, a table beside it as .md)."""
     table = configs.load(fm.device_name())
     bw, flops = measure_limits()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -975,6 +975,7 @@ def variants(out_path, overrides, buckets=None, seeds=TUNE_SEEDS, ways_ratios=TU
             x = torch.randn(T, H, device=dev, dtype=dtype)
             base = fm.config_in(table, T, H, I, k)
             cands = [dict(base, **o) for o in overrides]
+            failed = set()  # variants already inf at this point: not compiled again for every routing (slow)
             for seed in seeds:
                 idx, w = tune_routing(T, E, k, seed)
                 for way, ratio in ways_ratios:
@@ -985,7 +986,9 @@ def variants(out_path, overrides, buckets=None, seeds=TUNE_SEEDS, ways_ratios=TU
                     limit_ms = max(limit_terms_ms(int(policy.slabs_read(ids, S)), int((ids < S).sum()), H, I, bw,
                                                   flops))
                     b0 = time_config(x, base, gu, dn, ids, ww, ref)
-                    ms = [time_config(x, c, gu, dn, ids, ww, ref) for c in cands]
+                    ms = [float("inf") if j in failed else time_config(x, c, gu, dn, ids, ww, ref)
+                          for j, c in enumerate(cands)]
+                    failed |= {j for j, m in enumerate(ms) if m == float("inf")}
                     b1 = time_config(x, base, gu, dn, ids, ww, ref)
                     row = {"shape": name, "tokens": T, "seed": seed, "way": way, "ratio": ratio, "base": base,
                            "limit_ms": limit_ms, "base_ms": [b0, b1], "variant_ms": ms,
@@ -1403,7 +1406,7 @@ def main(argv=None) -> None:
     ap.add_argument("--score-mid-ratio", action="store_true", help="tune: score each candidate on way-4 ratio-0.5 "
                     "routings too (1.5x the time; no measurable gain on the H200)")
     ap.add_argument("--flush", choices=FLUSH_MODES, default=FLUSH,
-                    help="tune, bench, profile: how the L2 is emptied before each timed replay: read a 256 MiB buffer "
+                    help="tune, bench, profile, variants: how the L2 is emptied before each timed replay: read a 256 MiB buffer "
                     "(clean lines, as in a forward; default) or overwrite it (dirty lines the call must write back "
                     "first, as the benches did up to December 2026); env BENCH_FLUSH")
     a = ap.parse_args(argv)

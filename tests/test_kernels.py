@@ -718,10 +718,15 @@ def test_variants_times_each_change_between_two_runs_of_the_table_entry(monkeypa
     base = dict(PREFILL, tma=True)
     current, order = [None], []
 
+    wrong_runs = []
+
     def fused(x, gu, dn, ids, w, config=None, **kw):
         current[0] = config
         out = bk.slab_reference(gu, dn, x, ids, w)
-        return out * 1.5 if config.get("sorted_rows") else out  # the sorted-rows variant is wrong here
+        if config.get("sorted_rows"):  # the sorted-rows variant is wrong here
+            wrong_runs.append(1)
+            return out * 1.5
+        return out
 
     class Graph:
         def __init__(self, fn, out, cfg):
@@ -756,6 +761,7 @@ def test_variants_times_each_change_between_two_runs_of_the_table_entry(monkeypa
     rows = res["rows"]
     assert len(rows) == len(bk.TUNE_SEEDS) * len(bk.TUNE_WAYS_RATIOS) and {r["tokens"] for r in rows} == {8}
     assert order == ["base", "half", "base"] * len(rows)  # the wrong variant was never timed
+    assert len(wrong_runs) == 2  # captured and replayed once, never again on the point's other routings
     assert all(r["base"] == base and r["variant_over_base"] == [0.8, float("inf")] for r in rows)
     assert json.loads((tmp_path / "v.json").read_text())["overrides"] == overrides
     md = (tmp_path / "v.md").read_text()
