@@ -960,7 +960,8 @@ def variants(out_path, overrides, buckets=None, seeds=TUNE_SEEDS, ways_ratios=TU
     """This GPU's table entry at each (shape, T bucket), and the same entry with each of `overrides` applied, timed
     on the tuner's routings (its seeds, ways and ratios; never the bench's) in the order base, variants..., base.
     Each output is checked against the reference first; a variant that fails to compile or computes something else
-    is recorded as inf, and as inf on the point's other routings without being run again. -> the result (JSON at out_path, a table beside it as .md)."""
+    is recorded as inf, and as inf on the point's other routings without being run again. -> the result (JSON at
+    out_path, a table beside it as .md)."""
     table = configs.load(fm.device_name())
     bw, flops = measure_limits()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -1406,9 +1407,9 @@ def main(argv=None) -> None:
     ap.add_argument("--score-mid-ratio", action="store_true", help="tune: score each candidate on way-4 ratio-0.5 "
                     "routings too (1.5x the time; no measurable gain on the H200)")
     ap.add_argument("--flush", choices=FLUSH_MODES, default=FLUSH,
-                    help="tune, bench, profile, variants: how the L2 is emptied before each timed replay: read a 256 MiB buffer "
-                    "(clean lines, as in a forward; default) or overwrite it (dirty lines the call must write back "
-                    "first, as the benches did up to December 2026); env BENCH_FLUSH")
+                    help="tune, bench, profile, variants: how the L2 is emptied before each timed replay: read a "
+                    "256 MiB buffer (clean lines, as in a forward; default) or overwrite it (dirty lines the call "
+                    "must write back first, as the benches did up to December 2026); env BENCH_FLUSH")
     a = ap.parse_args(argv)
     set_flush(a.flush)  # the default is the environment's value, already checked at import
     if a.cmd == "ncu-md":  # the table of an ncu report's raw CSV export

@@ -560,11 +560,15 @@ def test_tuner_tries_half_tiles_on_the_best_and_on_twice_as_tall_blocks(monkeypa
     assert all(m[0] < float("inf") for m, _ in res)  # every candidate passed the output check and was timed
 
 
-def test_ab_times_two_tables_on_the_bench_routings(monkeypatch, tmp_path):
-    # `bench_kernel ab`: both tables' configs on the same calls, each checked against the reference, timed A B B A;
-    # the routing at a bucket is the one the bench draws there (graphs and timings faked on the CPU)
-    import json
+def _fake_capture(monkeypatch, fused):
+    """fm.fused_moe replaced by `fused`, and bench_kernel's graph capture by an eager call on the CPU: the fake graph
+    replays by calling again and carries the config it was captured with, for a faked time_graph to read."""
     from eval import bench_kernel as bk
+    current = [None]
+
+    def traced(*args, config=None, **kw):
+        current[0] = config
+        return fused(*args, config=config, **kw)
 
     class Graph:
         def __init__(self, fn, out, cfg):
@@ -573,26 +577,28 @@ def test_ab_times_two_tables_on_the_bench_routings(monkeypatch, tmp_path):
         def replay(self):
             self.out.copy_(self.fn())
 
-    current = [None]
-    real = fm.fused_moe
-
-    def fused(*args, config=None, **kw):
-        current[0] = config
-        return real(*args, config=config, **kw)
-
     def capture(fn):
         out = fn()
         return Graph(fn, out, current[0]), out
 
+    monkeypatch.setattr(fm, "fused_moe", traced)
+    monkeypatch.setattr(bk, "capture", capture)
+
+
+def test_ab_times_two_tables_on_the_bench_routings(monkeypatch, tmp_path):
+    # `bench_kernel ab`: both tables' configs on the same calls, each checked against the reference, timed A B B A;
+    # the routing at a bucket is the one the bench draws there (graphs and timings faked on the CPU)
+    import json
+    from eval import bench_kernel as bk
+
+    _fake_capture(monkeypatch, fm.fused_moe)
     order = []
 
     def timed(g, reps=25):
         order.append(g.cfg["sum"])
         return 0.5 if g.cfg["sum"] == "atomic" else 1.0
 
-    monkeypatch.setattr(fm, "fused_moe", fused)
     monkeypatch.setattr(bk, "dev", "cpu")
-    monkeypatch.setattr(bk, "capture", capture)
     monkeypatch.setattr(bk, "time_graph", timed)
     monkeypatch.setattr(bk, "measure_limits", lambda: (1e12, 1e14))
     monkeypatch.setattr(bk, "SHAPES", {"tiny": (11, 4, H, I)})
@@ -716,36 +722,21 @@ def test_variants_times_each_change_between_two_runs_of_the_table_entry(monkeypa
     import json
     from eval import bench_kernel as bk
     base = dict(PREFILL, tma=True)
-    current, order = [None], []
-
-    wrong_runs = []
+    order, wrong_runs = [], []
 
     def fused(x, gu, dn, ids, w, config=None, **kw):
-        current[0] = config
         out = bk.slab_reference(gu, dn, x, ids, w)
         if config.get("sorted_rows"):  # the sorted-rows variant is wrong here
             wrong_runs.append(1)
             return out * 1.5
         return out
 
-    class Graph:
-        def __init__(self, fn, out, cfg):
-            self.fn, self.out, self.cfg = fn, out, cfg
-
-        def replay(self):
-            self.out.copy_(self.fn())
-
-    def capture(fn):
-        out = fn()
-        return Graph(fn, out, current[0]), out
-
     def timed(g, reps=25):
         order.append("half" if g.cfg.get("half_tail") else "base")
         return 0.8 if g.cfg.get("half_tail") else 1.0
 
-    monkeypatch.setattr(fm, "fused_moe", fused)
+    _fake_capture(monkeypatch, fused)
     monkeypatch.setattr(bk, "dev", "cpu")
-    monkeypatch.setattr(bk, "capture", capture)
     monkeypatch.setattr(bk, "time_graph", timed)
     monkeypatch.setattr(bk, "measure_limits", lambda: (1e12, 1e14))
     monkeypatch.setattr(bk, "SHAPES", {"tiny": (11, 4, H, I)})
