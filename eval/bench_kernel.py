@@ -337,6 +337,12 @@ def check():
                            "half_tail": True},
         "large-tma-half-atomic": {"mode": "prefill", "gu": [128, 64, 64, 8, 8, 3], "dn": [128, 128, 64, 8, 8, 3],
                                   "sum": "atomic", "tma": True, "half_tail": True},
+        # sorted rows with the down GEMM's K loop warp-specialised (a producer group, two consumer groups of 4 warps)
+        "large-sorted-wsdown": {"mode": "prefill", "gu": [128, 64, 64, 8, 8, 3], "dn": [128, 128, 64, 8, 4, 3],
+                                "sum": "store", "tma": True, "sorted_rows": True, "ws_down": True},
+        "large-sorted-wsdown-atomic": {"mode": "prefill", "gu": [128, 128, 64, 8, 8, 3],
+                                       "dn": [128, 256, 64, 8, 4, 4], "sum": "atomic", "tma": True,
+                                       "sorted_rows": True, "ws_down": True},
         # the same tiles with the alignment's memset and two kernels instead of the one-program sort
         "prefill64-align2": {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4],
                              "sum": "store"},
@@ -937,20 +943,43 @@ def _tune_point(x, routings, slots, incumbent=None):
 # variants: one change to the table's configs, on the tuner's routings
 
 
+OVERRIDE_FLAGS = ("tma", "sorted_rows", "half_tail", "ws_down")  # config options a variant sets (1) or clears (0)
+# tile fields a variant sets: (GEMMs, index in a tile [BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages]); both
+# GEMMs walk one alignment, so BLOCK_M goes together
+OVERRIDE_TILES = {"block_m": (("gu", "dn"), 0), "warps": (("gu", "dn"), 4), "stages": (("gu", "dn"), 5),
+                  "gu_warps": (("gu",), 4), "gu_stages": (("gu",), 5), "dn_warps": (("dn",), 4),
+                  "dn_stages": (("dn",), 5)}
+
+
 def parse_overrides(texts):
-    """["tma=1,sorted_rows=0", ...] -> [{"tma": True, "sorted_rows": False}, ...]: the boolean config options a
-    variant sets or clears (ValueError on anything else, so a typo never times the table's own config under another
-    name)."""
-    known = ("tma", "sorted_rows", "half_tail")
+    """["tma=1,sorted_rows=0", "ws=1,warps=4", ...] -> [{"tma": True, "sorted_rows": False}, {"ws": True,
+    "warps": 4}, ...]: what a variant changes in a table entry, flags 0 or 1, tile fields a power of two (ValueError
+    on anything else, so a typo never times the table's own config under another name)."""
     out = []
     for text in texts:
         o = {}
         for item in text.split(","):
             key, _, val = item.partition("=")
-            if key not in known or val not in ("0", "1"):
-                raise ValueError(f"{item!r}: want KEY=0 or KEY=1 with KEY one of {', '.join(known)}")
-            o[key] = val == "1"
+            if key in OVERRIDE_FLAGS and val in ("0", "1"):
+                o[key] = val == "1"
+            elif key in OVERRIDE_TILES and val.isdigit() and int(val) > 0 and (key.endswith("stages") or
+                                                                                int(val) & (int(val) - 1) == 0):
+                o[key] = int(val)
+            else:
+                raise ValueError(f"{item!r}: want FLAG=0|1 with FLAG one of {', '.join(OVERRIDE_FLAGS)}, or "
+                                 f"FIELD=N with FIELD one of {', '.join(OVERRIDE_TILES)} (block_m and warps: a "
+                                 "power of two)")
         out.append(o)
+    return out
+
+
+def apply_override(cfg, o):
+    """`cfg` with the variant `o` (from parse_overrides) applied; `cfg` itself is not changed."""
+    out = dict(cfg, **{k: v for k, v in o.items() if k in OVERRIDE_FLAGS})
+    for key, (gemms, j) in OVERRIDE_TILES.items():
+        if key in o:
+            for g in gemms:
+                out[g] = list(out[g][:j]) + [o[key]] + list(out[g][j + 1:])
     return out
 
 
@@ -975,7 +1004,7 @@ def variants(out_path, overrides, buckets=None, seeds=TUNE_SEEDS, ways_ratios=TU
         for T in (t for t in TOKENS if not buckets or t in buckets):
             x = torch.randn(T, H, device=dev, dtype=dtype)
             base = fm.config_in(table, T, H, I, k)
-            cands = [dict(base, **o) for o in overrides]
+            cands = [apply_override(base, o) for o in overrides]
             failed = set()  # variants already inf at this point: not compiled again for every routing (slow)
             for seed in seeds:
                 idx, w = tune_routing(T, E, k, seed)
@@ -1392,8 +1421,8 @@ def main(argv=None) -> None:
                     "ncu-md: the ncu-target run's stdout")
     ap.add_argument("--out", help="ab, variants: the result JSON (+ .md beside it)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=0|1,...", help="variants: one variant of "
-                    "every table entry, e.g. --set tma=1 --set tma=1,sorted_rows=1 (keys: tma, sorted_rows, "
-                    "half_tail)")
+                    "every table entry, e.g. --set tma=1 --set sorted_rows=1,ws=1,warps=4 (flags =0|1: "
+                    f"{', '.join(OVERRIDE_FLAGS)}; both GEMMs' tile fields =N: {', '.join(OVERRIDE_TILES)})")
     ap.add_argument("--tokens", help=f"ab: only these T buckets of {TOKENS} (default: all)")
     ap.add_argument("--copies", type=int, default=1, help="ab: time every call on this many copies of the weights "
                     "at other addresses (the spread is what placement in memory moves a time by)")
