@@ -337,12 +337,6 @@ def check():
                            "half_tail": True},
         "large-tma-half-atomic": {"mode": "prefill", "gu": [128, 64, 64, 8, 8, 3], "dn": [128, 128, 64, 8, 8, 3],
                                   "sum": "atomic", "tma": True, "half_tail": True},
-        # sorted rows with the down GEMM's K loop warp-specialised (a producer group, two consumer groups of 4 warps)
-        "large-sorted-wsdown": {"mode": "prefill", "gu": [128, 64, 64, 8, 8, 3], "dn": [128, 128, 64, 8, 4, 3],
-                                "sum": "store", "tma": True, "sorted_rows": True, "ws_down": True},
-        "large-sorted-wsdown-atomic": {"mode": "prefill", "gu": [128, 128, 64, 8, 8, 3],
-                                       "dn": [128, 256, 64, 8, 4, 4], "sum": "atomic", "tma": True,
-                                       "sorted_rows": True, "ws_down": True},
         # the same tiles with the alignment's memset and two kernels instead of the one-program sort
         "prefill64-align2": {"mode": "prefill", "gu": [64, 64, 64, 8, 4, 4], "dn": [64, 64, 64, 8, 4, 4],
                              "sum": "store"},
@@ -943,7 +937,7 @@ def _tune_point(x, routings, slots, incumbent=None):
 # variants: one change to the table's configs, on the tuner's routings
 
 
-OVERRIDE_FLAGS = ("tma", "sorted_rows", "half_tail", "ws_down")  # config options a variant sets (1) or clears (0)
+OVERRIDE_FLAGS = ("tma", "sorted_rows", "half_tail")  # config options a variant sets (1) or clears (0)
 # tile fields a variant sets: (GEMMs, index in a tile [BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages]); both
 # GEMMs walk one alignment, so BLOCK_M goes together
 OVERRIDE_TILES = {"block_m": (("gu", "dn"), 0), "warps": (("gu", "dn"), 4), "stages": (("gu", "dn"), 5),
@@ -952,9 +946,10 @@ OVERRIDE_TILES = {"block_m": (("gu", "dn"), 0), "warps": (("gu", "dn"), 4), "sta
 
 
 def parse_overrides(texts):
-    """["tma=1,sorted_rows=0", "ws=1,warps=4", ...] -> [{"tma": True, "sorted_rows": False}, {"ws": True,
-    "warps": 4}, ...]: what a variant changes in a table entry, flags 0 or 1, tile fields a power of two (ValueError
-    on anything else, so a typo never times the table's own config under another name)."""
+    """["tma=1,sorted_rows=0", "sorted_rows=1,dn_warps=4", ...] -> [{"tma": True, "sorted_rows": False},
+    {"sorted_rows": True, "dn_warps": 4}, ...]: what a variant changes in a table entry, flags 0 or 1, tile fields
+    a positive integer (a power of two but for the stages); ValueError on anything else, so a typo never times the
+    table's own config under another name."""
     out = []
     for text in texts:
         o = {}
@@ -967,8 +962,8 @@ def parse_overrides(texts):
                 o[key] = int(val)
             else:
                 raise ValueError(f"{item!r}: want FLAG=0|1 with FLAG one of {', '.join(OVERRIDE_FLAGS)}, or "
-                                 f"FIELD=N with FIELD one of {', '.join(OVERRIDE_TILES)} (block_m and warps: a "
-                                 "power of two)")
+                                 f"FIELD=N with FIELD one of {', '.join(OVERRIDE_TILES)} (a power of two but "
+                                 "for the stages)")
         out.append(o)
     return out
 
@@ -1421,7 +1416,7 @@ def main(argv=None) -> None:
                     "ncu-md: the ncu-target run's stdout")
     ap.add_argument("--out", help="ab, variants: the result JSON (+ .md beside it)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=0|1,...", help="variants: one variant of "
-                    "every table entry, e.g. --set tma=1 --set sorted_rows=1,ws=1,warps=4 (flags =0|1: "
+                    "every table entry, e.g. --set tma=1 --set sorted_rows=1,dn_warps=4 (flags =0|1: "
                     f"{', '.join(OVERRIDE_FLAGS)}; both GEMMs' tile fields =N: {', '.join(OVERRIDE_TILES)})")
     ap.add_argument("--tokens", help=f"ab: only these T buckets of {TOKENS} (default: all)")
     ap.add_argument("--copies", type=int, default=1, help="ab: time every call on this many copies of the weights "

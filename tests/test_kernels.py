@@ -157,36 +157,6 @@ def test_sorted_rows_fp32(k, ratio, atomic, monkeypatch):
                           atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("k,ratio,atomic", [(4, 0.5, False), (8, 1.0, True)])
-def test_warp_specialised_down_loop_with_descriptors_made_in_the_kernel(k, ratio, atomic, monkeypatch):
-    # ws_down: the down GEMM's K loop launched with WS and its descriptors made in the kernel from the tensors (the
-    # interpreter runs the loop as written, so this checks the descriptors, the launch and the output; the GPU check
-    # runs the compiled code); only with sorted rows, and the same output as without it
-    config = dict(PREFILL_TMA, sorted_rows=True, ws_down=True, sum="atomic" if atomic else "store")
-    x, gu, dn, a = _case(11, 4, k, 9, ratio, torch.float32, seed=700 + k)
-    calls = []
-    real = fm._down_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                calls.append((kw["WS"], isinstance(args[1], torch.Tensor), isinstance(args[3], torch.Tensor)))
-                return real[grid](*args, **kw)
-            return launch
-
-    monkeypatch.setattr(fm, "_down_kernel", Spy())
-    _check(x, gu, dn, a, config)
-    assert calls == [(True, True, True)]  # args 1 and 3: the row and weight tensors, not host descriptors
-    S = gu.shape[0]
-    plain = fm.fused_moe(x, gu, dn, a.ids, a.weights, num_slabs=S, config=dict(config, ws_down=False))
-    assert torch.allclose(fm.fused_moe(x, gu, dn, a.ids, a.weights, num_slabs=S, config=config), plain,
-                          atol=1e-6, rtol=1e-6)
-    calls.clear()  # not with gathered rows (Triton 3.6 cannot split their loads off), nor in decode
-    for cfg in (dict(PREFILL_TMA, ws_down=True), dict(DECODE_TMA, ws_down=True)):
-        _check(x, gu, dn, a, cfg)
-    assert [ws for ws, _, _ in calls] == [False, False]
-
-
 def test_sorted_rows_copy():
     # the row copy alone: position p holds x[token of the slot aligned at p], zeros on padding
     x, gu, dn, a = _case(11, 4, 4, 9, 1.0, torch.float32, seed=9)
@@ -779,9 +749,9 @@ def test_variants_times_each_change_between_two_runs_of_the_table_entry(monkeypa
         with pytest.raises(ValueError):
             bk.parse_overrides([bad])
     # tile fields go into one or both GEMMs' tiles; the entry itself is left alone
-    tiles = bk.parse_overrides(["ws_down=1,block_m=128,warps=2,stages=3,dn_warps=8,gu_stages=5"])[0]
-    assert tiles == {"ws_down": True, "block_m": 128, "warps": 2, "stages": 3, "dn_warps": 8, "gu_stages": 5}
-    assert bk.apply_override(base, tiles) == dict(base, ws_down=True, gu=[128, 16, 32, 2, 2, 5],
+    tiles = bk.parse_overrides(["sorted_rows=1,block_m=128,warps=2,stages=3,dn_warps=8,gu_stages=5"])[0]
+    assert tiles == {"sorted_rows": True, "block_m": 128, "warps": 2, "stages": 3, "dn_warps": 8, "gu_stages": 5}
+    assert bk.apply_override(base, tiles) == dict(base, sorted_rows=True, gu=[128, 16, 32, 2, 2, 5],
                                                   dn=[128, 32, 32, 2, 8, 3])
     assert base == dict(PREFILL, tma=True)
     res = bk.variants(tmp_path / "v.json", overrides, buckets=[8], dtype=torch.float32)

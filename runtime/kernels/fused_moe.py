@@ -259,9 +259,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _down_tile(inter_ptr, i_desc, w_ptr, w_desc, out_ptr, weights_ptr, s, slot, row_mask, pid_m, pid_n, N, K,
-                   stride_im, stride_ws, stride_wn, stride_om, top_k, S, NUM_M, EVEN_K: tl.constexpr,
-                   ATOMIC: tl.constexpr, TMA: tl.constexpr, SORTED: tl.constexpr, WS: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   stride_im, stride_ws, stride_wn, stride_om, top_k, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
+                   TMA: tl.constexpr, SORTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
         """One program's tile of `_down_kernel` over the BLOCK_M rows `slot` (those of row_mask live)."""
         offs_k = tl.arange(0, BLOCK_K)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -271,12 +271,7 @@ if HAS_TRITON:
         b_ptrs = w_ptr + s.to(tl.int64) * stride_ws + offs_nc[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         row_d = s * N + pid_n * BLOCK_N  # TMA: down viewed [S * N, K]
-        if WS:  # the descriptors made here (i_desc, w_desc are the tensors): the compiler splits the row tile
-            w_desc = tl.make_tensor_descriptor(w_desc, shape=[S * N, K], strides=[K, 1],
-                                               block_shape=[BLOCK_N, BLOCK_K])
-            i_desc = tl.make_tensor_descriptor(i_desc, shape=[NUM_M * BLOCK_M, K], strides=[K, 1],
-                                               block_shape=[BLOCK_M, BLOCK_K])
-        for k0 in tl.range(0, K, BLOCK_K, warp_specialize=WS):  # WS: a load group and two MMA groups
+        for k0 in range(0, K, BLOCK_K):
             a = _a_tile(i_desc, a_ptrs, row_mask, offs_k, pid_m, k0, K, SORTED, EVEN_K, BLOCK_M)
             if TMA:
                 b = w_desc.load([row_d, k0]).T
@@ -303,12 +298,11 @@ if HAS_TRITON:
                      total_ptr, num_slots, S, N, K, NUM_M,
                      stride_im, stride_ws, stride_wn, stride_om,
                      top_k, DECODE: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, TMA: tl.constexpr,
-                     SORTED: tl.constexpr, HALF_TAIL: tl.constexpr, WS: tl.constexpr,
+                     SORTED: tl.constexpr, HALF_TAIL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                      USE_PDL: tl.constexpr):
         """y[slot, n] = weights[slot] * (down_s[n] . inter[slot]); N = H, K = I. Store per slot, or atomically per token.
-        SORTED: inter's rows are in aligned order (as `_gate_up_kernel` wrote them), read through i_desc.
-        WS (with SORTED): the K loop warp-specialised by Triton, its descriptors made in the kernel."""
+        SORTED: inter's rows are in aligned order (as `_gate_up_kernel` wrote them), read through i_desc."""
         pdl_start(USE_PDL)  # waits for `inter`; nothing is read before (no stale-cache questions)
         pid = tl.program_id(0)
         num_n = tl.cdiv(N, BLOCK_N)
@@ -319,16 +313,16 @@ if HAS_TRITON:
                 if tl.sum(row_mask.to(tl.int32), 0) <= BLOCK_M // 2:
                     half = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M // 2))
                     _down_tile(inter_ptr, i_desc, w_ptr, w_desc, out_ptr, weights_ptr, s, half, half < num_slots,
-                               pid_m, pid_n, N, K, stride_im, stride_ws, stride_wn, stride_om, top_k, S, NUM_M,
-                               EVEN_K, ATOMIC, TMA, SORTED, WS, BLOCK_M // 2, BLOCK_N, BLOCK_K)
+                               pid_m, pid_n, N, K, stride_im, stride_ws, stride_wn, stride_om, top_k, EVEN_K, ATOMIC,
+                               TMA, SORTED, BLOCK_M // 2, BLOCK_N, BLOCK_K)
                 else:
                     _down_tile(inter_ptr, i_desc, w_ptr, w_desc, out_ptr, weights_ptr, s, slot, row_mask, pid_m, pid_n,
-                               N, K, stride_im, stride_ws, stride_wn, stride_om, top_k, S, NUM_M, EVEN_K, ATOMIC, TMA,
-                               SORTED, WS, BLOCK_M, BLOCK_N, BLOCK_K)
+                               N, K, stride_im, stride_ws, stride_wn, stride_om, top_k, EVEN_K, ATOMIC, TMA, SORTED,
+                               BLOCK_M, BLOCK_N, BLOCK_K)
             else:
                 _down_tile(inter_ptr, i_desc, w_ptr, w_desc, out_ptr, weights_ptr, s, slot, row_mask, pid_m, pid_n, N,
-                           K, stride_im, stride_ws, stride_wn, stride_om, top_k, S, NUM_M, EVEN_K, ATOMIC, TMA, SORTED,
-                           WS, BLOCK_M, BLOCK_N, BLOCK_K)
+                           K, stride_im, stride_ws, stride_wn, stride_om, top_k, EVEN_K, ATOMIC, TMA, SORTED, BLOCK_M,
+                           BLOCK_N, BLOCK_K)
 
     @triton.jit
     def _gather_rows_kernel(x_ptr, sorted_ptr, total_ptr, xs_ptr, num_slots, H, stride_xm, stride_sm, top_k,
@@ -479,20 +473,6 @@ def moe_align(ids_flat: torch.Tensor, num_slabs: int, block_m: int, pdl: bool = 
     return sorted_ids, block_slab, total, max_blocks
 
 
-def _scratch(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _ensure_allocator() -> None:
-    """A kernel that makes its TMA descriptors needs a global scratch from Triton's allocator, a context variable
-    that is unset by default (and in every new thread): torch's caching allocator then, unless the caller set one
-    (under CUDA graph capture that memory comes from the graph's pool)."""
-    from triton.runtime import _allocation
-
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_scratch)
-
-
 def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
               num_slabs: int | None = None, config: dict | None = None) -> torch.Tensor:
     """out [T, H] = sum_j weights[t, j] * Slab_{ids[t, j]}(x[t]); ids == num_slabs skips the slot.
@@ -547,12 +527,6 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
     # points and lost 1-2% at others; its table takes them at 10 of its 19 prefill buckets): gathered rows only
     # (TMA row tiles have a fixed height), and the half must make a tl.dot (16 rows)
     half_tail = bool(cfg.get("half_tail")) and not decode and not sorted_rows and gm >= 32
-    # the down GEMM's K loop warp-specialised by Triton (a producer warp group issues the TMA loads, two consumer
-    # groups split the row block and run the MMAs, so loads overlap math; 4 warps a group, so dn's warps = 4).
-    # Sorted rows only: Triton 3.6 asserts on gathered row loads. Its descriptors are made in the kernel, from the
-    # tensors, as the compiler re-blocks the row tile. Not the gate/up GEMM: with its two dots a loop, Triton 3.6's
-    # Hopper pass computes NaN in places (eval/results/kernel_ws_diag_h200.log).
-    ws_down = sorted_rows and bool(cfg.get("ws_down"))
     if sorted_rows:
         xs = torch.empty(num_m_g * gm, H, dtype=x.dtype, device=dev)
         _gather_rows_kernel[(num_m_g,)](x, sorted_ids, total, xs, num_slots, H, x.stride(0), xs.stride(0), k,
@@ -560,9 +534,6 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
         inter = torch.empty(num_m_g * gm, I, dtype=x.dtype, device=dev)
         x_desc = TensorDescriptor.from_tensor(xs, block_shape=[gm, gk])
         i_desc = TensorDescriptor.from_tensor(inter, block_shape=[dm, dk])
-        if ws_down:
-            _ensure_allocator()
-            i_desc, dn_desc = inter, down
     else:
         inter = torch.empty(num_slots, I, dtype=x.dtype, device=dev)
         x_desc = i_desc = inter  # unused
@@ -582,7 +553,7 @@ def fused_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: t
                          num_slots, S, H, I, num_m_d,
                          inter.stride(0), down.stride(0), down.stride(1), y.stride(0),
                          k, DECODE=decode, EVEN_K=(I % dk == 0), ATOMIC=atomic, TMA=tma, SORTED=sorted_rows,
-                         HALF_TAIL=half_tail, WS=ws_down, BLOCK_M=dm, BLOCK_N=dn_, BLOCK_K=dk, GROUP_M=dgm, num_warps=dw,
+                         HALF_TAIL=half_tail, BLOCK_M=dm, BLOCK_N=dn_, BLOCK_K=dk, GROUP_M=dgm, num_warps=dw,
                          num_stages=ds, **launch_opts(pdl))
     if atomic:
         return y.to(out_dtype)
