@@ -4,8 +4,9 @@
     python -m eval.bench_kernel tune [DIR [LOG]]    # pick tile configs per (shape, T bucket) by measurement
     python -m eval.bench_kernel bench OUTDIR        # the table: kernel_bench.json / .md / .png
     python -m eval.bench_kernel ab A.json B.json --out OUT.json   # two tile tables on the same calls (+ .md)
-    python -m eval.bench_kernel variants --set tma=1 --out OUT.json   # the table's entries with one option changed,
-                                                    # on the tuner's routings (+ .md)
+    python -m eval.bench_kernel variants --set tma=1 --out OUT.json   # the table's entries with one option or tile
+                                                    # field changed (--set dn_warps=4), on the tuner's
+                                                    # routings (+ .md)
     python -m eval.bench_kernel profile OUT.json    # kernel breakdown of a call (profiler) and PDL off / on, each GEMM
                                                     # against its share of the limit, the vendor grouped GEMM
                                                     # (torch._grouped_mm) on the same rows (+ .md); --points
@@ -1415,7 +1416,7 @@ def main(argv=None) -> None:
     ap.add_argument("log", nargs="?", help="tune: where to write the tuning log (JSON); ab: table B (JSON); "
                     "ncu-md: the ncu-target run's stdout")
     ap.add_argument("--out", help="ab, variants: the result JSON (+ .md beside it)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=0|1,...", help="variants: one variant of "
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE,...", help="variants: one variant of "
                     "every table entry, e.g. --set tma=1 --set sorted_rows=1,dn_warps=4 (flags =0|1: "
                     f"{', '.join(OVERRIDE_FLAGS)}; both GEMMs' tile fields =N: {', '.join(OVERRIDE_TILES)})")
     ap.add_argument("--tokens", help=f"ab: only these T buckets of {TOKENS} (default: all)")
