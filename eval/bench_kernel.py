@@ -1418,7 +1418,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", help="ab, variants: the result JSON (+ .md beside it)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE,...", help="variants: one variant of "
                     "every table entry, e.g. --set tma=1 --set sorted_rows=1,dn_warps=4 (flags =0|1: "
-                    f"{', '.join(OVERRIDE_FLAGS)}; both GEMMs' tile fields =N: {', '.join(OVERRIDE_TILES)})")
+                    f"{', '.join(OVERRIDE_FLAGS)}; tile fields =N: {', '.join(OVERRIDE_TILES)}, gu_ and dn_ for one "
+                    "GEMM, the others for both, one GEMM's field winning)")
     ap.add_argument("--tokens", help=f"ab: only these T buckets of {TOKENS} (default: all)")
     ap.add_argument("--copies", type=int, default=1, help="ab: time every call on this many copies of the weights "
                     "at other addresses (the spread is what placement in memory moves a time by)")
