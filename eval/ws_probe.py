@@ -28,7 +28,7 @@ import triton.language as tl
 def _mm_kernel(a_ptr, b_ptr, c_ptr, flag_ptr, M, N, K, WS: tl.constexpr, GUARD: tl.constexpr, PDL: tl.constexpr,
                TWO: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """c = a @ b[:N].T, or with TWO silu(a @ b[:N].T) * (a @ b[N:].T); GUARD: the loop inside `if pid_m * BM <
-    flag` (always true here)."""
+    flag` (always true here). Its PyTorch twin is `matmul_reference`."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -51,8 +51,15 @@ def _mm_kernel(a_ptr, b_ptr, c_ptr, flag_ptr, M, N, K, WS: tl.constexpr, GUARD: 
             acc = acc / (1.0 + tl.exp(-acc)) * acc2
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_n = pid_n * BN + tl.arange(0, BN)
-        tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(tl.bfloat16),
+        tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
                  mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+def matmul_reference(a, b, two=False):
+    """What `_mm_kernel` computes, in fp32."""
+    N = b.shape[0] // 2
+    out = a.float() @ b[:N].float().T
+    return torch.nn.functional.silu(out) * (a.float() @ b[N:].float().T) if two else out
 
 
 def _line(name, out, ref):
@@ -66,9 +73,7 @@ def matmul_case(M, N, K, ws, guard=False, pdl=False, two=False, stages=3, BM=128
     b = torch.randn(2 * N, K, device="cuda", dtype=torch.bfloat16) * 0.05
     c = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
     flag = torch.tensor([M], device="cuda", dtype=torch.int32)
-    ref = a.float() @ b[:N].float().T
-    if two:
-        ref = torch.nn.functional.silu(ref) * (a.float() @ b[N:].float().T)
+    ref = matmul_reference(a, b, two)
     name = (f"matmul M={M} N={N} K={K} {BM}x{BN}x{BK} 4 warps {stages} stages two_dots={int(two)} "
             f"guard={int(guard)} pdl={int(pdl)} ws={int(ws)}")
     try:

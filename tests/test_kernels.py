@@ -763,3 +763,19 @@ def test_variants_times_each_change_between_two_runs_of_the_table_entry(monkeypa
     assert json.loads((tmp_path / "v.json").read_text())["overrides"] == overrides
     md = (tmp_path / "v.md").read_text()
     assert "| half_tail=1 | sorted_rows=1,half_tail=0 |" in md and "| 0.800 [0.800-0.800] | inf |" in md
+
+
+@pytest.mark.parametrize("two,guard", [(False, False), (True, False), (False, True)])
+def test_ws_probe_matmul_matches_its_twin(two, guard):
+    # eval/ws_probe.py's matmul (the warp-specialisation probe's kernel) against its PyTorch twin, WS asked for (the
+    # interpreter runs the loop as written); ragged M, N and K, descriptors made in the kernel
+    from eval import ws_probe
+    g = torch.Generator().manual_seed(3)
+    M, N, K = 40, 24, 80
+    a = torch.randn(M, K, generator=g)
+    b = torch.randn(2 * N, K, generator=g)
+    c = torch.full((M, N), float("nan"))
+    flag = torch.tensor([M], dtype=torch.int32)
+    ws_probe._mm_kernel[(triton.cdiv(M, 16), triton.cdiv(N, 16))](a, b, c, flag, M, N, K, WS=True, GUARD=guard,
+                                                                   PDL=False, TWO=two, BM=16, BN=16, BK=32)
+    assert torch.allclose(c, ws_probe.matmul_reference(a, b, two), atol=1e-4, rtol=1e-4)
