@@ -63,23 +63,33 @@ def matmul_reference(a, b, two=False):
 
 
 def _line(name, out, ref):
-    nan = out.isnan().float().mean().item()
-    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-    return f"{name}: NaN fraction {nan:.3f}, relative error {err:.2e}"
+    from eval.bench_kernel import relerr
+    return f"{name}: NaN fraction {out.isnan().float().mean().item():.3f}, relative error {relerr(out, ref):.2e}"
 
 
-def matmul_case(M, N, K, ws, guard=False, pdl=False, two=False, stages=3, BM=128, BN=128, BK=64):
+def _operands(M, N, K):
+    """a [M, K], b [2N, K] (its first N rows for the one-dot loop, all for the two-dot one), c [M, N] filled with
+    NaN (a tile the kernel never stored shows), and the guard's flag (M: every row block runs)."""
     a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(2 * N, K, device="cuda", dtype=torch.bfloat16) * 0.05
     c = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
-    flag = torch.tensor([M], device="cuda", dtype=torch.int32)
+    return a, b, c, torch.tensor([M], device="cuda", dtype=torch.int32)
+
+
+def _launch(a, b, c, flag, ws, guard=False, pdl=False, two=False, stages=3, BM=128, BN=128, BK=64):
+    (M, K), N = a.shape, c.shape[1]
+    return _mm_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
+        a, b, c, flag, M, N, K, WS=ws, GUARD=guard, PDL=pdl, TWO=two, BM=BM, BN=BN, BK=BK, num_warps=4,
+        num_stages=stages)
+
+
+def matmul_case(M, N, K, ws, guard=False, pdl=False, two=False, stages=3, BM=128, BN=128, BK=64):
+    a, b, c, flag = _operands(M, N, K)
     ref = matmul_reference(a, b, two)
     name = (f"matmul M={M} N={N} K={K} {BM}x{BN}x{BK} 4 warps {stages} stages two_dots={int(two)} "
             f"guard={int(guard)} pdl={int(pdl)} ws={int(ws)}")
     try:
-        k = _mm_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
-            a, b, c, flag, M, N, K, WS=ws, GUARD=guard, PDL=pdl, TWO=two, BM=BM, BN=BN, BK=BK, num_warps=4,
-            num_stages=stages)
+        k = _launch(a, b, c, flag, ws, guard, pdl, two, stages, BM, BN, BK)
         torch.cuda.synchronize()
         return _line(name, c, ref) + f", warp_specialize op in TTGIR: {'ttg.warp_specialize' in k.asm['ttgir']}"
     except Exception as exc:  # a compile failure is a finding too
@@ -88,19 +98,11 @@ def matmul_case(M, N, K, ws, guard=False, pdl=False, two=False, stages=3, BM=128
 
 def matmul_speed(M, N, K, ws, stages):
     """TFLOP/s of the plain matmul (one dot a K step), or the error text."""
-    a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(2 * N, K, device="cuda", dtype=torch.bfloat16) * 0.05
-    c = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-    flag = torch.tensor([M], device="cuda", dtype=torch.int32)
-    grid = (triton.cdiv(M, 128), triton.cdiv(N, 128))
-
-    def run():
-        _mm_kernel[grid](a, b, c, flag, M, N, K, WS=ws, GUARD=False, PDL=False, TWO=False, BM=128, BN=128, BK=64,
-                         num_warps=4, num_stages=stages)
-
+    a, b, c, flag = _operands(M, N, K)
     name = f"speed matmul M={M} N={N} K={K} 128x128x64 4 warps {stages} stages ws={int(ws)}"
     try:
-        ms = triton.testing.do_bench(run, warmup=50, rep=200, return_mode="median")
+        ms = triton.testing.do_bench(lambda: _launch(a, b, c, flag, ws, stages=stages), warmup=50, rep=200,
+                                     return_mode="median")
     except Exception as exc:
         return f"{name}: {type(exc).__name__}: {str(exc)[:160]}"
     return f"{name}: {ms * 1e3:.1f} us, {2 * M * N * K / ms / 1e9:.0f} TFLOP/s"

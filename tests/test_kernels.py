@@ -776,6 +776,5 @@ def test_ws_probe_matmul_matches_its_twin(two, guard):
     b = torch.randn(2 * N, K, generator=g)
     c = torch.full((M, N), float("nan"))
     flag = torch.tensor([M], dtype=torch.int32)
-    ws_probe._mm_kernel[(triton.cdiv(M, 16), triton.cdiv(N, 16))](a, b, c, flag, M, N, K, WS=True, GUARD=guard,
-                                                                   PDL=False, TWO=two, BM=16, BN=16, BK=32)
+    ws_probe._launch(a, b, c, flag, True, guard=guard, two=two, BM=16, BN=16, BK=32)
     assert torch.allclose(c, ws_probe.matmul_reference(a, b, two), atol=1e-4, rtol=1e-4)
